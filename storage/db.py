@@ -1,0 +1,103 @@
+"""The Database class: owns one DuckDB file, serializes writes, hands out reads."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import duckdb
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed in a way the caller should report."""
+
+
+class DatabaseLockedError(StorageError):
+    """Another process holds the DuckDB file (DuckDB allows one writing process)."""
+
+
+class Database:
+    """One DuckDB file. Reads run on per-thread cursors; writes are serialized by a lock.
+
+    DuckDB supports several threads in one process but resolves write conflicts by
+    aborting one transaction; serializing writes here means callers never see that.
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path) if str(path) != ":memory:" else path
+        if isinstance(self.path, Path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = duckdb.connect(str(self.path))
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise DatabaseLockedError(
+                    f"The database {self.path} is already in use by another process. DuckDB allows "
+                    "one writing process: stop the other hangjia app using this data dir, or start "
+                    f"this one with another --data-dir. ({exc})"
+                ) from exc
+            raise StorageError(f"Could not open the database {self.path}: {exc}") from exc
+        self._write_lock = threading.RLock()
+        self._local = threading.local()
+        self._closed = False
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        if self._closed:
+            raise StorageError(f"The database {self.path} is closed.")
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._conn.cursor()
+            self._local.cursor = cursor
+        return cursor
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts; for reads."""
+        cursor = self._cursor()
+        cursor.execute(sql, list(params))
+        names = [d[0] for d in cursor.description] if cursor.description else []
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self._cursor().execute(sql, list(params)).fetchone()
+        return row[0] if row else None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Serialized write transaction; commits on success, rolls back on any error."""
+        with self._write_lock:
+            cursor = self._cursor()
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                yield cursor
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            else:
+                cursor.execute("COMMIT")
+
+    def write(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """One write statement in its own transaction; returns the first column of a
+        RETURNING row when the statement has one."""
+        with self.transaction() as cursor:
+            cursor.execute(sql, list(params))
+            if cursor.description:
+                row = cursor.fetchone()
+                return row[0] if row else None
+            return None
+
+    def checkpoint(self) -> None:
+        with self._write_lock:
+            self._cursor().execute("CHECKPOINT")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._write_lock:
+            self._closed = True
+            self._conn.close()

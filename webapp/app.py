@@ -1,0 +1,125 @@
+"""build_app(services) -> gr.Blocks. Launching happens in launch.py only."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import gradio as gr
+
+from storage import chats
+from webapp.i18n import EN, build_i18n
+from webapp.services import Services
+from webapp.ui.admin import build_admin_tab
+from webapp.ui.chat import GENERATION_QUEUE, build_chat_tab, conversation_choices, history_of, rate, stream_answer
+from webapp.ui.common import caller
+from webapp.ui.review import REVIEW_ROLES, build_review_tab
+
+
+def header_markdown(services: Services, user) -> str:
+    adapter = services.model.adapter_for(user.department_id)
+    answering = f"{services.model.name} + {adapter.name}@{adapter.version}" if adapter else f"{services.model.name} (base)"
+    return (
+        f"👤 **{user.display_name}** · 🏢 {user.department_id} · 🎫 {user.role}"
+        f" &nbsp;&nbsp;|&nbsp;&nbsp; 🤖 {answering}"
+    )
+
+
+def build_app(services: Services) -> gr.Blocks:
+    i18n = build_i18n()
+    with gr.Blocks(title=EN["app_title"]) as app:
+        with gr.Row(equal_height=True):
+            header = gr.Markdown(elem_id="header")
+            gr.Button(i18n("logout"), link="/logout", size="sm", scale=0, min_width=120, elem_id="logout")
+        with gr.Tabs():
+            with gr.Tab(i18n("tab_chat"), id="chat"):
+                chat = build_chat_tab(services, i18n)
+            with gr.Tab(i18n("tab_review"), id="review", visible=False) as review_tab:
+                build_review_tab(services, i18n)
+            with gr.Tab(i18n("tab_admin"), id="admin", visible=False) as admin_tab:
+                build_admin_tab(services, i18n)
+
+        def on_load(request: gr.Request):
+            user = caller(services, request)
+            return (
+                header_markdown(services, user),
+                gr.Tab(visible=user.role in REVIEW_ROLES),
+                gr.Tab(visible=user.role == "admin"),
+                gr.Radio(choices=conversation_choices(services, user), value=None),
+            )
+
+        app.load(on_load, None, [header, review_tab, admin_tab, chat["conversations"]], api_visibility="private")
+        _register_api(services)
+    return app
+
+
+def _register_api(services: Services) -> None:
+    """Endpoints for programs (gradio_client, scripts, benchmarks). They call the same
+    functions as the browser's handlers, with the same login and checks."""
+
+    def whoami(request: gr.Request) -> dict[str, Any]:
+        user = caller(services, request)
+        adapter = services.model.adapter_for(user.department_id)
+        return {
+            "username": user.username, "role": user.role, "department": user.department_id,
+            "model": services.model.name,
+            "adapter": adapter.name if adapter else None,
+            "adapter_version": adapter.version if adapter else None,
+        }
+
+    def chat(message: str, conversation_id: int | None = None, request: gr.Request = None) -> Iterator[dict[str, Any]]:
+        """Stream one answer: dicts with conversation_id, message_id, answer, done."""
+        user = caller(services, request)
+        first, rest = stream_answer(services, user, message, conversation_id)
+        yield _update_dict(first)
+        for update in rest:
+            yield _update_dict(update)
+
+    def feedback(message_id: int, rating: int, comment: str = "", request: gr.Request = None) -> dict[str, Any]:
+        """rating 1 = thumbs up, -1 = thumbs down (comment optional)."""
+        user = caller(services, request)
+        feedback_id = rate(services, user, message_id, int(rating), comment or None)
+        return {"feedback_id": feedback_id, "message_id": int(message_id), "rating": int(rating)}
+
+    def conversations(request: gr.Request) -> list[dict[str, Any]]:
+        user = caller(services, request)
+        return [
+            {"id": c.id, "title": c.title, "updated_at": c.updated_at.isoformat()}
+            for c in chats.list_conversations(services.db, user.id)
+        ]
+
+    def conversation(conversation_id: int, request: gr.Request) -> list[dict[str, Any]]:
+        user = caller(services, request)
+        messages, ids = history_of(services, user, int(conversation_id))
+        return [{**m, "id": i} for m, i in zip(messages, ids)]
+
+    gr.api(whoami, api_name="whoami")
+    gr.api(chat, api_name="chat", concurrency_id=GENERATION_QUEUE,
+           concurrency_limit=services.settings.generation_concurrency)
+    gr.api(feedback, api_name="feedback")
+    gr.api(conversations, api_name="conversations")
+    gr.api(conversation, api_name="conversation")
+
+
+def _update_dict(update) -> dict[str, Any]:
+    return {
+        "conversation_id": update.conversation_id,
+        "user_message_id": update.user_message_id,
+        "message_id": update.message_id,
+        "answer": update.answer,
+        "done": update.done,
+        "adapter": update.adapter,
+        "adapter_version": update.adapter_version,
+    }
+
+
+def launch_options(services: Services) -> dict[str, Any]:
+    """Keyword arguments for Blocks.launch shared by launch.py and the tests."""
+    return {
+        "auth": services.auth.check_login,
+        "auth_message": "hangjia 行家 — log in with your company account · 请使用公司账号登录",
+        "i18n": build_i18n(),
+        "footer_links": ["settings"],
+        "max_threads": 64,
+        # Big enough for long pasted messages; the engine refuses what exceeds the setting.
+        "max_file_size": "50mb",
+    }

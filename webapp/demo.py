@@ -1,0 +1,38 @@
+"""First start: a demo company, or one admin with a random password."""
+
+from __future__ import annotations
+
+import secrets
+
+from storage import accounts
+from storage.db import Database
+from webapp.auth import Auth
+
+DEMO_DEPARTMENTS = {"finance": "Finance 财务部", "hr": "Human Resources 人力资源部"}
+DEMO_PASSWORD = "hangjia-demo"  # demo only; stated in the README
+
+
+def demo_users() -> list[tuple[str, str, str]]:
+    """(username, role, department) for one user per role and department."""
+    return [(f"{dept}-{role}", role, dept) for dept in DEMO_DEPARTMENTS for role in accounts.ROLES]
+
+
+def seed_demo_company(db: Database, auth: Auth) -> bool:
+    """Seed departments and demo users into an empty database; False if it has users."""
+    if accounts.count_users(db):
+        return False
+    for dept_id, name in DEMO_DEPARTMENTS.items():
+        accounts.add_department(db, dept_id, name)
+    for username, role, dept in demo_users():
+        auth.create_user(username, DEMO_PASSWORD, role, dept)
+    return True
+
+
+def ensure_first_admin(db: Database, auth: Auth) -> str | None:
+    """On an empty database, create `admin` with a random password and return it (shown once)."""
+    if accounts.count_users(db):
+        return None
+    accounts.add_department(db, "general", "General 综合部")
+    password = secrets.token_urlsafe(12)
+    auth.create_user("admin", password, "admin", "general")
+    return password

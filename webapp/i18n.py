@@ -1,0 +1,73 @@
+"""UI text in Chinese and English. Static labels follow the browser's language through
+Gradio's i18n (switchable in the footer's Settings); messages built on the server carry
+both languages, since the server does not know the browser's choice."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+EN = {
+    "app_title": "hangjia · your company's assistant",
+    "tab_chat": "Chat",
+    "tab_review": "Review",
+    "tab_admin": "Admin",
+    "new_conversation": "➕ New conversation",
+    "your_conversations": "Your conversations",
+    "chatbot": "hangjia",
+    "placeholder": "Ask a question… (Enter to send, Shift+Enter for a new line)",
+    "send": "Send",
+    "comment_label": "What was wrong with this answer? (optional)",
+    "send_comment": "Send comment",
+    "logout": "Log out",
+    "review_intro": "Thumbs-down answers wait here for reviewers. The full review workbench comes next.",
+    "refresh": "Refresh",
+    "admin_intro": "Usage of the whole company. Retraining, documents and users come next.",
+}
+
+ZH = {
+    "app_title": "行家 · 公司专属助手",
+    "tab_chat": "对话",
+    "tab_review": "审核",
+    "tab_admin": "管理",
+    "new_conversation": "➕ 新对话",
+    "your_conversations": "我的对话",
+    "chatbot": "行家",
+    "placeholder": "请输入问题……（回车发送，Shift+回车换行）",
+    "send": "发送",
+    "comment_label": "这个回答哪里不对？（可选）",
+    "send_comment": "提交意见",
+    "logout": "退出登录",
+    "review_intro": "被点踩的回答在此等待审核。完整的审核工作台即将推出。",
+    "refresh": "刷新",
+    "admin_intro": "全公司的使用情况。重新训练、文档和用户管理即将推出。",
+}
+
+# Server-side messages: (Chinese, English) by code; params fill {placeholders}.
+MESSAGES = {
+    "empty_message": ("消息为空，请先输入问题。", "The message is empty: type a question first."),
+    "message_too_long": (
+        "消息有 {length:,} 个字符，上限是 {limit:,}。请缩短或分成几条发送。",
+        "The message has {length:,} characters; the limit is {limit:,}. Shorten it or split it.",
+    ),
+    "context_overflow": (
+        "消息约 {tokens:,} 个词元，模型每轮最多读取 {budget:,} 个。请缩短。",
+        "The message is about {tokens:,} tokens; the model reads at most {budget:,} per turn. Shorten it.",
+    ),
+    "not_found": ("没有找到这个对话。", "That conversation was not found among yours."),
+    "not_allowed": ("您没有权限执行此操作。", "You are not allowed to do this."),
+    "generation_failed": ("模型回答时出错，请重试；若持续出错请联系管理员。",
+                          "The model failed while answering. Try again; if it keeps failing, tell your admin."),
+    "feedback_saved_up": ("感谢反馈 👍", "Thanks for the feedback 👍"),
+    "feedback_saved_down": ("已记录 👎，可在下方补充说明。", "Recorded 👎 — add a comment below if you like."),
+    "comment_saved": ("意见已提交，谢谢！", "Comment saved, thank you!"),
+    "nothing_to_rate": ("只能评价助手的回答。", "Only the assistant's answers can be rated."),
+}
+
+
+def bilingual(code: str, **params: object) -> str:
+    zh, en = MESSAGES[code]
+    return f"{zh.format(**params)} / {en.format(**params)}"
+
+
+def build_i18n() -> gr.I18n:
+    return gr.I18n(**{"en": EN, "zh": ZH, "zh-CN": ZH, "zh-TW": ZH})

