@@ -63,7 +63,9 @@ def add_user(
             [username, display_name or username, password_hash, role, department_id],
         )
     except duckdb.ConstraintException as exc:
-        if "username" in str(exc) or "Duplicate key" in str(exc):
+        if "foreign key" in str(exc).lower():
+            raise StorageError(f"Department {department_id!r} does not exist; add it first.") from exc
+        if "duplicate key" in str(exc).lower():
             raise DuplicateUserError(f"A user named {username!r} already exists.") from exc
         raise StorageError(f"Could not add user {username!r}: {exc}") from exc
     return get_user(db, user_id)

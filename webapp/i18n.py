@@ -60,6 +60,7 @@ MESSAGES = {
     "feedback_saved_up": ("感谢反馈 👍", "Thanks for the feedback 👍"),
     "feedback_saved_down": ("已记录 👎，可在下方补充说明。", "Recorded 👎 — add a comment below if you like."),
     "comment_saved": ("意见已提交，谢谢！", "Comment saved, thank you!"),
+    "answer_in_progress": ("回答还在生成，请稍候再评价。", "The answer is still being written; rate it when it is finished."),
     "nothing_to_rate": ("只能评价助手的回答。", "Only the assistant's answers can be rated."),
 }
 

