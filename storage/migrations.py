@@ -81,6 +81,65 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0002_tool_calls",
+        """
+        ALTER TABLE messages ADD COLUMN tool_call_id VARCHAR;   -- on role='tool': the call it answers
+        CREATE SEQUENCE tool_calls_id_seq;
+        CREATE TABLE tool_calls (
+            id               BIGINT PRIMARY KEY DEFAULT nextval('tool_calls_id_seq'),
+            call_id          VARCHAR NOT NULL,        -- one call; several rows when retried
+            message_id       BIGINT REFERENCES messages(id),   -- the assistant message that asked
+            conversation_id  BIGINT REFERENCES conversations(id),
+            user_id          BIGINT NOT NULL REFERENCES users(id),
+            department_id    VARCHAR NOT NULL,
+            tool             VARCHAR NOT NULL,
+            arguments        VARCHAR NOT NULL,        -- JSON, as validated (or as sent when invalid)
+            status           VARCHAR NOT NULL CHECK (status IN
+                             ('ok', 'error', 'denied', 'invalid', 'timeout', 'declined', 'pending')),
+            attempt          INTEGER NOT NULL,        -- 1, 2, ... ; 0 for checks before running
+            side_effect      BOOLEAN NOT NULL DEFAULT false,
+            latency_ms       DOUBLE,
+            result           VARCHAR,                 -- what the model was given (truncated)
+            error            VARCHAR,
+            created_at       TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        CREATE INDEX tool_calls_call_idx ON tool_calls(call_id);
+        CREATE INDEX tool_calls_conversation_idx ON tool_calls(conversation_id);
+        """,
+    ),
+    Migration(
+        "0003_demo_company_systems",
+        """
+        -- The demo company's own systems, queried by the demo tools with parameters only.
+        CREATE TABLE sales (
+            month         DATE NOT NULL,              -- first day of the month
+            region        VARCHAR NOT NULL,           -- 华东 华南 华北 西南 华中
+            product_line  VARCHAR NOT NULL,
+            revenue       DECIMAL(14, 2) NOT NULL,    -- CNY
+            units         INTEGER NOT NULL,
+            PRIMARY KEY (month, region, product_line)
+        );
+        CREATE TABLE customers (
+            id             VARCHAR PRIMARY KEY,       -- C001
+            name           VARCHAR NOT NULL,
+            region         VARCHAR NOT NULL,
+            industry       VARCHAR NOT NULL,
+            account_owner  VARCHAR NOT NULL,
+            annual_revenue DECIMAL(14, 2) NOT NULL,
+            customer_since DATE NOT NULL
+        );
+        CREATE SEQUENCE email_outbox_id_seq;
+        CREATE TABLE email_outbox (
+            id          BIGINT PRIMARY KEY DEFAULT nextval('email_outbox_id_seq'),
+            user_id     BIGINT NOT NULL REFERENCES users(id),
+            recipient   VARCHAR NOT NULL,
+            subject     VARCHAR NOT NULL,
+            body        VARCHAR NOT NULL,
+            created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        """,
+    ),
 )
 
 

@@ -1,0 +1,121 @@
+"""From raw model output to (thinking, visible text, tool calls, errors). Pure functions.
+
+Qwen3 (Hermes style) emits `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+possibly several, possibly with text around them and a `<think>` block first. Every
+malformation becomes an error message meant for the model, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Collection
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
+_FENCE_RE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+MAX_CALL_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class ParsedOutput:
+    thinking: str = ""
+    text: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def split_thinking(raw: str) -> tuple[str, str]:
+    """(thinking, rest) from raw output; an unclosed <think> is all thinking so far."""
+    stripped = raw.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return "", raw.strip()
+    body = stripped[len(THINK_OPEN):]
+    if THINK_CLOSE not in body:
+        return body.strip(), ""
+    thinking, rest = body.split(THINK_CLOSE, 1)
+    return thinking.strip(), rest.strip()
+
+
+def visible_text(raw: str) -> str:
+    """What the user may see of a partial or complete output: no thinking, no tool-call
+    markup (an unfinished <tool_call> is hidden too, so JSON never flashes on screen)."""
+    _, rest = split_thinking(raw)
+    rest = _CALL_RE.sub("", rest)
+    if CALL_OPEN in rest:
+        rest = rest.split(CALL_OPEN, 1)[0]
+    # hide a tag that is still arriving, e.g. "<tool_c"
+    for cut in range(len(CALL_OPEN) - 1, 0, -1):
+        if rest.endswith(CALL_OPEN[:cut]):
+            rest = rest[: -cut]
+            break
+    return rest.strip()
+
+
+def _parse_call(body: str, known_tools: Collection[str] | None) -> tuple[ToolCall | None, str | None]:
+    body = body.strip()
+    fenced = _FENCE_RE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    if len(body) > MAX_CALL_CHARS:
+        return None, f"tool call is {len(body):,} characters; the limit is {MAX_CALL_CHARS:,}."
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        return None, "tool call JSON is nested too deeply."
+    except json.JSONDecodeError as exc:
+        return None, f"tool call is not valid JSON ({exc.msg} at position {exc.pos}). Send {{\"name\": ..., \"arguments\": {{...}}}}."
+    if not isinstance(data, dict):
+        return None, f"tool call must be a JSON object with name and arguments, got {type(data).__name__}."
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return None, "tool call has no \"name\"."
+    name = name.strip()
+    if known_tools is not None and name not in known_tools:
+        available = ", ".join(sorted(known_tools)) or "none"
+        return None, f"there is no tool named {name!r}; available tools: {available}."
+    arguments = data.get("arguments", {})
+    if arguments is None:
+        arguments = {}
+    if isinstance(arguments, str):
+        return None, (f"arguments of {name!r} must be a JSON object, got a string; "
+                      "send \"arguments\": {...} without quotes around it.")
+    if not isinstance(arguments, dict):
+        return None, f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}."
+    return ToolCall(name, arguments), None
+
+
+def parse_output(raw: str, known_tools: Collection[str] | None = None) -> ParsedOutput:
+    """Split raw model output into thinking, visible text, tool calls and errors."""
+    thinking, rest = split_thinking(raw or "")
+    parsed = ParsedOutput(thinking=thinking)
+    pieces = []
+    position = 0
+    for match in _CALL_RE.finditer(rest):
+        pieces.append(rest[position:match.start()])
+        position = match.end()
+        call, error = _parse_call(match.group(1), known_tools)
+        if call is not None:
+            parsed.calls.append(call)
+        else:
+            parsed.errors.append(error)
+    tail = rest[position:]
+    if CALL_OPEN in tail:
+        before, unclosed = tail.split(CALL_OPEN, 1)
+        pieces.append(before)
+        parsed.errors.append(
+            f"a {CALL_OPEN} tag was not closed with {CALL_CLOSE}"
+            + (f" (it began: {unclosed.strip()[:60]!r})." if unclosed.strip() else ".")
+        )
+    else:
+        pieces.append(tail)
+    parsed.text = re.sub(r"\n{3,}", "\n\n", "".join(pieces)).strip()
+    return parsed
