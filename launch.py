@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     from webapp.app import build_app, launch_options
     from webapp.models import ModelLoadError
     from webapp.services import open_services
+    from webapp.tools.registry import ToolConfigError
 
     try:
         services = open_services(settings)
-    except (StorageError, ModelLoadError) as exc:
+    except (StorageError, ModelLoadError, ToolConfigError) as exc:
         print(f"hangjia cannot start: {exc}", file=sys.stderr)
         return 1
     if services.first_admin_password:

@@ -56,6 +56,8 @@ def add_user(
 ) -> User:
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if not db.scalar("SELECT count(*) FROM departments WHERE id = ?", [department_id]):
+        raise StorageError(f"Department {department_id!r} does not exist; add it first.")
     try:
         user_id = db.write(
             "INSERT INTO users (username, display_name, password_hash, role, department_id)"
@@ -63,8 +65,6 @@ def add_user(
             [username, display_name or username, password_hash, role, department_id],
         )
     except duckdb.ConstraintException as exc:
-        if "foreign key" in str(exc).lower():
-            raise StorageError(f"Department {department_id!r} does not exist; add it first.") from exc
         if "duplicate key" in str(exc).lower():
             raise DuplicateUserError(f"A user named {username!r} already exists.") from exc
         raise StorageError(f"Could not add user {username!r}: {exc}") from exc
@@ -87,3 +87,9 @@ def password_hash_of(db: Database, username: str) -> str | None:
 
 def count_users(db: Database) -> int:
     return db.scalar("SELECT count(*) FROM users")
+
+
+def move_user(db: Database, user_id: int, department_id: str) -> None:
+    if not db.scalar("SELECT count(*) FROM departments WHERE id = ?", [department_id]):
+        raise StorageError(f"Department {department_id!r} does not exist; add it first.")
+    db.write("UPDATE users SET department_id = ? WHERE id = ?", [department_id, user_id])

@@ -29,6 +29,7 @@ class Message:
     adapter: str | None
     adapter_version: str | None
     created_at: dt.datetime
+    tool_call_id: str | None = None  # on role='tool': the call it answers
     rating: int | None = None  # the conversation owner's feedback on this message
 
 
@@ -61,7 +62,7 @@ def add_message(db: Database, conversation_id: int, role: str, content: str, **f
     """Insert a message and touch its conversation, atomically; returns the message id."""
     allowed = {
         "thinking", "model", "adapter", "adapter_version", "latency_ms", "ttft_ms",
-        "prompt_tokens", "completion_tokens", "finish_reason", "error",
+        "prompt_tokens", "completion_tokens", "finish_reason", "error", "tool_call_id",
     }
     unknown = set(fields) - allowed
     if unknown:
@@ -82,7 +83,7 @@ def list_messages(db: Database, conversation_id: int) -> list[Message]:
     rows = db.query(
         """
         SELECT m.id, m.conversation_id, m.role, m.content, m.model, m.adapter, m.adapter_version,
-               m.created_at, f.rating
+               m.created_at, m.tool_call_id, f.rating
         FROM messages m
         JOIN conversations c ON c.id = m.conversation_id
         LEFT JOIN feedback f ON f.message_id = m.id AND f.user_id = c.user_id

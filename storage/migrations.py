@@ -35,7 +35,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             display_name   VARCHAR NOT NULL,
             password_hash  VARCHAR NOT NULL,          -- scrypt, salted; see webapp/auth.py
             role           VARCHAR NOT NULL CHECK (role IN ('employee', 'reviewer', 'admin')),
-            department_id  VARCHAR NOT NULL REFERENCES departments(id),
+            -- no REFERENCES: DuckDB rewrites an updated FK column as delete + insert, which
+            -- fails while other tables reference the user; moving a user must stay possible.
+            -- storage.accounts checks the department exists.
+            department_id  VARCHAR NOT NULL,
             disabled       BOOLEAN NOT NULL DEFAULT false,
             created_at     TIMESTAMP NOT NULL DEFAULT current_timestamp
         );
@@ -88,10 +91,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE SEQUENCE tool_calls_id_seq;
         CREATE TABLE tool_calls (
             id               BIGINT PRIMARY KEY DEFAULT nextval('tool_calls_id_seq'),
+            -- No REFERENCES on this append-only audit log: DuckDB's foreign-key checks
+            -- doubled the cost of every tool round (bench/tool_overhead.py).
             call_id          VARCHAR NOT NULL,        -- one call; several rows when retried
-            message_id       BIGINT REFERENCES messages(id),   -- the assistant message that asked
-            conversation_id  BIGINT REFERENCES conversations(id),
-            user_id          BIGINT NOT NULL REFERENCES users(id),
+            message_id       BIGINT,                  -- the assistant message that asked
+            conversation_id  BIGINT,
+            user_id          BIGINT NOT NULL,
             department_id    VARCHAR NOT NULL,
             tool             VARCHAR NOT NULL,
             arguments        VARCHAR NOT NULL,        -- JSON, as validated (or as sent when invalid)

@@ -116,3 +116,29 @@ def running_app(services):
     )
     yield f"http://127.0.0.1:{services.settings.port}/", services
     app.close()
+
+
+class ScriptedModel:
+    """Stands in for ModelService.stream in orchestration tests: plays back scripted raw
+    outputs in order and keeps the prompts it was given. (The tiny random model cannot
+    decide to call a tool; the model path itself is tested with real models.)"""
+
+    def __init__(self, *outputs: str):
+        self.outputs = list(outputs)
+        self.prompts: list[str] = []
+
+    def __call__(self, prompt, params, adapter, result):
+        self.prompts.append(prompt)
+        text = self.outputs.pop(0)
+        result.prompt_tokens, result.completion_tokens, result.finish_reason = len(prompt) // 4, len(text) // 4, "stop"
+        for start in range(0, len(text), 7):
+            yield text[start:start + 7]
+
+
+@pytest.fixture
+def script(services, monkeypatch):
+    def install(*outputs):
+        scripted = ScriptedModel(*outputs)
+        monkeypatch.setattr(services.model, "stream", scripted)
+        return scripted
+    return install

@@ -54,8 +54,10 @@ def test_chat_and_feedback_land_in_duckdb_with_the_right_user_and_adapter(runnin
 
     listed = client.predict(api_name="/conversations")
     assert [c["id"] for c in listed] == [final["conversation_id"]]
-    messages = client.predict(final["conversation_id"], api_name="/conversation")
-    assert [m["content"] for m in messages][0] == "上季度华东区销售额是多少？"
+    view = client.predict(final["conversation_id"], api_name="/conversation")
+    assert [i["type"] for i in view["items"]] == ["user", "text", "user", "text"] and view["pending"] == []
+    assert view["items"][0]["content"] == "上季度华东区销售额是多少？"
+    assert view["items"][1]["message_id"] == final["message_id"] and view["items"][1]["rating"] == -1
 
 
 def test_nobody_reads_or_rates_another_users_conversation(running_app):

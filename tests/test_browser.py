@@ -98,3 +98,28 @@ def test_reviewer_sees_the_review_tab_and_admin_sees_both(running_app, browser):
     log_in(page, url, "finance-admin")
     page.get_by_role("tab", name="管理").wait_for(timeout=30_000)
     assert page.get_by_role("tab").all_inner_texts() == ["对话", "审核", "管理"]  # follows the browser
+
+
+def test_side_effect_action_is_approved_in_the_chat(running_app, browser, monkeypatch):
+    import json
+
+    from storage import company
+    from tests.conftest import ScriptedModel
+
+    url, services = running_app
+    email = {"name": "send_email", "arguments": {"to": "boss@example.com", "subject": "Q3", "body": "Report attached"}}
+    monkeypatch.setattr(services.model, "stream", ScriptedModel(
+        "<tool_call>" + json.dumps(email) + "</tool_call>", "Sent it to your boss."))
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, "hr-employee")
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.locator("#message textarea").fill("Email the Q3 report to my boss")
+    page.locator("#message textarea").press("Enter")
+    page.locator("#approval-text").get_by_text("send_email").wait_for(timeout=30_000)
+    assert "boss@example.com" in page.locator("#approval-text").inner_text()
+    assert company.outbox(services.db) == []  # nothing is sent before approval
+    page.locator("#approve").click()
+    page.locator("#chatbot").get_by_text("Sent it to your boss.").wait_for(timeout=30_000)
+    assert [m["recipient"] for m in company.outbox(services.db)] == ["boss@example.com"]
+    page.locator("#approve").wait_for(state="hidden")
+    page.screenshot(path=str(services.settings.data_dir / "approval.png"))

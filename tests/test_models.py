@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.conftest import make_lora_adapter
-from webapp.engine import split_thinking
+from webapp.tools.parser import split_thinking
 from webapp.models import (
     GenerationParams, GenerationResult, ModelService, ModelSpec, discover_adapters, load_base_model,
     quantization_config,

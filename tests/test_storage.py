@@ -110,3 +110,14 @@ def test_writes_from_many_threads_are_all_kept(db):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: chats.add_message(db, conv.id, "user", f"m{i}"), range(200)))
     assert len(chats.list_messages(db, conv.id)) == 200
+
+
+def test_a_user_with_history_can_move_department(db):
+    accounts.add_department(db, "hr", "HR")
+    user = accounts.add_user(db, "mover", "h", "employee", "finance")
+    conv = chats.create_conversation(db, user.id, "finance", "t")
+    chats.record_feedback(db, chats.add_message(db, conv.id, "assistant", "a"), user.id, 1, None)
+    accounts.move_user(db, user.id, "hr")
+    assert accounts.get_user(db, user.id).department_id == "hr"
+    with pytest.raises(StorageError, match="does not exist"):
+        accounts.move_user(db, user.id, "nowhere")

@@ -10,7 +10,9 @@ from storage import chats
 from webapp.i18n import EN, build_i18n
 from webapp.services import Services
 from webapp.ui.admin import build_admin_tab
-from webapp.ui.chat import GENERATION_QUEUE, build_chat_tab, conversation_choices, history_of, rate, stream_answer
+from webapp.ui.chat import (
+    GENERATION_QUEUE, build_chat_tab, conversation_choices, conversation_view, rate, stream_answer, stream_resolution,
+)
 from webapp.ui.common import caller
 from webapp.ui.review import REVIEW_ROLES, build_review_tab
 
@@ -67,9 +69,18 @@ def _register_api(services: Services) -> None:
         }
 
     def chat(message: str, conversation_id: int | None = None, request: gr.Request = None) -> Iterator[dict[str, Any]]:
-        """Stream one answer: dicts with conversation_id, message_id, answer, done."""
+        """Stream one turn: dicts with conversation_id, message_id, answer, items (text and
+        tool actions), pending (actions to approve with /approve) and done."""
         user = caller(services, request)
         first, rest = stream_answer(services, user, message, conversation_id)
+        yield _update_dict(first)
+        for update in rest:
+            yield _update_dict(update)
+
+    def approve(call_id: str, approve: bool, request: gr.Request = None) -> Iterator[dict[str, Any]]:
+        """Approve (true) or decline (false) a pending action; the turn then goes on, streamed."""
+        user = caller(services, request)
+        first, rest = stream_resolution(services, user, call_id, bool(approve))
         yield _update_dict(first)
         for update in rest:
             yield _update_dict(update)
@@ -87,13 +98,15 @@ def _register_api(services: Services) -> None:
             for c in chats.list_conversations(services.db, user.id)
         ]
 
-    def conversation(conversation_id: int, request: gr.Request) -> list[dict[str, Any]]:
+    def conversation(conversation_id: int, request: gr.Request) -> dict[str, Any]:
         user = caller(services, request)
-        messages, ids = history_of(services, user, int(conversation_id))
-        return [{**m, "id": i} for m, i in zip(messages, ids)]
+        items, pending = conversation_view(services, user, int(conversation_id))
+        return {"items": items, "pending": pending}
 
     gr.api(whoami, api_name="whoami")
     gr.api(chat, api_name="chat", concurrency_id=GENERATION_QUEUE,
+           concurrency_limit=services.settings.generation_concurrency)
+    gr.api(approve, api_name="approve", concurrency_id=GENERATION_QUEUE,
            concurrency_limit=services.settings.generation_concurrency)
     gr.api(feedback, api_name="feedback")
     gr.api(conversations, api_name="conversations")
@@ -109,6 +122,8 @@ def _update_dict(update) -> dict[str, Any]:
         "done": update.done,
         "adapter": update.adapter,
         "adapter_version": update.adapter_version,
+        "items": update.items,
+        "pending": update.pending,
     }
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 
-from storage import accounts
+from storage import accounts, company
 from storage.db import Database
 from webapp.auth import Auth
 
@@ -25,6 +26,9 @@ def seed_demo_company(db: Database, auth: Auth) -> bool:
         accounts.add_department(db, dept_id, name)
     for username, role, dept in demo_users():
         auth.create_user(username, DEMO_PASSWORD, role, dept)
+    # the demo company's systems, reached through the demo tools
+    company.seed_sales(db, dt.date.today())
+    company.seed_customers(db)
     return True
 
 

@@ -4,19 +4,21 @@ answer from the user's department adapter, and log the whole turn to DuckDB."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
-from storage import chats
+from storage import chats, tool_audit
 from storage.accounts import User
 from storage.db import Database
 from webapp.models import GenerationParams, GenerationResult, ModelService
+from webapp.tools.executor import ToolExecutor, ToolOutcome, summarize
+from webapp.tools.parser import parse_output, split_thinking, visible_text
 
 log = logging.getLogger(__name__)
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TITLE_CHARS = 60
 
 
@@ -46,38 +48,45 @@ class TurnSettings:
     max_message_chars: int
     thinking: bool
     generation: GenerationParams
+    max_tool_rounds: int = 3
 
 
 @dataclass
 class TurnUpdate:
-    """What the UI shows while a turn streams; `done` once the answer is stored."""
+    """What the UI shows while a turn streams; `done` once the answer is stored.
+
+    `items` is the turn in order: {"type": "text", "content"} bubbles and
+    {"type": "tool", "call_id", "tool", "arguments", "status", "summary"} action cards.
+    `answer` is the text of the last bubble; `message_id` the stored final answer.
+    `pending` lists side-effect actions waiting for the user's approval.
+    """
 
     conversation_id: int
-    user_message_id: int
-    answer: str
+    user_message_id: int | None
+    answer: str = ""
     message_id: int | None = None
     done: bool = False
     adapter: str | None = None
     adapter_version: str | None = None
+    items: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+    def snapshot(self) -> "TurnUpdate":
+        return dataclasses.replace(self, items=[dict(i) for i in self.items], pending=list(self.pending))
 
 
-def split_thinking(raw: str) -> tuple[str, str]:
-    """(thinking, answer) from raw output; an unclosed <think> is all thinking so far."""
-    stripped = raw.lstrip()
-    if not stripped.startswith(THINK_OPEN):
-        return "", raw.strip()
-    body = stripped[len(THINK_OPEN):]
-    if THINK_CLOSE not in body:
-        return body.strip(), ""
-    thinking, answer = body.split(THINK_CLOSE, 1)
-    return thinking.strip(), answer.strip()
+def tool_item(outcome: ToolOutcome) -> dict[str, Any]:
+    return {"type": "tool", "call_id": outcome.call_id, "tool": outcome.tool, "arguments": outcome.arguments,
+            "status": outcome.status, "summary": outcome.summary, "side_effect": outcome.side_effect}
 
 
 class ChatEngine:
-    def __init__(self, db: Database, model: ModelService, settings: TurnSettings):
+    def __init__(self, db: Database, model: ModelService, settings: TurnSettings,
+                 executor: ToolExecutor | None = None):
         self.db = db
         self.model = model
         self.settings = settings
+        self.executor = executor
 
     # -- reading ------------------------------------------------------------------------
 
@@ -109,15 +118,14 @@ class ChatEngine:
             )
         return text
 
-    def _build_prompt(self, history: list[chats.Message], text: str) -> str:
+    def _fit_prompt(self, history: list[dict], text: str, tools: list[dict]) -> str:
         """System + as much recent history as fits + the new message; oldest turns drop first."""
         system = {"role": "system", "content": self.settings.system_prompt}
         user_message = {"role": "user", "content": text}
         budget = self.model.max_context - self.settings.generation.max_new_tokens
-        past = [{"role": m.role, "content": m.content} for m in history if m.role in ("user", "assistant")]
+        past = list(history)
         while True:
-            messages = [system, *past, user_message]
-            prompt = self.model.render_prompt(messages, self.settings.thinking)
+            prompt = self.model.render_prompt([system, *past, user_message], tools, self.settings.thinking)
             tokens = self.model.count_tokens(prompt)
             if tokens <= budget:
                 return prompt
@@ -129,52 +137,187 @@ class ChatEngine:
                     "for the answer). Shorten it.",
                     tokens=tokens, budget=budget,
                 )
-            past = past[2:] if len(past) >= 2 else []
+            past = _drop_oldest_exchange(past)
+
+    def history_messages(self, conversation_id: int) -> list[dict[str, Any]]:
+        """The conversation in chat-template form: assistant tool calls and tool results
+        included, so a follow-up sees the numbers fetched before. Unparseable calls and
+        the errors fed back for them are kept only in the turn in progress, where the
+        model can fix them; later they teach it nothing."""
+        calls_by_message: dict[int, list] = {}
+        skipped: set[str] = set()
+        for row in tool_audit.latest_of_conversation(self.db, conversation_id):
+            if row.tool == "(unparsed)":
+                skipped.add(row.call_id)
+            elif row.message_id is not None:
+                calls_by_message.setdefault(row.message_id, []).append(row)
+        messages = []
+        stored = chats.list_messages(self.db, conversation_id)
+        last_user_id = max((m.id for m in stored if m.role == "user"), default=0)
+        for m in stored:
+            if m.role == "user":
+                messages.append({"role": "user", "content": m.content})
+            elif m.role == "assistant":
+                entry: dict[str, Any] = {"role": "assistant", "content": m.content}
+                calls = calls_by_message.get(m.id)
+                if calls:
+                    entry["tool_calls"] = [
+                        {"type": "function", "id": c.call_id,
+                         "function": {"name": c.tool, "arguments": json.loads(c.arguments)}}
+                        for c in calls
+                    ]
+                messages.append(entry)
+            elif m.role == "tool" and (m.tool_call_id not in skipped or m.id > last_user_id):
+                messages.append({"role": "tool", "content": m.content, "tool_call_id": m.tool_call_id})
+        return messages
+
+    def conversation_items(self, user: User, conversation_id: int) -> tuple[list[dict], list[dict]]:
+        """The conversation as the chat shows it: user and answer bubbles with their ids and
+        tool action cards in order; plus the actions still waiting for approval."""
+        self.conversation_of(user, conversation_id)
+        calls_by_message: dict[int, list] = {}
+        for row in tool_audit.latest_of_conversation(self.db, conversation_id):
+            calls_by_message.setdefault(row.message_id, []).append(row)
+        items: list[dict[str, Any]] = []
+        for m in chats.list_messages(self.db, conversation_id):
+            if m.role == "user":
+                items.append({"type": "user", "content": m.content, "message_id": m.id})
+            elif m.role == "assistant":
+                if m.content:
+                    items.append({"type": "text", "content": m.content, "message_id": m.id, "rating": m.rating})
+                items.extend(_row_item(row) for row in calls_by_message.get(m.id, []))
+        pending = [_pending_item(r) for r in tool_audit.pending_of_conversation(self.db, conversation_id)]
+        return items, pending
+
+    def _tools_for(self, user: User) -> list[dict]:
+        return [spec.function_schema() for spec in self.executor.tools_for(user)] if self.executor else []
 
     def stream_turn(self, user: User, text: object, conversation_id: int | None = None) -> Iterator[TurnUpdate]:
         """Stream one answer. Raises UserInputError / ConversationNotFound before anything
-        is stored; once the user message is stored, the assistant message is stored too,
+        is stored; once the user message is stored, every assistant message is stored too,
         even when the listener leaves early or generation fails."""
         text = self._check_text(text)
-        history = self.messages_of(user, conversation_id) if conversation_id is not None else []
-        prompt = self._build_prompt(history, text)
+        if conversation_id is not None:
+            self.conversation_of(user, conversation_id)
+            if tool_audit.pending_of_conversation(self.db, int(conversation_id)):
+                raise UserInputError("pending_action", "An action waits for your approval: approve or decline it first.")
+        history = self.history_messages(int(conversation_id)) if conversation_id is not None else []
+        tools = self._tools_for(user)
+        self._fit_prompt(history, text, tools)
 
         if conversation_id is None:
             title = " ".join(text.split())[:TITLE_CHARS]
             conversation_id = chats.create_conversation(self.db, user.id, user.department_id, title).id
         user_message_id = chats.add_message(self.db, conversation_id, "user", text)
+        update = self._new_update(user, conversation_id, user_message_id)
+        yield update.snapshot()
+        yield from self._rounds(user, update, tools)
 
+    def resolve_action(self, user: User, call_id: str, approve: bool) -> Iterator[TurnUpdate]:
+        """The user approves or declines a pending side-effect action; then the turn goes on."""
+        outcome = self.executor.resolve_pending(user, call_id, approve)  # checks the owner
+        conversation_id = tool_audit.attempts_of(self.db, call_id)[-1].conversation_id
+        chats.add_message(self.db, conversation_id, "tool", outcome.content, tool_call_id=call_id)
+        update = self._new_update(user, conversation_id, None)
+        update.items.append(tool_item(outcome))
+        still_pending = tool_audit.pending_of_conversation(self.db, conversation_id)
+        if still_pending:
+            update.pending = [_pending_item(row) for row in still_pending]
+            update.done = True
+            yield update.snapshot()
+            return
+        yield update.snapshot()
+        yield from self._rounds(user, update, self._tools_for(user))
+
+    def _new_update(self, user: User, conversation_id: int, user_message_id: int | None) -> TurnUpdate:
         adapter = self.model.adapter_for(user.department_id)
-        adapter_name = adapter.name if adapter else None
-        adapter_version = adapter.version if adapter else None
-        update = TurnUpdate(conversation_id, user_message_id, "", adapter=adapter_name, adapter_version=adapter_version)
-        yield dataclasses.replace(update)
+        return TurnUpdate(conversation_id, user_message_id,
+                          adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None)
 
+    def _rounds(self, user: User, update: TurnUpdate, tools: list[dict]) -> Iterator[TurnUpdate]:
+        """Generate; run the tool calls; feed results back; until an answer without calls,
+        a pending approval, or the round limit."""
+        known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
+        for round_index in range(self.settings.max_tool_rounds + 1):
+            history = self.history_messages(update.conversation_id)
+            prompt = self.model.render_prompt(
+                [{"role": "system", "content": self.settings.system_prompt}, *self._trim(history, tools)],
+                tools, self.settings.thinking)
+            update.items.append({"type": "text", "content": ""})
+            raw, message_id = yield from self._generate(user, update, prompt)
+            parsed = parse_output(raw, known)
+            update.items[-1].update(content=parsed.text, message_id=message_id)
+            if not parsed.text:
+                update.items.pop()
+            last_round = round_index == self.settings.max_tool_rounds
+            if not (parsed.calls or parsed.errors) or last_round:
+                if (parsed.calls or parsed.errors) and last_round:
+                    note = f"(Stopped after {self.settings.max_tool_rounds} rounds of tool calls.)"
+                    update.items.append({"type": "text", "content": note})
+                update.answer = update.items[-1]["content"] if update.items and update.items[-1]["type"] == "text" else ""
+                update.message_id, update.done = message_id, True
+                yield update.snapshot()
+                return
+            outcomes = [self.executor.record_malformed(user, e, message_id, update.conversation_id)
+                        for e in parsed.errors]
+            outcomes += [self.executor.execute(user, call, message_id=message_id,
+                                               conversation_id=update.conversation_id) for call in parsed.calls]
+            for outcome in outcomes:
+                update.items.append(tool_item(outcome))
+                if outcome.status != "pending":
+                    chats.add_message(self.db, update.conversation_id, "tool", outcome.content,
+                                      tool_call_id=outcome.call_id)
+            pending = [tool_item(o) for o in outcomes if o.status == "pending"]
+            if pending:
+                update.pending, update.message_id, update.done = pending, message_id, True
+                update.answer = ""
+                yield update.snapshot()
+                return
+            yield update.snapshot()
+
+    def _trim(self, history: list[dict], tools: list[dict]) -> list[dict]:
+        """Drop the oldest exchanges until the prompt fits (tool rounds make it grow)."""
+        budget = self.model.max_context - self.settings.generation.max_new_tokens
+        system = {"role": "system", "content": self.settings.system_prompt}
+        past = list(history)
+        # never drop the exchange in progress (its user message and tool results)
+        while sum(m["role"] == "user" for m in past) > 1:
+            prompt = self.model.render_prompt([system, *past], tools, self.settings.thinking)
+            if self.model.count_tokens(prompt) <= budget:
+                break
+            past = _drop_oldest_exchange(past)
+        return past
+
+    def _generate(self, user: User, update: TurnUpdate, prompt: str):
+        """One generation, streamed into the last text item; stores the assistant message.
+        Returns (raw output, message id)."""
         result = GenerationResult()
         raw, ttft_ms = "", None
         started = time.perf_counter()
         completed = False
-        pieces = self.model.stream(prompt, self.settings.generation, adapter_name, result)
+        pieces = self.model.stream(prompt, self.settings.generation, update.adapter, result)
         try:
             for piece in pieces:
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - started) * 1000
                 raw += piece
-                _, answer = split_thinking(raw)
-                if answer != update.answer:
-                    update.answer = answer
-                    yield dataclasses.replace(update)
+                shown = visible_text(raw)
+                if shown != update.items[-1]["content"]:
+                    update.items[-1]["content"] = shown
+                    update.answer = shown
+                    yield update.snapshot()
             completed = True
         finally:
             pieces.close()  # stops generation now if the listener left early
-            thinking, answer = split_thinking(raw)
+            thinking, _ = split_thinking(raw)
+            parsed_text = parse_output(raw).text
             finish = result.finish_reason if completed or result.error else "cancelled"
-            update.message_id = chats.add_message(
-                self.db, conversation_id, "assistant", answer,
+            message_id = chats.add_message(
+                self.db, update.conversation_id, "assistant", parsed_text,
                 thinking=thinking or None,
                 model=self.model.name,
-                adapter=adapter_name,
-                adapter_version=adapter_version,
+                adapter=update.adapter,
+                adapter_version=update.adapter_version,
                 latency_ms=(time.perf_counter() - started) * 1000,
                 ttft_ms=ttft_ms,
                 prompt_tokens=result.prompt_tokens,
@@ -186,9 +329,7 @@ class ChatEngine:
             raise GenerationFailed(
                 f"The model failed while answering ({result.error}). Try again; if it keeps failing, tell your admin."
             )
-        update.answer = answer
-        update.done = True
-        yield update
+        return raw, message_id
 
     # -- feedback -----------------------------------------------------------------------
 
@@ -203,3 +344,24 @@ class ChatEngine:
             raise ValueError("rating must be 1 (thumbs up) or -1 (thumbs down)")
         comment = (comment or "").strip()[: self.MAX_COMMENT_CHARS] or None
         return chats.record_feedback(self.db, int(message_id), user.id, rating, comment)
+
+
+def _drop_oldest_exchange(messages: list[dict]) -> list[dict]:
+    """Messages without the oldest user message and everything up to the next one."""
+    for index in range(1, len(messages)):
+        if messages[index]["role"] == "user":
+            return messages[index:]
+    return messages[1:] if len(messages) > 1 else []
+
+
+def _row_item(row) -> dict[str, Any]:
+    if row.status == "pending":
+        return _pending_item(row)
+    content = row.result if row.status == "ok" else f"Error: {row.error}"
+    return {"type": "tool", "call_id": row.call_id, "tool": row.tool, "arguments": json.loads(row.arguments),
+            "status": row.status, "summary": summarize(content), "side_effect": row.side_effect}
+
+
+def _pending_item(row) -> dict[str, Any]:
+    return {"type": "tool", "call_id": row.call_id, "tool": row.tool, "arguments": json.loads(row.arguments),
+            "status": "pending", "summary": "Waiting for the user to approve this action.", "side_effect": True}

@@ -11,6 +11,9 @@ from webapp.demo import ensure_first_admin, seed_demo_company
 from webapp.engine import ChatEngine, TurnSettings
 from webapp.models import GenerationParams, ModelService, ModelSpec, discover_adapters, load_model_service
 from webapp.settings import Settings
+from webapp.tools.builtin import BUILTINS
+from webapp.tools.executor import ToolExecutor
+from webapp.tools.registry import DEMO_TOOLS_FILE, load_registry
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +25,11 @@ class Services:
     auth: Auth
     model: ModelService
     engine: ChatEngine
+    tools: ToolExecutor
     first_admin_password: str | None = field(default=None, repr=False)
 
     def close(self) -> None:
+        self.tools.close()
         self.db.close()
 
 
@@ -36,14 +41,23 @@ def turn_settings(settings: Settings) -> TurnSettings:
         generation=GenerationParams(
             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
         ),
+        max_tool_rounds=settings.max_tool_rounds,
     )
+
+
+def tool_files(settings: Settings) -> list:
+    """The demo company's tools in demo mode, plus the admin's own tools file."""
+    files = [DEMO_TOOLS_FILE] if settings.demo else []
+    if settings.tools_file is not None:
+        files.append(settings.tools_file)
+    return files
 
 
 def open_services(settings: Settings, model: ModelService | None = None) -> Services:
     """Open storage (migrations, first users), load the model and its adapters.
 
     Storage opens first so that a second app on the same data dir is refused before
-    spending time on the model.
+    spending time on the model; tool definitions are checked before the model loads too.
     """
     db = Database(settings.db_path)
     try:
@@ -57,14 +71,16 @@ def open_services(settings: Settings, model: ModelService | None = None) -> Serv
                 log.info("seeded the demo company (departments finance and hr)")
         else:
             first_admin_password = ensure_first_admin(db, auth)
+        registry = load_registry(tool_files(settings), BUILTINS)
+        tools = ToolExecutor(registry, db, max_result_chars=settings.tool_result_max_chars)
         if model is None:
             spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
             model = load_model_service(spec, settings.models_dir, settings.context_tokens)
         for adapter in discover_adapters(settings.resolved_adapters_dir):
             model.load_adapter(adapter.name, adapter.path, adapter.version)
             log.info("adapter %s version %s loaded", adapter.name, adapter.version)
-        engine = ChatEngine(db, model, turn_settings(settings))
+        engine = ChatEngine(db, model, turn_settings(settings), tools)
     except BaseException:
         db.close()
         raise
-    return Services(settings, db, auth, model, engine, first_admin_password)
+    return Services(settings, db, auth, model, engine, tools, first_admin_password)

@@ -76,6 +76,11 @@ class Settings:
     generation_concurrency: int = _setting(
         1, "Chat turns generated at the same time on one model; others wait in the queue."
     )
+    tools_file: Path | None = _setting(
+        None, "TOML file of company tools (HTTP systems, permissions); see webapp/tools/registry.py."
+    )
+    max_tool_rounds: int = _setting(3, "Rounds of tool calls the model may make in one turn before it must answer.")
+    tool_result_max_chars: int = _setting(4000, "Longest tool result given back to the model; longer ones are cut.")
     config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
 
     def __post_init__(self) -> None:
@@ -124,6 +129,10 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"context_tokens={s.context_tokens}: must be 0 (model maximum) or more.")
     if s.max_message_chars < 1:
         problems.append(f"max_message_chars={s.max_message_chars}: must be at least 1.")
+    if s.max_tool_rounds < 0:
+        problems.append(f"max_tool_rounds={s.max_tool_rounds}: must be 0 (no tools) or more (--max-tool-rounds).")
+    if s.tool_result_max_chars < 100:
+        problems.append(f"tool_result_max_chars={s.tool_result_max_chars}: must be at least 100.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     return problems

@@ -53,8 +53,13 @@ class ToolOutcome:
 
     @property
     def summary(self) -> str:
-        text = self.content.replace("\n", " ")
-        return text if len(text) <= 300 else text[:297] + "…"
+        return summarize(self.content)
+
+
+def summarize(text: str | None, limit: int = 300) -> str:
+    """One line for an action card."""
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def new_call_id() -> str:

@@ -1,12 +1,15 @@
-"""The Chat tab: conversations, streaming answers, thumbs up/down with a comment."""
+"""The Chat tab: conversations, streaming answers, tool action cards, approvals of
+side-effect actions, thumbs up/down with a comment."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import gradio as gr
 
+from storage import chats
 from webapp.engine import ConversationNotFound, GenerationFailed, UserInputError
 from webapp.i18n import bilingual
 from webapp.ui.common import caller
@@ -16,6 +19,8 @@ GENERATION_QUEUE = "model"  # one queue in front of the one model, shared by UI 
 # serialization and the client a re-render; the eye does not see a faster stream.
 # Measured in bench/chat_path.py: 0.1 s lifts the HTTP path from 0.93 to ~0.96 of plain generate.
 STREAM_INTERVAL_S = 0.1
+STATUS_ICON = {"ok": "✅", "error": "❌", "denied": "⛔", "invalid": "⚠️", "timeout": "⏱️",
+               "declined": "🚫", "pending": "⏳"}
 
 
 def throttled(updates, interval: float):
@@ -33,38 +38,68 @@ def throttled(updates, interval: float):
         yield pending
 
 
-def history_of(services, user, conversation_id: int) -> tuple[list[dict], list[int]]:
-    """Chatbot messages and the parallel list of their database ids."""
-    try:
-        messages = services.engine.messages_of(user, conversation_id)
-    except ConversationNotFound:
-        raise gr.Error(bilingual("not_found"))
-    shown = [m for m in messages if m.role in ("user", "assistant")]
-    return [{"role": m.role, "content": m.content} for m in shown], [m.id for m in shown]
+def tool_card(item: dict[str, Any]) -> dict[str, Any]:
+    """A collapsible chatbot message for one tool action."""
+    arguments = json.dumps(item["arguments"], ensure_ascii=False, indent=1)
+    status = item["status"]
+    waiting = status == "pending"
+    body = f"**{item['tool']}**\n```json\n{arguments}\n```\n" + (
+        "⏳ 等待您批准 / waiting for your approval" if waiting else f"{STATUS_ICON.get(status, '')} {status}: {item['summary']}"
+    )
+    return {"role": "assistant", "content": body, "metadata": {
+        "title": f"🔧 {item['tool']} · {STATUS_ICON.get(status, '')} {status}",
+        "id": item["call_id"], "status": "pending" if waiting else "done"}}
+
+
+def render_items(items: list[dict[str, Any]]) -> tuple[list[dict], list[int | None]]:
+    """Chatbot messages for turn items, and the database id of each (None: not rateable)."""
+    messages, ids = [], []
+    for item in items:
+        if item["type"] == "tool":
+            messages.append(tool_card(item))
+            ids.append(None)
+        else:
+            role = "user" if item["type"] == "user" else "assistant"
+            messages.append({"role": role, "content": item["content"] or "…"})
+            ids.append(item.get("message_id") if role == "assistant" else None)
+    return messages, ids
+
+
+def approval_text(pending: list[dict[str, Any]]) -> str:
+    item = pending[0]
+    arguments = json.dumps(item["arguments"], ensure_ascii=False, indent=1)
+    more = f"\n\n(+{len(pending) - 1} more)" if len(pending) > 1 else ""
+    return (f"### ⏳ 需要您批准 · Needs your approval: `{item['tool']}`\n"
+            f"```json\n{arguments}\n```\n未经批准不会执行。Nothing is done until you approve.{more}")
 
 
 def conversation_choices(services, user) -> list[tuple[str, int]]:
-    from storage import chats
-
     return [
         (f"{c.title}  ·  {c.updated_at:%m-%d %H:%M}", c.id)
         for c in chats.list_conversations(services.db, user.id)
     ]
 
 
-def stream_answer(services, user, text: str, conversation_id: int | None):
-    """The engine's stream with its refusals turned into messages for the user.
-
-    The first update is taken here, so a refused message raises before the caller
-    clears the input box: the user's text is never lost.
-    """
+def conversation_view(services, user, conversation_id: int):
     try:
-        stream = services.engine.stream_turn(user, text, conversation_id)
+        items, pending = services.engine.conversation_items(user, int(conversation_id))
+    except ConversationNotFound:
+        raise gr.Error(bilingual("not_found"))
+    return items, pending
+
+
+def _guarded(stream):
+    """The engine's stream with its refusals turned into messages for the user. The first
+    update is taken at once, so a refused message raises before the caller clears the
+    input box: the user's text is never lost."""
+    try:
         first = next(stream)
     except UserInputError as exc:
         raise gr.Error(bilingual(exc.code, **exc.params))
     except ConversationNotFound:
         raise gr.Error(bilingual("not_found"))
+    except LookupError as exc:  # an action that is not (or no longer) waiting
+        raise gr.Error(str(exc))
 
     def rest():
         try:
@@ -75,10 +110,19 @@ def stream_answer(services, user, text: str, conversation_id: int | None):
     return first, rest()
 
 
+def stream_answer(services, user, text: str, conversation_id: int | None):
+    return _guarded(services.engine.stream_turn(user, text, conversation_id))
+
+
+def stream_resolution(services, user, call_id: str, approve: bool):
+    return _guarded(services.engine.resolve_action(user, call_id, approve))
+
+
 def build_chat_tab(services, i18n) -> dict[str, Any]:
     conversation_state = gr.State(None)  # id of the open conversation; None = new
-    message_ids = gr.State([])  # database id of each chatbot message, same order
+    message_ids = gr.State([])  # database id of each chatbot message (None: not rateable)
     pending_comment = gr.State(None)  # message id awaiting an optional comment
+    pending_action = gr.State(None)  # call id of the action shown for approval
 
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
@@ -89,6 +133,11 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
                 label="hangjia 行家", height=520, elem_id="chatbot", buttons=["copy"],
                 feedback_options=("Like", "Dislike"),
             )
+            with gr.Group(visible=False, elem_id="approval") as approval_box:
+                approval = gr.Markdown(elem_id="approval-text")
+                with gr.Row():
+                    approve_button = gr.Button(i18n("approve"), variant="primary", elem_id="approve")
+                    decline_button = gr.Button(i18n("decline"), variant="stop", elem_id="decline")
             textbox = gr.Textbox(
                 placeholder=i18n("placeholder"), show_label=False, lines=1, max_lines=12,
                 submit_btn=True, elem_id="message",
@@ -98,17 +147,38 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
                 comment_button = gr.Button(i18n("send_comment"), scale=1, elem_id="send-comment")
             status = gr.Markdown(elem_id="chat-status")
 
+    def approval_updates(pending):
+        if pending:
+            return gr.Group(visible=True), approval_text(pending), pending[0]["call_id"]
+        return gr.Group(visible=False), "", None
+
     def send(text, history, conversation_id, ids, request: gr.Request):
         user = caller(services, request)
         first, rest = stream_answer(services, user, text, conversation_id)
-        history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": "…"}]
-        ids = [*ids, first.user_message_id, None]
-        yield "", history, first.conversation_id, ids, gr.Row(visible=False), ""
+        base = [*history, {"role": "user", "content": text}]
+        base_ids = [*ids, None]
+        update = first
+        yield ("", base, first.conversation_id, base_ids, gr.Row(visible=False), "", *approval_updates([]))
         for update in rest:
-            history = [*history[:-1], {"role": "assistant", "content": update.answer or "…"}]
-            if update.done:
-                ids = [*ids[:-1], update.message_id]
-            yield gr.skip(), history, update.conversation_id, ids, gr.skip(), gr.skip()
+            shown, shown_ids = render_items(update.items)
+            yield (gr.skip(), base + shown, update.conversation_id, base_ids + shown_ids,
+                   gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), *approval_updates(update.pending))
+
+    def resolve(call_id, approve, history, ids, request: gr.Request):
+        user = caller(services, request)
+        if call_id is None:
+            raise gr.Error(bilingual("nothing_to_approve"))
+        first, rest = stream_resolution(services, user, call_id, approve)
+        # the pending card is replaced by its outcome; new items follow it
+        keep = [i for i, m in enumerate(history) if (m.get("metadata") or {}).get("id") != call_id]
+        base, base_ids = [history[i] for i in keep], [ids[i] for i in keep]
+        update = first
+        for update in [first, *rest]:
+            shown, shown_ids = render_items(update.items)
+            yield base + shown, base_ids + shown_ids, gr.Group(visible=False), "", None
+        box, text, next_call = approval_updates(update.pending)
+        yield gr.skip(), gr.skip(), box, text, next_call
 
     def refresh_conversations(conversation_id, request: gr.Request):
         user = caller(services, request)
@@ -117,13 +187,14 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
     def open_conversation(conversation_id, request: gr.Request):
         user = caller(services, request)
         if conversation_id is None:
-            return [], None, [], gr.Row(visible=False), ""
-        history, ids = history_of(services, user, int(conversation_id))
-        return history, int(conversation_id), ids, gr.Row(visible=False), ""
+            return [], None, [], gr.Row(visible=False), "", *approval_updates([])
+        items, pending = conversation_view(services, user, conversation_id)
+        shown, ids = render_items(items)
+        return shown, int(conversation_id), ids, gr.Row(visible=False), "", *approval_updates(pending)
 
     def new_conversation(request: gr.Request):
         caller(services, request)
-        return [], None, [], gr.Radio(value=None), gr.Row(visible=False), ""
+        return [], None, [], gr.Radio(value=None), gr.Row(visible=False), "", *approval_updates([])
 
     def on_like(ids, data: gr.LikeData, request: gr.Request):
         user = caller(services, request)
@@ -131,7 +202,7 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
         if not isinstance(index, int) or not 0 <= index < len(ids):
             raise gr.Error(bilingual("nothing_to_rate"))
         message_id = ids[index]
-        if message_id is None:  # the answer is still streaming; it has no id yet
+        if message_id is None:  # an action card, or an answer still streaming
             raise gr.Error(bilingual("answer_in_progress"))
         rating = 1 if data.liked is True or data.liked == "Like" else -1
         rate(services, user, message_id, rating, None)
@@ -146,33 +217,43 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
         rate(services, user, message_id, -1, text)
         return gr.Row(visible=False), None, "", bilingual("comment_saved")
 
+    approval_outputs = [approval_box, approval, pending_action]
     send_event = textbox.submit(
         send,
         [textbox, chatbot, conversation_state, message_ids],
-        [textbox, chatbot, conversation_state, message_ids, comment_row, status],
+        [textbox, chatbot, conversation_state, message_ids, comment_row, status, *approval_outputs],
         concurrency_id=GENERATION_QUEUE,
         concurrency_limit=services.settings.generation_concurrency,
         api_visibility="private",
     )
     send_event.then(refresh_conversations, [conversation_state], [conversations], api_visibility="private")
+    def approve_action(call_id, history, ids, request: gr.Request):
+        yield from resolve(call_id, True, history, ids, request)
+
+    def decline_action(call_id, history, ids, request: gr.Request):
+        yield from resolve(call_id, False, history, ids, request)
+
+    for button, handler in ((approve_button, approve_action), (decline_button, decline_action)):
+        button.click(
+            handler, [pending_action, chatbot, message_ids], [chatbot, message_ids, *approval_outputs],
+            concurrency_id=GENERATION_QUEUE, concurrency_limit=services.settings.generation_concurrency,
+            api_visibility="private",
+        )
     conversations.input(
         open_conversation, [conversations],
-        [chatbot, conversation_state, message_ids, comment_row, status], api_visibility="private",
+        [chatbot, conversation_state, message_ids, comment_row, status, *approval_outputs],
+        api_visibility="private",
     )
     new_button.click(
         new_conversation, None,
-        [chatbot, conversation_state, message_ids, conversations, comment_row, status], api_visibility="private",
+        [chatbot, conversation_state, message_ids, conversations, comment_row, status, *approval_outputs],
+        api_visibility="private",
     )
     chatbot.like(on_like, [message_ids], [comment_row, pending_comment, comment, status], api_visibility="private")
-    comment_button.click(
-        send_comment, [pending_comment, comment], [comment_row, pending_comment, comment, status],
-        api_visibility="private",
-    )
-    comment.submit(
-        send_comment, [pending_comment, comment], [comment_row, pending_comment, comment, status],
-        api_visibility="private",
-    )
-    return {"conversations": conversations, "refresh_conversations": refresh_conversations}
+    for trigger in (comment_button.click, comment.submit):
+        trigger(send_comment, [pending_comment, comment], [comment_row, pending_comment, comment, status],
+                api_visibility="private")
+    return {"conversations": conversations}
 
 
 def rate(services, user, message_id: int, rating: int, comment: str | None) -> int:
