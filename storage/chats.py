@@ -130,20 +130,6 @@ def get_feedback(db: Database, message_id: int, user_id: int) -> dict[str, Any] 
     )
 
 
-def count_thumbs_down(db: Database, department_ids: list[str] | None = None) -> int:
-    """Thumbs-down answers, optionally only in some departments (the review queue size)."""
-    if department_ids is None:
-        return db.scalar("SELECT count(*) FROM feedback WHERE rating = -1")
-    if not department_ids:
-        return 0
-    marks = ", ".join("?" for _ in department_ids)
-    return db.scalar(
-        "SELECT count(*) FROM feedback f JOIN messages m ON m.id = f.message_id"
-        f" JOIN conversations c ON c.id = m.conversation_id WHERE f.rating = -1 AND c.department_id IN ({marks})",
-        department_ids,
-    )
-
-
 def usage_summary(db: Database) -> dict[str, int]:
     """Counts for the admin overview."""
     return db.query_one(

@@ -145,6 +145,45 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0004_reviews_and_training_samples",
+        """
+        -- Which departments a reviewer works on; none listed means their own department.
+        CREATE TABLE reviewer_departments (
+            user_id        BIGINT NOT NULL,
+            department_id  VARCHAR NOT NULL,
+            PRIMARY KEY (user_id, department_id)
+        );
+        CREATE SEQUENCE reviews_id_seq;
+        CREATE TABLE reviews (
+            id           BIGINT PRIMARY KEY DEFAULT nextval('reviews_id_seq'),
+            message_id   BIGINT NOT NULL,             -- the reviewed answer (messages.id)
+            reviewer_id  BIGINT NOT NULL,             -- users.id
+            decision     VARCHAR NOT NULL CHECK (decision IN ('approved', 'rejected', 'skipped')),
+            reason       VARCHAR,                     -- see finetune/samples.py REASONS
+            note         VARCHAR,
+            created_at   TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        CREATE INDEX reviews_message_idx ON reviews(message_id);
+        CREATE SEQUENCE training_samples_id_seq;
+        CREATE TABLE training_samples (
+            id                 BIGINT PRIMARY KEY DEFAULT nextval('training_samples_id_seq'),
+            department_id      VARCHAR NOT NULL,      -- the adapter it trains
+            messages           VARCHAR NOT NULL,      -- JSON list, OpenAI chat format
+            tools              VARCHAR,               -- JSON list of the tools offered, or NULL
+            split              VARCHAR NOT NULL CHECK (split IN ('train', 'eval')),
+            origin             VARCHAR NOT NULL CHECK (origin IN ('correction', 'good_example', 'import')),
+            reason             VARCHAR,
+            source_message_id  BIGINT,                -- the reviewed answer, for corrections
+            review_id          BIGINT,
+            reviewer_id        BIGINT,
+            fingerprint        VARCHAR NOT NULL,      -- hash of the normalised last question
+            near_duplicate_of  BIGINT,                -- an earlier sample asking nearly the same
+            created_at         TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        CREATE INDEX training_samples_department_idx ON training_samples(department_id);
+        """,
+    ),
 )
 
 

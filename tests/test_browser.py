@@ -83,17 +83,49 @@ def test_employee_chats_and_leaves_a_thumbs_down_with_a_comment(running_app, bro
     wait_for(lambda: answer["content"] in page.locator("#chatbot").inner_text(), what="the old conversation")
 
 
-def test_reviewer_sees_the_review_tab_and_admin_sees_both(running_app, browser):
-    url, _ = running_app
+def test_reviewer_corrects_a_thumbs_down_with_a_tool_call(running_app, browser, monkeypatch):
+    import json
+
+    from storage import reviews
+    from tests.conftest import ScriptedModel
+
+    url, services = running_app
+    monkeypatch.setattr(services.model, "stream", ScriptedModel("Sales were probably fine."))
+    employee = services.auth.current_user("finance-employee")
+    answer = list(services.engine.stream_turn(employee, "上季度华东区销售额是多少？"))[-1]
+    services.engine.rate(employee, answer.message_id, -1, "没有查数据")
+
     page = browser.new_page(locale="en-US")
-    log_in(page, url, "hr-reviewer")
-    page.wait_for_selector("#message textarea", timeout=30_000)
-    page.get_by_role("tab", name="Review").wait_for()
+    log_in(page, url, "finance-reviewer")
+    page.get_by_role("tab", name="Review").wait_for(timeout=30_000)
     assert page.get_by_role("tab").all_inner_texts() == ["Chat", "Review"]
     page.get_by_role("tab", name="Review").click()
     page.locator("#review-refresh").click()
-    page.get_by_text("thumbs-down answers waiting").wait_for()
+    page.locator("#review-case-info").get_by_text("没有查数据").wait_for()  # the oldest case opens at once
+    assert "Sales were probably fine." in page.locator("#review-case").inner_text()
 
+    page.locator("#review-tool input").click()
+    page.get_by_role("option", name="query_sales").click()
+    page.locator("#review-arguments").get_by_text("region").wait_for()  # a skeleton from the schema
+    editor = page.locator("#review-arguments .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text('{"region": "East China", "period": "last_quarter"}')
+    page.locator("#review-answer textarea").fill("上季度华东区销售收入见查询结果。")
+    page.locator("#review-reason input").click()
+    page.get_by_role("option", name="Should have called a tool 应调用工具").click()
+    page.keyboard.press("Alt+A")  # approve from the keyboard
+    page.locator("#review-result").get_by_text("approved").wait_for(timeout=30_000)
+    assert "0 cases waiting" in page.locator("#review-summary").inner_text()
+
+    (sample,) = reviews.list_samples(services.db)
+    messages = json.loads(sample["messages"])
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert json.loads(messages[2]["tool_calls"][0]["function"]["arguments"]) == {"region": "华东", "period": "last_quarter"}
+
+
+def test_admin_sees_every_tab_in_the_browsers_language(running_app, browser):
+    url, _ = running_app
     page = browser.new_page(locale="zh-CN")
     log_in(page, url, "finance-admin")
     page.get_by_role("tab", name="管理").wait_for(timeout=30_000)

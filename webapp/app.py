@@ -14,7 +14,8 @@ from webapp.ui.chat import (
     GENERATION_QUEUE, build_chat_tab, conversation_choices, conversation_view, rate, stream_answer, stream_resolution,
 )
 from webapp.ui.common import caller
-from webapp.ui.review import REVIEW_ROLES, build_review_tab
+from webapp.review import REVIEW_ROLES
+from webapp.ui.review import REVIEW_SHORTCUTS_JS, build_review_tab, register_review_api
 
 
 def header_markdown(services: Services, user) -> str:
@@ -51,6 +52,7 @@ def build_app(services: Services) -> gr.Blocks:
 
         app.load(on_load, None, [header, review_tab, admin_tab, chat["conversations"]], api_visibility="private")
         _register_api(services)
+        register_review_api(services)
     return app
 
 
@@ -137,4 +139,5 @@ def launch_options(services: Services) -> dict[str, Any]:
         "max_threads": 64,
         # Big enough for long pasted messages; the engine refuses what exceeds the setting.
         "max_file_size": "50mb",
+        "head": REVIEW_SHORTCUTS_JS,
     }

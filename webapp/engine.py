@@ -139,7 +139,7 @@ class ChatEngine:
                 )
             past = _drop_oldest_exchange(past)
 
-    def history_messages(self, conversation_id: int) -> list[dict[str, Any]]:
+    def history_messages(self, conversation_id: int, up_to_message_id: int | None = None) -> list[dict[str, Any]]:
         """The conversation in chat-template form: assistant tool calls and tool results
         included, so a follow-up sees the numbers fetched before. Unparseable calls and
         the errors fed back for them are kept only in the turn in progress, where the
@@ -153,6 +153,8 @@ class ChatEngine:
                 calls_by_message.setdefault(row.message_id, []).append(row)
         messages = []
         stored = chats.list_messages(self.db, conversation_id)
+        if up_to_message_id is not None:
+            stored = [m for m in stored if m.id <= up_to_message_id]
         last_user_id = max((m.id for m in stored if m.role == "user"), default=0)
         for m in stored:
             if m.role == "user":

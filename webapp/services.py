@@ -10,6 +10,7 @@ from webapp.auth import Auth
 from webapp.demo import ensure_first_admin, seed_demo_company
 from webapp.engine import ChatEngine, TurnSettings
 from webapp.models import GenerationParams, ModelService, ModelSpec, discover_adapters, load_model_service
+from webapp.review import ReviewService, ReviewSettings
 from webapp.settings import Settings
 from webapp.tools.builtin import BUILTINS
 from webapp.tools.executor import ToolExecutor
@@ -26,6 +27,7 @@ class Services:
     model: ModelService
     engine: ChatEngine
     tools: ToolExecutor
+    reviews: ReviewService
     first_admin_password: str | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -80,7 +82,9 @@ def open_services(settings: Settings, model: ModelService | None = None) -> Serv
             model.load_adapter(adapter.name, adapter.path, adapter.version)
             log.info("adapter %s version %s loaded", adapter.name, adapter.version)
         engine = ChatEngine(db, model, turn_settings(settings), tools)
+        review = ReviewService(db, engine, tools, ReviewSettings(
+            settings.system_prompt, settings.scrub_pii, settings.eval_fraction))
     except BaseException:
         db.close()
         raise
-    return Services(settings, db, auth, model, engine, tools, first_admin_password)
+    return Services(settings, db, auth, model, engine, tools, review, first_admin_password)

@@ -81,6 +81,12 @@ class Settings:
     )
     max_tool_rounds: int = _setting(3, "Rounds of tool calls the model may make in one turn before it must answer.")
     tool_result_max_chars: int = _setting(4000, "Longest tool result given back to the model; longer ones are cut.")
+    scrub_pii: bool = _setting(
+        True, "Replace phone numbers, emails and ID numbers (Chinese formats included) in training samples."
+    )
+    eval_fraction: float = _setting(
+        0.1, "Share of questions held out as the evaluation set (a stable hash of the question decides)."
+    )
     config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
 
     def __post_init__(self) -> None:
@@ -133,6 +139,8 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"max_tool_rounds={s.max_tool_rounds}: must be 0 (no tools) or more (--max-tool-rounds).")
     if s.tool_result_max_chars < 100:
         problems.append(f"tool_result_max_chars={s.tool_result_max_chars}: must be at least 100.")
+    if not 0 <= s.eval_fraction < 1:
+        problems.append(f"eval_fraction={s.eval_fraction}: must be from 0 up to (not including) 1.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     return problems
