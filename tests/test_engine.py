@@ -1,6 +1,6 @@
 import pytest
 
-from storage import accounts, chats
+from storage import chats
 from tests.conftest import make_lora_adapter
 from webapp.engine import ChatEngine, ConversationNotFound, TurnSettings, UserInputError
 from webapp.models import GenerationParams

@@ -62,7 +62,7 @@ def test_conversations_are_listed_per_user_newest_first(db):
     a = accounts.add_user(db, "a", "h", "employee", "finance")
     b = accounts.add_user(db, "b", "h", "employee", "finance")
     first = chats.create_conversation(db, a.id, "finance", "first")
-    second = chats.create_conversation(db, a.id, "finance", "second")
+    chats.create_conversation(db, a.id, "finance", "second")
     chats.create_conversation(db, b.id, "finance", "b's")
     chats.add_message(db, first.id, "user", "bump")  # touching a conversation moves it up
     assert [c.title for c in chats.list_conversations(db, a.id)] == ["first", "second"]
