@@ -1,0 +1,203 @@
+"""The refresh recipe: one department's LoRA adapter trained on its approved samples.
+
+Runs as its own process (`python -m finetune.recipe --config run.json`): the app keeps the
+database; this process gets its samples as a JSONL file and reports progress as JSON lines
+in a file the app reads. Reads top to bottom; the order of setup matters where noted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hangjia.recipe")
+
+
+@dataclass
+class RecipeConfig:
+    base_model: str  # a local model folder or hub id (the same base the app serves)
+    dataset: str  # JSONL of {"messages": [...], "tools": [...]}
+    output_dir: str  # where the adapter appears, complete, at the end
+    progress_file: str  # JSON lines: {"event": "step", "step", "total_steps", "loss", "lr", "eta_s"}
+    init_adapter: str | None = None  # continue from the active adapter, or None for fresh
+    load_in_4bit: bool = True  # QLoRA where CUDA + bitsandbytes exist; else plain LoRA (logged)
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    epochs: int = 2
+    learning_rate: float = 2e-4
+    gradient_accumulation: int = 8
+    warmup_ratio: float = 0.05
+    max_seq_len: int = 2048
+    seed: int = 0
+
+
+def report(cfg: RecipeConfig, event: str, **fields: Any) -> None:
+    line = json.dumps({"event": event, "time": time.time(), **fields})
+    with open(cfg.progress_file, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+    print(line, flush=True)
+
+
+def assistant_spans(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[str, list[tuple[int, int]]]:
+    """The full conversation text and the character spans the model must learn: each
+    assistant turn (with its end-of-turn marker). Everything else — system, user, tool
+    results — is context only."""
+    from finetune.chat_format import render_chat
+
+    full = render_chat(tokenizer, messages, tools, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True)
+        end = render_chat(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
+        if not (end.startswith(start) and full.startswith(end)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "assistant tokens cannot be located for loss masking")
+        spans.append((len(start), len(end)))
+    return full, spans
+
+
+def tokenize_sample(tokenizer, sample: dict, max_seq_len: int) -> dict[str, list[int]] | None:
+    full, spans = assistant_spans(tokenizer, sample["messages"], sample.get("tools"))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    if len(ids) > max_seq_len:
+        return None
+    labels = [
+        token if any(a <= start < b for a, b in spans) else -100
+        for token, (start, _end) in zip(ids, encoded["offset_mapping"])
+    ]
+    return {"input_ids": ids, "labels": labels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = RecipeConfig(**json.loads(args.config.read_text()))
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # 1. Seeds first, so that data order and LoRA initialisation repeat run to run.
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    report(cfg, "start", config=asdict(cfg), pid=os.getpid())
+
+    # 2. Tokenizer and data before the model: a bad dataset fails in seconds, not after
+    #    minutes of loading weights.
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    samples = [json.loads(line) for line in Path(cfg.dataset).read_text(encoding="utf-8").splitlines() if line.strip()]
+    examples = [tokenize_sample(tokenizer, s, cfg.max_seq_len) for s in samples]
+    skipped = sum(e is None for e in examples)
+    examples = [e for e in examples if e is not None and any(t != -100 for t in e["labels"])]
+    if not examples:
+        report(cfg, "failed", error="no trainable samples (all too long or without an assistant turn)")
+        return 2
+    if skipped:
+        log.warning("%d samples longer than max_seq_len=%d were left out", skipped, cfg.max_seq_len)
+
+    # 3. The base model: 4-bit NF4 (QLoRA) where CUDA and bitsandbytes allow, else plain LoRA.
+    cuda = torch.cuda.is_available()
+    quantized = cfg.load_in_4bit and cuda
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, device_map={"": 0}, quantization_config=(
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)), dtype=torch.bfloat16)
+        mode = "QLoRA: 4-bit NF4 base on CUDA"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if cuda else torch.float32)
+        model.to("cuda" if cuda else "cpu")
+        mode = f"plain LoRA on a {'bf16' if cuda else 'fp32'} base ({'CUDA' if cuda else 'CPU: no 4-bit training here'})"
+    log.info("training mode: %s", mode)
+    report(cfg, "mode", mode=mode, samples=len(examples), skipped=skipped)
+
+    # 4. The adapter: continue the active one, or start fresh with the configured LoRA shape.
+    #    Base weights stay frozen either way; only LoRA matrices train.
+    if cfg.init_adapter:
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+    model.train()
+    device = next(p for p in model.parameters() if p.requires_grad).device
+
+    # 5. Optimizer and schedule over optimizer steps (not micro-batches).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    total_steps = max(1, math.ceil(len(examples) * cfg.epochs / cfg.gradient_accumulation))
+    warmup = max(1, int(total_steps * cfg.warmup_ratio))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.learning_rate * (step + 1) / warmup
+        return cfg.learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    # 6. The loop: batch 1 with gradient accumulation; loss only on assistant tokens.
+    started = time.monotonic()
+    step, micro, window = 0, 0, []
+    losses = []
+    order = list(range(len(examples)))
+    for epoch in range(cfg.epochs):
+        random.shuffle(order)
+        for index in order:
+            example = examples[index]
+            input_ids = torch.tensor([example["input_ids"]], device=device)
+            labels = torch.tensor([example["labels"]], device=device)
+            loss = model(input_ids=input_ids, labels=labels).loss
+            if not torch.isfinite(loss):
+                report(cfg, "failed", error=f"loss became {loss.item()} at step {step}")
+                return 3
+            (loss / cfg.gradient_accumulation).backward()
+            window.append(loss.item())
+            micro += 1
+            last = epoch == cfg.epochs - 1 and index == order[-1]
+            if micro % cfg.gradient_accumulation and not last:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            mean = sum(window) / len(window)
+            losses.append(mean)
+            window = []
+            elapsed = time.monotonic() - started
+            report(cfg, "step", step=step, total_steps=total_steps, epoch=epoch + 1, loss=round(mean, 5),
+                   lr=lr_at(step - 1), elapsed_s=round(elapsed, 2),
+                   eta_s=round(elapsed / step * (total_steps - step), 1))
+
+    # 7. Save next to the target and rename: the adapter appears complete or not at all.
+    target = Path(cfg.output_dir)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    (partial / "hangjia-run.json").write_text(json.dumps({"losses": losses, "mode": mode, "steps": step,
+                                                          "samples": len(examples)}))
+    os.replace(partial, target)
+    report(cfg, "done", steps=step, final_loss=losses[-1], seconds=round(time.monotonic() - started, 2),
+           output_dir=str(target))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The refresh recipe on a tiny random Qwen3: it trains LoRA only, on assistant tokens only."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from finetune.recipe import RecipeConfig, tokenize_sample
+from finetune.samples import tool_call_message
+
+SYSTEM = {"role": "system", "content": "You are hangjia."}
+
+
+def samples():
+    out = []
+    for region, period in [("华东", "last_quarter"), ("华南", "2026-Q2"), ("华北", "last_month")]:
+        out.append({"messages": [SYSTEM, {"role": "user", "content": f"{region} {period} 销售额？"},
+                                 tool_call_message("query_sales", {"region": region, "period": period}, "c1")],
+                    "tools": [{"type": "function", "function": {"name": "query_sales", "parameters": {"type": "object"}}}]})
+    out.append({"messages": [SYSTEM, {"role": "user", "content": "What is EBITDA?"},
+                             {"role": "assistant", "content": "Earnings before interest, taxes, depreciation and amortisation."}]})
+    return out
+
+
+def test_labels_cover_only_the_assistant_turns(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    example = tokenize_sample(tokenizer, samples()[3], 2048)
+    learned = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+    assert learned.strip() == "Earnings before interest, taxes, depreciation and amortisation.<|im_end|>"
+    tool = tokenize_sample(tokenizer, samples()[0], 2048)
+    learned = tokenizer.decode([t for t, label in zip(tool["input_ids"], tool["labels"]) if label != -100])
+    assert learned.startswith("<tool_call>") and "华东" in learned and "销售额" not in learned
+    assert tokenize_sample(tokenizer, samples()[0], 10) is None  # too long: left out, not cut
+
+
+def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_path):
+    dataset = tmp_path / "train.jsonl"
+    dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
+    cfg = RecipeConfig(base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
+                       progress_file=str(tmp_path / "progress.jsonl"), lora_r=4, lora_alpha=8, epochs=2,
+                       gradient_accumulation=2, learning_rate=1e-2, load_in_4bit=True)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(cfg.__dict__))
+    done = subprocess.run([sys.executable, "-m", "finetune.recipe", "--config", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events][:2] == ["start", "mode"] and events[-1]["event"] == "done"
+    assert "plain LoRA" in events[1]["mode"] and "CPU" in events[1]["mode"]  # said plainly on CPU
+    steps = [e for e in events if e["event"] == "step"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["total_steps"] == 4 for s in steps)
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]  # it learns the four samples
+    assert not (tmp_path / "v1.partial").exists()
+
+    trained = load_file(str(tmp_path / "v1" / "adapter_model.safetensors"))
+    assert trained and all("lora_" in key for key in trained)  # only LoRA weights are saved
+    # the same seed gives the initial LoRA weights: every one of them moved
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    initial = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05,
+                                              target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+    init_lora = {k.replace(".default", ""): v for k, v in initial.state_dict().items() if "lora_" in k}
+    assert set(init_lora) == set(trained)
+    assert all(not torch.equal(init_lora[k], trained[k]) for k in trained)
+    # and the base weights on disk are untouched by training
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert all(torch.equal(reloaded[k], before[k]) for k in before)
