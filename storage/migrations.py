@@ -184,6 +184,44 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX training_samples_department_idx ON training_samples(department_id);
         """,
     ),
+    Migration(
+        "0005_training_runs_and_adapter_versions",
+        """
+        CREATE SEQUENCE training_runs_id_seq;
+        CREATE TABLE training_runs (
+            id              BIGINT PRIMARY KEY DEFAULT nextval('training_runs_id_seq'),
+            department_id   VARCHAR NOT NULL,         -- the adapter refreshed
+            trigger         VARCHAR NOT NULL CHECK (trigger IN ('schedule', 'manual', 'cli')),
+            status          VARCHAR NOT NULL CHECK (status IN ('running', 'succeeded', 'failed', 'cancelled', 'skipped')),
+            reason          VARCHAR,                  -- why it was skipped or failed
+            samples         INTEGER,                  -- training samples used
+            new_samples     INTEGER,                  -- approved since the last successful run
+            last_sample_id  BIGINT,                   -- samples up to this id were available
+            steps           INTEGER,
+            final_loss      DOUBLE,
+            losses          VARCHAR,                  -- JSON list, one per optimizer step
+            mode            VARCHAR,                  -- QLoRA on CUDA / plain LoRA on CPU
+            version         VARCHAR,                  -- the candidate it produced
+            log_path        VARCHAR,
+            started_at      TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            finished_at     TIMESTAMP
+        );
+        CREATE TABLE adapter_versions (
+            department_id   VARCHAR NOT NULL,
+            version         VARCHAR NOT NULL,         -- v1, v2, ...
+            status          VARCHAR NOT NULL CHECK (status IN ('candidate', 'active', 'retired', 'rejected')),
+            path            VARCHAR NOT NULL,         -- complete adapter folder
+            base_model      VARCHAR NOT NULL,
+            run_id          BIGINT,
+            metrics         VARCHAR,                  -- JSON: evaluation of this version
+            gate            VARCHAR,                  -- JSON: the gate's decision against the active one
+            canary_share    DOUBLE NOT NULL DEFAULT 0, -- share of conversations a candidate serves
+            created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            promoted_at     TIMESTAMP,
+            PRIMARY KEY (department_id, version)
+        );
+        """,
+    ),
 )
 
 

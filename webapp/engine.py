@@ -70,6 +70,7 @@ class TurnUpdate:
     adapter_version: str | None = None
     items: list[dict[str, Any]] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
+    adapter_slot: str | None = None  # the loaded peft adapter that generates (canary or active)
 
     def snapshot(self) -> "TurnUpdate":
         return dataclasses.replace(self, items=[dict(i) for i in self.items], pending=list(self.pending))
@@ -232,9 +233,10 @@ class ChatEngine:
         yield from self._rounds(user, update, self._tools_for(user))
 
     def _new_update(self, user: User, conversation_id: int, user_message_id: int | None) -> TurnUpdate:
-        adapter = self.model.adapter_for(user.department_id)
+        adapter = self.model.adapter_for(user.department_id, conversation_id)
         return TurnUpdate(conversation_id, user_message_id,
-                          adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None)
+                          adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None,
+                          adapter_slot=adapter.loaded_as if adapter else None)
 
     def _rounds(self, user: User, update: TurnUpdate, tools: list[dict]) -> Iterator[TurnUpdate]:
         """Generate; run the tool calls; feed results back; until an answer without calls,
@@ -297,7 +299,7 @@ class ChatEngine:
         raw, ttft_ms = "", None
         started = time.perf_counter()
         completed = False
-        pieces = self.model.stream(prompt, self.settings.generation, update.adapter, result)
+        pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result)
         try:
             for piece in pieces:
                 if ttft_ms is None:

@@ -193,9 +193,14 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    name: str
+    name: str  # the department whose adapter it is
     version: str
     path: Path
+    slot: str = ""  # the peft adapter name it is loaded under; defaults to `name`
+
+    @property
+    def loaded_as(self) -> str:
+        return self.slot or self.name
 
 
 class _CancelCriteria:
@@ -221,6 +226,7 @@ class ModelService:
     tokenizer: Any
     name: str
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+    canaries: dict[str, tuple[AdapterInfo, float]] = field(default_factory=dict)  # department -> (candidate, share)
     context_tokens: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -234,21 +240,37 @@ class ModelService:
             return self.context_tokens
         return int(getattr(self.model.config, "max_position_embeddings", 4096) or 4096)
 
-    def load_adapter(self, name: str, path: Path, version: str) -> None:
-        """Load (or replace) the adapter of one department without touching the base."""
+    def load_adapter(self, name: str, path: Path, version: str, slot: str | None = None) -> AdapterInfo:
+        """Load (or replace) an adapter without touching the base. Waits for the generation
+        in progress, so the next request sees the new weights."""
         from peft import PeftModel
 
+        info = AdapterInfo(name, version, Path(path), slot or "")
         with self._lock:
             if not hasattr(self.model, "peft_config"):
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=info.loaded_as)
             else:
-                if name in self.model.peft_config:
-                    self.model.delete_adapter(name)
-                self.model.load_adapter(str(path), adapter_name=name)
+                if info.loaded_as in self.model.peft_config:
+                    self.model.delete_adapter(info.loaded_as)
+                self.model.load_adapter(str(path), adapter_name=info.loaded_as)
             self.model.eval()
-            self.adapters[name] = AdapterInfo(name, version, Path(path))
+            if not slot:
+                self.adapters[name] = info
+        return info
 
-    def adapter_for(self, department_id: str) -> AdapterInfo | None:
+    def unload_adapter(self, slot: str) -> None:
+        with self._lock:
+            if hasattr(self.model, "peft_config") and slot in self.model.peft_config:
+                self.model.delete_adapter(slot)
+
+    def adapter_for(self, department_id: str, conversation_id: int | None = None) -> AdapterInfo | None:
+        """The department's active adapter, or its canary candidate for the share of
+        conversations the admin set (the same conversation always gets the same one)."""
+        canary = self.canaries.get(department_id)
+        if canary and conversation_id is not None:
+            info, share = canary
+            if (int(conversation_id) * 2654435761) % 1000 < share * 1000:
+                return info
         return self.adapters.get(department_id)
 
     def render_prompt(

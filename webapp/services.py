@@ -9,7 +9,8 @@ from storage import Database, migrate
 from webapp.auth import Auth
 from webapp.demo import ensure_first_admin, seed_demo_company
 from webapp.engine import ChatEngine, TurnSettings
-from webapp.models import GenerationParams, ModelService, ModelSpec, discover_adapters, load_model_service
+from webapp.adapters import AdapterManager
+from webapp.models import GenerationParams, ModelService, ModelSpec, load_model_service
 from webapp.review import ReviewService, ReviewSettings
 from webapp.settings import Settings
 from webapp.tools.builtin import BUILTINS
@@ -28,6 +29,7 @@ class Services:
     engine: ChatEngine
     tools: ToolExecutor
     reviews: ReviewService
+    adapters: AdapterManager
     first_admin_password: str | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -78,13 +80,12 @@ def open_services(settings: Settings, model: ModelService | None = None) -> Serv
         if model is None:
             spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
             model = load_model_service(spec, settings.models_dir, settings.context_tokens)
-        for adapter in discover_adapters(settings.resolved_adapters_dir):
-            model.load_adapter(adapter.name, adapter.path, adapter.version)
-            log.info("adapter %s version %s loaded", adapter.name, adapter.version)
+        adapters = AdapterManager(db, model, settings.resolved_adapters_dir, settings.model)
+        adapters.load_active()
         engine = ChatEngine(db, model, turn_settings(settings), tools)
         review = ReviewService(db, engine, tools, ReviewSettings(
             settings.system_prompt, settings.scrub_pii, settings.eval_fraction))
     except BaseException:
         db.close()
         raise
-    return Services(settings, db, auth, model, engine, tools, review, first_admin_password)
+    return Services(settings, db, auth, model, engine, tools, review, adapters, first_admin_password)

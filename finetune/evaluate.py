@@ -1,0 +1,156 @@
+"""The evaluation gate: held-out cases, the metrics a domain assistant is judged by, and
+the decision whether a candidate adapter may replace the active one.
+
+Cases come from the department's eval split plus a functional set that ships with hangjia
+(finetune/data/functional.jsonl). Generation happens in the training process; the
+metrics and the gate are pure functions of the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from finetune.samples import last_question
+
+FUNCTIONAL_SET = Path(__file__).with_name("data") / "functional.jsonl"
+DOMAIN_METRICS = ("tool_exact", "keyword_recall")
+GUARD_METRICS = ("tool_format_valid", "no_false_tool_calls", "general_recall")
+_TOOL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+@dataclass
+class EvalCase:
+    messages: list[dict[str, Any]]  # what the model sees, ending with the user's question
+    tools: list[dict] | None = None
+    kind: str = "text"  # "tool": a call is expected; "text": an answer; "general": must not drift
+    expected_call: dict[str, Any] | None = None
+    keywords: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__
+
+
+def _keywords(reference: str, limit: int = 8) -> list[str]:
+    """Salient pieces of a reference answer: numbers, Latin words of 4+ letters, CJK runs."""
+    found = re.findall(r"\d[\d,.]*%?|[A-Za-z]{4,}|[\u4e00-\u9fff]{2,}", reference)
+    seen, out = set(), []
+    for word in found:
+        key = word.casefold()
+        if key not in seen:
+            seen.add(key)
+            out.append(word)
+    return out[:limit]
+
+
+def case_from_sample(sample: dict[str, Any]) -> EvalCase | None:
+    """The question of a sample and what the answer must contain: its first assistant
+    turn after the last user message."""
+    messages = sample["messages"]
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None or last_user + 1 >= len(messages):
+        return None
+    target = messages[last_user + 1]
+    prompt = messages[: last_user + 1]
+    name = last_question(messages)[:60]
+    if target.get("tool_calls"):
+        function = target["tool_calls"][0]["function"]
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments)
+        return EvalCase(prompt, sample.get("tools"), "tool", {"name": function["name"], "arguments": arguments},
+                        name=name)
+    return EvalCase(prompt, sample.get("tools"), "text", keywords=_keywords(target.get("content") or ""), name=name)
+
+
+def load_functional_set(tools: Sequence[dict] | None, system_prompt: str, path: Path = FUNCTIONAL_SET) -> list[EvalCase]:
+    """The shipped checks that apply to this department: a tool case only where that tool
+    is offered; every case gets the department's tools, as in serving."""
+    names = {t["function"]["name"] for t in tools or []}
+    cases = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        raw = json.loads(line)
+        if raw["kind"] == "tool" and raw["expected_call"]["name"] not in names:
+            continue
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": raw["question"]}]
+        cases.append(EvalCase(messages, list(tools) if tools else None, raw["kind"], raw.get("expected_call"),
+                              raw.get("keywords", []), raw["name"]))
+    return cases
+
+
+def _calls(output: str) -> tuple[list[dict], int]:
+    """(parsed calls, malformed blocks) in an output."""
+    calls, bad = [], 0
+    for body in _TOOL_RE.findall(output):
+        try:
+            call = json.loads(body.strip())
+            if not isinstance(call, dict) or not isinstance(call.get("arguments", {}), dict):
+                raise ValueError
+            calls.append(call)
+        except ValueError:
+            bad += 1
+    if "<tool_call>" in output and output.count("<tool_call>") > output.count("</tool_call>"):
+        bad += 1
+    return calls, bad
+
+
+def _same_arguments(a: dict, b: dict) -> bool:
+    norm = lambda d: {k: str(v).strip().casefold() for k, v in d.items() if v not in (None, "")}  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]:
+    """Metrics in [0, 1], higher is better for every one of them."""
+    tool_hits, tool_total = 0, 0
+    with_markup, valid_markup = 0, 0
+    no_tool_total, false_calls = 0, 0
+    recall: dict[str, list[float]] = {"text": [], "general": []}
+    for case, output in zip(cases, outputs):
+        calls, bad = _calls(output)
+        if calls or bad:
+            with_markup += 1
+            valid_markup += bad == 0
+        if case.kind == "tool":
+            tool_total += 1
+            expected = case.expected_call
+            tool_hits += bool(calls) and calls[0].get("name") == expected["name"] and _same_arguments(
+                calls[0].get("arguments", {}), expected["arguments"])
+        else:
+            no_tool_total += 1
+            false_calls += bool(calls or bad)
+            if case.keywords:
+                found = sum(k.casefold() in output.casefold() for k in case.keywords)
+                recall[case.kind].append(found / len(case.keywords))
+    mean = lambda xs, empty: sum(xs) / len(xs) if xs else empty  # noqa: E731
+    return {
+        "tool_exact": tool_hits / tool_total if tool_total else 1.0,
+        "tool_format_valid": valid_markup / with_markup if with_markup else 1.0,
+        "no_false_tool_calls": 1 - false_calls / no_tool_total if no_tool_total else 1.0,
+        "keyword_recall": mean(recall["text"], 1.0),
+        "general_recall": mean(recall["general"], 1.0),
+        "cases": float(len(cases)),
+    }
+
+
+def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 0.02,
+         tolerance: float = 0.02) -> dict[str, Any]:
+    """Promote only when the candidate is better on the domain metrics by `margin` (their
+    mean) and no guard metric fell by more than `tolerance`."""
+    domain_gain = (sum(candidate[m] for m in DOMAIN_METRICS) - sum(active[m] for m in DOMAIN_METRICS)) / len(
+        DOMAIN_METRICS)
+    reasons = []
+    if domain_gain < margin:
+        reasons.append(f"domain metrics improved by {domain_gain:+.3f}, less than the margin {margin:.3f}")
+    for metric in GUARD_METRICS:
+        drop = active[metric] - candidate[metric]
+        if drop > tolerance:
+            reasons.append(f"{metric} fell by {drop:.3f}, more than the tolerance {tolerance:.3f}")
+    table = [{"metric": m, "active": round(active[m], 4), "candidate": round(candidate[m], 4),
+              "change": round(candidate[m] - active[m], 4)} for m in (*DOMAIN_METRICS, *GUARD_METRICS)]
+    return {"passed": not reasons, "domain_gain": round(domain_gain, 4), "reasons": reasons, "table": table}

@@ -1,0 +1,60 @@
+"""Evaluation metrics on constructed outputs and gate decisions on constructed tables."""
+
+import pytest
+
+from finetune.evaluate import EvalCase, case_from_sample, gate, load_functional_set, score
+from finetune.samples import tool_call_message
+
+TOOLS = [{"type": "function", "function": {"name": "query_sales", "parameters": {"type": "object"}}}]
+SALES = EvalCase([{"role": "user", "content": "华东上季度？"}], TOOLS, "tool",
+                 {"name": "query_sales", "arguments": {"region": "华东", "period": "last_quarter"}})
+DEFINITION = EvalCase([{"role": "user", "content": "What is EBITDA?"}], TOOLS, "text", keywords=["earnings", "interest"])
+GREETING = EvalCase([{"role": "user", "content": "Hi"}], TOOLS, "general", keywords=["hello"])
+CALL = '<tool_call>{"name": "query_sales", "arguments": {"region": "华东", "period": "last_quarter"}}</tool_call>'
+
+
+def test_metrics_reward_the_right_call_and_punish_false_or_broken_ones():
+    perfect = score([SALES, DEFINITION, GREETING], [CALL, "Earnings before interest...", "Hello there"])
+    assert perfect == {"tool_exact": 1.0, "tool_format_valid": 1.0, "no_false_tool_calls": 1.0,
+                       "keyword_recall": 1.0, "general_recall": 1.0, "cases": 3.0}
+    wrong = score([SALES, DEFINITION, GREETING],
+                  [CALL.replace("华东", "华南"), "Earnings only", '<tool_call>{"name": "query_sales", </tool_call>'])
+    assert wrong["tool_exact"] == 0.0 and wrong["keyword_recall"] == 0.5
+    assert wrong["no_false_tool_calls"] == 0.5 and wrong["tool_format_valid"] == 0.5
+    assert score([SALES], ["I don't know"])["tool_exact"] == 0.0
+
+
+def test_cases_come_from_samples_and_the_shipped_set():
+    sample = {"messages": [{"role": "user", "content": "华东？"}, tool_call_message("query_sales", {"region": "华东"}, "c")],
+              "tools": TOOLS}
+    case = case_from_sample(sample)
+    assert case.kind == "tool" and case.expected_call == {"name": "query_sales", "arguments": {"region": "华东"}}
+    text = case_from_sample({"messages": [{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "Revenue grew 14.8% in 华东地区"}]})
+    assert text.kind == "text" and text.keywords == ["Revenue", "grew", "14.8%", "华东地区"]
+    finance = load_functional_set(TOOLS, "sys")
+    hr = load_functional_set(None, "sys")
+    assert any(c.kind == "tool" for c in finance) and not any(c.kind == "tool" for c in hr)
+    assert all(c.messages[0] == {"role": "system", "content": "sys"} for c in finance)
+
+
+BASE = {"tool_exact": 0.2, "keyword_recall": 0.5, "tool_format_valid": 1.0, "no_false_tool_calls": 0.9,
+        "general_recall": 0.8}
+
+
+@pytest.mark.parametrize(
+    "candidate, passed, reason",
+    [
+        ({**BASE, "tool_exact": 0.9}, True, None),
+        ({**BASE, "tool_exact": 0.21}, False, "less than the margin"),
+        ({**BASE, "tool_exact": 0.9, "no_false_tool_calls": 0.6}, False, "no_false_tool_calls fell by 0.300"),
+        ({**BASE, "tool_exact": 0.9, "general_recall": 0.7}, False, "general_recall fell"),
+        ({**BASE, "tool_exact": 0.9, "general_recall": 0.79}, True, None),  # within tolerance
+    ],
+)
+def test_gate_promotes_only_a_better_adapter_without_regressions(candidate, passed, reason):
+    decision = gate(candidate, BASE, margin=0.02, tolerance=0.02)
+    assert decision["passed"] is passed
+    if reason:
+        assert any(reason in r for r in decision["reasons"])
+    assert [row["metric"] for row in decision["table"]][:2] == ["tool_exact", "keyword_recall"]
