@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{services.first_admin_password}\n  It is shown only this once; change it after logging in.\n",
             flush=True,
         )
+    if settings.scheduler:
+        services.nightly.start()
     app = build_app(services)
     try:
         app.queue(default_concurrency_limit=8).launch(

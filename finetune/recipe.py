@@ -41,6 +41,9 @@ class RecipeConfig:
     warmup_ratio: float = 0.05
     max_seq_len: int = 2048
     seed: int = 0
+    eval_cases: str | None = None  # JSONL of EvalCase; answered by candidate and active after training
+    active_adapter: str | None = None  # the adapter serving now (None: the base model)
+    eval_max_new_tokens: int = 96
 
 
 def report(cfg: RecipeConfig, event: str, **fields: Any) -> None:
@@ -194,9 +197,42 @@ def main(argv: list[str] | None = None) -> int:
     (partial / "hangjia-run.json").write_text(json.dumps({"losses": losses, "mode": mode, "steps": step,
                                                           "samples": len(examples)}))
     os.replace(partial, target)
+
+    # 8. Evaluation on held-out cases, here where the base is already loaded: the candidate
+    #    and the adapter serving now answer the same prompts, greedily.
+    if cfg.eval_cases:
+        evaluate(cfg, model, tokenizer, device)
     report(cfg, "done", steps=step, final_loss=losses[-1], seconds=round(time.monotonic() - started, 2),
            output_dir=str(target))
     return 0
+
+
+def evaluate(cfg: RecipeConfig, model, tokenizer, device) -> None:
+    import torch
+
+    from finetune.chat_format import render_chat
+
+    cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
+    model.eval()
+    if cfg.active_adapter:
+        model.load_adapter(cfg.active_adapter, adapter_name="active")
+    outputs: dict[str, list[str]] = {"candidate": [], "active": []}
+    for number, case in enumerate(cases, start=1):
+        prompt = render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+        for who in ("candidate", "active"):
+            kwargs = dict(**inputs, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False, temperature=None,
+                          top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            with torch.inference_mode():
+                if who == "candidate" or cfg.active_adapter:
+                    model.set_adapter("default" if who == "candidate" else "active")
+                    output = model.generate(**kwargs)
+                else:
+                    with model.disable_adapter():
+                        output = model.generate(**kwargs)
+            outputs[who].append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        report(cfg, "eval_progress", case=number, cases=len(cases))
+    report(cfg, "eval", **outputs)
 
 
 if __name__ == "__main__":

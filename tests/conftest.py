@@ -89,7 +89,7 @@ def make_lora_adapter(base_dir: Path, target: Path, seed: int) -> Path:
 @pytest.fixture
 def tiny_model(tiny_model_dir) -> ModelService:
     model, tokenizer = load_base_model(str(tiny_model_dir), ModelSpec(str(tiny_model_dir), device="cpu"))
-    return ModelService(model=model, tokenizer=tokenizer, name="tiny-qwen3")
+    return ModelService(model=model, tokenizer=tokenizer, name="tiny-qwen3", path=str(tiny_model_dir))
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:

@@ -228,6 +228,7 @@ class ModelService:
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
     canaries: dict[str, tuple[AdapterInfo, float]] = field(default_factory=dict)  # department -> (candidate, share)
     context_tokens: int = 0
+    path: str = ""  # the folder or hub id it was loaded from (the refresh trains on the same base)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -361,7 +362,7 @@ def load_model_service(spec: ModelSpec, models_dir: Path, context_tokens: int = 
     started = time.monotonic()
     model, tokenizer = load_base_model(path, spec)
     log.info("loaded %s on %s (%s) in %.1f s", name, spec.resolved_device(), model.dtype, time.monotonic() - started)
-    return ModelService(model=model, tokenizer=tokenizer, name=name, context_tokens=context_tokens)
+    return ModelService(model=model, tokenizer=tokenizer, name=name, context_tokens=context_tokens, path=path)
 
 
 def discover_adapters(adapters_dir: Path) -> list[AdapterInfo]:

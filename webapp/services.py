@@ -6,10 +6,13 @@ import logging
 from dataclasses import dataclass, field
 
 from storage import Database, migrate
+from storage import adapters as adapter_registry
 from webapp.auth import Auth
 from webapp.demo import ensure_first_admin, seed_demo_company
 from webapp.engine import ChatEngine, TurnSettings
+from finetune.refresh import RefreshRunner, RefreshSettings
 from webapp.adapters import AdapterManager
+from webapp.scheduler import NightlyRefresh
 from webapp.models import GenerationParams, ModelService, ModelSpec, load_model_service
 from webapp.review import ReviewService, ReviewSettings
 from webapp.settings import Settings
@@ -30,9 +33,14 @@ class Services:
     tools: ToolExecutor
     reviews: ReviewService
     adapters: AdapterManager
+    refresh: RefreshRunner
+    nightly: NightlyRefresh
     first_admin_password: str | None = field(default=None, repr=False)
 
     def close(self) -> None:
+        self.nightly.stop()
+        for department in list(self.refresh.running()):
+            self.refresh.cancel(department)
         self.tools.close()
         self.db.close()
 
@@ -68,6 +76,9 @@ def open_services(settings: Settings, model: ModelService | None = None) -> Serv
         applied = migrate(db)
         if applied:
             log.info("database %s: applied %s", settings.db_path, ", ".join(applied))
+        stale = adapter_registry.fail_running_runs(db, "the app stopped while it ran")
+        if stale:
+            log.warning("%d training runs were left running by a stopped app; marked failed", stale)
         auth = Auth(db)
         first_admin_password = None
         if settings.demo:
@@ -85,7 +96,32 @@ def open_services(settings: Settings, model: ModelService | None = None) -> Serv
         engine = ChatEngine(db, model, turn_settings(settings), tools)
         review = ReviewService(db, engine, tools, ReviewSettings(
             settings.system_prompt, settings.scrub_pii, settings.eval_fraction))
+        runner = RefreshRunner(
+            db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
+            settings.data_dir / "runs", lambda department: department_tools(db, tools, department),
+            adapters.activate)
+        nightly = NightlyRefresh(db, runner, settings.refresh_cron)
     except BaseException:
         db.close()
         raise
-    return Services(settings, db, auth, model, engine, tools, review, adapters, first_admin_password)
+    return Services(settings, db, auth, model, engine, tools, review, adapters, runner, nightly, first_admin_password)
+
+
+def refresh_settings(settings: Settings) -> RefreshSettings:
+    return RefreshSettings(
+        min_new_samples=settings.min_new_samples, general_replay=settings.general_replay,
+        start_from_active=settings.start_from_active, auto_promote=settings.auto_promote,
+        gate_margin=settings.gate_margin, gate_tolerance=settings.gate_tolerance, lora_r=settings.lora_r,
+        lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=[m.strip() for m in settings.lora_target_modules.split(",") if m.strip()],
+        epochs=settings.epochs, learning_rate=settings.learning_rate,
+        gradient_accumulation=settings.gradient_accumulation, max_seq_len=settings.max_seq_len,
+        load_in_4bit=True, eval_max_new_tokens=settings.eval_max_new_tokens, system_prompt=settings.system_prompt)
+
+
+def department_tools(db, tools: ToolExecutor, department_id: str) -> list[dict]:
+    """The tools an employee of the department is offered: what its samples are trained with."""
+    from storage.accounts import User
+
+    employee = User(0, "", "", "employee", department_id, False)
+    return [spec.function_schema() for spec in tools.tools_for(employee)]

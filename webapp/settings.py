@@ -87,6 +87,27 @@ class Settings:
     eval_fraction: float = _setting(
         0.1, "Share of questions held out as the evaluation set (a stable hash of the question decides)."
     )
+    scheduler: bool = _setting(True, "Run the nightly adapter refresh inside the app.")
+    refresh_cron: str = _setting("0 2 * * *", "When the nightly refresh runs (crontab: minute hour day month weekday).")
+    min_new_samples: int = _setting(
+        20, "New approved samples a department needs since its last refresh; fewer and the night is skipped."
+    )
+    general_replay: int = _setting(20, "General samples mixed into each refresh against forgetting (0 to 20).")
+    start_from_active: bool = _setting(True, "Continue training the active adapter; --no-start-from-active starts fresh.")
+    auto_promote: bool = _setting(
+        True, "Promote a candidate that passes the evaluation gate; --no-auto-promote waits for an admin."
+    )
+    gate_margin: float = _setting(0.02, "How much better the candidate must be on tool-call and fact metrics.")
+    gate_tolerance: float = _setting(0.02, "How much worse it may be on format, false tool calls and general answers.")
+    lora_r: int = _setting(64, "LoRA rank.")
+    lora_alpha: int = _setting(16, "LoRA alpha.")
+    lora_dropout: float = _setting(0.05, "LoRA dropout.")
+    lora_target_modules: str = _setting("q_proj,k_proj,v_proj", "Comma-separated module names LoRA adapts.")
+    epochs: int = _setting(2, "Passes over the training samples per refresh.")
+    learning_rate: float = _setting(2e-4, "Peak learning rate (warmup, then linear decay).")
+    gradient_accumulation: int = _setting(8, "Samples per optimizer step (batch size 1 each).")
+    max_seq_len: int = _setting(2048, "Longest training sample in tokens; longer ones are left out.")
+    eval_max_new_tokens: int = _setting(96, "Tokens each evaluation answer may have.")
     config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
 
     def __post_init__(self) -> None:
@@ -141,6 +162,17 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"tool_result_max_chars={s.tool_result_max_chars}: must be at least 100.")
     if not 0 <= s.eval_fraction < 1:
         problems.append(f"eval_fraction={s.eval_fraction}: must be from 0 up to (not including) 1.")
+    try:
+        from apscheduler.triggers.cron import CronTrigger
+
+        CronTrigger.from_crontab(s.refresh_cron)
+    except ValueError as exc:
+        problems.append(f"refresh_cron={s.refresh_cron!r}: not a crontab line ({exc}); e.g. '0 2 * * *' (--refresh-cron).")
+    for name in ("lora_r", "lora_alpha", "epochs", "gradient_accumulation", "max_seq_len", "eval_max_new_tokens"):
+        if getattr(s, name) < 1:
+            problems.append(f"{name}={getattr(s, name)}: must be at least 1 ({_flag(name)}).")
+    if s.min_new_samples < 0 or s.general_replay < 0:
+        problems.append("min_new_samples and general_replay must be 0 or more.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     return problems

@@ -1,0 +1,224 @@
+"""One refresh of one department's adapter, as the nightly job, the admin's "Retrain now"
+and `python -m finetune refresh` all run it:
+
+threshold -> dataset files -> recipe subprocess (progress, cancel) -> candidate version
+-> evaluation against the active adapter -> gate -> promotion by policy.
+
+The app keeps the database; the subprocess gets files and reports through a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.evaluate import case_from_sample, gate, load_functional_set, score
+from finetune.recipe import RecipeConfig
+from storage import adapters as registry
+from storage import reviews
+from storage.db import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshSettings:
+    min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
+    general_replay: int = 20  # general samples mixed in against forgetting
+    start_from_active: bool = True
+    auto_promote: bool = True  # promote when the gate passes; else wait for the admin
+    gate_margin: float = 0.02
+    gate_tolerance: float = 0.02
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    epochs: int = 2
+    learning_rate: float = 2e-4
+    gradient_accumulation: int = 8
+    max_seq_len: int = 2048
+    load_in_4bit: bool = True
+    eval_max_new_tokens: int = 96
+    system_prompt: str = ""
+
+
+GENERAL_REPLAY = Path(__file__).with_name("data") / "general_replay.jsonl"
+
+
+class RefreshBusy(RuntimeError):
+    """A refresh of this adapter is already running."""
+
+
+@dataclass
+class RefreshOutcome:
+    run_id: int
+    status: str  # succeeded / failed / cancelled / skipped
+    reason: str | None = None
+    version: str | None = None
+    gate: dict[str, Any] | None = None
+    promoted: bool = False
+
+
+class RefreshRunner:
+    """Runs refreshes; at most one per adapter at a time."""
+
+    def __init__(self, db: Database, settings: RefreshSettings, base_model: Callable[[], str], adapters_dir: Path,
+                 runs_dir: Path, tools_for_department: Callable[[str], list[dict]],
+                 promote: Callable[[str, str], None]):
+        self.db = db
+        self.settings = settings
+        self.base_model = base_model  # the folder the app serves (the embedded model is converted lazily)
+        self.adapters_dir = adapters_dir
+        self.runs_dir = runs_dir
+        self.tools_for_department = tools_for_department
+        self.promote = promote
+        self._running: dict[str, threading.Event] = {}  # department -> cancel event
+        self._guard = threading.Lock()
+
+    def running(self) -> dict[str, bool]:
+        return {department: True for department in self._running}
+
+    def cancel(self, department_id: str) -> bool:
+        event = self._running.get(department_id)
+        if event:
+            event.set()
+        return event is not None
+
+    def refresh(self, department_id: str, trigger: str, force: bool = False,
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> RefreshOutcome:
+        with self._guard:
+            if department_id in self._running:
+                raise RefreshBusy(f"The {department_id} adapter is already being refreshed.")
+            cancel = self._running[department_id] = threading.Event()
+        try:
+            return self._refresh(department_id, trigger, force, cancel, on_progress or (lambda event: None))
+        finally:
+            with self._guard:
+                self._running.pop(department_id, None)
+
+    def _refresh(self, department_id: str, trigger: str, force: bool, cancel: threading.Event,
+                 on_progress: Callable[[dict[str, Any]], None]) -> RefreshOutcome:
+        s = self.settings
+        last = registry.last_successful_run(self.db, department_id)
+        new, last_sample_id = registry.count_train_samples(self.db, department_id, last["last_sample_id"] if last else 0)
+        if new < s.min_new_samples and not force:
+            reason = f"{new} new approved samples since the last refresh; {s.min_new_samples} are needed"
+            run_id = registry.start_run(self.db, department_id, trigger, status="skipped", reason=reason,
+                                        new_samples=new, last_sample_id=last_sample_id)
+            registry.finish_run(self.db, run_id, "skipped")
+            return RefreshOutcome(run_id, "skipped", reason)
+
+        train = reviews.list_samples(self.db, department_id, "train")
+        if not train:
+            run_id = registry.start_run(self.db, department_id, trigger, status="skipped",
+                                        reason="no approved training samples yet", new_samples=0)
+            registry.finish_run(self.db, run_id, "skipped")
+            return RefreshOutcome(run_id, "skipped", "no approved training samples yet")
+        run_id = registry.start_run(self.db, department_id, trigger, samples=len(train), new_samples=new,
+                                    last_sample_id=last_sample_id)
+        run_dir = self.runs_dir / f"run-{run_id}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        progress = run_dir / "progress.jsonl"
+
+        # The dataset: every approved train sample of the adapter (earlier ones replay) plus
+        # general samples against forgetting.
+        lines = [json.dumps({"messages": json.loads(r["messages"]),
+                             **({"tools": json.loads(r["tools"])} if r["tools"] else {})}, ensure_ascii=False)
+                 for r in train]
+        system = {"role": "system", "content": s.system_prompt}
+        general = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # served with the app's system prompt, so trained with it too
+        lines += [json.dumps({"messages": [system, *g["messages"]]}, ensure_ascii=False) for g in general[: s.general_replay]]
+        (run_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tools = self.tools_for_department(department_id)
+        cases = [c for c in (case_from_sample({"messages": json.loads(r["messages"]),
+                                               "tools": json.loads(r["tools"]) if r["tools"] else None})
+                             for r in reviews.list_samples(self.db, department_id, "eval")) if c]
+        cases += load_functional_set(tools, s.system_prompt)
+        (run_dir / "eval.jsonl").write_text("\n".join(json.dumps(c.to_json(), ensure_ascii=False) for c in cases),
+                                            encoding="utf-8")
+        version = registry.next_version(self.db, department_id)
+        output_dir = self.adapters_dir / department_id / version
+        active = registry.active_version(self.db, department_id)
+        base_model = self.base_model()
+        config = RecipeConfig(
+            base_model=base_model, dataset=str(run_dir / "train.jsonl"), output_dir=str(output_dir),
+            progress_file=str(progress),
+            init_adapter=active["path"] if active and s.start_from_active else None,
+            load_in_4bit=s.load_in_4bit, lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+            target_modules=s.target_modules, epochs=s.epochs, learning_rate=s.learning_rate,
+            gradient_accumulation=s.gradient_accumulation, max_seq_len=s.max_seq_len,
+            eval_cases=str(run_dir / "eval.jsonl"), active_adapter=active["path"] if active else None,
+            eval_max_new_tokens=s.eval_max_new_tokens)
+        (run_dir / "run.json").write_text(json.dumps(asdict(config), ensure_ascii=False, indent=1))
+
+        status, reason, events = self._run_recipe(run_dir, progress, cancel, on_progress)
+        steps = [e for e in events if e["event"] == "step"]
+        mode = next((e["mode"] for e in events if e["event"] == "mode"), None)
+        summary = dict(steps=len(steps), final_loss=steps[-1]["loss"] if steps else None,
+                       losses=json.dumps([e["loss"] for e in steps]), mode=mode, log_path=str(run_dir / "recipe.log"))
+        if status != "succeeded":
+            registry.finish_run(self.db, run_id, status, reason=reason, **summary)
+            return RefreshOutcome(run_id, status, reason)
+
+        registry.add_version(self.db, department_id, version, str(output_dir), base_model, run_id)
+        evaluation = next((e for e in events if e["event"] == "eval"), None)
+        candidate_metrics = score(cases, evaluation["candidate"])
+        active_metrics = score(cases, evaluation["active"])
+        decision = gate(candidate_metrics, active_metrics, s.gate_margin, s.gate_tolerance)
+        registry.record_evaluation(self.db, department_id, version,
+                                   {"candidate": candidate_metrics, "active": active_metrics,
+                                    "against": active["version"] if active else "base"}, decision)
+        registry.finish_run(self.db, run_id, "succeeded", version=version, **summary)
+        promoted = False
+        if not decision["passed"]:
+            registry.set_status(self.db, department_id, version, "rejected")
+        elif s.auto_promote:
+            self.promote(department_id, version)
+            promoted = True
+        on_progress({"event": "gate", **decision, "version": version, "promoted": promoted})
+        return RefreshOutcome(run_id, "succeeded", None, version, decision, promoted)
+
+    def _run_recipe(self, run_dir: Path, progress: Path, cancel: threading.Event,
+                    on_progress: Callable[[dict[str, Any]], None]) -> tuple[str, str | None, list[dict]]:
+        events: list[dict] = []
+        with open(run_dir / "recipe.log", "w", encoding="utf-8") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "finetune.recipe", "--config", str(run_dir / "run.json")],
+                                       stdout=log_file, stderr=subprocess.STDOUT)
+            position = 0
+            while True:
+                finished = process.poll() is not None
+                if progress.exists():
+                    with open(progress, encoding="utf-8") as fh:
+                        fh.seek(position)
+                        chunk = fh.read()
+                    complete = chunk[: chunk.rfind("\n") + 1]  # only whole lines
+                    position += len(complete.encode("utf-8"))
+                    for line in complete.splitlines():
+                        event = json.loads(line)
+                        events.append(event)
+                        on_progress(event)
+                if finished:
+                    break
+                if cancel.is_set():
+                    process.terminate()
+                    try:
+                        process.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                    return "cancelled", "cancelled by an admin", events
+                time.sleep(0.2)
+        if process.returncode != 0:
+            failure = next((e["error"] for e in events if e["event"] == "failed"), None)
+            tail = (run_dir / "recipe.log").read_text(encoding="utf-8", errors="replace")[-600:]
+            return "failed", failure or f"the training process exited with code {process.returncode}: {tail}", events
+        if not any(e["event"] == "eval" for e in events):
+            return "failed", "the training process ended without an evaluation", events
+        return "succeeded", None, events

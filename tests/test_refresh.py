@@ -1,0 +1,137 @@
+"""The refresh loop on the tiny model: threshold, training subprocess, candidate, gate,
+promotion by policy, rollback, a killed run, and the nightly trigger."""
+
+import datetime as dt
+import json
+import os
+import signal
+
+import pytest
+
+from finetune.dataset import import_jsonl
+from finetune.samples import tool_call_message
+from storage import adapters as registry
+from webapp.services import open_services
+from webapp.scheduler import NightlyRefresh
+from tests.conftest import make_settings
+
+FAST = dict(lora_r=4, lora_alpha=8, epochs=1, gradient_accumulation=2, eval_max_new_tokens=4, general_replay=2,
+            min_new_samples=3, learning_rate=1e-3)
+
+
+@pytest.fixture
+def refresh_services(tmp_path, tiny_model):
+    def build(**overrides):
+        svc = open_services(make_settings(tmp_path, **{**FAST, **overrides}), model=tiny_model)
+        opened.append(svc)
+        return svc
+    opened = []
+    yield build
+    for svc in opened:
+        svc.close()
+
+
+def add_samples(services, count=6, department="finance"):
+    lines = []
+    for i in range(count):
+        lines.append(json.dumps({"messages": [
+            {"role": "system", "content": "You are hangjia."}, {"role": "user", "content": f"华东 {2020 + i} 年销售额？"},
+            tool_call_message("query_sales", {"region": "华东", "period": str(2020 + i)}, "c")]}, ensure_ascii=False))
+    import_jsonl(services.db, "\n".join(lines), department, None, eval_fraction=0.0)
+
+
+def ask(services, username="finance-employee"):
+    user = services.auth.current_user(username)
+    return list(services.engine.stream_turn(user, "hello"))[-1]
+
+
+def test_too_few_new_samples_skip_the_night_with_the_reason(refresh_services):
+    services = refresh_services()
+    outcome = services.refresh.refresh("finance", "schedule")
+    assert outcome.status == "skipped" and "0 new approved samples" in outcome.reason
+    add_samples(services, 2)
+    assert services.refresh.refresh("finance", "schedule").status == "skipped"
+    assert [r["status"] for r in registry.runs(services.db)] == ["skipped", "skipped"]
+
+
+def test_a_refresh_trains_evaluates_gates_and_promotes_and_the_next_message_uses_it(refresh_services):
+    services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0)  # a gate the tiny model passes
+    add_samples(services)
+    events = []
+    outcome = services.refresh.refresh("finance", "manual", on_progress=events.append)
+    assert outcome.status == "succeeded" and outcome.version == "v1" and outcome.promoted, outcome
+    kinds = [e["event"] for e in events]
+    assert "step" in kinds and "eval" in kinds and kinds[-1] == "gate"
+    run = registry.runs(services.db)[0]
+    assert run["status"] == "succeeded" and run["samples"] == 6 and run["steps"] >= 1 and run["final_loss"] > 0
+    assert "plain LoRA" in run["mode"]
+    version = registry.get_version(services.db, "finance", "v1")
+    assert version["status"] == "active" and json.loads(version["gate"])["passed"]
+    assert json.loads(version["metrics"])["against"] == "base"
+    # promoted without a restart: the next finance message is answered by v1, hr's by the base
+    assert (ask(services).adapter, ask(services).adapter_version) == ("finance", "v1")
+    assert ask(services, "hr-employee").adapter is None
+
+
+def test_without_auto_promote_the_admin_promotes_and_rolls_back(refresh_services):
+    services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0, auto_promote=False)
+    add_samples(services)
+    first = services.refresh.refresh("finance", "manual")
+    assert first.version == "v1" and not first.promoted
+    assert registry.get_version(services.db, "finance", "v1")["status"] == "candidate"
+    assert ask(services).adapter is None
+    services.adapters.activate("finance", "v1")
+    add_samples(services, 3)
+    second = services.refresh.refresh("finance", "manual")
+    services.adapters.activate("finance", "v2")
+    assert ask(services).adapter_version == "v2"
+    services.adapters.activate("finance", "v1")  # roll back
+    assert ask(services).adapter_version == "v1"
+    assert {v["version"]: v["status"] for v in registry.versions(services.db, "finance")} == {"v1": "active", "v2": "retired"}
+    assert json.loads(registry.get_version(services.db, "finance", "v2")["metrics"])["against"] == "v1"
+    assert second.status == "succeeded"
+
+
+def test_a_failing_gate_never_promotes(refresh_services):
+    services = refresh_services(gate_margin=5.0)  # no adapter can be 5 better
+    add_samples(services)
+    outcome = services.refresh.refresh("finance", "manual")
+    assert outcome.status == "succeeded" and not outcome.gate["passed"] and not outcome.promoted
+    assert registry.get_version(services.db, "finance", "v1")["status"] == "rejected"
+    assert ask(services).adapter is None
+
+
+def test_a_killed_training_process_fails_the_run_and_the_next_run_works(refresh_services):
+    services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0)
+    add_samples(services)
+
+    def kill_at_first_step(event):
+        if event["event"] == "start":
+            kill_at_first_step.pid = event["pid"]
+        if event["event"] == "step":
+            os.kill(kill_at_first_step.pid, signal.SIGKILL)
+
+    outcome = services.refresh.refresh("finance", "manual", on_progress=kill_at_first_step)
+    assert outcome.status == "failed" and "exited with code -9" in outcome.reason
+    assert registry.versions(services.db, "finance") == [] and ask(services).adapter is None
+    assert services.refresh.refresh("finance", "manual").status == "succeeded"
+
+
+def test_nightly_trigger_and_a_missed_night(refresh_services):
+    services = refresh_services()
+    real_now = dt.datetime.now().replace(second=0, microsecond=0)
+    hour_ago = real_now - dt.timedelta(hours=1)
+    clock = {"now": real_now}
+    nightly = NightlyRefresh(services.db, services.refresh, f"{hour_ago.minute} {hour_ago.hour} * * *",
+                             now=lambda: clock["now"])
+    assert nightly.previous_fire_time(clock["now"]) == hour_ago
+    assert nightly.trigger.get_next_fire_time(None, real_now).replace(tzinfo=None) == hour_ago + dt.timedelta(days=1)
+    assert nightly.missed_night()  # it fired an hour ago and nothing ran: run at start
+    outcomes = nightly.run_nightly()
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]  # finance and hr: no samples yet
+    assert not nightly.missed_night()
+    clock["now"] = real_now + dt.timedelta(hours=7)
+    assert not nightly.missed_night()  # a night older than the grace waits for the next one
+    nightly.start()
+    assert nightly.state()["next_run"].startswith((hour_ago + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M"))
+    nightly.stop()
