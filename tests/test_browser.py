@@ -155,3 +155,31 @@ def test_side_effect_action_is_approved_in_the_chat(running_app, browser, monkey
     assert [m["recipient"] for m in company.outbox(services.db)] == ["boss@example.com"]
     page.locator("#approve").wait_for(state="hidden")
     page.screenshot(path=str(services.settings.data_dir / "approval.png"))
+
+
+def test_admin_retrains_now_and_watches_it(running_app, browser):
+    import json
+
+    from finetune.dataset import import_jsonl
+    from finetune.samples import tool_call_message
+    from storage import adapters as registry
+
+    url, services = running_app
+    lines = [json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": f"华东 {y} 年销售额？"},
+                                      tool_call_message("query_sales", {"region": "华东", "period": str(y)}, "c")]},
+                        ensure_ascii=False) for y in range(2019, 2025)]
+    import_jsonl(services.db, "\n".join(lines), "finance", None, eval_fraction=0.0)
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, "finance-admin")
+    page.get_by_role("tab", name="Admin").wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Admin").click()
+    page.locator("#admin-refresh").click()
+    page.locator("#admin-scheduler").get_by_text("Nightly refresh").wait_for()
+    page.locator("#admin-retrain").click()
+    page.locator("#admin-progress").get_by_text("loss").first.wait_for(timeout=120_000)  # live progress
+    page.locator("#admin-progress").get_by_text("succeeded").wait_for(timeout=300_000)
+    assert "candidate v1" in page.locator("#admin-progress").inner_text()
+    assert "tool_exact" in page.locator("#admin-gate").inner_text()  # the comparison table
+    run = registry.runs(services.db)[0]
+    assert run["status"] == "succeeded" and run["trigger"] == "manual" and run["version"] == "v1"
+    page.screenshot(path=str(services.settings.data_dir / "admin.png"), full_page=True)

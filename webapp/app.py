@@ -9,7 +9,7 @@ import gradio as gr
 from storage import chats
 from webapp.i18n import EN, build_i18n
 from webapp.services import Services
-from webapp.ui.admin import build_admin_tab
+from webapp.ui.admin import build_admin_tab, register_admin_api
 from webapp.ui.chat import (
     GENERATION_QUEUE, build_chat_tab, conversation_choices, conversation_view, rate, stream_answer, stream_resolution,
 )
@@ -53,6 +53,7 @@ def build_app(services: Services) -> gr.Blocks:
         app.load(on_load, None, [header, review_tab, admin_tab, chat["conversations"]], api_visibility="private")
         _register_api(services)
         register_review_api(services)
+        register_admin_api(services)
     return app
 
 

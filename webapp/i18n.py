@@ -40,7 +40,17 @@ EN = {
     "samples_import_file": "JSONL file to import",
     "samples_import": "Import",
     "refresh": "Refresh",
-    "admin_intro": "Usage of the whole company. Retraining, documents and users come next.",
+    "admin_force": "Ignore the new-sample threshold",
+    "admin_retrain": "🔁 Retrain now",
+    "admin_cancel": "Cancel",
+    "admin_gate": "Evaluation gate: candidate vs active",
+    "admin_versions": "Adapter versions",
+    "admin_version": "Version",
+    "admin_promote": "Promote / roll back to this version",
+    "admin_canary_share": "Canary share",
+    "admin_canary": "Set canary",
+    "admin_feedback": "Thumbs-down rate per adapter version",
+    "admin_runs": "Training runs",
 }
 
 ZH = {
@@ -77,7 +87,17 @@ ZH = {
     "samples_import_file": "要导入的 JSONL 文件",
     "samples_import": "导入",
     "refresh": "刷新",
-    "admin_intro": "全公司的使用情况。重新训练、文档和用户管理即将推出。",
+    "admin_force": "忽略新样本数量门槛",
+    "admin_retrain": "🔁 立即重新训练",
+    "admin_cancel": "取消",
+    "admin_gate": "评估门槛：候选版本 vs 当前版本",
+    "admin_versions": "适配器版本",
+    "admin_version": "版本",
+    "admin_promote": "上线 / 回滚到此版本",
+    "admin_canary_share": "灰度比例",
+    "admin_canary": "设置灰度",
+    "admin_feedback": "各适配器版本的点踩率",
+    "admin_runs": "训练记录",
 }
 
 # Server-side messages: (Chinese, English) by code; params fill {placeholders}.

@@ -1,11 +1,27 @@
-"""The Admin tab (placeholder until retraining, documents and users land): usage counts."""
+"""The Admin tab: usage, the nightly scheduler, "Retrain now" with live progress and loss,
+the gate's comparison table, adapter versions with promote / roll back / canary, and
+thumbs-down rates per version side by side."""
 
 from __future__ import annotations
 
-import gradio as gr
+import json
+import queue
+import threading
+from typing import Any
 
-from storage import chats
+import gradio as gr
+import pandas as pd
+
+from finetune.refresh import RefreshBusy
+from storage import accounts, chats
+from storage import adapters as registry
+from webapp.adapters import AdapterError
 from webapp.ui.common import caller
+
+RUN_COLUMNS = ["id", "department_id", "trigger", "status", "reason", "samples", "new_samples", "steps",
+               "final_loss", "version", "mode", "started_at", "finished_at"]
+VERSION_COLUMNS = ["department_id", "version", "status", "canary_share", "tool_exact", "keyword_recall",
+                   "gate", "created_at", "promoted_at"]
 
 
 def admin_overview(services, request: gr.Request) -> dict:
@@ -13,11 +29,165 @@ def admin_overview(services, request: gr.Request) -> dict:
     return chats.usage_summary(services.db)
 
 
+def runs_table(services) -> pd.DataFrame:
+    rows = registry.runs(services.db)
+    return pd.DataFrame([[r[c] for c in RUN_COLUMNS] for r in rows], columns=RUN_COLUMNS)
+
+
+def versions_table(services) -> pd.DataFrame:
+    out = []
+    for v in registry.versions(services.db):
+        metrics = json.loads(v["metrics"]) if v["metrics"] else {}
+        gate = json.loads(v["gate"]) if v["gate"] else {}
+        candidate = metrics.get("candidate", {})
+        out.append([v["department_id"], v["version"], v["status"], v["canary_share"],
+                    candidate.get("tool_exact"), candidate.get("keyword_recall"),
+                    ("passed" if gate.get("passed") else "failed: " + "; ".join(gate.get("reasons", []))) if gate else "",
+                    v["created_at"], v["promoted_at"]])
+    return pd.DataFrame(out, columns=VERSION_COLUMNS)
+
+
+def gate_table(services, department_id: str | None) -> pd.DataFrame:
+    versions = [v for v in registry.versions(services.db, department_id) if v["gate"]]
+    if not versions:
+        return pd.DataFrame(columns=["metric", "active", "candidate", "change"])
+    latest = versions[-1]
+    return pd.DataFrame(json.loads(latest["gate"])["table"])
+
+
+def feedback_table(services) -> pd.DataFrame:
+    rows = registry.thumbs_down_by_version(services.db)
+    return pd.DataFrame(rows, columns=["department_id", "version", "rated", "thumbs_down", "thumbs_down_rate"])
+
+
+def scheduler_markdown(services) -> str:
+    state = services.nightly.state()
+    return (f"🕑 Nightly refresh 夜间训练: `{services.settings.refresh_cron}` · "
+            f"{'on' if state['running'] else 'off'} · next {state['next_run'] or '—'} · last {state['last_run'] or '—'}"
+            + (f" · refreshing now: {', '.join(state['refreshing_now'])}" if state["refreshing_now"] else ""))
+
+
 def build_admin_tab(services, i18n) -> None:
-    gr.Markdown(i18n("admin_intro"))
-    summary = gr.JSON(label="usage", elem_id="admin-summary")
+    with gr.Row():
+        summary = gr.JSON(label="usage", elem_id="admin-summary")
+        scheduler = gr.Markdown(elem_id="admin-scheduler")
     refresh = gr.Button(i18n("refresh"), elem_id="admin-refresh")
-    def on_refresh(request: gr.Request):
+    with gr.Row():
+        department = gr.Dropdown(choices=[], label=i18n("review_department"), elem_id="admin-department")
+        force = gr.Checkbox(label=i18n("admin_force"), value=True)
+        retrain = gr.Button(i18n("admin_retrain"), variant="primary", elem_id="admin-retrain")
+        cancel = gr.Button(i18n("admin_cancel"), variant="stop", elem_id="admin-cancel")
+    progress_text = gr.Markdown(elem_id="admin-progress")
+    loss_plot = gr.LinePlot(x="step", y="loss", title="training loss", height=220, elem_id="admin-loss")
+    gate = gr.Dataframe(label=i18n("admin_gate"), interactive=False, elem_id="admin-gate")
+    versions = gr.Dataframe(label=i18n("admin_versions"), interactive=False, elem_id="admin-versions")
+    with gr.Row():
+        version = gr.Textbox(label=i18n("admin_version"), placeholder="v2", elem_id="admin-version")
+        promote = gr.Button(i18n("admin_promote"), elem_id="admin-promote")
+        canary_share = gr.Slider(0, 0.5, value=0.1, step=0.05, label=i18n("admin_canary_share"))
+        canary = gr.Button(i18n("admin_canary"), elem_id="admin-canary")
+    admin_result = gr.Markdown(elem_id="admin-result")
+    feedback = gr.Dataframe(label=i18n("admin_feedback"), interactive=False)
+    runs = gr.Dataframe(label=i18n("admin_runs"), interactive=False, elem_id="admin-runs")
+
+    def everything(request: gr.Request):
+        caller(services, request, "admin")
+        departments = [d.id for d in accounts.list_departments(services.db)]
+        return (chats.usage_summary(services.db), scheduler_markdown(services),
+                gr.Dropdown(choices=departments, value=departments[0] if departments else None),
+                gate_table(services, None), versions_table(services), feedback_table(services), runs_table(services))
+
+    def retrain_now(department_id, force_value, request: gr.Request, progress=gr.Progress()):
+        caller(services, request, "admin")
+        if not department_id:
+            raise gr.Error("Choose a department. 请选择部门。")
+        events: queue.Queue = queue.Queue()
+
+        def work():
+            try:
+                outcome = services.refresh.refresh(department_id, "manual", bool(force_value), on_progress=events.put)
+                events.put({"event": "__end__", "outcome": outcome})
+            except Exception as exc:  # reported in the UI below
+                events.put({"event": "__error__", "error": exc})
+
+        # the refresh runs on its own thread: closing the browser does not stop it
+        threading.Thread(target=work, name=f"refresh-{department_id}", daemon=True).start()
+        losses: list[dict] = []
+        while True:
+            event = events.get()
+            kind = event["event"]
+            if kind == "__error__":
+                error = event["error"]
+                raise gr.Error(str(error) if isinstance(error, RefreshBusy) else f"Refresh failed: {error}")
+            if kind == "__end__":
+                outcome = event["outcome"]
+                text = f"**{outcome.status}**" + (f" · {outcome.reason}" if outcome.reason else "")
+                if outcome.version:
+                    verdict = "passed ✅" if outcome.gate["passed"] else "failed ❌ " + "; ".join(outcome.gate["reasons"])
+                    text += f" · candidate {outcome.version} · gate {verdict}"
+                    text += " · promoted 已上线" if outcome.promoted else ""
+                yield (text, gr.skip(), gate_table(services, department_id), versions_table(services),
+                       runs_table(services), scheduler_markdown(services))
+                return
+            if kind == "mode":
+                yield f"{event['mode']} · {event['samples']} samples", gr.skip(), *[gr.skip()] * 4
+            elif kind == "step":
+                progress((event["step"], event["total_steps"]), desc="training")
+                losses.append({"step": event["step"], "loss": event["loss"]})
+                text = (f"step {event['step']}/{event['total_steps']} · loss {event['loss']:.4f} · "
+                        f"lr {event['lr']:.2e} · ETA {event['eta_s']:.0f} s")
+                yield text, pd.DataFrame(losses), *[gr.skip()] * 4
+            elif kind == "eval_progress":
+                progress((event["case"], event["cases"]), desc="evaluating")
+                yield f"evaluating {event['case']}/{event['cases']}", gr.skip(), *[gr.skip()] * 4
+
+    def cancel_refresh(department_id, request: gr.Request):
+        caller(services, request, "admin")
+        return "cancelling… 正在取消" if services.refresh.cancel(department_id or "") else "nothing is running"
+
+    def promote_version(department_id, version_value, request: gr.Request):
+        caller(services, request, "admin")
+        try:
+            services.adapters.activate(department_id, (version_value or "").strip())
+        except AdapterError as exc:
+            raise gr.Error(str(exc))
+        return f"{department_id} {version_value} is active now 已切换", versions_table(services)
+
+    def set_canary(department_id, version_value, share, request: gr.Request):
+        caller(services, request, "admin")
+        try:
+            services.adapters.set_canary(department_id, (version_value or "").strip() or None, float(share))
+        except AdapterError as exc:
+            raise gr.Error(str(exc))
+        return f"canary {department_id} {version_value}: {share:.0%}", versions_table(services)
+
+    refresh.click(everything, None, [summary, scheduler, department, gate, versions, feedback, runs],
+                  api_visibility="private")
+    retrain.click(retrain_now, [department, force],
+                  [progress_text, loss_plot, gate, versions, runs, scheduler], api_visibility="private")
+    cancel.click(cancel_refresh, [department], [progress_text], api_visibility="private")
+    promote.click(promote_version, [department, version], [admin_result, versions], api_visibility="private")
+    canary.click(set_canary, [department, version, canary_share], [admin_result, versions], api_visibility="private")
+
+
+def register_admin_api(services) -> None:
+    def admin_overview_api(request: gr.Request = None) -> dict:
         return admin_overview(services, request)
 
-    refresh.click(on_refresh, None, summary, api_name="admin_overview")
+    def adapters_api(request: gr.Request = None) -> dict[str, Any]:
+        caller(services, request, "admin")
+        return {"versions": json.loads(versions_table(services).to_json(orient="records", date_format="iso")),
+                "runs": json.loads(runs_table(services).to_json(orient="records", date_format="iso")),
+                "scheduler": services.nightly.state()}
+
+    def promote_api(department: str, version: str, request: gr.Request = None) -> str:
+        caller(services, request, "admin")
+        try:
+            services.adapters.activate(department, version)
+        except AdapterError as exc:
+            raise gr.Error(str(exc))
+        return f"{department} {version} active"
+
+    gr.api(admin_overview_api, api_name="admin_overview")
+    gr.api(adapters_api, api_name="adapters")
+    gr.api(promote_api, api_name="promote")
