@@ -15,7 +15,12 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     # Company data stays in the company: no usage analytics sent to Gradio's servers.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from webapp.settings import SettingsError, build_parser, load_settings, settings_markdown_table
+    from webapp.settings import (
+        SettingsError,
+        build_parser,
+        load_settings,
+        settings_markdown_table,
+    )
 
     argv = sys.argv[1:] if argv is None else argv
     if "--settings-table" in argv:

@@ -120,6 +120,7 @@ def main() -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     import torch
+
     from webapp.app import build_app, launch_options
     from webapp.models import ModelSpec, load_model_service
     from webapp.services import open_services

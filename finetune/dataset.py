@@ -8,8 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Sequence
 
 from finetune.samples import (
-    Existing, assign_split, export_line, find_near_duplicate, fingerprint, last_question, parse_jsonl,
-    scrub_messages, to_openai,
+    Existing,
+    assign_split,
+    export_line,
+    find_near_duplicate,
+    fingerprint,
+    last_question,
+    parse_jsonl,
+    scrub_messages,
+    to_openai,
 )
 from storage import reviews
 from storage.db import Database

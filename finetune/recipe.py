@@ -23,13 +23,10 @@ from typing import Any
 log = logging.getLogger("hangjia.recipe")
 
 
-@dataclass
-class RecipeConfig:
-    base_model: str  # a local model folder or hub id (the same base the app serves)
-    dataset: str  # JSONL of {"messages": [...], "tools": [...]}
-    output_dir: str  # where the adapter appears, complete, at the end
-    progress_file: str  # JSON lines: {"event": "step", "step", "total_steps", "loss", "lr", "eta_s"}
-    init_adapter: str | None = None  # continue from the active adapter, or None for fresh
+@dataclass(kw_only=True)
+class Hyperparameters:
+    """How to train: the seed's defaults. The app's settings and the recipe share these."""
+
     load_in_4bit: bool = True  # QLoRA where CUDA + bitsandbytes exist; else plain LoRA (logged)
     lora_r: int = 64
     lora_alpha: int = 16
@@ -40,10 +37,19 @@ class RecipeConfig:
     gradient_accumulation: int = 8
     warmup_ratio: float = 0.05
     max_seq_len: int = 2048
+    eval_max_new_tokens: int = 96
     seed: int = 0
+
+
+@dataclass(kw_only=True)
+class RecipeConfig(Hyperparameters):
+    base_model: str  # a local model folder or hub id (the same base the app serves)
+    dataset: str  # JSONL of {"messages": [...], "tools": [...]}
+    output_dir: str  # where the adapter appears, complete, at the end
+    progress_file: str  # JSON lines: {"event": "step", "step", "total_steps", "loss", "lr", "eta_s"}
+    init_adapter: str | None = None  # continue from the active adapter, or None for fresh
     eval_cases: str | None = None  # JSONL of EvalCase; answered by candidate and active after training
     active_adapter: str | None = None  # the adapter serving now (None: the base model)
-    eval_max_new_tokens: int = 96
 
 
 def report(cfg: RecipeConfig, event: str, **fields: Any) -> None:

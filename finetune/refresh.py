@@ -15,12 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from finetune.evaluate import case_from_sample, gate, load_functional_set, score
-from finetune.recipe import RecipeConfig
+from finetune.recipe import Hyperparameters, RecipeConfig
 from storage import adapters as registry
 from storage import reviews
 from storage.db import Database
@@ -28,24 +28,14 @@ from storage.db import Database
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RefreshSettings:
+@dataclass(kw_only=True)
+class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
     general_replay: int = 20  # general samples mixed in against forgetting
     start_from_active: bool = True
     auto_promote: bool = True  # promote when the gate passes; else wait for the admin
     gate_margin: float = 0.02
     gate_tolerance: float = 0.02
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
-    epochs: int = 2
-    learning_rate: float = 2e-4
-    gradient_accumulation: int = 8
-    max_seq_len: int = 2048
-    load_in_4bit: bool = True
-    eval_max_new_tokens: int = 96
     system_prompt: str = ""
 
 
@@ -149,14 +139,11 @@ class RefreshRunner:
         active = registry.active_version(self.db, department_id)
         base_model = self.base_model()
         config = RecipeConfig(
+            **{f.name: getattr(s, f.name) for f in fields(Hyperparameters)},
             base_model=base_model, dataset=str(run_dir / "train.jsonl"), output_dir=str(output_dir),
             progress_file=str(progress),
             init_adapter=active["path"] if active and s.start_from_active else None,
-            load_in_4bit=s.load_in_4bit, lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-            target_modules=s.target_modules, epochs=s.epochs, learning_rate=s.learning_rate,
-            gradient_accumulation=s.gradient_accumulation, max_seq_len=s.max_seq_len,
-            eval_cases=str(run_dir / "eval.jsonl"), active_adapter=active["path"] if active else None,
-            eval_max_new_tokens=s.eval_max_new_tokens)
+            eval_cases=str(run_dir / "eval.jsonl"), active_adapter=active["path"] if active else None)
         (run_dir / "run.json").write_text(json.dumps(asdict(config), ensure_ascii=False, indent=1))
 
         status, reason, events = self._run_recipe(run_dir, progress, cancel, on_progress)

@@ -16,7 +16,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest
 import torch
 
-from webapp.models import ModelService, ModelSpec, ensure_embedded_model, load_base_model
+from webapp.models import (
+    ModelService,
+    ModelSpec,
+    ensure_embedded_model,
+    load_base_model,
+)
 from webapp.settings import Settings
 
 TINY_MAX_CONTEXT = 2048

@@ -2,7 +2,13 @@
 
 import pytest
 
-from finetune.evaluate import EvalCase, case_from_sample, gate, load_functional_set, score
+from finetune.evaluate import (
+    EvalCase,
+    case_from_sample,
+    gate,
+    load_functional_set,
+    score,
+)
 from finetune.samples import tool_call_message
 
 TOOLS = [{"type": "function", "function": {"name": "query_sales", "parameters": {"type": "object"}}}]

@@ -2,11 +2,16 @@ import pytest
 import torch
 
 from tests.conftest import make_lora_adapter
-from webapp.tools.parser import split_thinking
 from webapp.models import (
-    GenerationParams, GenerationResult, ModelService, ModelSpec, discover_adapters, load_base_model,
+    GenerationParams,
+    GenerationResult,
+    ModelService,
+    ModelSpec,
+    discover_adapters,
+    load_base_model,
     quantization_config,
 )
+from webapp.tools.parser import split_thinking
 
 GREEDY = GenerationParams(max_new_tokens=8, temperature=0.0)
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -74,3 +75,23 @@ def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_pa
     # and the base weights on disk are untouched by training
     reloaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert all(torch.equal(reloaded[k], before[k]) for k in before)
+
+
+@pytest.mark.gpu
+def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
+    """The production recipe: NF4 base on CUDA, LoRA trained on top, adapter written."""
+    dataset = tmp_path / "train.jsonl"
+    dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
+    cfg = RecipeConfig(base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
+                       progress_file=str(tmp_path / "progress.jsonl"), lora_r=4, lora_alpha=8, epochs=2,
+                       gradient_accumulation=2, learning_rate=1e-2, load_in_4bit=True)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(cfg.__dict__))
+    done = subprocess.run([sys.executable, "-m", "finetune.recipe", "--config", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert "QLoRA: 4-bit NF4" in events[1]["mode"]
+    steps = [e for e in events if e["event"] == "step"]
+    assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
+    assert all("lora_" in key for key in load_file(str(tmp_path / "v1" / "adapter_model.safetensors")))

@@ -11,9 +11,9 @@ import pytest
 from finetune.dataset import import_jsonl
 from finetune.samples import tool_call_message
 from storage import adapters as registry
-from webapp.services import open_services
-from webapp.scheduler import NightlyRefresh
 from tests.conftest import make_settings
+from webapp.scheduler import NightlyRefresh
+from webapp.services import open_services
 
 FAST = dict(lora_r=4, lora_alpha=8, epochs=1, gradient_accumulation=2, eval_max_new_tokens=4, general_replay=2,
             min_new_samples=3, learning_rate=1e-3)
@@ -135,3 +135,21 @@ def test_nightly_trigger_and_a_missed_night(refresh_services):
     nightly.start()
     assert nightly.state()["next_run"].startswith((hour_ago + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M"))
     nightly.stop()
+
+
+def test_headless_refresh_from_the_command_line(refresh_services, tiny_model_dir):
+    import subprocess
+    import sys
+
+    services = refresh_services()
+    add_samples(services)
+    data_dir = services.settings.data_dir
+    services.close()  # the CLI needs the database to itself, as when the app is stopped
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "finetune", "refresh", "--data-dir", str(data_dir), "--adapter", "finance",
+         "--model", str(tiny_model_dir), *extra], capture_output=True, text=True, timeout=600)
+    skipped = run("--min-new-samples", "100")
+    assert skipped.returncode == 0 and "skipped: 6 new approved samples" in skipped.stdout
+    done = run("--force")
+    assert done.returncode == 0 and "succeeded; candidate v1" in done.stdout, done.stdout + done.stderr
+    assert "plain LoRA" in done.stdout and "step 1/" in done.stdout

@@ -3,8 +3,15 @@ import json
 import pytest
 
 from finetune.samples import (
-    Existing, assign_split, find_near_duplicate, normalize_question, parse_jsonl, scrub_messages, scrub_pii,
-    similarity, tool_call_message,
+    Existing,
+    assign_split,
+    find_near_duplicate,
+    normalize_question,
+    parse_jsonl,
+    scrub_messages,
+    scrub_pii,
+    similarity,
+    tool_call_message,
 )
 
 

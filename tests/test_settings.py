@@ -2,7 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from webapp.settings import Settings, SettingsError, load_settings, settings_markdown_table
+from webapp.settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    settings_markdown_table,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -4,8 +4,7 @@ import textwrap
 
 import pytest
 
-from storage import MIGRATIONS, Database, StorageError, migrate
-from storage import accounts, chats
+from storage import MIGRATIONS, Database, StorageError, accounts, chats, migrate
 from storage.migrations import applied_migrations
 
 

@@ -10,7 +10,13 @@ from webapp.demo import seed_demo_company
 from webapp.tools.builtin import BUILTINS
 from webapp.tools.executor import ToolExecutor, TransientToolError
 from webapp.tools.parser import ToolCall
-from webapp.tools.registry import DEMO_TOOLS_FILE, ToolConfigError, ToolSpec, load_registry, load_tool_file
+from webapp.tools.registry import (
+    DEMO_TOOLS_FILE,
+    ToolConfigError,
+    ToolSpec,
+    load_registry,
+    load_tool_file,
+)
 
 TODAY = dt.date(2026, 11, 28)
 ANY_ARGS = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}

@@ -8,13 +8,19 @@ import gradio as gr
 
 from storage import chats
 from webapp.i18n import EN, build_i18n
+from webapp.review import REVIEW_ROLES
 from webapp.services import Services
 from webapp.ui.admin import build_admin_tab, register_admin_api
 from webapp.ui.chat import (
-    GENERATION_QUEUE, build_chat_tab, conversation_choices, conversation_view, rate, stream_answer, stream_resolution,
+    GENERATION_QUEUE,
+    build_chat_tab,
+    conversation_choices,
+    conversation_view,
+    rate,
+    stream_answer,
+    stream_resolution,
 )
 from webapp.ui.common import caller
-from webapp.review import REVIEW_ROLES
 from webapp.ui.review import REVIEW_SHORTCUTS_JS, build_review_tab, register_review_api
 
 

@@ -8,7 +8,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.dataset import ImportResult, existing_questions, export_jsonl, import_jsonl, make_sample
+from finetune.dataset import (
+    ImportResult,
+    existing_questions,
+    export_jsonl,
+    import_jsonl,
+    make_sample,
+)
 from finetune.samples import REASONS, tool_call_message
 from storage import accounts, chats, reviews
 from storage.accounts import User

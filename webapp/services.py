@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from finetune.refresh import RefreshRunner, RefreshSettings
 from storage import Database, migrate
 from storage import adapters as adapter_registry
+from webapp.adapters import AdapterManager
 from webapp.auth import Auth
 from webapp.demo import ensure_first_admin, seed_demo_company
 from webapp.engine import ChatEngine, TurnSettings
-from finetune.refresh import RefreshRunner, RefreshSettings
-from webapp.adapters import AdapterManager
-from webapp.scheduler import NightlyRefresh
 from webapp.models import GenerationParams, ModelService, ModelSpec, load_model_service
 from webapp.review import ReviewService, ReviewSettings
+from webapp.scheduler import NightlyRefresh
 from webapp.settings import Settings
 from webapp.tools.builtin import BUILTINS
 from webapp.tools.executor import ToolExecutor

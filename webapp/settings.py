@@ -13,10 +13,11 @@ import argparse
 import dataclasses
 import difflib
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import tomllib
 
 ENV_PREFIX = "HANGJIA_"
 EMBEDDED_MODEL = "embedded"

@@ -28,11 +28,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import tomllib
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 

@@ -14,7 +14,12 @@ import gradio as gr
 from finetune.dataset import ImportRefused
 from finetune.samples import REASONS
 from storage.reviews import AlreadyReviewed
-from webapp.review import REVIEW_ROLES, CaseNotFound, ReviewInputError, tool_argument_skeleton
+from webapp.review import (
+    REVIEW_ROLES,
+    CaseNotFound,
+    ReviewInputError,
+    tool_argument_skeleton,
+)
 from webapp.ui.chat import render_items
 from webapp.ui.common import caller
 
