@@ -140,9 +140,12 @@ def main() -> int:
                        quiet=True, **launch_options(services))
     client = HttpClient(f"http://127.0.0.1:{settings.port}/")
 
+    tools = [spec.function_schema() for spec in services.tools.tools_for(user)]
+
     def render(text):
+        # exactly the prompt the app builds for this user: system prompt and the tools offered
         return model.render_prompt([{"role": "system", "content": settings.system_prompt},
-                                    {"role": "user", "content": text}])
+                                    {"role": "user", "content": text}], tools)
 
     # warm-up: first calls pay one-off costs (allocator, kernels, HTTP session)
     bench_baseline(model, render(PROMPTS[0]), 8)
@@ -160,7 +163,8 @@ def main() -> int:
     base_tps = statistics.median(r[1] for r in rows["baseline generate"])
     base_ttft = statistics.median(r[0] for r in rows["baseline generate"])
     print(f"\nmodel {model.name} on {model.device} ({model.model.dtype}), torch threads {torch.get_num_threads()}, "
-          f"greedy, max_new_tokens {args.max_new_tokens}, {len(PROMPTS)} prompts x {args.repeats}")
+          f"greedy, max_new_tokens {args.max_new_tokens}, {len(PROMPTS)} prompts x {args.repeats}, "
+          f"prompt {model.count_tokens(render(PROMPTS[0]))} tokens with {len(tools)} tools")
     print(f"{'path':<22}{'TTFT ms (median)':>18}{'tok/s (median)':>16}{'tokens':>8}{'tok/s vs base':>15}")
     for name, results in rows.items():
         ttft = statistics.median(r[0] for r in results)

@@ -19,7 +19,7 @@ from webapp.adapters import AdapterError
 from webapp.ui.common import caller
 
 RUN_COLUMNS = ["id", "department_id", "trigger", "status", "reason", "samples", "new_samples", "steps",
-               "final_loss", "version", "mode", "started_at", "finished_at"]
+               "final_loss", "version", "mode", "started_at", "finished_at", "log_path"]
 VERSION_COLUMNS = ["department_id", "version", "status", "canary_share", "tool_exact", "keyword_recall",
                    "gate", "created_at", "promoted_at"]
 
@@ -31,7 +31,10 @@ def admin_overview(services, request: gr.Request) -> dict:
 
 def runs_table(services) -> pd.DataFrame:
     rows = registry.runs(services.db)
-    return pd.DataFrame([[r[c] for c in RUN_COLUMNS] for r in rows], columns=RUN_COLUMNS)
+    table = pd.DataFrame([[r[c] for c in RUN_COLUMNS] for r in rows], columns=RUN_COLUMNS)
+    table.insert(12, "seconds", [(r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] else None
+                                 for r in rows])
+    return table
 
 
 def versions_table(services) -> pd.DataFrame:
