@@ -56,3 +56,17 @@ def test_roles_are_checked(auth):
         auth.current_user("ghost")
     with pytest.raises(ValueError, match="at least 8"):
         auth.create_user("x", "short", "employee", "hr")
+
+
+def test_password_guessing_is_slowed_to_five_tries_per_five_minutes(auth):
+    seed_demo_company(auth.db, auth)
+    now = {"t": 1000.0}
+    auth.clock = lambda: now["t"]
+    for _ in range(5):
+        assert not auth.check_login("hr-employee", "guess")
+    assert not auth.check_login("hr-employee", DEMO_PASSWORD)  # refused for a while, even when right
+    assert auth.check_login("finance-employee", DEMO_PASSWORD)  # other accounts are not affected
+    now["t"] += 301
+    assert auth.check_login("hr-employee", DEMO_PASSWORD)  # the window passed
+    assert not auth.check_login("hr-employee", "guess")  # and a success reset the count
+    assert auth.check_login("hr-employee", DEMO_PASSWORD)

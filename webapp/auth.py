@@ -6,7 +6,11 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from storage import accounts
 from storage.accounts import User
@@ -44,22 +48,45 @@ class NotAuthorized(PermissionError):
     """The caller is not logged in, or their role may not do this."""
 
 
+MAX_FAILED_LOGINS = 5  # within FAILED_LOGIN_WINDOW_S, then the name is refused for as long
+FAILED_LOGIN_WINDOW_S = 300.0
+
+
 @dataclass
 class Auth:
     db: Database
+    clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         # Compared against when the username is unknown, so that timing does not tell
         # an attacker which part of the login was wrong.
         self._dummy_hash = hash_password(secrets.token_hex(8))
+        self._failures: dict[str, deque[float]] = {}
+        self._failures_lock = threading.Lock()
+
+    def _throttled(self, key: str, now: float) -> bool:
+        with self._failures_lock:
+            recent = self._failures.get(key)
+            while recent and now - recent[0] > FAILED_LOGIN_WINDOW_S:
+                recent.popleft()
+            return bool(recent) and len(recent) >= MAX_FAILED_LOGINS
 
     def check_login(self, username: str, password: str) -> bool:
-        """Gradio's auth callback: True only for an enabled user with that password."""
+        """Gradio's auth callback: True only for an enabled user with that password.
+        After MAX_FAILED_LOGINS wrong tries in the window, the name is refused for a while,
+        even with the right password (password guessing gets 5 tries per 5 minutes)."""
         if not isinstance(username, str) or not isinstance(password, str):
             return False
+        key, now = username.strip().casefold(), self.clock()
+        throttled = self._throttled(key, now)
         stored = accounts.password_hash_of(self.db, username.strip())
-        ok = verify_password(password, stored or self._dummy_hash)
-        return ok and stored is not None
+        ok = verify_password(password, stored or self._dummy_hash) and stored is not None and not throttled
+        with self._failures_lock:
+            if ok:
+                self._failures.pop(key, None)
+            elif not throttled:
+                self._failures.setdefault(key, deque()).append(now)
+        return ok
 
     def current_user(self, username: str | None) -> User:
         """The logged-in user behind a request; raises NotAuthorized otherwise."""
