@@ -38,7 +38,8 @@ def test_labels_cover_only_the_assistant_turns(tiny_model_dir):
     assert tokenize_sample(tokenizer, samples()[0], 10) is None  # too long: left out, not cut
 
 
-def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_path):
+def run_recipe(tiny_model_dir, tmp_path) -> list[dict]:
+    """The recipe as the app runs it: a subprocess with a config file; its progress events."""
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
     cfg = RecipeConfig(base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
@@ -49,7 +50,11 @@ def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_pa
     done = subprocess.run([sys.executable, "-m", "finetune.recipe", "--config", str(config)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+
+
+def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_path):
+    events = run_recipe(tiny_model_dir, tmp_path)
     assert [e["event"] for e in events][:2] == ["start", "mode"] and events[-1]["event"] == "done"
     assert "plain LoRA" in events[1]["mode"] and "CPU" in events[1]["mode"]  # said plainly on CPU
     steps = [e for e in events if e["event"] == "step"]
@@ -80,17 +85,7 @@ def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_pa
 @pytest.mark.gpu
 def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     """The production recipe: NF4 base on CUDA, LoRA trained on top, adapter written."""
-    dataset = tmp_path / "train.jsonl"
-    dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
-    cfg = RecipeConfig(base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
-                       progress_file=str(tmp_path / "progress.jsonl"), lora_r=4, lora_alpha=8, epochs=2,
-                       gradient_accumulation=2, learning_rate=1e-2, load_in_4bit=True)
-    config = tmp_path / "run.json"
-    config.write_text(json.dumps(cfg.__dict__))
-    done = subprocess.run([sys.executable, "-m", "finetune.recipe", "--config", str(config)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    events = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    events = run_recipe(tiny_model_dir, tmp_path)
     assert "QLoRA: 4-bit NF4" in events[1]["mode"]
     steps = [e for e in events if e["event"] == "step"]
     assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
