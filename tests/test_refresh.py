@@ -102,13 +102,15 @@ def test_a_failing_gate_never_promotes(refresh_services):
 
 
 def test_a_killed_training_process_fails_the_run_and_the_next_run_works(refresh_services):
-    services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0)
+    # enough work after the first step (more epochs, longer evaluation answers) that the
+    # kill lands while the process still runs: the runner reads progress every 0.2 s
+    services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0, epochs=3, eval_max_new_tokens=64)
     add_samples(services)
 
     def kill_at_first_step(event):
         if event["event"] == "start":
             kill_at_first_step.pid = event["pid"]
-        if event["event"] == "step":
+        if event["event"] == "step" and event["step"] == 1:
             os.kill(kill_at_first_step.pid, signal.SIGKILL)
 
     outcome = services.refresh.refresh("finance", "manual", on_progress=kill_at_first_step)
