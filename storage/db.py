@@ -93,10 +93,6 @@ class Database:
                 return row[0] if row else None
             return None
 
-    def checkpoint(self) -> None:
-        with self._write_lock:
-            self._cursor().execute("CHECKPOINT")
-
     def close(self) -> None:
         if self._closed:
             return
