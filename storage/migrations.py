@@ -222,6 +222,69 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0006_knowledge",
+        """
+        CREATE SEQUENCE kb_document_ids;
+        CREATE SEQUENCE kb_chunk_ids;
+        CREATE TABLE kb_documents (
+            id              BIGINT PRIMARY KEY DEFAULT nextval('kb_document_ids'),
+            source_name     VARCHAR NOT NULL UNIQUE,  -- file name; a re-upload replaces the document
+            title           VARCHAR NOT NULL,
+            sha256          VARCHAR NOT NULL,         -- of the file: an unchanged re-upload is skipped
+            chars           BIGINT NOT NULL,
+            company_wide    BOOLEAN NOT NULL,         -- readable by every department
+            uploaded_by     BIGINT,
+            created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            updated_at      TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        -- who may read a document that is not company-wide (no FK: see users.department_id)
+        CREATE TABLE kb_document_departments (
+            document_id     BIGINT NOT NULL,
+            department_id   VARCHAR NOT NULL,
+            PRIMARY KEY (document_id, department_id)
+        );
+        CREATE TABLE kb_chunks (
+            id              BIGINT PRIMARY KEY DEFAULT nextval('kb_chunk_ids'),
+            document_id     BIGINT NOT NULL,
+            ordinal         INTEGER NOT NULL,         -- position in the document
+            location        VARCHAR,                  -- "p. 3" for PDFs
+            text            VARCHAR NOT NULL,
+            tokens          INTEGER NOT NULL,         -- in the embedding model's tokenizer
+            embedding       BLOB NOT NULL             -- float32, L2-normalised
+        );
+        CREATE INDEX kb_chunks_document ON kb_chunks (document_id);
+        -- one row: bumped by every change, so indexes and caches know they are stale
+        CREATE TABLE kb_state (
+            id              INTEGER PRIMARY KEY CHECK (id = 1),
+            version         BIGINT NOT NULL,
+            embedding_model VARCHAR                   -- the model the stored embeddings came from
+        );
+        INSERT INTO kb_state VALUES (1, 0, NULL);
+        -- what retrieval gave each message, for reviewers (chunk text may be gone later)
+        CREATE TABLE retrievals (
+            message_id      BIGINT NOT NULL,          -- the user message the passages answered
+            via             VARCHAR NOT NULL,         -- 'auto' (every turn) or 'tool' (search_knowledge_base)
+            rank            INTEGER NOT NULL,
+            chunk_id        BIGINT NOT NULL,
+            document_id     BIGINT NOT NULL,
+            title           VARCHAR NOT NULL,
+            score           DOUBLE NOT NULL,          -- fused (reciprocal rank fusion)
+            dense_score     DOUBLE,                   -- cosine similarity
+            lexical_score   DOUBLE,                   -- BM25
+            created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        CREATE INDEX retrievals_message ON retrievals (message_id);
+        CREATE TABLE message_attachments (
+            message_id      BIGINT NOT NULL,
+            filename        VARCHAR NOT NULL,
+            chars           BIGINT NOT NULL,
+            tokens          BIGINT NOT NULL,          -- in the chat model's tokenizer
+            mode            VARCHAR NOT NULL CHECK (mode IN ('whole', 'passages')),
+            prompt_text     VARCHAR NOT NULL          -- what the model was given of it
+        );
+        """,
+    ),
 )
 
 

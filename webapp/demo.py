@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from pathlib import Path
 
 from storage import accounts, company
 from storage.db import Database
@@ -40,3 +41,27 @@ def ensure_first_admin(db: Database, auth: Auth) -> str | None:
     password = secrets.token_urlsafe(12)
     auth.create_user("admin", password, "admin", "general")
     return password
+
+
+DEMO_DOCUMENTS_DIR = Path(__file__).parent / "knowledge" / "demo"
+
+
+def demo_documents() -> list[tuple[Path, list[str], bool]]:
+    """(file, departments, company-wide) for the demo knowledge base: the file name's
+    prefix says who reads it (finance-, hr-, company-)."""
+    out = []
+    for path in sorted(DEMO_DOCUMENTS_DIR.glob("*.md")):
+        prefix = path.name.split("-", 1)[0]
+        out.append((path, [] if prefix == "company" else [prefix], prefix == "company"))
+    return out
+
+
+def seed_demo_documents(knowledge) -> int:
+    """Load the demo documents into an empty knowledge base; returns how many were added."""
+    if knowledge.documents():
+        return 0
+    added = 0
+    for path, departments, company_wide in demo_documents():
+        reports = knowledge.add_files([(path.name, path.read_bytes())], departments, company_wide)
+        added += sum(r.status == "added" for r in reports)
+    return added

@@ -1,0 +1,143 @@
+"""BM25 over words and CJK character bigrams, with incremental add/remove.
+
+The embedded embedding model reads English well and Chinese poorly; character bigrams
+give Chinese queries exact-term matching without a segmenter. Scoring is vectorised over
+per-term posting arrays, and restricted to the chunks the caller may read *before*
+ranking: document frequencies and average length are computed over that set too, so one
+department's documents do not even shift another's scores.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import numpy as np
+
+_WORD = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
+_CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_STOPWORDS = frozenset("a an and are as at be by for from how i in is it of on or the to was what when which who "
+                       "with do does my our we you your".split())
+
+
+def terms(text: str) -> list[str]:
+    text = text.lower()
+    out = [w for w in _WORD.findall(text) if w not in _STOPWORDS]
+    for run in _CJK_RUN.findall(text):
+        if len(run) == 1:
+            out.append(run)
+        else:
+            out.extend(run[i:i + 2] for i in range(len(run) - 1))
+    return out
+
+
+class LexicalIndex:
+    K1, B = 1.2, 0.75
+
+    def __init__(self) -> None:
+        self._lists: dict[str, tuple[list[int], list[int]]] = {}  # term -> (chunk ids, term counts)
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # compacted, without removed ids
+        self._lengths = np.zeros(1024, dtype=np.float32)
+        self._alive = np.zeros(1024, dtype=bool)
+        self._terms_of: dict[int, tuple[str, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._terms_of)
+
+    def _grow(self, chunk_id: int) -> None:
+        if chunk_id >= len(self._alive):
+            size = max(chunk_id + 1, 2 * len(self._alive))
+            self._lengths = np.resize(self._lengths, size)
+            self._lengths[len(self._alive):] = 0
+            alive = np.zeros(size, dtype=bool)
+            alive[:len(self._alive)] = self._alive
+            self._alive = alive
+
+    @property
+    def capacity(self) -> int:
+        return len(self._alive)
+
+    def add(self, chunk_id: int, text: str) -> None:
+        if chunk_id in self._terms_of:
+            self.remove([chunk_id])
+        counts = Counter(terms(text))
+        self._grow(chunk_id)
+        self._lengths[chunk_id] = sum(counts.values())
+        self._alive[chunk_id] = True
+        self._terms_of[chunk_id] = tuple(counts)
+        for term, count in counts.items():
+            ids, tfs = self._lists.setdefault(term, ([], []))
+            ids.append(chunk_id)
+            tfs.append(count)
+            self._arrays.pop(term, None)
+
+    def remove(self, chunk_ids) -> None:
+        """Forget chunks. Their postings are dropped lazily, when a term's arrays are next built."""
+        for chunk_id in chunk_ids:
+            for term in self._terms_of.pop(chunk_id, ()):
+                self._arrays.pop(term, None)
+            if chunk_id < len(self._alive):
+                self._alive[chunk_id] = False
+                self._lengths[chunk_id] = 0
+
+    def _postings(self, term: str) -> tuple[np.ndarray, np.ndarray] | None:
+        arrays = self._arrays.get(term)
+        if arrays is None:
+            lists = self._lists.get(term)
+            if lists is None:
+                return None
+            ids, tfs = np.asarray(lists[0], dtype=np.int64), np.asarray(lists[1], dtype=np.float32)
+            live = self._alive[ids]
+            if not live.all():
+                ids, tfs = ids[live], tfs[live]
+                if len(ids):
+                    self._lists[term] = (ids.tolist(), tfs.astype(int).tolist())
+                else:
+                    del self._lists[term]
+            arrays = (ids, tfs)
+            self._arrays[term] = arrays
+        return arrays
+
+    def search(self, query: str, allowed: np.ndarray, k: int) -> list[tuple[int, float, float]]:
+        """Top k (chunk id, BM25 score, coverage) among chunks where allowed[id] is True.
+
+        coverage is the share of the query's IDF weight the chunk contains: 1.0 when every
+        query term occurs in it. It tells a real match from a stray common bigram. Terms
+        found in no readable chunk (question words, 有几, 怎么) count for nothing either way.
+        """
+        query_terms = list(dict.fromkeys(terms(query)))
+        if not query_terms:
+            return []
+        size = min(len(allowed), len(self._alive))
+        mask = np.zeros(len(self._alive), dtype=bool)
+        mask[:size] = allowed[:size] & self._alive[:size]
+        n_docs = int(mask.sum())
+        if n_docs == 0:
+            return []
+        avg_length = float(self._lengths[mask].mean()) or 1.0
+        scores = np.zeros(len(self._alive), dtype=np.float32)
+        matched_idf = np.zeros(len(self._alive), dtype=np.float32)
+        total_idf = 0.0
+        for term in query_terms:
+            postings = self._postings(term)
+            if postings is None:
+                continue
+            ids, tfs = postings
+            readable = mask[ids]
+            ids, tfs = ids[readable], tfs[readable]
+            df = len(ids)
+            if df == 0:
+                continue
+            idf = math.log(1 + (n_docs - df + 0.5) / (df + 0.5))
+            total_idf += idf
+            norm = self.K1 * (1 - self.B + self.B * self._lengths[ids] / avg_length)
+            scores[ids] += idf * tfs * (self.K1 + 1) / (tfs + norm)
+            matched_idf[ids] += idf
+        candidates = np.flatnonzero(scores)
+        if len(candidates) == 0:
+            return []
+        if len(candidates) > k:
+            candidates = candidates[np.argpartition(-scores[candidates], k - 1)[:k]]
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]
+        return [(int(i), float(scores[i]), float(matched_idf[i] / total_idf)) for i in order]
