@@ -141,3 +141,7 @@ def usage_summary(db: Database) -> dict[str, int]:
                (SELECT count(*) FROM feedback WHERE rating = -1) AS thumbs_down
         """
     )
+
+
+def last_user_message_id(db: Database, conversation_id: int) -> int | None:
+    return db.scalar("SELECT max(id) FROM messages WHERE conversation_id = ? AND role = 'user'", [conversation_id])

@@ -184,16 +184,30 @@ def log_retrievals(db: Database, message_id: int, via: str, hits: Sequence[dict[
         return
     with db.transaction() as cur:
         cur.executemany(
-            "INSERT INTO retrievals (message_id, via, rank, chunk_id, document_id, title, score, dense_score,"
-            " lexical_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [[message_id, via, rank, h["chunk_id"], h["document_id"], h["title"], h["score"], h.get("dense_score"),
-              h.get("lexical_score")] for rank, h in enumerate(hits, 1)])
+            "INSERT INTO retrievals (message_id, via, rank, chunk_id, document_id, title, location, passage, score,"
+            " dense_score, lexical_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [[message_id, via, rank, h["chunk_id"], h["document_id"], h["title"], h.get("location"), h["text"],
+              h["score"], h.get("dense_score"), h.get("lexical_score")] for rank, h in enumerate(hits, 1)])
 
 
-def retrievals_of(db: Database, message_id: int) -> list[dict[str, Any]]:
-    return db.query(
-        "SELECT via, rank, chunk_id, document_id, title, score, dense_score, lexical_score FROM retrievals"
-        " WHERE message_id = ? ORDER BY via, rank", [message_id])
+_RETRIEVAL_COLUMNS = ("r.message_id, r.via, r.rank, r.chunk_id, r.document_id, r.title, r.location, r.passage AS text,"
+                      " r.score, r.dense_score, r.lexical_score")
+
+
+def retrievals_of(db: Database, message_id: int, via: str | None = None) -> list[dict[str, Any]]:
+    where = " AND r.via = ?" if via else ""
+    return db.query(f"SELECT {_RETRIEVAL_COLUMNS} FROM retrievals r WHERE r.message_id = ?{where}"
+                    " ORDER BY r.via, r.rank", [message_id, *([via] if via else [])])
+
+
+def retrievals_of_conversation(db: Database, conversation_id: int) -> dict[int, list[dict[str, Any]]]:
+    rows = db.query(
+        f"SELECT {_RETRIEVAL_COLUMNS} FROM retrievals r JOIN messages m ON m.id = r.message_id"
+        " WHERE m.conversation_id = ? ORDER BY r.message_id, r.via, r.rank", [conversation_id])
+    by_message: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_message.setdefault(r["message_id"], []).append(r)
+    return by_message
 
 
 def add_attachment(db: Database, message_id: int, filename: str, chars: int, tokens: int, mode: str,

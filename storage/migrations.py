@@ -263,12 +263,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         INSERT INTO kb_state VALUES (1, 0, NULL);
         -- what retrieval gave each message, for reviewers (chunk text may be gone later)
         CREATE TABLE retrievals (
-            message_id      BIGINT NOT NULL,          -- the user message the passages answered
+            message_id      BIGINT NOT NULL,          -- auto: the user message; tool: the calling answer
             via             VARCHAR NOT NULL,         -- 'auto' (every turn) or 'tool' (search_knowledge_base)
             rank            INTEGER NOT NULL,
             chunk_id        BIGINT NOT NULL,
             document_id     BIGINT NOT NULL,
             title           VARCHAR NOT NULL,
+            location        VARCHAR,
+            passage         VARCHAR NOT NULL,         -- the text the model was given
             score           DOUBLE NOT NULL,          -- fused (reciprocal rank fusion)
             dense_score     DOUBLE,                   -- cosine similarity
             lexical_score   DOUBLE,                   -- BM25

@@ -111,11 +111,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def embedder():
+    """The real default embedding model (all-MiniLM-L6-v2 from its PyPI package), loaded once."""
+    from webapp.knowledge.embeddings import Embedder
+
+    return Embedder()
+
+
 @pytest.fixture
-def services(tmp_path, tiny_model):
+def services(tmp_path, tiny_model, embedder):
     from webapp.services import open_services
 
-    svc = open_services(make_settings(tmp_path), model=tiny_model)
+    svc = open_services(make_settings(tmp_path), model=tiny_model, embedder=embedder)
     yield svc
     svc.close()
 

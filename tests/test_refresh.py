@@ -20,9 +20,9 @@ FAST = dict(lora_r=4, lora_alpha=8, epochs=1, gradient_accumulation=2, eval_max_
 
 
 @pytest.fixture
-def refresh_services(tmp_path, tiny_model):
+def refresh_services(tmp_path, tiny_model, embedder):
     def build(**overrides):
-        svc = open_services(make_settings(tmp_path, **{**FAST, **overrides}), model=tiny_model)
+        svc = open_services(make_settings(tmp_path, **{**FAST, **overrides}), model=tiny_model, embedder=embedder)
         opened.append(svc)
         return svc
     opened = []

@@ -62,11 +62,12 @@ def test_queue_is_scoped_to_the_reviewers_departments_and_filtered(services, cas
 
 def test_a_case_shows_its_whole_context(services, cases):
     case = services.reviews.case(reviewer(services, "finance-reviewer"), cases["sales"])
-    assert [i["type"] for i in case["items"]] == ["user", "text"]
+    assert [i["type"] for i in case["items"] if i["type"] != "sources"] == ["user", "text"]
     assert case["items"][-1]["content"] == "I think sales were fine."
     assert (case["comment"], case["rating"], case["username"]) == ("没有查数据", -1, "finance-employee")
     assert case["model"] == "tiny-qwen3" and case["adapter"] is None
-    assert {t["function"]["name"] for t in case["tools"]} == {"query_sales", "lookup_customer", "send_email"}
+    assert {t["function"]["name"] for t in case["tools"]} == {
+        "query_sales", "lookup_customer", "send_email", "search_knowledge_base"}
     with pytest.raises(CaseNotFound):
         services.reviews.case(reviewer(services, "hr-reviewer"), cases["sales"])
 

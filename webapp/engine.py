@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from storage import chats, tool_audit
+from storage import knowledge as knowledge_store
 from storage.accounts import User
 from storage.db import Database
+from webapp.i18n import bilingual
+from webapp.knowledge.attachments import select_passages, whole_block
+from webapp.knowledge.parsing import DocumentError, parse_bytes
 from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.tools.executor import ToolExecutor, ToolOutcome, summarize
 from webapp.tools.parser import parse_output, split_thinking, visible_text
@@ -20,6 +24,24 @@ from webapp.tools.parser import parse_output, split_thinking, visible_text
 log = logging.getLogger(__name__)
 
 TITLE_CHARS = 60
+KNOWLEDGE_HEADER = (
+    "Passages from the company's documents that may answer the user's question. Answer from them and cite "
+    "them by number, like [1]. If they do not answer it, say so instead of guessing.")
+
+
+def knowledge_block(passages: list[dict[str, Any]]) -> str:
+    parts = [KNOWLEDGE_HEADER]
+    for number, passage in enumerate(passages, 1):
+        where = f" ({passage['location']})" if passage.get("location") else ""
+        parts.append(f"[{number}] {passage['title']}{where}\n{passage['text']}")
+    return "\n\n".join(parts)
+
+
+def source_item(passages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "sources", "sources": [
+        {"n": n, "title": p["title"], "location": p.get("location"), "text": p["text"],
+         "score": round(float(p["score"]), 4), "document_id": p["document_id"], "chunk_id": p["chunk_id"]}
+        for n, p in enumerate(passages, 1)]}
 
 
 class UserInputError(ValueError):
@@ -83,11 +105,12 @@ def tool_item(outcome: ToolOutcome) -> dict[str, Any]:
 
 class ChatEngine:
     def __init__(self, db: Database, model: ModelService, settings: TurnSettings,
-                 executor: ToolExecutor | None = None):
+                 executor: ToolExecutor | None = None, knowledge=None):
         self.db = db
         self.model = model
         self.settings = settings
         self.executor = executor
+        self.knowledge = knowledge  # webapp.knowledge.base.KnowledgeBase, or None when turned off
 
     # -- reading ------------------------------------------------------------------------
 
@@ -119,9 +142,20 @@ class ChatEngine:
             )
         return text
 
-    def _fit_prompt(self, history: list[dict], text: str, tools: list[dict]) -> str:
+    def _system(self, passages: list[dict[str, Any]]) -> dict[str, str]:
+        content = self.settings.system_prompt
+        if passages:
+            content += "\n\n" + knowledge_block(passages)
+        return {"role": "system", "content": content}
+
+    def _system_of(self, conversation_id: int) -> dict[str, str]:
+        """The system message of the turn in progress: with the passages retrieved for its question."""
+        last_user = chats.last_user_message_id(self.db, conversation_id)
+        passages = knowledge_store.retrievals_of(self.db, last_user, via="auto") if last_user else []
+        return self._system(passages)
+
+    def _fit_prompt(self, history: list[dict], text: str, tools: list[dict], system: dict[str, str]) -> str:
         """System + as much recent history as fits + the new message; oldest turns drop first."""
-        system = {"role": "system", "content": self.settings.system_prompt}
         user_message = {"role": "user", "content": text}
         budget = self.model.max_context - self.settings.generation.max_new_tokens
         past = list(history)
@@ -153,13 +187,15 @@ class ChatEngine:
             elif row.message_id is not None:
                 calls_by_message.setdefault(row.message_id, []).append(row)
         messages = []
+        attachments = knowledge_store.attachments_of_conversation(self.db, conversation_id)
         stored = chats.list_messages(self.db, conversation_id)
         if up_to_message_id is not None:
             stored = [m for m in stored if m.id <= up_to_message_id]
         last_user_id = max((m.id for m in stored if m.role == "user"), default=0)
         for m in stored:
             if m.role == "user":
-                messages.append({"role": "user", "content": m.content})
+                blocks = [a["prompt_text"] for a in attachments.get(m.id, ())]
+                messages.append({"role": "user", "content": "\n\n".join([m.content, *blocks])})
             elif m.role == "assistant":
                 entry: dict[str, Any] = {"role": "assistant", "content": m.content}
                 calls = calls_by_message.get(m.id)
@@ -182,9 +218,16 @@ class ChatEngine:
         for row in tool_audit.latest_of_conversation(self.db, conversation_id):
             calls_by_message.setdefault(row.message_id, []).append(row)
         items: list[dict[str, Any]] = []
+        attachments = knowledge_store.attachments_of_conversation(self.db, conversation_id)
+        retrievals = knowledge_store.retrievals_of_conversation(self.db, conversation_id)
         for m in chats.list_messages(self.db, conversation_id):
             if m.role == "user":
-                items.append({"type": "user", "content": m.content, "message_id": m.id})
+                items.append({"type": "user", "content": m.content, "message_id": m.id,
+                              "attachments": [{"filename": a["filename"], "mode": a["mode"]}
+                                              for a in attachments.get(m.id, ())]})
+                auto = [r for r in retrievals.get(m.id, ()) if r["via"] == "auto"]
+                if auto:
+                    items.append(source_item(auto))
             elif m.role == "assistant":
                 if m.content:
                     items.append({"type": "text", "content": m.content, "message_id": m.id, "rating": m.rating})
@@ -195,10 +238,15 @@ class ChatEngine:
     def _tools_for(self, user: User) -> list[dict]:
         return [spec.function_schema() for spec in self.executor.tools_for(user)] if self.executor else []
 
-    def stream_turn(self, user: User, text: object, conversation_id: int | None = None) -> Iterator[TurnUpdate]:
+    def stream_turn(self, user: User, text: object, conversation_id: int | None = None,
+                    attachments: list[tuple[str, bytes]] | None = None) -> Iterator[TurnUpdate]:
         """Stream one answer. Raises UserInputError / ConversationNotFound before anything
         is stored; once the user message is stored, every assistant message is stored too,
-        even when the listener leaves early or generation fails."""
+        even when the listener leaves early or generation fails.
+
+        Passages the user's department may read are retrieved for the question and put in
+        the system message; attachments (name, bytes) go in whole when they fit the
+        context, as their most relevant passages when they do not (the user is told)."""
         text = self._check_text(text)
         if conversation_id is not None:
             self.conversation_of(user, conversation_id)
@@ -206,15 +254,60 @@ class ChatEngine:
                 raise UserInputError("pending_action", "An action waits for your approval: approve or decline it first.")
         history = self.history_messages(int(conversation_id)) if conversation_id is not None else []
         tools = self._tools_for(user)
-        self._fit_prompt(history, text, tools)
+        hits = self.knowledge.relevant(user.department_id, text) if self.knowledge is not None else []
+        passages = [h.as_dict() for h in hits]
+        system = self._system(passages)
+        prepared = self._prepare_attachments(attachments or [], text, tools, system)
+        content = "\n\n".join([text, *(a["prompt_text"] for a in prepared)])
+        self._fit_prompt(history, content, tools, system)
 
         if conversation_id is None:
             title = " ".join(text.split())[:TITLE_CHARS]
             conversation_id = chats.create_conversation(self.db, user.id, user.department_id, title).id
         user_message_id = chats.add_message(self.db, conversation_id, "user", text)
+        knowledge_store.log_retrievals(self.db, user_message_id, "auto", passages)
+        for a in prepared:
+            knowledge_store.add_attachment(self.db, user_message_id, a["filename"], a["chars"], a["tokens"],
+                                           a["mode"], a["prompt_text"])
         update = self._new_update(user, conversation_id, user_message_id)
+        update.items.extend({"type": "notice", "content": a["notice"]} for a in prepared)
+        if passages:
+            update.items.append(source_item(passages))
         yield update.snapshot()
         yield from self._rounds(user, update, tools)
+
+    def _prepare_attachments(self, attachments: list[tuple[str, bytes]], text: str, tools: list[dict],
+                             system: dict[str, str]) -> list[dict[str, Any]]:
+        """Each attachment as the model will get it: whole, or passages within what is left
+        of the context window after the question (history is dropped before an attachment is cut)."""
+        if not attachments:
+            return []
+        budget = self.model.max_context - self.settings.generation.max_new_tokens
+        question = self.model.render_prompt([system, {"role": "user", "content": text}], tools, self.settings.thinking)
+        left = budget - self.model.count_tokens(question) - 8  # the blank lines joining the blocks
+        prepared = []
+        for name, data in attachments:
+            try:
+                parsed = parse_bytes(data, name)
+            except DocumentError as exc:
+                raise UserInputError("attachment_unreadable", str(exc), reason=str(exc)) from exc
+            block = whole_block(parsed.source_name, parsed.text)
+            tokens = self.model.count_tokens(block)
+            if tokens <= left:
+                mode, prompt_text = "whole", block
+                notice = bilingual("attachment_whole", name=parsed.source_name, tokens=tokens)
+            else:
+                embedder = self.knowledge.embedder if self.knowledge is not None else None
+                selection = select_passages(parsed.source_name, parsed.text, text, embedder,
+                                            self.model.count_tokens, max(left, 0))
+                mode, prompt_text = "passages", selection.prompt_text
+                notice = bilingual("attachment_" + selection.mode, name=parsed.source_name, tokens=tokens,
+                                   budget=max(left, 0), passages=selection.passages, total=selection.total_passages)
+                tokens = self.model.count_tokens(prompt_text)
+            left -= tokens
+            prepared.append({"filename": parsed.source_name, "chars": parsed.chars, "tokens": tokens,
+                             "mode": mode, "prompt_text": prompt_text, "notice": notice})
+        return prepared
 
     def resolve_action(self, user: User, call_id: str, approve: bool) -> Iterator[TurnUpdate]:
         """The user approves or declines a pending side-effect action; then the turn goes on."""
@@ -242,11 +335,11 @@ class ChatEngine:
         """Generate; run the tool calls; feed results back; until an answer without calls,
         a pending approval, or the round limit."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
+        system = self._system_of(update.conversation_id)
         for round_index in range(self.settings.max_tool_rounds + 1):
             history = self.history_messages(update.conversation_id)
-            prompt = self.model.render_prompt(
-                [{"role": "system", "content": self.settings.system_prompt}, *self._trim(history, tools)],
-                tools, self.settings.thinking)
+            prompt = self.model.render_prompt([system, *self._trim(history, tools, system)], tools,
+                                              self.settings.thinking)
             update.items.append({"type": "text", "content": ""})
             raw, message_id = yield from self._generate(user, update, prompt)
             parsed = parse_output(raw, known)
@@ -279,10 +372,9 @@ class ChatEngine:
                 return
             yield update.snapshot()
 
-    def _trim(self, history: list[dict], tools: list[dict]) -> list[dict]:
+    def _trim(self, history: list[dict], tools: list[dict], system: dict[str, str]) -> list[dict]:
         """Drop the oldest exchanges until the prompt fits (tool rounds make it grow)."""
         budget = self.model.max_context - self.settings.generation.max_new_tokens
-        system = {"role": "system", "content": self.settings.system_prompt}
         past = list(history)
         # never drop the exchange in progress (its user message and tool results)
         while sum(m["role"] == "user" for m in past) > 1:

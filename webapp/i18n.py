@@ -122,6 +122,22 @@ MESSAGES = {
     "pending_action": ("有操作在等待您批准，请先批准或拒绝。", "An action waits for your approval: approve or decline it first."),
     "answer_in_progress": ("回答还在生成，请稍候再评价。", "The answer is still being written; rate it when it is finished."),
     "nothing_to_rate": ("只能评价助手的回答。", "Only the assistant's answers can be rated."),
+    "attachment_unreadable": ("附件无法读取：{reason}", "The attachment cannot be read: {reason}"),
+    "attachment_whole": ("📎 {name}（约 {tokens:,} 个词元）已完整提供给模型。",
+                         "📎 {name} (about {tokens:,} tokens) was given to the model whole."),
+    "attachment_passages_relevant": (
+        "📎 {name} 约 {tokens:,} 个词元，超出模型本轮可读的 {budget:,} 个。已改用检索：只提供与问题最相关的 "
+        "{passages}/{total} 个段落，回答可能遗漏其余内容。",
+        "📎 {name} is about {tokens:,} tokens, more than the {budget:,} the model can read now. Fell back to "
+        "retrieval: the model saw the {passages} of {total} passages most related to your question, not the rest."),
+    "attachment_passages_spread": (
+        "📎 {name} 约 {tokens:,} 个词元，超出模型本轮可读的 {budget:,} 个。问题与具体段落关联不强（如“总结一下”），"
+        "已从全文均匀选取 {passages}/{total} 个段落，摘要可能不完整。",
+        "📎 {name} is about {tokens:,} tokens, more than the {budget:,} the model can read now. Your question "
+        "points to no particular passage (as for a summary), so the model saw {passages} of {total} passages "
+        "spread evenly through it; the summary may miss parts."),
+    "knowledge_no_departments": ("请选择可阅读这些文档的部门，或设为全公司可见。",
+                                 "Choose the departments that may read these documents, or make them company-wide."),
 }
 
 

