@@ -21,6 +21,7 @@ from webapp.ui.chat import (
     stream_resolution,
 )
 from webapp.ui.common import caller
+from webapp.ui.knowledge import build_knowledge_section, register_knowledge_api
 from webapp.ui.review import REVIEW_SHORTCUTS_JS, build_review_tab, register_review_api
 
 
@@ -46,6 +47,7 @@ def build_app(services: Services) -> gr.Blocks:
                 build_review_tab(services, i18n)
             with gr.Tab(i18n("tab_admin"), id="admin", visible=False) as admin_tab:
                 build_admin_tab(services, i18n)
+                build_knowledge_section(services, i18n)
 
         def on_load(request: gr.Request):
             user = caller(services, request)
@@ -60,6 +62,7 @@ def build_app(services: Services) -> gr.Blocks:
         _register_api(services)
         register_review_api(services)
         register_admin_api(services)
+        register_knowledge_api(services)
     return app
 
 

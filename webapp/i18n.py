@@ -51,6 +51,14 @@ EN = {
     "admin_canary": "Set canary",
     "admin_feedback": "Thumbs-down rate per adapter version",
     "admin_runs": "Training runs",
+    "knowledge_title": "📚 Company knowledge",
+    "knowledge_files": "Documents (txt, md, pdf, docx; several at once)",
+    "knowledge_readers": "Who may read them",
+    "knowledge_add": "Add / replace",
+    "knowledge_documents": "Documents",
+    "knowledge_document_id": "Document id",
+    "knowledge_delete": "🗑 Delete document",
+    "attach": "Attach a document",
 }
 
 ZH = {
@@ -98,6 +106,14 @@ ZH = {
     "admin_canary": "设置灰度",
     "admin_feedback": "各适配器版本的点踩率",
     "admin_runs": "训练记录",
+    "knowledge_title": "📚 公司知识库",
+    "knowledge_files": "文档（txt、md、pdf、docx，可多选）",
+    "knowledge_readers": "可阅读的部门",
+    "knowledge_add": "添加 / 替换",
+    "knowledge_documents": "文档",
+    "knowledge_document_id": "文档编号",
+    "knowledge_delete": "🗑 删除文档",
+    "attach": "附加文档",
 }
 
 # Server-side messages: (Chinese, English) by code; params fill {placeholders}.

@@ -306,5 +306,12 @@ class KnowledgeBase:
         """Passages worth putting in front of the model: a strong dense match or a lexical
         match that contains most of the query. 'Hello' retrieves nothing."""
         return [h for h in self.search(department_id, query, k)
-                if (h.dense_score or 0) >= self.settings.min_similarity
+                if ((h.dense_score or 0) >= self.settings.min_similarity and self._readable(h.text))
                 or (h.coverage or 0) >= self.settings.min_coverage]
+
+    def _readable(self, text: str) -> bool:
+        """Whether the embedding model read this passage (an English-only model and a
+        Chinese passage give a vector of [UNK]s whose similarities mean nothing)."""
+        if self.embedder.reads_chinese():
+            return True
+        return len(_CJK.findall(text)) <= 0.3 * max(len(text), 1)

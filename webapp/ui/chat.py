@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -12,6 +13,7 @@ import gradio as gr
 from storage import chats
 from webapp.engine import ConversationNotFound, GenerationFailed, UserInputError
 from webapp.i18n import bilingual
+from webapp.knowledge.parsing import SUPPORTED
 from webapp.ui.common import caller
 
 GENERATION_QUEUE = "model"  # one queue in front of the one model, shared by UI and API
@@ -51,6 +53,23 @@ def tool_card(item: dict[str, Any]) -> dict[str, Any]:
         "id": item["call_id"], "status": "pending" if waiting else "done"}}
 
 
+def sources_card(item: dict[str, Any]) -> dict[str, Any]:
+    """A collapsed chatbot message listing the passages the answer was given, with scores."""
+    lines = []
+    for source in item["sources"]:
+        where = f" · {source['location']}" if source.get("location") else ""
+        passage = source["text"] if len(source["text"]) <= 400 else source["text"][:400] + "…"
+        lines.append(f"**[{source['n']}] {source['title']}**{where} · score {source['score']:.3f}\n> {passage}")
+    return {"role": "assistant", "content": "\n\n".join(lines), "metadata": {
+        "title": f"📚 来源 Sources ({len(item['sources'])})", "status": "done"}}
+
+
+def user_bubble(item: dict[str, Any]) -> dict[str, Any]:
+    attached = "".join(f"\n\n📎 {a['filename']}" + (" (excerpts 节选)" if a["mode"] == "passages" else "")
+                       for a in item.get("attachments") or ())
+    return {"role": "user", "content": item["content"] + attached}
+
+
 def render_items(items: list[dict[str, Any]]) -> tuple[list[dict], list[int | None]]:
     """Chatbot messages for turn items, and the database id of each (None: not rateable)."""
     messages, ids = [], []
@@ -58,10 +77,18 @@ def render_items(items: list[dict[str, Any]]) -> tuple[list[dict], list[int | No
         if item["type"] == "tool":
             messages.append(tool_card(item))
             ids.append(None)
-        else:
-            role = "user" if item["type"] == "user" else "assistant"
-            messages.append({"role": role, "content": item["content"] or "…"})
-            ids.append(item.get("message_id") if role == "assistant" else None)
+        elif item["type"] == "sources":
+            messages.append(sources_card(item))
+            ids.append(None)
+        elif item["type"] == "notice":
+            messages.append({"role": "assistant", "content": item["content"]})
+            ids.append(None)
+        elif item["type"] == "user":
+            messages.append(user_bubble(item))
+            ids.append(None)
+        else:  # an answer
+            messages.append({"role": "assistant", "content": item["content"] or "…"})
+            ids.append(item.get("message_id"))
     return messages, ids
 
 
@@ -110,8 +137,31 @@ def _guarded(stream):
     return first, rest()
 
 
-def stream_answer(services, user, text: str, conversation_id: int | None):
-    return _guarded(services.engine.stream_turn(user, text, conversation_id))
+def stream_answer(services, user, text: str, conversation_id: int | None,
+                  attachments: list[tuple[str, bytes]] | None = None):
+    return _guarded(services.engine.stream_turn(user, text, conversation_id, attachments))
+
+
+def rated_answer(history: list[dict], ids: list[int | None], index: int) -> int | None:
+    """The answer a thumb rates. The chatbot shows consecutive assistant messages (sources,
+    action cards, the answer) as one bubble with one pair of thumbs, reporting the index
+    of its first message: the rated answer is the last one of that group."""
+    found = None
+    for position in range(index, len(ids)):
+        if position > index and (history[position] or {}).get("role") == "user":
+            break
+        if ids[position] is not None:
+            found = ids[position]
+    return found
+
+
+def read_attachments(paths) -> list[tuple[str, bytes]]:
+    """Files the browser uploaded (Gradio saved them): (name, bytes) for the engine."""
+    out = []
+    for path in paths or ():
+        path = Path(path if isinstance(path, str) else path.get("path"))
+        out.append((path.name, path.read_bytes()))
+    return out
 
 
 def stream_resolution(services, user, call_id: str, approve: bool):
@@ -138,9 +188,10 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
                 with gr.Row():
                     approve_button = gr.Button(i18n("approve"), variant="primary", elem_id="approve")
                     decline_button = gr.Button(i18n("decline"), variant="stop", elem_id="decline")
-            textbox = gr.Textbox(
+            textbox = gr.MultimodalTextbox(
                 placeholder=i18n("placeholder"), show_label=False, lines=1, max_lines=12,
-                submit_btn=True, elem_id="message",
+                submit_btn=True, elem_id="message", file_count="multiple", file_types=list(SUPPORTED),
+                sources=["upload"],
             )
             with gr.Row(visible=False, elem_id="comment-row") as comment_row:
                 comment = gr.Textbox(label=i18n("comment_label"), scale=5, elem_id="comment")
@@ -152,13 +203,21 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
             return gr.Group(visible=True), approval_text(pending), pending[0]["call_id"]
         return gr.Group(visible=False), "", None
 
-    def send(text, history, conversation_id, ids, request: gr.Request):
+    def send(value, history, conversation_id, ids, request: gr.Request):
         user = caller(services, request)
-        first, rest = stream_answer(services, user, text, conversation_id)
-        base = [*history, {"role": "user", "content": text}]
-        base_ids = [*ids, None]
+        value = value or {}
+        text = value.get("text", "") if isinstance(value, dict) else str(value)
+        attachments = read_attachments(value.get("files") if isinstance(value, dict) else None)
+        first, rest = stream_answer(services, user, text, conversation_id, attachments)
+        base, base_ids = [*history], [*ids]
         update = first
-        yield ("", base, first.conversation_id, base_ids, gr.Row(visible=False), "", *approval_updates([]))
+        shown, shown_ids = render_items(
+            [{"type": "user", "content": text,
+              "attachments": [{"filename": name, "mode": ""} for name, _ in attachments]}, *first.items])
+        yield ({"text": "", "files": []}, base + shown, first.conversation_id, base_ids + shown_ids,
+               gr.Row(visible=False), "", *approval_updates([]))
+        base = base + shown[:1]
+        base_ids = base_ids + [None]
         for update in rest:
             shown, shown_ids = render_items(update.items)
             yield (gr.skip(), base + shown, update.conversation_id, base_ids + shown_ids,
@@ -196,12 +255,12 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
         caller(services, request)
         return [], None, [], gr.Radio(value=None), gr.Row(visible=False), "", *approval_updates([])
 
-    def on_like(ids, data: gr.LikeData, request: gr.Request):
+    def on_like(history, ids, data: gr.LikeData, request: gr.Request):
         user = caller(services, request)
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
         if not isinstance(index, int) or not 0 <= index < len(ids):
             raise gr.Error(bilingual("nothing_to_rate"))
-        message_id = ids[index]
+        message_id = rated_answer(history, ids, index)
         if message_id is None:  # an action card, or an answer still streaming
             raise gr.Error(bilingual("answer_in_progress"))
         rating = 1 if data.liked is True or data.liked == "Like" else -1
@@ -249,7 +308,7 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
         [chatbot, conversation_state, message_ids, conversations, comment_row, status, *approval_outputs],
         api_visibility="private",
     )
-    chatbot.like(on_like, [message_ids], [comment_row, pending_comment, comment, status], api_visibility="private")
+    chatbot.like(on_like, [chatbot, message_ids], [comment_row, pending_comment, comment, status], api_visibility="private")
     for trigger in (comment_button.click, comment.submit):
         trigger(send_comment, [pending_comment, comment], [comment_row, pending_comment, comment, status],
                 api_visibility="private")
