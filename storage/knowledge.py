@@ -167,9 +167,10 @@ def chunks_by_id(db: Database, chunk_ids: Sequence[int]) -> dict[int, dict[str, 
     return {r["id"]: r for r in rows}
 
 
-def chunk_texts(db: Database) -> list[tuple[int, str]]:
-    """(id, text) of every chunk: to embed them again with a new embedding model."""
-    return [(r["id"], r["text"]) for r in db.query("SELECT id, text FROM kb_chunks ORDER BY id")]
+def chunk_texts(db: Database) -> list[tuple[int, str, str]]:
+    """(id, document title, text) of every chunk: to embed them again with a new embedding model."""
+    return [(r["id"], r["title"], r["text"]) for r in db.query(
+        "SELECT c.id, d.title, c.text FROM kb_chunks c JOIN kb_documents d ON d.id = c.document_id ORDER BY c.id")]
 
 
 def replace_embeddings(db: Database, embeddings: dict[int, bytes], embedding_model: str) -> int:

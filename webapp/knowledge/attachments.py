@@ -58,7 +58,7 @@ def select_passages(name: str, text: str, question: str, embedder, count_chat_to
     else:
         order = _spread(len(chunks))
         mode = "passages_spread"
-    chosen: list[int] = []
+    chosen: list[int] = []  # in rank order
     used = 0
     for number in order:
         cost = count_chat_tokens(chunks[number].text) + 4
@@ -66,9 +66,17 @@ def select_passages(name: str, text: str, question: str, embedder, count_chat_to
             continue
         chosen.append(int(number))
         used += cost
-    chosen.sort()
+    prompt_text = _excerpt(name, chunks, chosen)
+    # the tags and […] markers cost tokens too: drop the weakest passages until it fits
+    while chosen and count_chat_tokens(prompt_text) > budget_tokens:
+        chosen.pop()
+        prompt_text = _excerpt(name, chunks, chosen)
+    return Selection(mode, prompt_text, len(chosen), len(chunks))
+
+
+def _excerpt(name: str, chunks, chosen: list[int]) -> str:
     parts, previous = [], -1
-    for number in chosen:
+    for number in sorted(chosen):
         if number != previous + 1:
             parts.append("[…]")
         parts.append(chunks[number].text)
@@ -76,8 +84,7 @@ def select_passages(name: str, text: str, question: str, embedder, count_chat_to
     if previous != len(chunks) - 1:
         parts.append("[…]")
     body = "\n".join(parts)
-    return Selection(mode, f'<attachment name="{name}" excerpt="true">\n{body}\n</attachment>', len(chosen),
-                     len(chunks))
+    return f'<attachment name="{name}" excerpt="true">\n{body}\n</attachment>'
 
 
 def _spread(count: int) -> list[int]:

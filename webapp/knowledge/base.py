@@ -32,6 +32,12 @@ RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 Progress = Callable[[float, str], None]
 
 
+def embedding_input(title: str, text: str) -> str:
+    """What is embedded for a passage: its document's title first, so that a bare
+    paragraph of "Leave policy" still carries what it is about."""
+    return f"{title}\n{text}"
+
+
 @dataclass(frozen=True)
 class KnowledgeSettings:
     index_dir: Path
@@ -153,7 +159,24 @@ class KnowledgeBase:
 
     def _current(self, meta: dict, count: int) -> bool:
         return (meta.get("version") == self.version and meta.get("model") == self.embedder.name
-                and meta.get("dim") == self.embedder.dim and meta.get("count") == count)
+                and meta.get("dim") == self.embedder.dim and meta.get("count") == count
+                and meta.get("approximate") == (count >= self.settings.ann_threshold))
+
+    def _rebuild_dense_if_due(self) -> None:
+        """Exact search turns approximate past the threshold (and back below it); HNSW,
+        which cannot delete, is rebuilt once a quarter of its vectors are deleted ones."""
+        size = self._dense.size
+        wrong_kind = self._dense.approximate != (size >= self.settings.ann_threshold)
+        too_many_removed = self._dense.approximate and len(self._dense.removed) > 0.25 * max(self._dense.index.ntotal, 1)
+        if wrong_kind or too_many_removed:
+            chunks = kb_store.indexed_chunks(self.db)
+            self._dense = DenseIndex(self.embedder.dim, len(chunks) >= self.settings.ann_threshold)
+            self._dense.add(*self._vectors(chunks))
+
+    def _vectors(self, chunks: Sequence[kb_store.IndexedChunk]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.fromiter((c.id for c in chunks), dtype=np.int64, count=len(chunks))
+        vectors = np.frombuffer(b"".join(c.embedding for c in chunks), dtype=np.float32)
+        return ids, vectors.reshape(len(chunks), self.embedder.dim)
 
     def _reembed(self, old_model: str, progress: Progress | None) -> None:
         rows = kb_store.chunk_texts(self.db)
@@ -163,17 +186,15 @@ class KnowledgeBase:
         batch = 256
         for start in range(0, len(rows), batch):
             part = rows[start:start + batch]
-            vectors = self.embedder.encode([text for _, text in part])
-            embeddings.update({chunk_id: v.tobytes() for (chunk_id, _), v in zip(part, vectors)})
+            vectors = self.embedder.encode([embedding_input(title, text) for _, title, text in part])
+            embeddings.update({chunk_id: v.tobytes() for (chunk_id, _, _), v in zip(part, vectors)})
             if progress:
                 progress(min(1.0, (start + batch) / len(rows)), "re-embedding")
         kb_store.replace_embeddings(self.db, embeddings, self.embedder.name)
 
     def _index(self, chunks: Sequence[kb_store.IndexedChunk], dense: bool = True) -> None:
         if dense and chunks:
-            ids = np.fromiter((c.id for c in chunks), dtype=np.int64, count=len(chunks))
-            vectors = np.frombuffer(b"".join(c.embedding for c in chunks), dtype=np.float32)
-            self._dense.add(ids, vectors.reshape(len(chunks), self.embedder.dim))
+            self._dense.add(*self._vectors(chunks))
         for chunk in chunks:
             self._lexical.add(chunk.id, chunk.text)
             self._readers.set(chunk.id, chunk.company_wide, chunk.departments)
@@ -224,8 +245,8 @@ class KnowledgeBase:
         batch = 64
         parts = []
         for start in range(0, len(chunks), batch):
-            # the title goes into every passage's embedding: "Leave policy" + a bare paragraph
-            parts.append(self.embedder.encode([f"{parsed.title}\n{c.text}" for c in chunks[start:start + batch]]))
+            parts.append(self.embedder.encode([embedding_input(parsed.title, c.text)
+                                               for c in chunks[start:start + batch]]))
             if progress:
                 progress(0.2 + 0.7 * min(1.0, (start + batch) / len(chunks)), "embedding")
         if parts:
@@ -240,6 +261,7 @@ class KnowledgeBase:
             self._forget(removed)
             self._index(kb_store.indexed_chunks(self.db, added))
             self.version = version
+            self._rebuild_dense_if_due()
             self._save()
         status = "replaced" if existing is not None else "added"
         return IngestReport(parsed.source_name, status, f"{len(added)} passages", document_id, len(added))
@@ -251,6 +273,7 @@ class KnowledgeBase:
                 return False
             removed, self.version = result
             self._forget(removed)
+            self._rebuild_dense_if_due()
             self._save()
         return True
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 # A sentence ends after Chinese 。！？； (and their full-width friends), after English . ! ? ;
-# followed by a space, and at a line break (headings, list items, table rows).
-_SENTENCE_END = re.compile(r"(?<=[。！？；!?;…])(?![」』”’\"）)])|(?<=[.])(?=\s)|\n+")
+# followed by a space or a Chinese character, and at a line break (headings, list items, table rows).
+_SENTENCE_END = re.compile(r"(?<=[。！？；!?;…])(?![」』”’\"）)])|(?<=[.])(?=\s|[\u4e00-\u9fff])|\n+")
 
 CountTokens = Callable[[Sequence[str]], list[int]]
 
