@@ -183,3 +183,44 @@ def test_admin_retrains_now_and_watches_it(running_app, browser):
     run = registry.runs(services.db)[0]
     assert run["status"] == "succeeded" and run["trigger"] == "manual" and run["version"] == "v1"
     page.screenshot(path=str(services.settings.data_dir / "admin.png"), full_page=True)
+
+
+def test_admin_uploads_a_document_and_an_employee_gets_a_cited_answer(running_app, browser, tmp_path):
+    url, services = running_app
+    policy = tmp_path / "remote-work.md"
+    policy.write_text("# Remote work policy\n\nEmployees may work remotely up to two days per week with "
+                      "their manager's approval.\n")
+    broken = tmp_path / "scan.pdf"
+    broken.write_bytes(b"not a pdf at all")
+    admin = browser.new_page(locale="en-US")
+    log_in(admin, url, "finance-admin")
+    admin.get_by_role("tab", name="Admin").wait_for(timeout=30_000)
+    admin.get_by_role("tab", name="Admin").click()
+    admin.locator("#knowledge").get_by_text("Company knowledge").click()  # open the accordion
+    admin.locator("#knowledge-reload").click()
+    admin.locator("#knowledge-readers").get_by_text("Finance 财务部").click()
+    admin.locator("#knowledge-files input[type=file]").set_input_files([str(policy), str(broken)])
+    admin.locator("#knowledge-add").click()
+    admin.locator("#knowledge-result").get_by_text("remote-work.md").wait_for(timeout=60_000)
+    result = admin.locator("#knowledge-result").inner_text()
+    assert "added" in result and "not a readable PDF" in result  # the broken file is named, the other added
+    wait_for(lambda: "Remote work policy" in admin.locator("#knowledge-documents").inner_text(), what="the listing")
+    assert [d.departments for d in services.knowledge.documents() if d.source_name == "remote-work.md"] == [("finance",)]
+
+    employee = browser.new_page(locale="en-US")
+    log_in(employee, url, "finance-employee")
+    employee.wait_for_selector("#message textarea", timeout=30_000)
+    employee.locator("#message textarea").fill("How many days per week may I work remotely?")
+    employee.locator("#message textarea").press("Enter")
+    employee.locator("#chatbot").get_by_text("Sources (1)").wait_for(timeout=60_000)
+    employee.locator("#chatbot").get_by_text("Sources (1)").click()  # expand the card
+    employee.locator("#chatbot").get_by_text("two days per week").wait_for()
+    hr_page = browser.new_page(locale="en-US")  # HR asks the same and sees no finance document
+    log_in(hr_page, url, "hr-employee")
+    hr_page.wait_for_selector("#message textarea", timeout=30_000)
+    hr_page.locator("#message textarea").fill("How many days per week may I work remotely?")
+    hr_page.locator("#message textarea").press("Enter")
+    wait_for(lambda: services.db.scalar("SELECT count(*) FROM messages WHERE role = 'assistant'") == 2,
+             what="HR's answer")
+    hr_page.wait_for_timeout(500)
+    assert "Sources" not in hr_page.locator("#chatbot").inner_text()

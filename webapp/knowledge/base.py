@@ -287,16 +287,18 @@ class KnowledgeBase:
 
     # -- searching ----------------------------------------------------------------------
 
-    def search(self, department_id: str, query: str, k: int | None = None) -> list[Hit]:
+    def search(self, department_id: str, query: str, k: int | None = None, mode: str = "hybrid") -> list[Hit]:
         """The k best passages the department may read: dense and BM25 rankings, each over
-        the readable chunks only, fused by reciprocal rank."""
+        the readable chunks only, fused by reciprocal rank. mode 'dense' or 'lexical' uses
+        one ranking alone (to compare them: bench/knowledge.py)."""
         k = k or self.settings.top_k
         query = (query or "").strip()
         if not query:
             return []
         # A query the embedding model cannot read ranks by BM25 alone.
-        readable = self.embedder.reads_chinese() or not _CJK.search(query)
-        vector = self.embedder.encode([query])[0] if readable else None
+        readable = mode == "dense" or (mode == "hybrid" and (self.embedder.reads_chinese() or not _CJK.search(query)))
+        # (Embedding the query on a second thread while BM25 ranks was measured slower on 2 cores.)
+        vector = self.embedder.encode_query(query) if readable else None
         depth = max(50, 4 * k)
         with self._lock:
             size = max(self._lexical.capacity, len(self._readers.public),
@@ -305,7 +307,7 @@ class KnowledgeBase:
             if not allowed.any():
                 return []
             dense = self._dense.search(vector, allowed, depth) if vector is not None else []
-            lexical = self._lexical.search(query, allowed, depth)
+            lexical = self._lexical.search(query, allowed, depth) if mode != "dense" else []
         fused: dict[int, float] = {}
         for rank, (chunk_id, _) in enumerate(dense):
             fused[chunk_id] = fused.get(chunk_id, 0.0) + 1 / (RRF_K + rank + 1)

@@ -70,6 +70,19 @@ class Embedder:
             self._reads_chinese = unk is None or sum(i == unk for i in ids) / max(len(ids), 1) < 0.1
         return self._reads_chinese
 
+    def encode_query(self, text: str) -> np.ndarray:
+        """One short text, straight through the model's modules: SentenceTransformer.encode
+        spends about 2 ms per call on batching machinery a single query does not need."""
+        import torch
+
+        prepare = getattr(self._model, "preprocess", None) or self._model.tokenize  # renamed in s-t 6
+        features = prepare([text])
+        features = {k: v.to(self._model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        with torch.inference_mode():
+            output = self._model.forward(features)
+            vector = torch.nn.functional.normalize(output["sentence_embedding"].float(), dim=-1)
+        return vector[0].cpu().numpy()
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
