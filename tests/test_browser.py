@@ -201,9 +201,9 @@ def test_admin_uploads_a_document_and_an_employee_gets_a_cited_answer(running_ap
     admin.locator("#knowledge-readers").get_by_text("Finance 财务部").click()
     admin.locator("#knowledge-files input[type=file]").set_input_files([str(policy), str(broken)])
     admin.locator("#knowledge-add").click()
-    admin.locator("#knowledge-result").get_by_text("remote-work.md").wait_for(timeout=60_000)
+    admin.locator("#knowledge-result").get_by_text("not a readable PDF").wait_for(timeout=60_000)
     result = admin.locator("#knowledge-result").inner_text()
-    assert "added" in result and "not a readable PDF" in result  # the broken file is named, the other added
+    assert "remote-work.md · added" in result  # the broken file is named, the other one added
     wait_for(lambda: "Remote work policy" in admin.locator("#knowledge-documents").inner_text(), what="the listing")
     assert [d.departments for d in services.knowledge.documents() if d.source_name == "remote-work.md"] == [("finance",)]
 
@@ -224,3 +224,25 @@ def test_admin_uploads_a_document_and_an_employee_gets_a_cited_answer(running_ap
              what="HR's answer")
     hr_page.wait_for_timeout(500)
     assert "Sources" not in hr_page.locator("#chatbot").inner_text()
+
+
+def test_an_employee_attaches_a_document_to_a_question(running_app, browser, tmp_path):
+    url, services = running_app
+    contract = tmp_path / "contract.txt"
+    contract.write_text("Contract 2026-17 between Acme and Hongda. Payment is due within 45 days of invoice.")
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, "finance-employee")
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.locator("#message input[type=file]").set_input_files([str(contract)])
+    page.locator("#message .thumbnail-item, #message .file-preview, #message [class*=thumbnail]").first.wait_for()
+    page.wait_for_timeout(1000)  # the upload to the server finishes
+    page.locator("#message textarea").fill("What is the payment term?")
+    page.locator("#message textarea").press("Enter")
+    try:
+        page.locator("#chatbot").get_by_text("given to the model whole").wait_for(timeout=60_000)
+    finally:
+        page.screenshot(path=str(services.settings.data_dir / "attachment.png"), full_page=True)
+    assert "📎 contract.txt" in page.locator("#chatbot").inner_text()
+    row = wait_for(lambda: services.db.query_one("SELECT filename, mode, prompt_text FROM message_attachments"),
+                   what="the attachment stored")
+    assert row["filename"] == "contract.txt" and row["mode"] == "whole" and "45 days" in row["prompt_text"]
