@@ -62,7 +62,7 @@ def add_message(db: Database, conversation_id: int, role: str, content: str, **f
     """Insert a message and touch its conversation, atomically; returns the message id."""
     allowed = {
         "thinking", "model", "adapter", "adapter_version", "latency_ms", "ttft_ms",
-        "prompt_tokens", "completion_tokens", "finish_reason", "error", "tool_call_id",
+        "prompt_tokens", "completion_tokens", "finish_reason", "error", "tool_call_id", "cache_entry_id",
     }
     unknown = set(fields) - allowed
     if unknown:
@@ -98,7 +98,7 @@ def list_messages(db: Database, conversation_id: int) -> list[Message]:
 def get_message_owner(db: Database, message_id: int) -> dict[str, Any] | None:
     """Who owns the conversation a message belongs to, and the message's role."""
     return db.query_one(
-        "SELECT c.user_id, c.department_id, m.role, m.conversation_id FROM messages m"
+        "SELECT c.user_id, c.department_id, m.role, m.conversation_id, m.cache_entry_id FROM messages m"
         " JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
         [message_id],
     )
@@ -145,3 +145,9 @@ def usage_summary(db: Database) -> dict[str, int]:
 
 def last_user_message_id(db: Database, conversation_id: int) -> int | None:
     return db.scalar("SELECT max(id) FROM messages WHERE conversation_id = ? AND role = 'user'", [conversation_id])
+
+
+def message_outcome(db: Database, message_id: int) -> dict[str, Any] | None:
+    """How an answer ended: finish reason, tokens, timing, and the cache entry it came from."""
+    return db.query_one("SELECT finish_reason, completion_tokens, latency_ms, cache_entry_id FROM messages"
+                        " WHERE id = ?", [message_id])

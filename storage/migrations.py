@@ -287,6 +287,49 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0007_response_cache",
+        """
+        CREATE SEQUENCE cache_entry_ids;
+        CREATE TABLE cache_entries (
+            id              BIGINT PRIMARY KEY DEFAULT nextval('cache_entry_ids'),
+            scope           VARCHAR NOT NULL,         -- hash of department, model, adapter version, KB version, tools
+            department_id   VARCHAR NOT NULL,
+            question        VARCHAR NOT NULL,
+            normalized      VARCHAR NOT NULL,         -- for exact hits: width, case, punctuation, spaces folded
+            embedding       BLOB,                     -- float32 of the question, for semantic hits
+            answer          VARCHAR NOT NULL,
+            sources         VARCHAR,                  -- JSON: the passages the answer was given
+            source_message_id BIGINT NOT NULL,        -- the generated answer it replays
+            generation_ms   DOUBLE,                   -- what a hit saves
+            completion_tokens INTEGER,
+            live_tools      BOOLEAN NOT NULL,         -- the answer used tools with live data
+            hits            BIGINT NOT NULL DEFAULT 0,
+            created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            last_hit_at     TIMESTAMP,
+            expires_at      TIMESTAMP NOT NULL,
+            evicted_at      TIMESTAMP,
+            evicted_reason  VARCHAR                   -- thumbs-down / cleared / size / ...
+        );
+        CREATE INDEX cache_entries_scope ON cache_entries (scope, normalized);
+        CREATE TABLE cache_lookups (
+            department_id   VARCHAR NOT NULL,
+            outcome         VARCHAR NOT NULL,         -- exact / semantic / miss / guarded (similar, but a guard refused)
+            entry_id        BIGINT,
+            similarity      DOUBLE,
+            lookup_ms       DOUBLE NOT NULL,
+            created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        -- what admins change at run time (settings give the first values)
+        CREATE TABLE cache_settings (
+            id              INTEGER PRIMARY KEY CHECK (id = 1),
+            enabled         BOOLEAN NOT NULL,
+            semantic        BOOLEAN NOT NULL,
+            threshold       DOUBLE NOT NULL
+        );
+        ALTER TABLE messages ADD COLUMN cache_entry_id BIGINT;  -- answered from this cache entry
+        """,
+    ),
 )
 
 

@@ -11,6 +11,7 @@ from webapp.i18n import EN, build_i18n
 from webapp.review import REVIEW_ROLES
 from webapp.services import Services
 from webapp.ui.admin import build_admin_tab, register_admin_api
+from webapp.ui.cache import build_cache_section, register_cache_api
 from webapp.ui.chat import (
     GENERATION_QUEUE,
     build_chat_tab,
@@ -48,6 +49,7 @@ def build_app(services: Services) -> gr.Blocks:
             with gr.Tab(i18n("tab_admin"), id="admin", visible=False) as admin_tab:
                 build_admin_tab(services, i18n)
                 build_knowledge_section(services, i18n)
+                build_cache_section(services, i18n)
 
         def on_load(request: gr.Request):
             user = caller(services, request)
@@ -63,6 +65,7 @@ def build_app(services: Services) -> gr.Blocks:
         register_review_api(services)
         register_admin_api(services)
         register_knowledge_api(services)
+        register_cache_api(services)
     return app
 
 
@@ -80,11 +83,13 @@ def _register_api(services: Services) -> None:
             "adapter_version": adapter.version if adapter else None,
         }
 
-    def chat(message: str, conversation_id: int | None = None, request: gr.Request = None) -> Iterator[dict[str, Any]]:
-        """Stream one turn: dicts with conversation_id, message_id, answer, items (text and
-        tool actions), pending (actions to approve with /approve) and done."""
+    def chat(message: str, conversation_id: int | None = None, fresh: bool = False,
+             request: gr.Request = None) -> Iterator[dict[str, Any]]:
+        """Stream one turn: dicts with conversation_id, message_id, answer, items (text,
+        sources and tool actions), pending (actions to approve with /approve), cached and done.
+        fresh=true asks the model even when the response cache has the answer."""
         user = caller(services, request)
-        first, rest = stream_answer(services, user, message, conversation_id)
+        first, rest = stream_answer(services, user, message, conversation_id, None, bool(fresh))
         yield _update_dict(first)
         for update in rest:
             yield _update_dict(update)
@@ -136,6 +141,7 @@ def _update_dict(update) -> dict[str, Any]:
         "adapter_version": update.adapter_version,
         "items": update.items,
         "pending": update.pending,
+        "cached": update.cached,
     }
 
 

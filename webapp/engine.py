@@ -93,6 +93,7 @@ class TurnUpdate:
     items: list[dict[str, Any]] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
     adapter_slot: str | None = None  # the loaded peft adapter that generates (canary or active)
+    cached: bool = False  # answered from the response cache
 
     def snapshot(self) -> "TurnUpdate":
         return dataclasses.replace(self, items=[dict(i) for i in self.items], pending=list(self.pending))
@@ -105,12 +106,13 @@ def tool_item(outcome: ToolOutcome) -> dict[str, Any]:
 
 class ChatEngine:
     def __init__(self, db: Database, model: ModelService, settings: TurnSettings,
-                 executor: ToolExecutor | None = None, knowledge=None):
+                 executor: ToolExecutor | None = None, knowledge=None, cache=None):
         self.db = db
         self.model = model
         self.settings = settings
         self.executor = executor
         self.knowledge = knowledge  # webapp.knowledge.base.KnowledgeBase, or None when turned off
+        self.cache = cache  # webapp.cache.service.ResponseCache, or None when turned off
 
     # -- reading ------------------------------------------------------------------------
 
@@ -239,14 +241,17 @@ class ChatEngine:
         return [spec.function_schema() for spec in self.executor.tools_for(user)] if self.executor else []
 
     def stream_turn(self, user: User, text: object, conversation_id: int | None = None,
-                    attachments: list[tuple[str, bytes]] | None = None) -> Iterator[TurnUpdate]:
+                    attachments: list[tuple[str, bytes]] | None = None, fresh: bool = False) -> Iterator[TurnUpdate]:
         """Stream one answer. Raises UserInputError / ConversationNotFound before anything
         is stored; once the user message is stored, every assistant message is stored too,
         even when the listener leaves early or generation fails.
 
         Passages the user's department may read are retrieved for the question and put in
         the system message; attachments (name, bytes) go in whole when they fit the
-        context, as their most relevant passages when they do not (the user is told)."""
+        context, as their most relevant passages when they do not (the user is told).
+
+        The first message of a conversation (no attachments) may be answered from the
+        response cache; `fresh` asks the model even so."""
         text = self._check_text(text)
         if conversation_id is not None:
             self.conversation_of(user, conversation_id)
@@ -254,6 +259,15 @@ class ChatEngine:
                 raise UserInputError("pending_action", "An action waits for your approval: approve or decline it first.")
         history = self.history_messages(int(conversation_id)) if conversation_id is not None else []
         tools = self._tools_for(user)
+        # Only context-free turns meet the cache: a follow-up ("and last year?") never does.
+        scope = self._cache_scope(user, tools) if self.cache is not None and conversation_id is None \
+            and not attachments else None
+        if scope is not None and not fresh:
+            hit = self.cache.lookup(user.department_id, scope, text)
+            if hit is not None:
+                yield self._serve_cached(user, text, hit)
+                return
+        started = time.perf_counter()
         hits = self.knowledge.relevant(user.department_id, text) if self.knowledge is not None else []
         passages = [h.as_dict() for h in hits]
         system = self._system(passages)
@@ -274,7 +288,61 @@ class ChatEngine:
         if passages:
             update.items.append(source_item(passages))
         yield update.snapshot()
-        yield from self._rounds(user, update, tools)
+        last = update
+        for last in self._rounds(user, update, tools):
+            yield last
+        if scope is not None:
+            self._remember(user, scope, text, passages, last, (time.perf_counter() - started) * 1000)
+
+    def _cache_scope(self, user: User, tools: list[dict]) -> str:
+        adapter = self.model.adapter_for(user.department_id)
+        return self.cache.scope(
+            user.department_id, self.model.name, self.settings.system_prompt,
+            f"{adapter.name}@{adapter.version}" if adapter else None,
+            self.knowledge.version if self.knowledge is not None else None,
+            [t["function"]["name"] for t in tools])
+
+    def _remember(self, user: User, scope: str, text: str, passages: list[dict], final: TurnUpdate,
+                  elapsed_ms: float) -> None:
+        """Cache a finished answer. Not: actions with side effects, failed tools, answers
+        from a canary adapter (the scope names the active one), cut-off answers."""
+        if not final.done or final.pending or not final.answer or final.message_id is None:
+            return
+        actions = [i for i in final.items if i["type"] == "tool"]
+        if any(i.get("side_effect") or i["status"] != "ok" for i in actions):
+            return
+        active = self.model.adapter_for(user.department_id)
+        if (active.version if active else None) != final.adapter_version:
+            return
+        stored = chats.message_outcome(self.db, final.message_id)
+        if stored is None or stored["finish_reason"] != "stop":
+            return
+        self.cache.store(
+            department_id=user.department_id, scope=scope, question=text, answer=final.answer,
+            sources=passages, source_message_id=final.message_id, tools_used=[i["tool"] for i in actions],
+            generation_ms=elapsed_ms, completion_tokens=stored["completion_tokens"])
+
+    def _serve_cached(self, user: User, text: str, hit) -> TurnUpdate:
+        """The turn answered from the cache: logged like any turn, marked with its entry."""
+        started = time.perf_counter()
+        title = " ".join(text.split())[:TITLE_CHARS]
+        conversation_id = chats.create_conversation(self.db, user.id, user.department_id, title).id
+        user_message_id = chats.add_message(self.db, conversation_id, "user", text)
+        knowledge_store.log_retrievals(self.db, user_message_id, "auto", hit.sources)
+        update = self._new_update(user, conversation_id, user_message_id)
+        elapsed = (time.perf_counter() - started) * 1000
+        message_id = chats.add_message(
+            self.db, conversation_id, "assistant", hit.answer, model=self.model.name, adapter=update.adapter,
+            adapter_version=update.adapter_version, latency_ms=elapsed, ttft_ms=elapsed, finish_reason="cached",
+            cache_entry_id=hit.entry_id)
+        if hit.sources:
+            update.items.append(source_item(hit.sources))
+        update.items.append({"type": "text", "content": hit.answer, "message_id": message_id,
+                             "cached": {"entry_id": hit.entry_id, "layer": hit.layer,
+                                        "similarity": hit.similarity, "question": hit.question}})
+        update.answer, update.message_id, update.done = hit.answer, message_id, True
+        update.cached = True
+        return update.snapshot()
 
     def _prepare_attachments(self, attachments: list[tuple[str, bytes]], text: str, tools: list[dict],
                              system: dict[str, str]) -> list[dict[str, Any]]:
@@ -439,7 +507,10 @@ class ChatEngine:
         if rating not in (1, -1):
             raise ValueError("rating must be 1 (thumbs up) or -1 (thumbs down)")
         comment = (comment or "").strip()[: self.MAX_COMMENT_CHARS] or None
-        return chats.record_feedback(self.db, int(message_id), user.id, rating, comment)
+        feedback_id = chats.record_feedback(self.db, int(message_id), user.id, rating, comment)
+        if rating == -1 and self.cache is not None:
+            self.cache.evict_for_feedback(int(message_id), owner.get("cache_entry_id"))
+        return feedback_id
 
 
 def _drop_oldest_exchange(messages: list[dict]) -> list[dict]:

@@ -59,6 +59,13 @@ EN = {
     "knowledge_document_id": "Document id",
     "knowledge_delete": "🗑 Delete document",
     "attach": "Attach a document",
+    "ask_fresh": "🔄 Ask the model afresh",
+    "cache_title": "⚡ Response cache",
+    "cache_enabled": "Cache on",
+    "cache_semantic": "Serve paraphrases (semantic layer)",
+    "cache_threshold": "Similarity threshold",
+    "cache_save": "Save",
+    "cache_clear": "🗑 Clear the cache",
 }
 
 ZH = {
@@ -114,6 +121,13 @@ ZH = {
     "knowledge_document_id": "文档编号",
     "knowledge_delete": "🗑 删除文档",
     "attach": "附加文档",
+    "ask_fresh": "🔄 重新让模型回答",
+    "cache_title": "⚡ 回答缓存",
+    "cache_enabled": "启用缓存",
+    "cache_semantic": "相似问题也使用缓存（语义层）",
+    "cache_threshold": "相似度阈值",
+    "cache_save": "保存",
+    "cache_clear": "🗑 清空缓存",
 }
 
 # Server-side messages: (Chinese, English) by code; params fill {placeholders}.

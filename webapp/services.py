@@ -10,6 +10,7 @@ from storage import Database, migrate
 from storage import adapters as adapter_registry
 from webapp.adapters import AdapterManager
 from webapp.auth import Auth
+from webapp.cache.service import CacheSettings, ResponseCache
 from webapp.demo import ensure_first_admin, seed_demo_company, seed_demo_documents
 from webapp.engine import ChatEngine, TurnSettings
 from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
@@ -39,6 +40,7 @@ class Services:
     refresh: RefreshRunner
     nightly: NightlyRefresh
     knowledge: KnowledgeBase | None = None
+    cache: ResponseCache | None = None
     first_admin_password: str | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -77,6 +79,12 @@ def knowledge_settings(settings: Settings) -> KnowledgeSettings:
         overlap_tokens=settings.chunk_overlap_tokens, top_k=settings.retrieval_top_k,
         min_similarity=settings.retrieval_min_similarity, min_coverage=settings.retrieval_min_coverage,
         ann_threshold=settings.ann_threshold)
+
+
+def cache_settings(settings: Settings) -> CacheSettings:
+    return CacheSettings(enabled=settings.cache, semantic=settings.cache_semantic, threshold=settings.cache_threshold,
+                         ttl_s=int(settings.cache_ttl_hours * 3600), live_ttl_s=settings.cache_live_ttl_s,
+                         max_entries=settings.cache_max_entries)
 
 
 def open_knowledge(db: Database, settings: Settings, embedder: Embedder | None = None) -> KnowledgeBase:
@@ -118,7 +126,11 @@ def open_services(settings: Settings, model: ModelService | None = None,
             model = load_model_service(spec, settings.models_dir, settings.context_tokens)
         adapters = AdapterManager(db, model, settings.resolved_adapters_dir, settings.model)
         adapters.load_active()
-        engine = ChatEngine(db, model, turn_settings(settings), tools, knowledge)
+        cache = None
+        if settings.cache:
+            cache = ResponseCache(db, cache_settings(settings), knowledge.embedder if knowledge else embedder,
+                                  registry.vocabulary())
+        engine = ChatEngine(db, model, turn_settings(settings), tools, knowledge, cache)
         review = ReviewService(db, engine, tools, ReviewSettings(
             settings.system_prompt, settings.scrub_pii, settings.eval_fraction))
         runner = RefreshRunner(
@@ -130,7 +142,7 @@ def open_services(settings: Settings, model: ModelService | None = None,
         db.close()
         raise
     return Services(settings, db, auth, model, engine, tools, review, adapters, runner, nightly, knowledge,
-                    first_admin_password)
+                    cache, first_admin_password)
 
 
 def refresh_settings(settings: Settings) -> RefreshSettings:

@@ -96,6 +96,13 @@ class Settings:
     retrieval_min_coverage: float = _setting(
         0.5, "Share of the question's weighted terms a passage found by words needs to be used.")
     ann_threshold: int = _setting(50000, "Passages past which the vector index is approximate (HNSW) instead of exact.")
+    cache: bool = _setting(True, "Answer repeated first questions from the response cache; --no-cache turns it off.")
+    cache_semantic: bool = _setting(True, "Also serve true paraphrases (similarity plus slot checks), not only exact repeats.")
+    cache_threshold: float = _setting(0.8, "Similarity a paraphrase needs (0.5 to 1); admins can change it at run time.")
+    cache_ttl_hours: float = _setting(168, "How long a cached answer lives.")
+    cache_live_ttl_s: int = _setting(
+        0, "How long an answer that used live-data tools (sales ...) lives; 0 = never cached.")
+    cache_max_entries: int = _setting(5000, "Entries kept per department scope; the least recently used go first.")
     scrub_pii: bool = _setting(
         True, "Replace phone numbers, emails and ID numbers (Chinese formats included) in training samples."
     )
@@ -197,6 +204,10 @@ def _validate(s: Settings) -> list[str]:
                         "chunk_tokens >= 8 and 0 <= chunk_overlap_tokens < chunk_tokens.")
     if s.retrieval_top_k < 1 or s.ann_threshold < 1:
         problems.append("retrieval_top_k and ann_threshold must be at least 1.")
+    if not 0.5 <= s.cache_threshold <= 1 or s.cache_ttl_hours <= 0 or s.cache_live_ttl_s < 0 \
+            or s.cache_max_entries < 1:
+        problems.append("cache_threshold must be in [0.5, 1]; cache_ttl_hours > 0; cache_live_ttl_s >= 0; "
+                        "cache_max_entries >= 1.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     return problems

@@ -99,6 +99,19 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return sorted(self._specs)
 
+    def vocabulary(self) -> dict[str, str]:
+        """Every spelling of every closed value (enums and their aliases) -> canonical value:
+        the regions, product lines ... that make two questions different."""
+        out: dict[str, str] = {}
+        for spec in self._specs.values():
+            for prop in spec.parameters.get("properties", {}).values():
+                for value in prop.get("enum", ()):
+                    if isinstance(value, str) and len(value) > 1:
+                        out[value] = value
+            for mapping in spec.aliases.values():
+                out.update({alias: canonical for alias, canonical in mapping.items() if len(alias) > 1})
+        return out
+
     def for_user(self, user: User) -> list[ToolSpec]:
         return [spec for name, spec in sorted(self._specs.items()) if spec.allows(user)]
 

@@ -87,7 +87,13 @@ def render_items(items: list[dict[str, Any]]) -> tuple[list[dict], list[int | No
             messages.append(user_bubble(item))
             ids.append(None)
         else:  # an answer
-            messages.append({"role": "assistant", "content": item["content"] or "…"})
+            content = item["content"] or "…"
+            if item.get("cached"):
+                cached = item["cached"]
+                how = "同一问题 same question" if cached["layer"] == "exact" else \
+                    f"相似问题 similar question «{cached['question']}», {cached['similarity']:.2f}"
+                content += f"\n\n⚡ *缓存回答 Answered from the cache ({how})*"
+            messages.append({"role": "assistant", "content": content})
             ids.append(item.get("message_id"))
     return messages, ids
 
@@ -138,8 +144,8 @@ def _guarded(stream):
 
 
 def stream_answer(services, user, text: str, conversation_id: int | None,
-                  attachments: list[tuple[str, bytes]] | None = None):
-    return _guarded(services.engine.stream_turn(user, text, conversation_id, attachments))
+                  attachments: list[tuple[str, bytes]] | None = None, fresh: bool = False):
+    return _guarded(services.engine.stream_turn(user, text, conversation_id, attachments, fresh))
 
 
 def rated_answer(history: list[dict], ids: list[int | None], index: int) -> int | None:
@@ -197,6 +203,8 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
                 comment = gr.Textbox(label=i18n("comment_label"), scale=5, elem_id="comment")
                 comment_button = gr.Button(i18n("send_comment"), scale=1, elem_id="send-comment")
             status = gr.Markdown(elem_id="chat-status")
+            fresh_button = gr.Button(i18n("ask_fresh"), visible=False, size="sm", elem_id="ask-fresh")
+    cached_question = gr.State(None)  # the question of a cached answer, for "ask the model afresh"
 
     def approval_updates(pending):
         if pending:
@@ -204,25 +212,35 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
         return gr.Group(visible=False), "", None
 
     def send(value, history, conversation_id, ids, request: gr.Request):
-        user = caller(services, request)
         value = value or {}
         text = value.get("text", "") if isinstance(value, dict) else str(value)
         attachments = read_attachments(value.get("files") if isinstance(value, dict) else None)
-        first, rest = stream_answer(services, user, text, conversation_id, attachments)
+        yield from answer(text, attachments, history, conversation_id, ids, request, fresh=False)
+
+    def ask_fresh(question, request: gr.Request):
+        """The cached answer's question again, to the model, in a new conversation."""
+        if not question:
+            raise gr.Error(bilingual("nothing_to_rate"))
+        yield from answer(question, [], [], None, [], request, fresh=True)
+
+    def answer(text, attachments, history, conversation_id, ids, request, fresh):
+        user = caller(services, request)
+        first, rest = stream_answer(services, user, text, conversation_id, attachments, fresh)
         base, base_ids = [*history], [*ids]
         update = first
         shown, shown_ids = render_items(
             [{"type": "user", "content": text,
               "attachments": [{"filename": name, "mode": ""} for name, _ in attachments]}, *first.items])
         yield ({"text": "", "files": []}, base + shown, first.conversation_id, base_ids + shown_ids,
-               gr.Row(visible=False), "", *approval_updates([]))
+               gr.Row(visible=False), "", *approval_updates([]), gr.Button(visible=False), None)
         base = base + shown[:1]
         base_ids = base_ids + [None]
         for update in rest:
             shown, shown_ids = render_items(update.items)
             yield (gr.skip(), base + shown, update.conversation_id, base_ids + shown_ids,
-                   gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
-        yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), *approval_updates(update.pending))
+                   gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), *approval_updates(update.pending),
+               gr.Button(visible=update.cached), text if update.cached else None)
 
     def resolve(call_id, approve, history, ids, request: gr.Request):
         user = caller(services, request)
@@ -277,15 +295,21 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
         return gr.Row(visible=False), None, "", bilingual("comment_saved")
 
     approval_outputs = [approval_box, approval, pending_action]
+    answer_outputs = [textbox, chatbot, conversation_state, message_ids, comment_row, status, *approval_outputs,
+                      fresh_button, cached_question]
     send_event = textbox.submit(
         send,
         [textbox, chatbot, conversation_state, message_ids],
-        [textbox, chatbot, conversation_state, message_ids, comment_row, status, *approval_outputs],
+        answer_outputs,
         concurrency_id=GENERATION_QUEUE,
         concurrency_limit=services.settings.generation_concurrency,
         api_visibility="private",
     )
     send_event.then(refresh_conversations, [conversation_state], [conversations], api_visibility="private")
+    fresh_event = fresh_button.click(ask_fresh, [cached_question], answer_outputs, concurrency_id=GENERATION_QUEUE,
+                                     concurrency_limit=services.settings.generation_concurrency,
+                                     api_visibility="private")
+    fresh_event.then(refresh_conversations, [conversation_state], [conversations], api_visibility="private")
     def approve_action(call_id, history, ids, request: gr.Request):
         yield from resolve(call_id, True, history, ids, request)
 
