@@ -35,6 +35,16 @@ def wait_for(predicate, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def ask_in_chat(browser, url, username, question):
+    """A new page logged in as `username` that has sent `question` from the chat box."""
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, username)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.locator("#message textarea").fill(question)
+    page.locator("#message textarea").press("Enter")
+    return page
+
+
 def log_in(page, url, username, password="hangjia-demo"):
     page.goto(url)
     # by type, not label: the login page is translated to the browser's language
@@ -142,11 +152,7 @@ def test_side_effect_action_is_approved_in_the_chat(running_app, browser, monkey
     email = {"name": "send_email", "arguments": {"to": "boss@example.com", "subject": "Q3", "body": "Report attached"}}
     monkeypatch.setattr(services.model, "stream", ScriptedModel(
         "<tool_call>" + json.dumps(email) + "</tool_call>", "Sent it to your boss."))
-    page = browser.new_page(locale="en-US")
-    log_in(page, url, "hr-employee")
-    page.wait_for_selector("#message textarea", timeout=30_000)
-    page.locator("#message textarea").fill("Email the Q3 report to my boss")
-    page.locator("#message textarea").press("Enter")
+    page = ask_in_chat(browser, url, "hr-employee", "Email the Q3 report to my boss")
     page.locator("#approval-text").get_by_text("send_email").wait_for(timeout=30_000)
     assert "boss@example.com" in page.locator("#approval-text").inner_text()
     assert company.outbox(services.db) == []  # nothing is sent before approval
@@ -207,19 +213,12 @@ def test_admin_uploads_a_document_and_an_employee_gets_a_cited_answer(running_ap
     wait_for(lambda: "Remote work policy" in admin.locator("#knowledge-documents").inner_text(), what="the listing")
     assert [d.departments for d in services.knowledge.documents() if d.source_name == "remote-work.md"] == [("finance",)]
 
-    employee = browser.new_page(locale="en-US")
-    log_in(employee, url, "finance-employee")
-    employee.wait_for_selector("#message textarea", timeout=30_000)
-    employee.locator("#message textarea").fill("How many days per week may I work remotely?")
-    employee.locator("#message textarea").press("Enter")
+    employee = ask_in_chat(browser, url, "finance-employee", "How many days per week may I work remotely?")
     employee.locator("#chatbot").get_by_text("Sources (1)").wait_for(timeout=60_000)
     employee.locator("#chatbot").get_by_text("Sources (1)").click()  # expand the card
     employee.locator("#chatbot").get_by_text("two days per week").wait_for()
-    hr_page = browser.new_page(locale="en-US")  # HR asks the same and sees no finance document
-    log_in(hr_page, url, "hr-employee")
-    hr_page.wait_for_selector("#message textarea", timeout=30_000)
-    hr_page.locator("#message textarea").fill("How many days per week may I work remotely?")
-    hr_page.locator("#message textarea").press("Enter")
+    # HR asks the same and sees no finance document
+    hr_page = ask_in_chat(browser, url, "hr-employee", "How many days per week may I work remotely?")
     wait_for(lambda: services.db.scalar("SELECT count(*) FROM messages WHERE role = 'assistant'") == 2,
              what="HR's answer")
     hr_page.wait_for_timeout(500)
