@@ -1,0 +1,217 @@
+"""Does it learn? One night of reviewed feedback, end to end, through the product's own paths.
+
+1. A fresh data dir, the demo company, the embedded model, no adapter.
+2. Finance employees ask sales questions through the app's API (/chat, as the browser does)
+   and thumbs-down each answer that did not look the numbers up (/feedback).
+3. A finance reviewer corrects each case with the right query_sales call (/review_decide).
+4. The nightly job runs now (NightlyRefresh.run_nightly, what the scheduler fires): train,
+   evaluate, gate, promote by the product's policy.
+5. Held-out phrasings the training never saw (other templates, both languages) and questions
+   that need no tool are asked before and after; the table compares them.
+
+    .venv/bin/python bench/feedback_loop.py [--train 30] [--held-out 40] [--no-tool 20]
+
+The same scenario runs in CI on the tiny random model (tests/test_feedback_loop.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REGIONS = {"华东": "East China", "华南": "South China", "华北": "North China", "西南": "Southwest China",
+           "华中": "Central China"}
+PERIODS = {  # canonical period -> (Chinese, English)
+    "last_quarter": ("上季度", "last quarter"), "last_month": ("上个月", "last month"),
+    "this_year": ("今年", "this year"), "last_year": ("去年", "last year"),
+    "this_quarter": ("本季度", "this quarter"), "2025-Q3": ("2025年第三季度", "in Q3 2025"),
+}
+TRAIN_TEMPLATES = [
+    ("zh", "revenue", "{pz}{r}区销售额是多少？"), ("zh", "revenue", "{r}区{pz}的销售收入是多少"),
+    ("zh", "units", "{pz}{r}区销量是多少？"), ("en", "revenue", "What was revenue in {re} {pe}?"),
+    ("en", "revenue", "How did {re} do {pe}?"), ("en", "units", "How many units did {re} sell {pe}?"),
+]
+HELD_OUT_TEMPLATES = [
+    ("zh", "revenue", "请问{r}地区{pz}卖了多少钱"), ("zh", "revenue", "帮我查一下{r}{pz}的销售额"),
+    ("zh", "revenue", "{pz}{r}的营收情况如何？"), ("zh", "units", "{r}{pz}一共卖出多少台？"),
+    ("en", "revenue", "Show me {re} sales for {pe}"), ("en", "revenue", "Revenue for the {re} region {pe}?"),
+    ("en", "revenue", "{pe_cap}, what were sales in {re}?"), ("en", "units", "Units sold in {re} {pe}, please"),
+]
+NO_TOOL_QUESTIONS = [
+    "什么是应收账款周转率？", "毛利率是什么意思？", "你好", "谢谢！", "请介绍一下你自己",
+    "报销需要在多少天内提交？", "年假有几天？", "什么是资产负债表？", "流动比率和速动比率有什么区别？",
+    "帮我写一句新年祝福", "What is a balance sheet?", "Hello!", "What does EBITDA stand for?",
+    "Explain working capital in one sentence.", "How do I submit an expense claim?",
+    "What is the difference between revenue and profit?", "Thank you!", "Who are you?",
+    "What is a cash flow statement?", "Give me a tip for writing a clear email.",
+]
+
+
+@dataclass(frozen=True)
+class SalesQuestion:
+    text: str
+    language: str
+    expected: dict[str, Any]  # normalised query_sales arguments
+
+
+def sales_questions(templates, count: int, seed: int) -> list[SalesQuestion]:
+    rng = random.Random(seed)
+    combos = [(t, r, p) for t in templates for r in REGIONS for p in PERIODS]
+    rng.shuffle(combos)
+    out = []
+    for (language, metric, template), region, period in combos[:count]:
+        pz, pe = PERIODS[period]
+        text = template.format(r=region, re=REGIONS[region], pz=pz, pe=pe, pe_cap=pe[0].upper() + pe[1:])
+        out.append(SalesQuestion(text, language, {"region": region, "period": period, "metric": metric}))
+    return out
+
+
+def first_call(update: dict) -> dict | None:
+    """The first tool action of a turn as the executor saw it (arguments normalised)."""
+    tools = [i for i in update["items"] if i["type"] == "tool"]
+    return tools[0] if tools else None
+
+
+def exact(call: dict | None, expected: dict) -> bool:
+    if call is None or call["tool"] != "query_sales" or call["status"] not in ("ok", "error"):
+        return False
+    arguments = {"metric": "revenue", **call["arguments"]}
+    return all(arguments.get(k) == v for k, v in expected.items()) and not arguments.get("product_line")
+
+
+def measure(client, sales: list[SalesQuestion], no_tool: list[str]) -> dict:
+    matched = valid = 0
+    failures = []
+    for q in sales:
+        update = client.predict(q.text, None, True, api_name="/chat")
+        call = first_call(update)
+        matched += exact(call, q.expected)
+        valid += call is None or call["status"] not in ("invalid",) and call["tool"] != "(unparsed)"
+        if not exact(call, q.expected):
+            failures.append((q.text, call["arguments"] if call else update["answer"][:60]))
+    false_calls = 0
+    for text in no_tool:
+        update = client.predict(text, None, True, api_name="/chat")
+        call = first_call(update)
+        false_calls += call is not None
+        valid += call is None or call["status"] not in ("invalid",) and call["tool"] != "(unparsed)"
+    total = len(sales) + len(no_tool)
+    return {"exact": matched / max(len(sales), 1), "valid": valid / max(total, 1),
+            "false_calls": false_calls / max(len(no_tool), 1), "failures": failures}
+
+
+def teach(employee, reviewer, questions: list[SalesQuestion]) -> dict:
+    """Employees ask and thumb down what did not look the numbers up; the reviewer corrects."""
+    asked = {}
+    for q in questions:
+        update = employee.predict(q.text, None, True, api_name="/chat")
+        if not exact(first_call(update), q.expected):
+            employee.predict(update["message_id"], -1, "没有查销售数据 / did not look up the sales data",
+                             api_name="/feedback")
+            asked[update["message_id"]] = q
+    queue = reviewer.predict(-1, "finance", "", "", "", False, api_name="/review_queue")
+    corrected = 0
+    for case in queue:
+        q = asked.get(case["message_id"])
+        if q is None:
+            continue
+        reviewer.predict(case["message_id"], "approved", "should_call_tool", "", "query_sales",
+                         json.dumps(q.expected, ensure_ascii=False), "", api_name="/review_decide")
+        corrected += 1
+    return {"asked": len(questions), "thumbs_down": len(asked), "corrected": corrected}
+
+
+def launch(services):
+    from webapp.app import build_app, launch_options
+
+    app = build_app(services)
+    app.queue().launch(server_name="127.0.0.1", server_port=services.settings.port, prevent_thread_lock=True,
+                       quiet=True, **launch_options(services))
+    return app, f"http://127.0.0.1:{services.settings.port}/"
+
+
+def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuestion], no_tool: list[str],
+                 log=print) -> dict:
+    """The whole night, through the launched app. Returns before/after figures and the run."""
+    from gradio_client import Client
+
+    from storage import adapters as registry
+    from webapp.demo import DEMO_PASSWORD
+
+    app, url = launch(services)
+    try:
+        employee = Client(url, auth=("finance-employee", DEMO_PASSWORD), verbose=False)
+        reviewer = Client(url, auth=("finance-reviewer", DEMO_PASSWORD), verbose=False)
+        log("measuring before …")
+        before = measure(employee, held_out, no_tool)
+        log(f"teaching with {len(train)} questions …")
+        taught = teach(employee, reviewer, train)
+        log(f"{taught}; the nightly refresh runs now …")
+        started = time.perf_counter()
+        outcomes = services.nightly.run_nightly()
+        refresh_s = time.perf_counter() - started
+        finance_runs = {r["id"] for r in registry.runs(services.db) if r["department_id"] == "finance"}
+        outcome = next((o for o in outcomes if o.run_id in finance_runs), None)
+        log(f"refresh: {outcome}")
+        after_adapter = employee.predict(api_name="/whoami")["adapter_version"]
+        log("measuring after …")
+        after = measure(employee, held_out, no_tool)
+        run = next((r for r in registry.runs(services.db) if outcome and r["id"] == outcome.run_id), None)
+        return {"before": before, "after": after, "taught": taught, "refresh_s": refresh_s, "outcome": outcome,
+                "adapter_after": after_adapter, "run": run}
+    finally:
+        app.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=30)
+    parser.add_argument("--held-out", type=int, default=40)
+    parser.add_argument("--no-tool", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    import os
+
+    from tests.conftest import free_port
+    from webapp.services import open_services
+    from webapp.settings import Settings
+
+    settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="hangjia-bench-loop-")), demo=True, temperature=0.0,
+                        max_new_tokens=args.max_new_tokens, scheduler=False, min_new_samples=10,
+                        port=free_port(), max_tool_rounds=1)
+    services = open_services(settings)
+    train = sales_questions(TRAIN_TEMPLATES, args.train, seed=1)
+    held_out = sales_questions(HELD_OUT_TEMPLATES, args.held_out, seed=2)
+    try:
+        result = run_scenario(services, train, held_out, NO_TOOL_QUESTIONS[:args.no_tool])
+    finally:
+        services.close()
+    b, a = result["before"], result["after"]
+    gate = (result["outcome"].gate or {}) if result["outcome"] else {}
+    print(f"\nmachine: {os.cpu_count()} CPUs; model {settings.model}; data {settings.data_dir}")
+    print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
+          f"{'passed' if gate.get('passed') else 'failed: ' + '; '.join(gate.get('reasons', []))}; "
+          f"serving after: {result['adapter_after'] or 'base'}\n")
+    print("| metric | before | after |\n|---|---|---|")
+    print(f"| tool-call exact match, {len(held_out)} held-out sales questions | {b['exact']:.0%} | {a['exact']:.0%} |")
+    print(f"| valid format | {b['valid']:.0%} | {a['valid']:.0%} |")
+    print(f"| false tool calls, {args.no_tool} questions needing none | {b['false_calls']:.0%} | {a['false_calls']:.0%} |")
+    for row in gate.get("table", []):
+        if "general" in str(row.get("metric", "")):
+            print(f"| {row['metric']} (gate, held-out) | {row.get('active')} | {row.get('candidate')} |")
+    print("\nfailures after:", json.dumps(a["failures"][:10], ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
