@@ -14,6 +14,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Mapping
 
+from webapp.knowledge.lexical import singular
+
 _PUNCT = re.compile(r"[\s\W_]+", re.UNICODE)
 
 
@@ -141,12 +143,7 @@ def _english_word(word: str) -> str:
         word = word[:-3]
         if len(word) > 2 and word[-1] == word[-2] and word[-1] not in "aeiouls":  # submitting -> submit
             word = word[:-1]
-    word = _SYNONYMS.get(word, word)
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
+    return singular(_SYNONYMS.get(word, word))
 
 
 def _find_all(text: str, vocabulary: Mapping[str, str]) -> list[tuple[int, str]]:

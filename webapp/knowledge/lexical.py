@@ -25,7 +25,7 @@ _STOPWORDS = frozenset("a an and are as at be by can could did do does for from 
 _CJK_FUNCTION_CHARS = frozenset("的了是有几多少么怎什吗呢哪谁要在我你他她它们请帮和与及一个些这那吧啊给把被对从到需可以能会该如何为")
 
 
-def _singular(word: str) -> str:
+def singular(word: str) -> str:
     """laptops -> laptop, policies -> policy: plural forms are the commonest miss in English."""
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
@@ -36,7 +36,7 @@ def _singular(word: str) -> str:
 
 def terms(text: str) -> list[str]:
     text = text.lower()
-    out = [_singular(w) for w in _WORD.findall(text) if w not in _STOPWORDS]
+    out = [singular(w) for w in _WORD.findall(text) if w not in _STOPWORDS]
     for run in _CJK_RUN.findall(text):
         if len(run) == 1:
             if run not in _CJK_FUNCTION_CHARS:
