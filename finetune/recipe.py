@@ -92,6 +92,82 @@ def tokenize_sample(tokenizer, sample: dict, max_seq_len: int) -> dict[str, list
     return {"input_ids": ids, "labels": labels}
 
 
+# A shared prefix shorter than this is not worth the second forward pass.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(examples: list[dict[str, list[int]]]) -> int:
+    """How many leading tokens every example of a micro-batch has in common and does not
+    learn. A department's samples share the system prompt and the tool schemas (often
+    1,000+ tokens against 50 of question and answer), so that prefix is run once per
+    micro-batch instead of once per sample. The last shared token must not predict a
+    learned token: its logit would be lost."""
+    if len(examples) < 2:
+        return 0
+    first, length = examples[0]["input_ids"], len(examples[0]["input_ids"])
+    for example in examples[1:]:
+        ids = example["input_ids"]
+        limit = min(length, len(ids))
+        same = 0
+        while same < limit and ids[same] == first[same]:
+            same += 1
+        length = same
+    for example in examples:
+        first_learned = next(i for i, label in enumerate(example["labels"]) if label != -100)
+        length = min(length, first_learned - 1)
+    # every example must keep at least one token after the prefix to predict from
+    length = min([length] + [len(e["input_ids"]) - 1 for e in examples])
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def backward_micro_batch(model, examples: list[dict[str, list[int]]], device) -> float:
+    """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
+    sample's mean loss on learned tokens) and returns that loss; NaN if it is not finite.
+    With a shared prefix: the prefix once, then all suffixes as one padded batch that
+    attends to the prefix's keys and values; gradients flow back through both. Without:
+    one sample at a time, so memory holds one sample's activations."""
+    import torch
+    import torch.nn.functional as F
+
+    prefix = shared_prefix_length(examples)
+    if not prefix:
+        total = 0.0
+        for example in examples:
+            loss = model(input_ids=torch.tensor([example["input_ids"]], device=device),
+                         labels=torch.tensor([example["labels"]], device=device)).loss
+            if not torch.isfinite(loss):
+                return float("nan")
+            (loss / len(examples)).backward()
+            total += loss.item() / len(examples)
+        return total
+    from transformers import DynamicCache
+
+    head = model(input_ids=torch.tensor([examples[0]["input_ids"][:prefix]], device=device), use_cache=True)
+    batch = len(examples)
+    shared = DynamicCache([(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
+                           for layer in head.cache.layers])
+    width = max(len(e["input_ids"]) - prefix for e in examples)
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+    targets = torch.full((batch, width), -100, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, prefix + width, dtype=torch.long, device=device)
+    mask[:, :prefix] = 1
+    for row, example in enumerate(examples):
+        tail = example["input_ids"][prefix:]
+        ids[row, :len(tail)] = torch.tensor(tail)
+        # position prefix + j predicts token prefix + j + 1
+        targets[row, :len(tail) - 1] = torch.tensor(example["labels"][prefix + 1:])
+        mask[row, prefix:prefix + len(tail)] = 1
+    positions = torch.arange(prefix, prefix + width, device=device).expand(batch, -1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=shared).logits
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    learned = (targets != -100).sum(dim=1)
+    loss = (per_token.sum(dim=1) / learned).mean()
+    if not torch.isfinite(loss):
+        return float("nan")
+    loss.backward()
+    return loss.item()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, required=True)
@@ -152,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Optimizer and schedule over optimizer steps (not micro-batches).
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    total_steps = max(1, math.ceil(len(examples) * cfg.epochs / cfg.gradient_accumulation))
+    total_steps = cfg.epochs * math.ceil(len(examples) / cfg.gradient_accumulation)
     warmup = max(1, int(total_steps * cfg.warmup_ratio))
 
     def lr_at(step: int) -> float:
@@ -160,38 +236,29 @@ def main(argv: list[str] | None = None) -> int:
             return cfg.learning_rate * (step + 1) / warmup
         return cfg.learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    # 6. The loop: batch 1 with gradient accumulation; loss only on assistant tokens.
+    # 6. The loop: micro-batches of `gradient_accumulation` samples, one optimizer step each;
+    #    loss only on assistant tokens, each sample weighted alike.
     started = time.monotonic()
-    step, micro, window = 0, 0, []
+    step = 0
     losses = []
     order = list(range(len(examples)))
     for epoch in range(cfg.epochs):
         random.shuffle(order)
-        for index in order:
-            example = examples[index]
-            input_ids = torch.tensor([example["input_ids"]], device=device)
-            labels = torch.tensor([example["labels"]], device=device)
-            loss = model(input_ids=input_ids, labels=labels).loss
-            if not torch.isfinite(loss):
-                report(cfg, "failed", error=f"loss became {loss.item()} at step {step}")
+        for first in range(0, len(order), cfg.gradient_accumulation):
+            batch = [examples[i] for i in order[first:first + cfg.gradient_accumulation]]
+            loss = backward_micro_batch(model, batch, device)
+            if not math.isfinite(loss):
+                report(cfg, "failed", error=f"loss became {loss} at step {step}")
                 return 3
-            (loss / cfg.gradient_accumulation).backward()
-            window.append(loss.item())
-            micro += 1
-            last = epoch == cfg.epochs - 1 and index == order[-1]
-            if micro % cfg.gradient_accumulation and not last:
-                continue
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            mean = sum(window) / len(window)
-            losses.append(mean)
-            window = []
+            losses.append(loss)
             elapsed = time.monotonic() - started
-            report(cfg, "step", step=step, total_steps=total_steps, epoch=epoch + 1, loss=round(mean, 5),
+            report(cfg, "step", step=step, total_steps=total_steps, epoch=epoch + 1, loss=round(losses[-1], 5),
                    lr=lr_at(step - 1), elapsed_s=round(elapsed, 2),
                    eta_s=round(elapsed / step * (total_steps - step), 1))
 

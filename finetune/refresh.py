@@ -122,12 +122,15 @@ class RefreshRunner:
         lines = [json.dumps({"messages": json.loads(r["messages"]),
                              **({"tools": json.loads(r["tools"])} if r["tools"] else {})}, ensure_ascii=False)
                  for r in train]
+        tools = self.tools_for_department(department_id)
         system = {"role": "system", "content": s.system_prompt}
         general = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
-        # served with the app's system prompt, so trained with it too
-        lines += [json.dumps({"messages": [system, *g["messages"]]}, ensure_ascii=False) for g in general[: s.general_replay]]
+        # Served with the app's system prompt and the department's tools, so trained with
+        # them too: replay without the tools taught "tools in the prompt -> call one", and
+        # the adapter called tools for greetings and definitions.
+        lines += [json.dumps({"messages": [system, *g["messages"]], **({"tools": tools} if tools else {})},
+                             ensure_ascii=False) for g in general[: s.general_replay]]
         (run_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tools = self.tools_for_department(department_id)
         cases = [c for c in (case_from_sample({"messages": json.loads(r["messages"]),
                                                "tools": json.loads(r["tools"]) if r["tools"] else None})
                              for r in reviews.list_samples(self.db, department_id, "eval")) if c]

@@ -90,3 +90,40 @@ def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     steps = [e for e in events if e["event"] == "step"]
     assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
     assert all("lora_" in key for key in load_file(str(tmp_path / "v1" / "adapter_model.safetensors")))
+
+
+def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """Samples sharing the system prompt and tool schemas are trained with the prefix run
+    once per micro-batch; that must be the same arithmetic as one sample at a time."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = [tokenize_sample(tokenizer, s, 2048) for s in samples()[:3]]
+    prefix = recipe.shared_prefix_length(batch)
+    assert prefix >= recipe.MIN_SHARED_PREFIX
+    assert all(label == -100 for e in batch for label in e["labels"][:prefix + 1])
+    assert recipe.shared_prefix_length(batch + [tokenize_sample(tokenizer, samples()[3], 2048)]) < prefix
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A gets gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def run():
+        for p in trainable.values():
+            p.grad = None
+        loss = recipe.backward_micro_batch(model, batch, "cpu")
+        return loss, {n: p.grad.clone() for n, p in trainable.items()}
+
+    shared_loss, shared_grads = run()
+    monkeypatch.setattr(recipe, "MIN_SHARED_PREFIX", 10**9)  # one sample at a time
+    single_loss, single_grads = run()
+    assert abs(shared_loss - single_loss) < 1e-5 * abs(single_loss)
+    for name, grad in single_grads.items():
+        assert torch.allclose(shared_grads[name], grad, rtol=1e-4, atol=1e-7), name
