@@ -120,25 +120,28 @@ def shared_prefix_length(examples: list[dict[str, list[int]]]) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
-def backward_micro_batch(model, examples: list[dict[str, list[int]]], device) -> float:
+def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, max_tokens: int = 4096) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
     sample's mean loss on learned tokens) and returns that loss; NaN if it is not finite.
     With a shared prefix: the prefix once, then all suffixes as one padded batch that
     attends to the prefix's keys and values; gradients flow back through both. Without:
-    one sample at a time, so memory holds one sample's activations."""
+    samples packed side by side, up to max_tokens per forward."""
     import torch
     import torch.nn.functional as F
 
-    prefix = shared_prefix_length(examples)
+    from finetune.qlora import group_by_tokens, pack, packed_loss
+
+    # A checkpointed model keeps no cache, so the shared prefix needs one without.
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    prefix = 0 if checkpointed else shared_prefix_length(examples)
     if not prefix:
         total = 0.0
-        for example in examples:
-            loss = model(input_ids=torch.tensor([example["input_ids"]], device=device),
-                         labels=torch.tensor([example["labels"]], device=device)).loss
+        for group in group_by_tokens(examples, max_tokens):
+            loss = packed_loss(model, pack(group), device) / len(examples)
             if not torch.isfinite(loss):
                 return float("nan")
-            (loss / len(examples)).backward()
-            total += loss.item() / len(examples)
+            loss.backward()
+            total += loss.item()
         return total
     from transformers import DynamicCache
 
@@ -211,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if cuda else torch.float32)
         model.to("cuda" if cuda else "cpu")
         mode = f"plain LoRA on a {'bf16' if cuda else 'fp32'} base ({'CUDA' if cuda else 'CPU: no 4-bit training here'})"
+    if cuda:
+        from finetune.qlora import prepare_for_lora_training
+
+        # frozen base as loaded (no fp32 upcast of embeddings/norms), layers checkpointed
+        prepare_for_lora_training(model, checkpointing=True)
     log.info("training mode: %s", mode)
     report(cfg, "mode", mode=mode, samples=len(examples), skipped=skipped)
 
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         random.shuffle(order)
         for first in range(0, len(order), cfg.gradient_accumulation):
             batch = [examples[i] for i in order[first:first + cfg.gradient_accumulation]]
-            loss = backward_micro_batch(model, batch, device)
+            loss = backward_micro_batch(model, batch, device, max_tokens=max(cfg.max_seq_len, 4096))
             if not math.isfinite(loss):
                 report(cfg, "failed", error=f"loss became {loss} at step {step}")
                 return 3
@@ -287,6 +295,10 @@ def evaluate(cfg: RecipeConfig, model, tokenizer, device) -> None:
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     model.eval()
+    # generation wants its cache back: checkpointing turned it off for training
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        model.get_base_model().gradient_checkpointing_disable()
+    model.get_base_model().config.use_cache = True
     if cfg.active_adapter:
         model.load_adapter(cfg.active_adapter, adapter_name="active")
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}

@@ -127,3 +127,34 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
     assert abs(shared_loss - single_loss) < 1e-5 * abs(single_loss)
     for name, grad in single_grads.items():
         assert torch.allclose(shared_grads[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_packed_samples_do_not_see_each_other_and_the_chunked_loss_is_the_plain_one(tiny_model_dir):
+    """Packing several samples into one row must give each sample the loss it has alone
+    (block-diagonal attention, positions restarting), and the chunked loss must equal
+    transformers' own loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import qlora
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [tokenize_sample(tokenizer, s, 2048) for s in samples()]
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    alone = [model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
+             for e in examples]
+    packed = qlora.pack(examples)
+    assert packed.samples == 4 and len(packed.input_ids) == sum(len(e["input_ids"]) for e in examples)
+    together = qlora.packed_loss(model, packed, "cpu", chunk_tokens=7).item()
+    assert abs(together - sum(alone)) < 1e-4 * sum(alone)
+    # attention across samples would change the later samples' losses: the check has teeth
+    leaky = qlora.PackedBatch(packed.input_ids, list(range(len(packed.input_ids))), packed.labels,
+                              packed.weights, packed.samples)
+    assert abs(qlora.packed_loss(model, leaky, "cpu").item() - sum(alone)) > 1e-3
+
+    budget = len(examples[0]["input_ids"]) + len(examples[1]["input_ids"])
+    groups = qlora.group_by_tokens(examples, max_tokens=budget)
+    assert len(groups[0]) == 2 and sum(groups, []) == examples
+    assert all(sum(len(e["input_ids"]) for e in g) <= budget for g in groups)

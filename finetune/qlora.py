@@ -1,0 +1,144 @@
+"""The levers that make the refresh recipe fast and lean on a GPU, each a plain function so
+the recipe and the GPU benchmark (bench/gpu_train.py) run the same code:
+
+- no fp32 upcast: peft's prepare_model_for_kbit_training turns embeddings, lm_head and
+  norms into fp32 (+2.9 GiB at 14B) for no gain under bf16 autocast-free training;
+- non-reentrant activation checkpointing on every decoder layer;
+- several samples per forward, packed into one row with positions restarting at 0, so
+  transformers builds a block-diagonal causal mask (no attention across samples);
+- the loss from hidden states in chunks, each chunk's logits recomputed in backward, so the
+  151,936-wide logits of a long micro-batch never exist at once (fp32: 2.4 GiB per 4k tokens);
+- optionally the frozen input embedding kept in host memory (1.45 GiB at 14B): a lookup of
+  a few thousand rows is cheap, and only those rows travel to the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def prepare_for_lora_training(model, checkpointing: bool = True) -> None:
+    """Freeze the base as loaded (bf16 and 4-bit stay as they are) and checkpoint layers."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass
+class PackedBatch:
+    input_ids: list[int]
+    position_ids: list[int]
+    labels: list[int]  # already shifted: labels[t] is the token position t must predict, or -100
+    weights: list[float]  # per position: 1 / (learned tokens of its sample); 0 where not learned
+    samples: int
+
+
+def pack(examples: Sequence[dict[str, list[int]]]) -> PackedBatch:
+    """Samples side by side in one row. Each sample's positions restart at 0, which is how
+    transformers recognises packed sequences and masks attention between them. Labels are
+    shifted here, per sample, so no sample learns to predict the next one's first token."""
+    ids, positions, labels, weights = [], [], [], []
+    for example in examples:
+        tokens, targets = example["input_ids"], example["labels"]
+        shifted = list(targets[1:]) + [-100]
+        learned = sum(t != -100 for t in shifted)
+        ids += tokens
+        positions += range(len(tokens))
+        labels += shifted
+        weights += [1.0 / learned if t != -100 else 0.0 for t in shifted] if learned else [0.0] * len(tokens)
+    return PackedBatch(ids, positions, labels, weights, len(examples))
+
+
+def group_by_tokens(examples: Sequence[dict[str, list[int]]], max_tokens: int) -> list[list[dict[str, list[int]]]]:
+    """Consecutive examples grouped so that each group stays within max_tokens (a longer
+    example goes alone)."""
+    groups: list[list[dict[str, list[int]]]] = []
+    used = 0
+    for example in examples:
+        length = len(example["input_ids"])
+        if groups and used + length <= max_tokens:
+            groups[-1].append(example)
+            used += length
+        else:
+            groups.append([example])
+            used = length
+    return groups
+
+
+def chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens: int = 1024):
+    """sum_t weights[t] * cross_entropy(lm_head(hidden[t]), labels[t]), computed chunk by
+    chunk with each chunk's logits recomputed in backward instead of stored."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h, y, w):
+        logits = lm_head(h).float()
+        return (F.cross_entropy(logits, y, ignore_index=-100, reduction="none") * w).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    learned = (weights > 0).cpu().tolist() if hasattr(weights, "cpu") else weights
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        if not any(learned[start:end]):
+            continue  # no learned token here: skip the vocabulary projection entirely
+        total = total + checkpoint(chunk_loss, hidden[start:end], labels[start:end], weights[start:end],
+                                   use_reentrant=False)
+    return total
+
+
+def decoder_and_head(model):
+    """The decoder stack and the output projection under a (peft-wrapped) causal LM."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.model, causal_lm.lm_head
+
+
+def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 1024):
+    """The micro-batch's weighted loss (each sample's mean over its learned tokens, summed)."""
+    import torch
+
+    decoder, head = decoder_and_head(model)
+    ids = torch.tensor([batch.input_ids], device=device)
+    positions = torch.tensor([batch.position_ids], device=device)
+    # use_cache=False matters: with a cache transformers does not look for packed samples
+    hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
+    labels = torch.tensor(batch.labels, device=device)
+    weights = torch.tensor(batch.weights, device=device, dtype=torch.float32)
+    return chunked_lm_loss(hidden, head, labels, weights, chunk_tokens)
+
+
+class HostEmbedding:
+    """A frozen input embedding whose table stays in (pinned) host memory; looked-up rows
+    are copied to the GPU. Installed with `keep_embedding_on_host`."""
+
+    def __init__(self, embedding, device):
+        import torch
+
+        self.weight = embedding.weight.detach().to("cpu").pin_memory() if torch.cuda.is_available() else \
+            embedding.weight.detach().to("cpu")
+        self.device = device
+
+    def __call__(self, input_ids):
+        rows = self.weight[input_ids.to("cpu")]
+        return rows.to(self.device, non_blocking=True)
+
+
+def keep_embedding_on_host(model, device) -> int:
+    """Move the frozen input embedding to host memory; returns the bytes freed on the GPU."""
+    import torch
+
+    decoder, _ = decoder_and_head(model)
+    embedding = decoder.embed_tokens
+    freed = embedding.weight.numel() * embedding.weight.element_size()
+    host = HostEmbedding(embedding, device)
+
+    class _Lookup(torch.nn.Module):
+        def forward(self, input_ids):
+            return host(input_ids)
+
+    decoder.embed_tokens = _Lookup()
+    del embedding
+    return freed
