@@ -1,0 +1,254 @@
+"""The refresh recipe at Qwen3-14B scale on one GPU: hangjia's levers, one at a time, on the
+same data and LoRA settings as the stock recipe (../shared/gpu-baseline: Trainer +
+prepare_model_for_kbit_training, batch 1 x accumulation 8, seq 2048, r=64 alpha=16 q/k/v).
+
+    python bench/gpu_train.py --model Qwen/Qwen3-14B            # real weights
+    python bench/gpu_train.py --random-weights --ckpt /mnt/q14b  # the architecture, random weights
+    TINY=1 python bench/gpu_train.py --random-weights --ckpt /tmp/tiny   # dry run on CPU
+
+Every variant trains 8 samples of --seq random tokens per optimizer step (labels = inputs,
+like the stock run), from the same LoRA initialisation, and reports tokens/s over the steps
+after --warmup, peak allocated/reserved GiB, and its losses. Speed and memory do not depend
+on the weight values. One JSON row per variant goes to $OUT/gpu_train.jsonl, and a table is
+printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GiB = 1024**3
+VARIANTS = {
+    # name: samples per forward, checkpointing, loss, embedding on host
+    "hangjia": dict(per_forward=2, checkpointing=True, loss="chunked", host_embedding=False),
+    "1-per-forward": dict(per_forward=1, checkpointing=True, loss="chunked", host_embedding=False),
+    "4-per-forward": dict(per_forward=4, checkpointing=True, loss="chunked", host_embedding=False),
+    "full-logits": dict(per_forward=2, checkpointing=True, loss="full", host_embedding=False),
+    "liger": dict(per_forward=2, checkpointing=True, loss="liger", host_embedding=False),
+    "no-checkpointing": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=False),
+    "host-embedding": dict(per_forward=4, checkpointing=True, loss="chunked", host_embedding=True),
+}
+
+
+def qwen3_14b_config(tiny: bool):
+    import torch
+    from transformers import Qwen3Config
+
+    kw = dict(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+              num_attention_heads=40, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+              rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=False, dtype=torch.bfloat16,
+              bos_token_id=151643, eos_token_id=151645, use_sliding_window=False, attention_bias=False)
+    if tiny:
+        kw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+    return Qwen3Config(**kw)
+
+
+def random_checkpoint(folder: Path, tiny: bool) -> str:
+    """A Qwen3-14B-shaped checkpoint with transformers' own random init (written once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = folder / ("tiny" if tiny else "qwen3-14b-random")
+    if (target / "COMPLETE").exists():
+        return str(target)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(qwen3_14b_config(tiny), dtype=torch.bfloat16)
+    model.save_pretrained(target, max_shard_size="5GB")
+    (target / "COMPLETE").write_text("ok\n")
+    del model
+    return str(target)
+
+
+def load_4bit(model_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0} if cuda else None,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+
+
+def memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"alloc_gib": round(torch.cuda.memory_allocated() / GiB, 3),
+            "max_alloc_gib": round(torch.cuda.max_memory_allocated() / GiB, 3),
+            "max_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3)}
+
+
+def micro_batch_loss(model, group, loss_kind: str, device):
+    """One forward over the group's samples packed in a row; the sum of their mean losses."""
+    import torch
+
+    from finetune.qlora import decoder_and_head, pack, packed_loss
+
+    batch = pack(group)
+    if loss_kind == "chunked":
+        return packed_loss(model, batch, device)
+    decoder, head = decoder_and_head(model)
+    ids = torch.tensor([batch.input_ids], device=device)
+    positions = torch.tensor([batch.position_ids], device=device)
+    hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
+    labels = torch.tensor(batch.labels, device=device)
+    weights = torch.tensor(batch.weights, device=device)
+    if loss_kind == "full":  # what transformers does: every logit at once, in fp32
+        logits = head(hidden).float()
+        return (torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none") * weights).sum()
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    # every sample here has the same number of learned tokens, so the per-token mean over the
+    # row times the samples is the sum of per-sample means
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="mean")(head.weight, hidden, labels)
+    return loss * len(group)
+
+
+def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: int, warmup: int, device) -> dict:
+    import torch
+
+    from finetune.qlora import keep_embedding_on_host
+
+    base = model.get_base_model()
+    if spec["checkpointing"]:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+    freed = keep_embedding_on_host(model, device) if spec["host_embedding"] else 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in initial_lora:
+                p.copy_(initial_lora[n])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=cuda)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    per_step = 8
+    started = None
+    try:
+        for step in range(warmup + steps):
+            if step == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+            samples = data[step * per_step:(step + 1) * per_step]
+            total = 0.0
+            for first in range(0, per_step, spec["per_forward"]):
+                group = samples[first:first + spec["per_forward"]]
+                loss = micro_batch_loss(model, group, spec["loss"], device) / per_step
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+            losses.append(round(total, 4))
+    except torch.OutOfMemoryError as exc:
+        return {"variant": name, **spec, "error": f"out of memory: {str(exc)[:200]}", **memory()}
+    elapsed = times[-1] - started
+    tokens = steps * per_step * len(data[0]["input_ids"])
+    del optimizer
+    return {"variant": name, **spec, "tok_s": round(tokens / elapsed, 1), "s_per_step": round(elapsed / steps, 3),
+            "losses": losses, "embedding_freed_gib": round(freed / GiB, 3), **memory()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a local folder or hub id of a Qwen3 model")
+    parser.add_argument("--random-weights", action="store_true", help="Qwen3-14B architecture, random weights")
+    parser.add_argument("--ckpt", default="/tmp/hangjia-random-ckpt", help="where --random-weights writes its checkpoint")
+    parser.add_argument("--variants", default="hangjia,1-per-forward,4-per-forward,full-logits,no-checkpointing,host-embedding")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--r", type=int, default=64)
+    parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj")
+    args = parser.parse_args()
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.qlora import prepare_for_lora_training
+
+    tiny = os.environ.get("TINY") == "1"
+    model_path = random_checkpoint(Path(args.ckpt), tiny) if args.random_weights else args.model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    model = load_4bit(model_path)
+    load_s = time.perf_counter() - started
+    after_load = memory()
+    prepare_for_lora_training(model, checkpointing=True)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.05,
+                                             target_modules=args.targets.split(","), bias="none",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    initial_lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    generator = torch.Generator().manual_seed(0)  # the stock run's data: random ids, labels = ids
+    ids = torch.randint(0, 151643, ((args.steps + args.warmup) * 8, args.seq), generator=generator)
+    data = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+
+    # the chunked loss is transformers' loss: checked on the first sample before anything trains
+    with torch.no_grad():
+        reference = model(input_ids=ids[:1].to(device), labels=ids[:1].to(device)).loss.item()
+        from finetune.qlora import pack, packed_loss
+
+        ours = packed_loss(model, pack(data[:1]), device).item()
+    out = Path(os.environ.get("OUT", "/tmp")) / "gpu_train.jsonl"
+    rows = []
+    with open(out, "a") as fh:
+        fh.write(json.dumps({"setup": True, "load_s": round(load_s, 1), "after_load": after_load,
+                             "loss_transformers": reference, "loss_chunked": ours,
+                             "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if device.type == "cuda"
+                             else "cpu"}) + "\n")
+        print(f"load {load_s:.1f} s, {after_load}; first-sample loss transformers {reference:.4f} vs chunked {ours:.4f}",
+              flush=True)
+        for name in args.variants.split(","):
+            spec = VARIANTS[name]
+            if spec["loss"] == "liger":
+                try:
+                    import liger_kernel  # noqa: F401
+                except ImportError:
+                    continue
+            row = run_variant(model, name, spec, data, initial_lora, args.steps, args.warmup, device)
+            rows.append(row)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            print("RESULT", json.dumps(row), flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"\n| variant ({args.seq}-token samples, 8 per step) | tok/s | s/step | peak alloc GiB | peak reserved GiB "
+          f"| mean loss |\n|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['variant']} | {row['error'][:60]} | | {row.get('max_alloc_gib')} | {row.get('max_reserved_gib')} | |")
+            continue
+        mean = sum(row["losses"]) / len(row["losses"])
+        print(f"| {row['variant']} | {row['tok_s']:,.0f} | {row['s_per_step']} | {row.get('max_alloc_gib')} | "
+              f"{row.get('max_reserved_gib')} | {mean:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

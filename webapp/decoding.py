@@ -1,0 +1,339 @@
+"""Batched decoding with a preallocated KV cache, for serving many users from one GPU.
+
+`StaticDecoder` runs a Qwen3/Llama-family model's layers itself over a KV cache of fixed
+shape (slots x max_len), so one decode step has the same shapes every time and is captured
+once per batch size as a CUDA graph: the ~50 ms of Python and kernel launches per token of
+`generate()` become one graph replay. Each cache row is a slot a request keeps from prefill
+to its last token. LoRA adapters are applied per row (a 0/1 mask per adapter and slot), so
+users of different departments share one batch and one graph.
+
+`BatchingEngine` is the thread that owns the decoder: requests join free slots between
+steps (continuous batching), every step decodes all active slots together, tokens stream
+back through each request's queue.
+
+On CPU the same code runs without graphs; `generate()` stays the default there.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _is_lora(module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
+class StaticDecoder:
+    """The model's forward over a static KV cache; decode steps replayed as CUDA graphs."""
+
+    def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
+                 batch_sizes: Sequence[int] | None = None):
+        self.model = model
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder, self.head = causal_lm.model, causal_lm.lm_head
+        config = causal_lm.config
+        self.layers = list(self.decoder.layers)
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.device = self.decoder.embed_tokens.weight.device
+        self.dtype = self.decoder.embed_tokens.weight.dtype
+        self.max_batch, self.max_len = max_batch, max_len
+        shape = (len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self.batch_sizes = sorted(set(batch_sizes or [b for b in (1, 2, 4, 8, 16, 32) if b < max_batch] + [max_batch]))
+        self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self._positions = torch.full((max_batch, 1), max_len - 1, dtype=torch.long, device=self.device)
+        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._pool = None
+        self.refresh_adapters()
+
+    # -- adapters ------------------------------------------------------------------------
+
+    def refresh_adapters(self) -> None:
+        """Re-read which LoRA adapters are loaded (after a load, replace or unload): the
+        graphs hold the old weights' addresses, so they are captured again."""
+        names = set()
+        for module in self.decoder.modules():
+            if _is_lora(module):
+                names |= set(module.lora_A.keys())
+        self.adapter_index = {name: i for i, name in enumerate(sorted(names))}
+        self.adapter_rows = torch.zeros(max(1, len(names)), self.max_batch, 1, 1, dtype=self.dtype, device=self.device)
+        self._graphs.clear()
+
+    def set_row_adapter(self, row: int, adapter: str | None) -> None:
+        self.adapter_rows[:, row] = 0
+        if adapter is not None:
+            self.adapter_rows[self.adapter_index[adapter], row] = 1
+
+    def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
+        if not _is_lora(module):
+            return module(x)
+        out = module.base_layer(x)
+        rows = x.shape[0]
+        for name, index in self.adapter_index.items():
+            if name not in module.lora_A:
+                continue
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            mask = self.adapter_rows[index, :rows]
+            delta = ((x * mask).to(a.dtype) @ a.T) @ b.T
+            out = out + (delta * module.scaling[name]).to(out.dtype)
+        return out
+
+    # -- the forward ---------------------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: int | None) -> torch.Tensor:
+        """Logits of each row's last token. slot=None: a decode step over rows 0..B-1 (one
+        token each, at their own positions). slot=k: the prefill of one prompt into slot k."""
+        rows, length = ids.shape
+        hidden = self.decoder.embed_tokens(ids)
+        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        groups = self.heads // self.kv_heads
+        if slot is None:
+            row_index = torch.arange(rows, device=self.device)[:, None]
+            visible = (torch.arange(self.max_len, device=self.device)[None, :] <= positions)[:, None, None, :]
+        for number, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = self._linear(attention.q_proj, x).view(rows, length, self.heads, self.head_dim)
+            k = self._linear(attention.k_proj, x).view(rows, length, self.kv_heads, self.head_dim)
+            v = self._linear(attention.v_proj, x).view(rows, length, self.kv_heads, self.head_dim)
+            if hasattr(attention, "q_norm"):  # Qwen3 normalises each head
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if slot is None:
+                # each row writes its token at its own position; all rows read their slot
+                self.keys[number][row_index, :, positions] = k.transpose(1, 2)
+                self.values[number][row_index, :, positions] = v.transpose(1, 2)
+                # grouped-query attention without copying keys: a kv head's query heads
+                # take the place of the query length
+                grouped = q.reshape(rows, self.kv_heads, groups, self.head_dim)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    grouped, self.keys[number, :rows], self.values[number, :rows], attn_mask=visible)
+                out = out.reshape(rows, 1, self.heads * self.head_dim)
+            else:
+                self.keys[number, slot, :, :length] = k[0]
+                self.values[number, slot, :, :length] = v[0]
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=True)
+                out = out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
+            hidden = hidden + self._linear(attention.o_proj, out)
+            x = layer.post_attention_layernorm(hidden)
+            mlp = layer.mlp
+            gate = mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)
+            hidden = hidden + self._linear(mlp.down_proj, gate)
+        last = self.decoder.norm(hidden[:, -1])
+        return self.head(last).float()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt_ids: Sequence[int], adapter: str | None) -> torch.Tensor:
+        """Run the prompt into the slot's cache; the logits for the first new token."""
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the decoder holds {self.max_len - 1}")
+        self.set_row_adapter(slot, adapter)
+        ids = torch.tensor([list(prompt_ids)], device=self.device)
+        positions = torch.arange(len(prompt_ids), device=self.device)[None, :]
+        # prefill runs rows 0.. of the adapter mask: put this slot's mask at row 0 meanwhile
+        saved = self.adapter_rows[:, 0].clone()
+        self.adapter_rows[:, 0] = self.adapter_rows[:, slot]
+        try:
+            return self._forward(ids, positions, slot)[0]
+        finally:
+            self.adapter_rows[:, 0] = saved
+
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.batch_sizes if b >= rows)
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """One step for rows 0..len(tokens)-1: token i sits at positions[i] (a row with
+        position max_len-1 is idle). Returns (rows, vocab) float logits."""
+        rows = len(tokens)
+        batch = self.bucket(rows)
+        self._ids[:rows, 0] = torch.tensor(list(tokens), device=self.device)
+        self._positions[:rows, 0] = torch.tensor(list(positions), device=self.device)
+        self._positions[rows:batch, 0] = self.max_len - 1
+        if not self.use_graphs:
+            return self._forward(self._ids[:batch], self._positions[:batch], None)[:rows]
+        if batch not in self._graphs:
+            self._capture(batch)
+        graph, logits = self._graphs[batch]
+        graph.replay()
+        return logits[:rows]
+
+    def _capture(self, batch: int) -> None:
+        """Warm up on a side stream, then capture one decode step for this batch size.
+        Warm-up rows write at position max_len-1, which no request reaches."""
+        saved = self._positions[:batch].clone()
+        self._positions[:batch] = self.max_len - 1
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(self._ids[:batch], self._positions[:batch], None)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(self._ids[:batch], self._positions[:batch], None)
+        self._positions[:batch] = saved
+        self._graphs[batch] = (graph, logits)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> int:
+    """Greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(-1) - ordered < top_p
+    ordered = ordered * keep
+    choice = torch.multinomial(ordered / ordered.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+@dataclass
+class DecodeRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    adapter: str | None = None
+    stop_ids: frozenset[int] = frozenset()
+    tokens: "queue.Queue[int | None | BaseException]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finish_reason: str = ""
+    generated: int = 0
+
+
+class BatchingEngine:
+    """The thread that owns a StaticDecoder: admits requests into free slots between steps
+    and decodes every active slot in one step. `guard` is held around each step, so whoever
+    swaps adapters (holding the same lock) never does it mid-step."""
+
+    def __init__(self, decoder: StaticDecoder, guard: threading.Lock | None = None):
+        self.decoder = decoder
+        self.guard = guard or threading.Lock()
+        self._waiting: "queue.Queue[DecodeRequest]" = queue.Queue()
+        self._slots: list[DecodeRequest | None] = [None] * decoder.max_batch
+        self._positions = [0] * decoder.max_batch
+        self._last = [0] * decoder.max_batch
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.on_step: Callable[[int], None] | None = None  # rows decoded per step (for benchmarks)
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        return prompt_tokens + max_new_tokens < self.decoder.max_len - 1
+
+    def submit(self, request: DecodeRequest) -> DecodeRequest:
+        if not self.fits(len(request.prompt_ids), request.max_new_tokens):
+            raise ValueError("the request does not fit the decoder's cache")
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
+            self._thread.start()
+        self._waiting.put(request)
+        return request
+
+    def close(self) -> None:
+        self._stop.set()
+        self._waiting.put(None)  # type: ignore[arg-type]
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _finish(self, slot: int, reason: str) -> None:
+        request = self._slots[slot]
+        self._slots[slot] = None
+        self._positions[slot] = self.decoder.max_len - 1
+        if request is not None:
+            request.finish_reason = request.finish_reason or reason
+            request.tokens.put(None)
+
+    def _emit(self, slot: int, token: int) -> None:
+        request = self._slots[slot]
+        request.generated += 1
+        if token in request.stop_ids:
+            self._finish(slot, "stop")
+            return
+        request.tokens.put(token)
+        if request.generated >= request.max_new_tokens:
+            self._finish(slot, "length")
+            return
+        self._last[slot] = token
+
+    def _admit(self, block: bool) -> None:
+        while None in self._slots:
+            try:
+                request = self._waiting.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                return
+            if request is None:  # close()
+                return
+            block = False
+            if request.cancelled.is_set():
+                request.finish_reason = "cancelled"
+                request.tokens.put(None)
+                continue
+            slot = self._slots.index(None)
+            try:
+                with self.guard:
+                    logits = self.decoder.prefill(slot, request.prompt_ids, request.adapter)
+            except Exception as exc:  # this request fails; the others go on
+                request.finish_reason = "error"
+                request.tokens.put(exc)
+                continue
+            self._slots[slot] = request
+            self._positions[slot] = len(request.prompt_ids)
+            self._emit(slot, sample(logits, request.temperature, request.top_p))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            active = [i for i, r in enumerate(self._slots) if r is not None]
+            self._admit(block=not active)
+            for slot, request in enumerate(self._slots):
+                if request is not None and request.cancelled.is_set():
+                    self._finish(slot, "cancelled")
+            active = [i for i, r in enumerate(self._slots) if r is not None]
+            if not active:
+                continue
+            rows = max(active) + 1
+            tokens = [self._last[i] if self._slots[i] else 0 for i in range(rows)]
+            positions = [self._positions[i] if self._slots[i] else self.decoder.max_len - 1 for i in range(rows)]
+            try:
+                with self.guard:
+                    logits = self.decoder.decode(tokens, positions)
+            except Exception as exc:
+                log.exception("decode step failed")
+                for slot in active:
+                    request = self._slots[slot]
+                    request.finish_reason = "error"
+                    request.tokens.put(exc)
+                    self._slots[slot] = None
+                continue
+            if self.on_step:
+                self.on_step(len(active))
+            greedy = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
+            for slot in active:
+                request = self._slots[slot]
+                self._positions[slot] += 1
+                token = greedy[slot] if request.temperature <= 0 else sample(logits[slot], request.temperature,
+                                                                             request.top_p)
+                self._emit(slot, token)
