@@ -5,7 +5,7 @@ once, each with their own adapter, joining and leaving between steps."""
 import pytest
 import torch
 
-from webapp.decoding import BatchingEngine, DecodeRequest, StaticDecoder
+from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,41 @@ def test_4bit_base_with_lora_adapters_on_gpu(tiny_model_dir, tmp_path):
     service.load_adapter("finance", tmp_path / "finance" / "v1", "v1")
     adapted, _ = generate(service, prompt, "finance")
     assert adapted != base_text and generate(service, prompt)[0] == base_text
+
+
+def test_batched_decoding_serves_what_generate_serves_and_follows_promotions(tiny_model, tiny_model_dir, tmp_path):
+    """The app's batched path (static KV cache, adapters per row) gives the same greedy
+    answers as generate(), for the base and each adapter, sees a replaced adapter at once,
+    and stops when the listener leaves."""
+    import concurrent.futures
+
+    root = tmp_path / "adapters"
+    make_lora_adapter(tiny_model_dir, root / "finance" / "v1", seed=1)
+    make_lora_adapter(tiny_model_dir, root / "finance" / "v2", seed=3)
+    make_lora_adapter(tiny_model_dir, root / "hr" / "v1", seed=2)
+    tiny_model.load_adapter("finance", root / "finance" / "v1", "v1")
+    tiny_model.load_adapter("hr", root / "hr" / "v1", "v1")
+    params = GenerationParams(max_new_tokens=24, temperature=0.0)
+    prompts = [tiny_model.render_prompt([{"role": "user", "content": text}]) for text in ("hello", "你好，介绍一下")]
+    cases = [(p, a) for p in prompts for a in (None, "finance", "hr")]
+    expected = [generate(tiny_model, p, a, params=params) for p, a in cases]
+
+    tiny_model.enable_batched_decoding(max_batch=4, max_len=512)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:  # six users at once, four slots
+            served = list(pool.map(lambda case: generate(tiny_model, case[0], case[1], params=params), cases))
+        assert [text for text, _ in served] == [text for text, _ in expected]
+        assert [(r.finish_reason, r.completion_tokens) for _, r in served] == \
+            [(r.finish_reason, r.completion_tokens) for _, r in expected]
+        v1 = served[1][0]
+        tiny_model.load_adapter("finance", root / "finance" / "v2", "v2")  # a promotion
+        assert generate(tiny_model, prompts[0], "finance", params=params)[0] != v1
+
+        result = GenerationResult()
+        stream = tiny_model.stream(prompts[0], GenerationParams(max_new_tokens=300, temperature=0.0), None, result)
+        next(stream)
+        stream.close()
+        assert result.finish_reason == "cancelled" and result.completion_tokens < 300
+    finally:
+        tiny_model.close()
+    assert tiny_model.engine is None

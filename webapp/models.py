@@ -232,6 +232,32 @@ class ModelService:
     path: str = ""  # the folder or hub id it was loaded from (the refresh trains on the same base)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
+    engine: Any = None  # a decoding.BatchingEngine when batched decoding is on
+
+    def enable_batched_decoding(self, max_batch: int, max_len: int) -> None:
+        """Serve through the batched static-cache decoder (finetune/decoding.py) from now on."""
+        from finetune.decoding import BatchingEngine, StaticDecoder
+
+        with self._lock:
+            decoder = StaticDecoder(self.model, max_batch=max_batch, max_len=min(max_len, self.max_context))
+            self.engine = BatchingEngine(decoder, guard=self._lock)
+
+    def close(self) -> None:
+        """Stop the decoding threads (a later request starts the plain path afresh)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    def _stop_ids(self) -> frozenset[int]:
+        eos = self.tokenizer.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos])
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if gen_eos is not None:
+            ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        return frozenset(i for i in ids if i is not None)
 
     @property
     def device(self) -> torch.device:
@@ -265,6 +291,8 @@ class ModelService:
                     self.model.delete_adapter(info.loaded_as)
                 self.model.load_adapter(str(path), adapter_name=info.loaded_as)
             self.model.eval()
+            if self.engine is not None:
+                self.engine.decoder.refresh_adapters()
             if not slot:
                 self.adapters[name] = info
         return info
@@ -273,6 +301,8 @@ class ModelService:
         with self._lock:
             if hasattr(self.model, "peft_config") and slot in self.model.peft_config:
                 self.model.delete_adapter(slot)
+                if self.engine is not None:
+                    self.engine.decoder.refresh_adapters()
 
     def adapter_for(self, department_id: str, conversation_id: int | None = None) -> AdapterInfo | None:
         """The department's active adapter, or its canary candidate for the share of
@@ -305,6 +335,9 @@ class ModelService:
         result = result if result is not None else GenerationResult()
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         result.prompt_tokens = int(inputs["input_ids"].shape[1])
+        if self.engine is not None and self.engine.fits(result.prompt_tokens, params.max_new_tokens):
+            yield from self._stream_batched(inputs["input_ids"][0].tolist(), params, adapter, result)
+            return
         cancel = threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs: dict[str, Any] = dict(
@@ -329,11 +362,7 @@ class ModelService:
                     output = self.model.generate(**kwargs)
                 new_tokens = output[0, result.prompt_tokens:]
                 result.completion_tokens = int(new_tokens.shape[0])
-                eos = self.tokenizer.eos_token_id
-                eos_ids = set(eos if isinstance(eos, list) else [eos])
-                gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-                if gen_eos is not None:
-                    eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+                eos_ids = self._stop_ids()
                 if cancel.is_set():
                     result.finish_reason = "cancelled"
                 elif result.completion_tokens and int(new_tokens[-1]) in eos_ids:
@@ -358,6 +387,40 @@ class ModelService:
                 if not finished:  # the listener left (or failed): stop generating
                     cancel.set()
                 worker.result()
+
+    def _stream_batched(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None,
+                        result: GenerationResult) -> Iterator[str]:
+        """The turn as one row of the batching engine; text is decoded as tokens arrive and
+        held back while it ends inside a multi-byte character."""
+        from finetune.decoding import DecodeRequest
+
+        if adapter and adapter not in self.engine.decoder.adapter_index:
+            raise ValueError(f"adapter {adapter!r} is not loaded")
+        request = self.engine.submit(DecodeRequest(
+            prompt_ids, params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+            adapter=adapter or None, stop_ids=self._stop_ids()))
+        tokens: list[int] = []
+        shown = ""
+        try:
+            while (item := request.tokens.get(timeout=600)) is not None:
+                if isinstance(item, BaseException):
+                    result.error = f"{type(item).__name__}: {item}"
+                    break
+                tokens.append(item)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue
+                if len(text) > len(shown) and text.startswith(shown):
+                    yield text[len(shown):]
+                shown = text
+            else:  # finished: what was held back is all there will be
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if len(text) > len(shown) and text.startswith(shown):
+                    yield text[len(shown):]
+        finally:
+            request.cancelled.set()  # no-op when finished; stops the row when the listener left
+            result.completion_tokens = len(tokens) + (request.finish_reason == "stop")
+            result.finish_reason = "error" if result.error else (request.finish_reason or "cancelled")
 
 
 def load_model_service(spec: ModelSpec, models_dir: Path, context_tokens: int = 0) -> ModelService:

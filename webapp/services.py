@@ -48,6 +48,7 @@ class Services:
         for department in list(self.refresh.running()):
             self.refresh.cancel(department)
         self.tools.close()
+        self.model.close()
         self.db.close()
 
 
@@ -124,6 +125,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
         if model is None:
             spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
             model = load_model_service(spec, settings.models_dir, settings.context_tokens)
+        if settings.decoding == "batched" or (settings.decoding == "auto" and model.device.type == "cuda"):
+            model.enable_batched_decoding(settings.decode_batch, settings.decode_max_len)
         adapters = AdapterManager(db, model, settings.resolved_adapters_dir, settings.model)
         adapters.load_active()
         cache = None

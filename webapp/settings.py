@@ -75,7 +75,17 @@ class Settings:
         16000, "Longest chat message accepted, in characters; longer ones are refused with a message."
     )
     generation_concurrency: int = _setting(
-        1, "Chat turns generated at the same time on one model; others wait in the queue."
+        1, "Chat turns generated at the same time on one model; others wait in the queue. With batched "
+        "decoding, set it to decode_batch: concurrent turns then share decode steps."
+    )
+    decoding: str = _setting(
+        "auto", "How answers are decoded: 'batched' (static KV cache, CUDA-graph steps, concurrent users "
+        "share steps, adapters per user), 'generate' (transformers' generate(), one at a time), or 'auto' "
+        "(batched on CUDA, generate elsewhere)."
+    )
+    decode_batch: int = _setting(8, "Batched decoding: users decoded together (KV-cache slots).")
+    decode_max_len: int = _setting(
+        8192, "Batched decoding: longest prompt + answer in tokens a slot holds; longer turns use generate()."
     )
     tools_file: Path | None = _setting(
         None, "TOML file of company tools (HTTP systems, permissions); see webapp/tools/registry.py."
@@ -114,7 +124,7 @@ class Settings:
     min_new_samples: int = _setting(
         20, "New approved samples a department needs since its last refresh; fewer and the night is skipped."
     )
-    general_replay: int = _setting(20, "General samples mixed into each refresh against forgetting (0 to 20).")
+    general_replay: int = _setting(31, "General samples mixed into each refresh against forgetting (0 to 31, the size of finetune/data/general_replay.jsonl).")
     start_from_active: bool = _setting(True, "Continue training the active adapter; --no-start-from-active starts fresh.")
     auto_promote: bool = _setting(
         True, "Promote a candidate that passes the evaluation gate; --no-auto-promote waits for an admin."
@@ -208,6 +218,10 @@ def _validate(s: Settings) -> list[str]:
             or s.cache_max_entries < 1:
         problems.append("cache_threshold must be in [0.5, 1]; cache_ttl_hours > 0; cache_live_ttl_s >= 0; "
                         "cache_max_entries >= 1.")
+    if s.decoding not in ("auto", "batched", "generate"):
+        problems.append(f"decoding={s.decoding!r}: choose auto, batched or generate.")
+    if s.decode_batch < 1 or s.decode_max_len < 64:
+        problems.append("decode_batch must be at least 1 and decode_max_len at least 64.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     return problems

@@ -1,4 +1,5 @@
-"""Batched decoding with a preallocated KV cache, for serving many users from one GPU.
+"""Batched decoding with a preallocated KV cache, for serving many users from one GPU (the
+app) and for answering the refresh's evaluation cases in one batch (the recipe).
 
 `StaticDecoder` runs a Qwen3/Llama-family model's layers itself over a KV cache of fixed
 shape (slots x max_len), so one decode step has the same shapes every time and is captured

@@ -1,0 +1,175 @@
+"""hangjia's serving path at Qwen3-14B scale, 4-bit NF4, on one GPU: the batched static-cache
+decoder (finetune/decoding.py) against transformers' generate() on the same loaded model.
+
+    python bench/gpu_serve.py --model Qwen/Qwen3-14B
+    python bench/gpu_serve.py --random-weights --ckpt /mnt/q14b
+    TINY=1 python bench/gpu_serve.py --random-weights --ckpt /tmp/tiny     # dry run on CPU
+
+Prompts are 512 random tokens, answers exactly 256 tokens (stop tokens ignored: random
+weights would stop anywhere), greedy. Two LoRA adapters (r=64, q/k/v, non-zero weights) are
+loaded, as two departments would have. Rows go to $OUT/gpu_serve.jsonl; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def add_adapters(model, r: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = dict(r=r, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, LoraConfig(**config), adapter_name="finance")
+    model.add_adapter("hr", LoraConfig(**config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-3)
+    return model.eval()
+
+
+def run_requests(engine, prompts, adapters, new_tokens: int) -> tuple[float, list[float], list[list[int]]]:
+    """All requests submitted at once; wall time, each one's time to first token, tokens."""
+    from finetune.decoding import DecodeRequest
+
+    sync()
+    started = time.perf_counter()
+    requests = [engine.submit(DecodeRequest(list(p), max_new_tokens=new_tokens, adapter=a))
+                for p, a in zip(prompts, adapters)]
+    first, outputs = [], []
+    for request in requests:
+        tokens = []
+        while (item := request.tokens.get(timeout=600)) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            if not tokens:
+                first.append(time.perf_counter() - started)
+            tokens.append(item)
+        outputs.append(tokens)
+    sync()
+    return time.perf_counter() - started, first, outputs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--ckpt", default="/tmp/hangjia-random-ckpt")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--skip-generate", action="store_true", help="leave out generate() on this model")
+    args = parser.parse_args()
+
+    import torch
+
+    from gpu_train import load_4bit, random_checkpoint
+    from finetune.decoding import BatchingEngine, StaticDecoder
+
+    tiny = os.environ.get("TINY") == "1"
+    path = random_checkpoint(Path(args.ckpt), tiny) if args.random_weights else args.model
+    model = add_adapters(load_4bit(path), args.lora_r)
+    cuda = torch.cuda.is_available()
+    generator = torch.Generator().manual_seed(7)
+    prompts = torch.randint(0, 151643, (args.batch, args.prompt_len), generator=generator).tolist()
+    rows = []
+    out = Path(os.environ.get("OUT", "/tmp")) / "gpu_serve.jsonl"
+
+    def record(**row):
+        rows.append(row)
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print("RESULT", json.dumps(row), flush=True)
+
+    max_len = args.prompt_len + args.new_tokens + 64
+    for graphs in ([True, False] if cuda else [False]):
+        decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, use_graphs=graphs)
+        engine = BatchingEngine(decoder)
+        label = "hangjia static cache" + (" + CUDA graphs" if graphs else " (eager)")
+        try:
+            run_requests(engine, prompts[:1], ["finance"], 16)  # warm-up: kernels, graph capture bs 1
+            run_requests(engine, prompts, ["finance"] * args.batch, 16)  # and the batch's graph
+            # time to first token: prefill of the prompt + the first token, alone
+            ttft = []
+            for _ in range(5):
+                wall, first, _ = run_requests(engine, prompts[:1], ["finance"], 1)
+                ttft.append(first[0])
+            for users, adapters in ((1, ["finance"]), (1, [None]),
+                                    (args.batch, [["finance", "hr", None][i % 3] for i in range(args.batch)])):
+                if users > 1 and not graphs and tiny:
+                    continue
+                wall, first, outputs = run_requests(engine, prompts[:users], adapters, args.new_tokens)
+                tokens = sum(len(o) for o in outputs)
+                record(path=label, users=users, adapters=sorted({str(a) for a in adapters}),
+                       ttft_ms=round(1000 * statistics.median(ttft), 1), wall_s=round(wall, 3),
+                       tok_s=round(tokens / wall, 1), per_user_tok_s=round(tokens / users / wall, 1),
+                       first_token_ms_p50=round(1000 * statistics.median(first), 1),
+                       ms_per_step=round(1000 * (wall - statistics.median(first)) / (args.new_tokens - 1), 2),
+                       peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+            greedy_ours = outputs[0][:32]
+        finally:
+            engine.close()
+        del decoder, engine
+        if cuda:
+            torch.cuda.empty_cache()
+
+    if not args.skip_generate:  # the stock path on the same model, the adapter chosen per request as the app did
+        ids = torch.tensor(prompts, device=model.device)
+        for users in (1, args.batch):
+            kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                          temperature=None, top_p=None, top_k=None, pad_token_id=0,
+                          adapter_names=["finance"] * users)
+            with torch.inference_mode():
+                model.generate(input_ids=ids[:users], **kwargs)  # warm-up
+                sync()
+                started = time.perf_counter()
+                first = model.generate(input_ids=ids[:users], **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
+                sync()
+                ttft = time.perf_counter() - started
+                started = time.perf_counter()
+                output = model.generate(input_ids=ids[:users], **kwargs)
+                sync()
+                wall = time.perf_counter() - started
+            record(path="transformers generate() (stock)", users=users, adapters=["finance"],
+                   ttft_ms=round(1000 * ttft, 1), wall_s=round(wall, 3),
+                   tok_s=round(users * args.new_tokens / wall, 1),
+                   per_user_tok_s=round(args.new_tokens / wall, 1),
+                   ms_per_step=round(1000 * (wall - ttft) / (args.new_tokens - 1), 2))
+            if users == args.batch:
+                reference = output[0, args.prompt_len:args.prompt_len + 32].tolist()
+                agree = next((i for i, (a, b) in enumerate(zip(reference, greedy_ours)) if a != b), len(reference))
+                record(check="greedy tokens of the first user, ours vs generate()", same_leading_tokens=agree,
+                       of=len(reference))
+            del first
+
+    print(f"\n| path | users | adapters | TTFT ms (512-token prompt) | tok/s all users | tok/s per user | ms/step |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "path" in row:
+            print(f"| {row['path']} | {row['users']} | {', '.join(row['adapters'])} | {row['ttft_ms']} | "
+                  f"{row['tok_s']} | {row['per_user_tok_s']} | {row['ms_per_step']} |")
+        else:
+            print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
