@@ -289,34 +289,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(cfg: RecipeConfig, model, tokenizer, device) -> None:
-    import torch
-
+    """Candidate and active adapter answer every case greedily, all in one batch through the
+    static-cache decoder (each row with its own adapter): the cases share their decode steps."""
     from finetune.chat_format import render_chat
+    from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     model.eval()
-    # generation wants its cache back: checkpointing turned it off for training
-    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        model.get_base_model().gradient_checkpointing_disable()
-    model.get_base_model().config.use_cache = True
     if cfg.active_adapter:
         model.load_adapter(cfg.active_adapter, adapter_name="active")
+    prompts = [tokenizer(render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for case in cases]
+    eos = tokenizer.eos_token_id
+    stop = frozenset(e for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    decoder = StaticDecoder(model, max_batch=min(8, 2 * len(cases)),
+                            max_len=max(len(p) for p in prompts) + cfg.eval_max_new_tokens + 2)
+    engine = BatchingEngine(decoder)
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}
-    for number, case in enumerate(cases, start=1):
-        prompt = render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True)
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-        for who in ("candidate", "active"):
-            kwargs = dict(**inputs, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False, temperature=None,
-                          top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            with torch.inference_mode():
-                if who == "candidate" or cfg.active_adapter:
-                    model.set_adapter("default" if who == "candidate" else "active")
-                    output = model.generate(**kwargs)
-                else:
-                    with model.disable_adapter():
-                        output = model.generate(**kwargs)
-            outputs[who].append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-        report(cfg, "eval_progress", case=number, cases=len(cases))
+    try:
+        requests = {who: [engine.submit(DecodeRequest(
+            prompt, cfg.eval_max_new_tokens, adapter="default" if who == "candidate" else (
+                "active" if cfg.active_adapter else None), stop_ids=stop)) for prompt in prompts]
+            for who in ("candidate", "active")}
+        for number in range(len(cases)):
+            for who in ("candidate", "active"):
+                tokens = []
+                while (item := requests[who][number].tokens.get(timeout=3600)) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    tokens.append(item)
+                outputs[who].append(tokenizer.decode(tokens, skip_special_tokens=True))
+            report(cfg, "eval_progress", case=number + 1, cases=len(cases))
+    finally:
+        engine.close()
     report(cfg, "eval", **outputs)
 
 

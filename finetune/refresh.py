@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
-    general_replay: int = 20  # general samples mixed in against forgetting
+    general_replay: int = 31  # general samples mixed in against forgetting (the whole file)
     start_from_active: bool = True
     auto_promote: bool = True  # promote when the gate passes; else wait for the admin
     gate_margin: float = 0.02
