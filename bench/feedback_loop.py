@@ -221,8 +221,7 @@ def main() -> int:
     print(f"| valid format | {b['valid']:.0%} | {a['valid']:.0%} |")
     print(f"| false tool calls, {args.no_tool} questions needing none | {b['false_calls']:.0%} | {a['false_calls']:.0%} |")
     for row in gate.get("table", []):
-        if "general" in str(row.get("metric", "")):
-            print(f"| {row['metric']} (gate, held-out) | {row.get('active')} | {row.get('candidate')} |")
+        print(f"| gate: {row['metric']} (active -> candidate) | {row.get('active')} | {row.get('candidate')} |")
     print("\nfailures after:", json.dumps(a["failures"][:10], ensure_ascii=False))
     return 0
 

@@ -176,7 +176,7 @@ def main() -> int:
     parser.add_argument("--model", help="a local folder or hub id of a Qwen3 model")
     parser.add_argument("--random-weights", action="store_true", help="Qwen3-14B architecture, random weights")
     parser.add_argument("--ckpt", default="/tmp/hangjia-random-ckpt", help="where --random-weights writes its checkpoint")
-    parser.add_argument("--variants", default="hangjia,1-per-forward,4-per-forward,full-logits,no-checkpointing,host-embedding")
+    parser.add_argument("--variants", default="hangjia,1-per-forward,4-per-forward,full-logits,liger,no-checkpointing,host-embedding")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
@@ -230,7 +230,14 @@ def main() -> int:
                     import liger_kernel  # noqa: F401
                 except ImportError:
                     continue
-            row = run_variant(model, name, spec, data, initial_lora, args.steps, args.warmup, device)
+            try:
+                row = run_variant(model, name, spec, data, initial_lora, args.steps, args.warmup, device)
+            except Exception as exc:  # keep measuring the other variants
+                import traceback
+
+                traceback.print_exc()
+                row = {"variant": name, **spec, "error": f"{type(exc).__name__}: {str(exc)[:300]}", **memory()}
+                model.zero_grad(set_to_none=True)
             rows.append(row)
             fh.write(json.dumps(row) + "\n")
             fh.flush()

@@ -1,0 +1,38 @@
+#!/bin/bash
+# The GPU benchmarks in one device call, hangjia beside the stock baseline on the same
+# random-weight Qwen3-14B checkpoint (kept on a tmpfs between calls on a warm machine).
+#   bash bench/gpu_run.sh train serve          # phases: stocktrain train stockserve serve
+# Wheels in .whl/ are installed first (bitsandbytes, transformers, peft the image lacks);
+# the stock scripts are expected in .baseline/ (a copy of ../shared/gpu-baseline).
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
+START=$(date +%s); DEADLINE=${DEADLINE:-580}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD
+CKDIR=/mnt/q14b
+mountpoint -q $CKDIR || { mkdir -p $CKDIR && mount -t tmpfs -o size=40g tmpfs $CKDIR; } || CKDIR=/root/q14b
+CKPT=$CKDIR/ckpt
+python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, torch.cuda.get_device_name())" | tee -a $OUT/env.txt
+phase() {  # phase NAME MIN_SECONDS cmd...
+  local name=$1 need=$2; shift 2
+  local now left; now=$(date +%s); left=$((DEADLINE - (now - START)))
+  if [ $left -lt $need ]; then echo "=== SKIP $name: ${left}s left < ${need}s"; return 0; fi
+  echo "=== $name start (${left}s left): $*"
+  timeout $left "$@" > >(tee -a "$OUT/$name.log" | grep -E "^RESULT|^\||Error|error|Traceback" | cut -c1-600) 2>&1
+  echo "=== $name rc=$? took $(( $(date +%s) - now ))s"
+}
+[ -f $CKPT/COMPLETE ] || phase ckpt 60 python3 .baseline/make_ckpt.py --ckpt $CKPT --bf16-batches ""
+for P in "$@"; do
+  case $P in
+    stocktrain) phase stocktrain 100 python3 .baseline/bench_train.py --ckpt $CKPT --r 64 --alpha 16 --targets q_proj,k_proj,v_proj --seqlens 2048 ;;
+    train)      phase train 120 python3 bench/gpu_train.py --model $CKPT ;;
+    stockserve) phase stockserve 100 python3 .baseline/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
+    serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ;;
+    *) echo "unknown phase $P" ;;
+  esac
+done
+echo "=== all done after $(( $(date +%s) - START ))s"
