@@ -245,3 +245,62 @@ def test_an_employee_attaches_a_document_to_a_question(running_app, browser, tmp
     row = wait_for(lambda: services.db.query_one("SELECT filename, mode, prompt_text FROM message_attachments"),
                    what="the attachment stored")
     assert row["filename"] == "contract.txt" and row["mode"] == "whole" and "45 days" in row["prompt_text"]
+
+
+def test_the_loop_in_the_browser_thumbs_down_correction_retrain_and_the_new_version_answers(running_app, browser):
+    """Issue 8's journey through the UI only: an employee thumbs down an answer, a reviewer
+    corrects it with the right tool call, an admin presses Retrain now, and the employee's
+    header then shows the promoted version."""
+    from storage import adapters as registry
+
+    url, services = running_app
+    # the tiny random model cannot beat the base on the gate's checks: let this gate pass, and
+    # let one correction be enough for a run (the product's defaults want 20)
+    services.refresh.settings.gate_margin, services.refresh.settings.gate_tolerance = -1.0, 1.0
+    question = "上季度华东区销售额是多少？"
+    employee = ask_in_chat(browser, url, "finance-employee", question)
+    assert "(base)" in employee.locator("#header").inner_text()
+    answer = wait_for(lambda: services.db.query_one(
+        "SELECT id, content FROM messages WHERE role = 'assistant' ORDER BY id DESC LIMIT 1"), what="the answer")
+    wait_for(lambda: answer["content"] in employee.locator("#chatbot").inner_text(), what="the answer on the page")
+    employee.wait_for_timeout(500)
+    employee.get_by_role("button", name="Dislike").last.click()
+    employee.locator("#comment textarea").fill("没有查销售数据")
+    employee.locator("#send-comment").click()
+    employee.get_by_text("Comment saved").wait_for()
+
+    reviewer = browser.new_page(locale="en-US")
+    log_in(reviewer, url, "finance-reviewer")
+    reviewer.get_by_role("tab", name="Review").click(timeout=30_000)
+    reviewer.locator("#review-refresh").click()
+    reviewer.locator("#review-case-info").get_by_text("没有查销售数据").wait_for()
+    reviewer.locator("#review-tool input").click()
+    reviewer.get_by_role("option", name="query_sales").click()
+    reviewer.locator("#review-arguments").get_by_text("region").wait_for()
+    reviewer.locator("#review-arguments .cm-content").click()
+    reviewer.keyboard.press("Control+A")
+    reviewer.keyboard.insert_text('{"region": "华东", "period": "last_quarter"}')
+    reviewer.locator("#review-reason input").click()
+    reviewer.get_by_role("option", name="Should have called a tool 应调用工具").click()
+    reviewer.keyboard.press("Alt+A")
+    reviewer.locator("#review-result").get_by_text("approved").wait_for(timeout=30_000)
+
+    admin = browser.new_page(locale="en-US")
+    log_in(admin, url, "finance-admin")
+    admin.get_by_role("tab", name="Admin").click(timeout=30_000)
+    admin.locator("#admin-refresh").click()
+    admin.locator("#admin-scheduler").get_by_text("Nightly refresh").wait_for()
+    admin.locator("#admin-retrain").click()
+    admin.locator("#admin-progress").get_by_text("promoted").wait_for(timeout=300_000)
+    run = registry.runs(services.db)[0]
+    assert (run["status"], run["trigger"], run["version"], run["samples"]) == ("succeeded", "manual", "v1", 1)
+    assert registry.active_version(services.db, "finance")["version"] == "v1"
+
+    employee.reload()
+    employee.locator("#header").get_by_text("finance@v1").wait_for(timeout=30_000)
+    employee.locator("#message textarea").fill("How did East China do last quarter?")
+    employee.locator("#message textarea").press("Enter")
+    newest = wait_for(lambda: services.db.query_one(
+        "SELECT id, adapter_version FROM messages WHERE role = 'assistant' AND id > ? ORDER BY id DESC LIMIT 1",
+        [answer["id"]]), what="an answer from the new version")
+    assert newest["adapter_version"] == "v1"
