@@ -191,8 +191,6 @@ def main() -> int:
 
     from tests.conftest import free_port
     from webapp.services import open_services
-    from webapp.settings import Settings
-
     from webapp.settings import settings_from_sources
 
     overrides = dict(item.split("=", 1) for item in args.set)

@@ -80,8 +80,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-
     from gpu_train import load_4bit, random_checkpoint
+
     from finetune.decoding import BatchingEngine, StaticDecoder
 
     tiny = os.environ.get("TINY") == "1"
@@ -169,7 +169,7 @@ def main() -> int:
                        of=len(reference))
             del first
 
-    print(f"\n| path | users | adapters | TTFT ms (512-token prompt) | tok/s all users | tok/s per user | ms/step |")
+    print("\n| path | users | adapters | TTFT ms (512-token prompt) | tok/s all users | tok/s per user | ms/step |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
