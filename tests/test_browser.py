@@ -259,7 +259,7 @@ def test_the_loop_in_the_browser_thumbs_down_correction_retrain_and_the_new_vers
     services.refresh.settings.gate_margin, services.refresh.settings.gate_tolerance = -1.0, 1.0
     question = "上季度华东区销售额是多少？"
     employee = ask_in_chat(browser, url, "finance-employee", question)
-    assert "(base)" in employee.locator("#header").inner_text()
+    employee.locator("#header").get_by_text("(base)").wait_for()
     answer = wait_for(lambda: services.db.query_one(
         "SELECT id, content FROM messages WHERE role = 'assistant' ORDER BY id DESC LIMIT 1"), what="the answer")
     wait_for(lambda: answer["content"] in employee.locator("#chatbot").inner_text(), what="the answer on the page")
