@@ -301,6 +301,7 @@ class BatchingEngine:
         self._positions = [0] * decoder.max_batch
         self._last = [0] * decoder.max_batch
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
         self._stop = threading.Event()
         self.on_step: Callable[[int], None] | None = None  # rows decoded per step (for benchmarks)
 
@@ -310,10 +311,11 @@ class BatchingEngine:
     def submit(self, request: DecodeRequest) -> DecodeRequest:
         if not self.fits(len(request.prompt_ids), request.max_new_tokens):
             raise ValueError("the request does not fit the decoder's cache")
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
-            self._thread.start()
+        with self._starting:  # concurrent first requests must start one engine thread, not several
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
+                self._thread.start()
         self._waiting.put(request)
         return request
 
@@ -371,6 +373,18 @@ class BatchingEngine:
             self._emit(slot, sample(logits, request.temperature, request.top_p))
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # never leave requests waiting on a dead thread
+            log.exception("the batching engine stopped")
+            for slot, request in enumerate(self._slots):
+                if request is not None:
+                    request.finish_reason = "error"
+                    request.tokens.put(exc)
+                    self._slots[slot] = None
+            raise
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             active = [i for i, r in enumerate(self._slots) if r is not None]
             self._admit(block=not active)

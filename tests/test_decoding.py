@@ -105,3 +105,25 @@ def test_a_cancelled_request_frees_its_slot(two_adapter_model):
         engine.close()
     with pytest.raises(ValueError, match="does not fit"):
         engine.submit(DecodeRequest(list(range(60)), max_new_tokens=10))
+
+
+def test_many_first_requests_at_once_start_one_engine(two_adapter_model):
+    """Users arriving together must not start two engine threads that share the slots."""
+    import concurrent.futures
+    import threading
+
+    engine = BatchingEngine(StaticDecoder(two_adapter_model, max_batch=2, max_len=64))
+    barrier = threading.Barrier(6)
+
+    def user(i):
+        barrier.wait()
+        request = engine.submit(DecodeRequest([1 + i, 2, 3], max_new_tokens=5))
+        return run_all(engine, [request])[0]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            outputs = list(pool.map(user, range(6)))
+        assert [len(o) for o in outputs] == [5] * 6
+        assert sum(t.name == "batching-engine" for t in threading.enumerate()) == 1
+    finally:
+        engine.close()
