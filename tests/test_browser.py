@@ -45,6 +45,15 @@ def ask_in_chat(browser, url, username, question):
     return page
 
 
+def open_tab(browser, url, username, tab, refresh_button):
+    """A new page logged in as `username` on `tab`, its contents loaded with the refresh button."""
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, username)
+    page.get_by_role("tab", name=tab).click(timeout=30_000)
+    page.locator(refresh_button).click()
+    return page
+
+
 def log_in(page, url, username, password="hangjia-demo"):
     page.goto(url)
     # by type, not label: the login page is translated to the browser's language
@@ -269,10 +278,7 @@ def test_the_loop_in_the_browser_thumbs_down_correction_retrain_and_the_new_vers
     employee.locator("#send-comment").click()
     employee.get_by_text("Comment saved").wait_for()
 
-    reviewer = browser.new_page(locale="en-US")
-    log_in(reviewer, url, "finance-reviewer")
-    reviewer.get_by_role("tab", name="Review").click(timeout=30_000)
-    reviewer.locator("#review-refresh").click()
+    reviewer = open_tab(browser, url, "finance-reviewer", "Review", "#review-refresh")
     reviewer.locator("#review-case-info").get_by_text("没有查销售数据").wait_for()
     reviewer.locator("#review-tool input").click()
     reviewer.get_by_role("option", name="query_sales").click()
@@ -285,10 +291,7 @@ def test_the_loop_in_the_browser_thumbs_down_correction_retrain_and_the_new_vers
     reviewer.keyboard.press("Alt+A")
     reviewer.locator("#review-result").get_by_text("approved").wait_for(timeout=30_000)
 
-    admin = browser.new_page(locale="en-US")
-    log_in(admin, url, "finance-admin")
-    admin.get_by_role("tab", name="Admin").click(timeout=30_000)
-    admin.locator("#admin-refresh").click()
+    admin = open_tab(browser, url, "finance-admin", "Admin", "#admin-refresh")
     admin.locator("#admin-scheduler").get_by_text("Nightly refresh").wait_for()
     admin.locator("#admin-retrain").click()
     admin.locator("#admin-progress").get_by_text("promoted").wait_for(timeout=300_000)
