@@ -53,14 +53,7 @@ def run_requests(engine, prompts, adapters, new_tokens: int) -> tuple[float, lis
     started = time.perf_counter()
     requests = [engine.submit(DecodeRequest(list(p), max_new_tokens=new_tokens, adapter=a))
                 for p, a in zip(prompts, adapters)]
-    outputs = []
-    for request in requests:
-        tokens = []
-        while (item := request.tokens.get(timeout=600)) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            tokens.append(item)
-        outputs.append(tokens)
+    outputs = [request.collect() for request in requests]
     first = [r.first_token_at - started for r in requests]  # stamped by the engine, not by this reader
     sync()
     return time.perf_counter() - started, first, outputs

@@ -5,7 +5,7 @@ app) and for answering the refresh's evaluation cases in one batch (the recipe).
 shape (slots x max_len), so one decode step has the same shapes every time and is captured
 once per batch size as a CUDA graph: the ~50 ms of Python and kernel launches per token of
 `generate()` become one graph replay. Each cache row is a slot a request keeps from prefill
-to its last token. LoRA adapters are applied per row (a 0/1 mask per adapter and slot), so
+to its last token. LoRA adapters are applied per row (stacked per layer, a 0/1 mask per row), so
 users of different departments share one batch and one graph.
 
 `BatchingEngine` is the thread that owns the decoder: requests join free slots between
@@ -49,6 +49,15 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def stop_token_ids(tokenizer, model) -> frozenset[int]:
+    """The tokens that end an answer: the tokenizer's end and the model's generation config
+    (Qwen3 ends a turn with <|im_end|> and a text with <|endoftext|>), as generate() stops."""
+    ids = set()
+    for eos in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        ids |= set(eos if isinstance(eos, list) else [eos])
+    return frozenset(i for i in ids if i is not None)
+
+
 def flatten_nested_scales(decoder) -> int:
     """bitsandbytes' double quantisation stores each 4-bit layer's scales in 8 bits and
     dequantises them on every call: one more kernel per layer per token. Dequantised once
@@ -72,10 +81,11 @@ class StaticDecoder:
     def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
                  flatten_double_quant: bool | None = None):
+        from finetune.qlora import decoder_and_head
+
         self.model = model
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.decoder, self.head = causal_lm.model, causal_lm.lm_head
-        config = causal_lm.config
+        self.decoder, self.head = decoder_and_head(model)
+        config = self.decoder.config
         self.layers = list(self.decoder.layers)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -287,6 +297,15 @@ class DecodeRequest:
     generated: int = 0
     first_token_at: float = 0.0  # time.perf_counter() when the first token was ready
 
+    def collect(self, timeout: float = 600) -> list[int]:
+        """Every token of the answer once it is finished; the engine's error if it failed."""
+        tokens = []
+        while (item := self.tokens.get(timeout=timeout)) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            tokens.append(item)
+        return tokens
+
 
 class BatchingEngine:
     """The thread that owns a StaticDecoder: admits requests into free slots between steps
@@ -333,6 +352,12 @@ class BatchingEngine:
             request.finish_reason = request.finish_reason or reason
             request.tokens.put(None)
 
+    def _fail(self, slot: int | None, request: DecodeRequest, exc: BaseException) -> None:
+        if slot is not None:
+            self._slots[slot] = None
+        request.finish_reason = "error"
+        request.tokens.put(exc)
+
     def _emit(self, slot: int, token: int) -> None:
         request = self._slots[slot]
         request.generated += 1
@@ -365,8 +390,7 @@ class BatchingEngine:
                 with self.guard:
                     logits = self.decoder.prefill(slot, request.prompt_ids, request.adapter)
             except Exception as exc:  # this request fails; the others go on
-                request.finish_reason = "error"
-                request.tokens.put(exc)
+                self._fail(None, request, exc)
                 continue
             self._slots[slot] = request
             self._positions[slot] = len(request.prompt_ids)
@@ -379,9 +403,7 @@ class BatchingEngine:
             log.exception("the batching engine stopped")
             for slot, request in enumerate(self._slots):
                 if request is not None:
-                    request.finish_reason = "error"
-                    request.tokens.put(exc)
-                    self._slots[slot] = None
+                    self._fail(slot, request, exc)
             raise
 
     def _loop(self) -> None:
@@ -403,18 +425,13 @@ class BatchingEngine:
             except Exception as exc:
                 log.exception("decode step failed")
                 for slot in active:
-                    request = self._slots[slot]
-                    request.finish_reason = "error"
-                    request.tokens.put(exc)
-                    self._slots[slot] = None
+                    self._fail(slot, self._slots[slot], exc)
                 continue
             if self.on_step:
                 self.on_step(len(active))
             greedy = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
             for slot in active:
                 request = self._slots[slot]
-                if request is None:
-                    continue
                 self._positions[slot] += 1
                 token = greedy[slot] if request.temperature <= 0 else sample(logits[slot], request.temperature,
                                                                              request.top_p)

@@ -282,17 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     # 8. Evaluation on held-out cases, here where the base is already loaded: the candidate
     #    and the adapter serving now answer the same prompts, greedily.
     if cfg.eval_cases:
-        evaluate(cfg, model, tokenizer, device)
+        evaluate(cfg, model, tokenizer)
     report(cfg, "done", steps=step, final_loss=losses[-1], seconds=round(time.monotonic() - started, 2),
            output_dir=str(target))
     return 0
 
 
-def evaluate(cfg: RecipeConfig, model, tokenizer, device) -> None:
+def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     """Candidate and active adapter answer every case greedily, all in one batch through the
     static-cache decoder (each row with its own adapter): the cases share their decode steps."""
     from finetune.chat_format import render_chat
-    from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder
+    from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder, stop_token_ids
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     model.eval()
@@ -300,8 +300,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer, device) -> None:
         model.load_adapter(cfg.active_adapter, adapter_name="active")
     prompts = [tokenizer(render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for case in cases]
-    eos = tokenizer.eos_token_id
-    stop = frozenset(e for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    stop = stop_token_ids(tokenizer, model)
     decoder = StaticDecoder(model, max_batch=min(8, 2 * len(cases)),
                             max_len=max(len(p) for p in prompts) + cfg.eval_max_new_tokens + 2)
     engine = BatchingEngine(decoder)
@@ -313,11 +312,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer, device) -> None:
             for who in ("candidate", "active")}
         for number in range(len(cases)):
             for who in ("candidate", "active"):
-                tokens = []
-                while (item := requests[who][number].tokens.get(timeout=3600)) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    tokens.append(item)
+                tokens = requests[who][number].collect(timeout=3600)
                 outputs[who].append(tokenizer.decode(tokens, skip_special_tokens=True))
             report(cfg, "eval_progress", case=number + 1, cases=len(cases))
     finally:

@@ -37,14 +37,7 @@ def reference(model, prompt, adapter, new_tokens):
 
 
 def run_all(engine, requests):
-    outputs = []
-    for request in requests:
-        tokens = []
-        while (item := request.tokens.get(timeout=60)) is not None:
-            assert not isinstance(item, BaseException), item
-            tokens.append(item)
-        outputs.append(tokens)
-    return outputs
+    return [request.collect(timeout=60) for request in requests]
 
 
 def test_batched_rows_with_different_adapters_match_generate(two_adapter_model):

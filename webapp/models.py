@@ -252,12 +252,9 @@ class ModelService:
             self._executor = None
 
     def _stop_ids(self) -> frozenset[int]:
-        eos = self.tokenizer.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos])
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if gen_eos is not None:
-            ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        return frozenset(i for i in ids if i is not None)
+        from finetune.decoding import stop_token_ids
+
+        return stop_token_ids(self.tokenizer, self.model)
 
     @property
     def device(self) -> torch.device:
