@@ -91,30 +91,29 @@ def memory() -> dict:
             "max_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3)}
 
 
-def micro_batch_loss(model, group, loss_kind: str, device):
-    """One forward over the group's samples packed in a row; the sum of their mean losses."""
+def full_logits_loss(hidden, head, labels, weights):
+    """What transformers does: every logit of the row at once, in fp32."""
     import torch
 
-    from finetune.qlora import decoder_and_head, pack, packed_loss
+    logits = head(hidden).float()
+    return (torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none") * weights).sum()
 
-    batch = pack(group)
-    if loss_kind == "chunked":
-        return packed_loss(model, batch, device)
-    decoder, head = decoder_and_head(model)
-    ids = torch.tensor([batch.input_ids], device=device)
-    positions = torch.tensor([batch.position_ids], device=device)
-    hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
-    labels = torch.tensor(batch.labels, device=device)
-    weights = torch.tensor(batch.weights, device=device)
-    if loss_kind == "full":  # what transformers does: every logit at once, in fp32
-        logits = head(hidden).float()
-        return (torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none") * weights).sum()
+
+def liger_loss(hidden, head, labels, weights):
+    """liger-kernel's fused linear cross-entropy. Every sample here has the same number of
+    learned tokens, so the per-token mean times the samples is the sum of per-sample means."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    # every sample here has the same number of learned tokens, so the per-token mean over the
-    # row times the samples is the sum of per-sample means
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="mean")(head.weight, hidden, labels)
-    return loss * len(group)
+    samples = round(float(weights.sum()))
+    return LigerFusedLinearCrossEntropyLoss(reduction="mean")(head.weight, hidden, labels) * samples
+
+
+def micro_batch_loss(model, group, loss_kind: str, device):
+    """One forward over the group's samples packed in a row; the sum of their mean losses."""
+    from finetune.qlora import pack, packed_loss
+
+    loss = {"chunked": None, "full": full_logits_loss, "liger": liger_loss}[loss_kind]
+    return packed_loss(model, pack(group), device, loss=loss)
 
 
 def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: int, warmup: int, device) -> dict:
