@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from storage import StorageError
-    from webapp.app import build_app, launch_options
+    from webapp.app import build_app
     from webapp.models import ModelLoadError
+    from webapp.server import build_server
     from webapp.services import open_services
     from webapp.tools.registry import ToolConfigError
 
@@ -53,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     if settings.scheduler:
         services.nightly.start()
-    app = build_app(services)
+    import uvicorn
+
+    server = build_server(services, build_app(services))
+    print(f"\n  hangjia: http://{settings.host}:{settings.port}/  ·  OpenAI-compatible API: "
+          f"http://{settings.host}:{settings.port}/v1\n", flush=True)
     try:
-        app.queue(default_concurrency_limit=8).launch(
-            server_name=settings.host, server_port=settings.port, **launch_options(services)
-        )
+        uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning")
     finally:
         services.close()
     return 0

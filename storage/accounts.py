@@ -31,7 +31,7 @@ class Department:
     name: str
 
 
-_USER_COLUMNS = "id, username, display_name, role, department_id, disabled"
+USER_COLUMNS = "id, username, display_name, role, department_id, disabled"
 
 
 def add_department(db: Database, department_id: str, name: str) -> Department:
@@ -72,12 +72,12 @@ def add_user(
 
 
 def get_user(db: Database, user_id: int) -> User | None:
-    row = db.query_one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", [user_id])
+    row = db.query_one(f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", [user_id])
     return User(**row) if row else None
 
 
 def find_user(db: Database, username: str) -> User | None:
-    row = db.query_one(f"SELECT {_USER_COLUMNS} FROM users WHERE username = ?", [username])
+    row = db.query_one(f"SELECT {USER_COLUMNS} FROM users WHERE username = ?", [username])
     return User(**row) if row else None
 
 

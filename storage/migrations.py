@@ -330,6 +330,36 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE messages ADD COLUMN cache_entry_id BIGINT;  -- answered from this cache entry
         """,
     ),
+    Migration(
+        "0008_api_keys_and_audit",
+        """
+        -- Keys for the OpenAI-compatible API. Only a SHA-256 of the key is kept: keys are 32
+        -- random bytes, so a fast hash is safe (no dictionary to guess from) and a lookup by
+        -- hash needs no scan. The prefix lets people tell their keys apart.
+        CREATE SEQUENCE api_keys_id_seq;
+        CREATE TABLE api_keys (
+            id            BIGINT PRIMARY KEY DEFAULT nextval('api_keys_id_seq'),
+            user_id       BIGINT NOT NULL,
+            name          VARCHAR NOT NULL,
+            key_prefix    VARCHAR NOT NULL,
+            key_hash      VARCHAR NOT NULL UNIQUE,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            last_used_at  TIMESTAMP,
+            revoked_at    TIMESTAMP
+        );
+        -- What admins looked at and exported, key changes, raw completions: who did what.
+        CREATE SEQUENCE audit_events_id_seq;
+        CREATE TABLE audit_events (
+            id             BIGINT PRIMARY KEY DEFAULT nextval('audit_events_id_seq'),
+            user_id        BIGINT,
+            department_id  VARCHAR,
+            action         VARCHAR NOT NULL,          -- audit.search, audit.open, api_key.create, ...
+            detail         VARCHAR,                   -- JSON
+            created_at     TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        CREATE INDEX audit_events_action_idx ON audit_events(action);
+        """,
+    ),
 )
 
 

@@ -131,15 +131,13 @@ def services(tmp_path, tiny_model, embedder):
 @pytest.fixture
 def running_app(services):
     """The app launched on a free port with real login, as launch.py does it."""
-    from webapp.app import build_app, launch_options
+    from webapp.app import build_app
+    from webapp.server import BackgroundServer, build_server
 
-    app = build_app(services)
-    app.queue().launch(
-        server_name="127.0.0.1", server_port=services.settings.port, prevent_thread_lock=True,
-        quiet=True, **launch_options(services),
-    )
+    server = BackgroundServer(build_server(services, build_app(services)), "127.0.0.1", services.settings.port)
+    server.start()
     yield f"http://127.0.0.1:{services.settings.port}/", services
-    app.close()
+    server.stop()
 
 
 class ScriptedModel:

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from storage import accounts
+from storage import accounts, api_keys, audit
 from storage.accounts import User
 from storage.db import Database
 
@@ -46,6 +46,13 @@ def verify_password(password: str, stored: str) -> bool:
 
 class NotAuthorized(PermissionError):
     """The caller is not logged in, or their role may not do this."""
+
+
+API_KEY_PREFIX = "hj-"
+
+
+def api_key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 MAX_FAILED_LOGINS = 5  # within FAILED_LOGIN_WINDOW_S, then the name is refused for as long
@@ -107,3 +114,41 @@ class Auth:
         if len(password) < 8:
             raise ValueError("Passwords need at least 8 characters.")
         return accounts.add_user(self.db, username, hash_password(password), role, department_id, display_name)
+
+    # -- API keys (the OpenAI-compatible API) ----------------------------------------------
+
+    def create_api_key(self, user: User, name: str) -> tuple[int, str]:
+        """A new key for `user`; the key itself is returned once and only its hash is kept."""
+        name = " ".join(str(name or "").split())[:80] or "key"
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = api_keys.add_key(self.db, user.id, name, key[:len(API_KEY_PREFIX) + 6], api_key_hash(key))
+        audit.record(self.db, user.id, user.department_id, "api_key.create", key_id=key_id, name=name)
+        return key_id, key
+
+    def user_for_api_key(self, key: str | None) -> User:
+        """The owner of a live key; NotAuthorized for no key, an unknown or revoked key, or a
+        disabled user (one message for all, so a probe learns nothing)."""
+        if not key or not key.startswith(API_KEY_PREFIX) or len(key) > 200:
+            raise NotAuthorized("A valid API key is needed (Authorization: Bearer hj-...).")
+        user = api_keys.user_of_key(self.db, api_key_hash(key))
+        if user is None:
+            raise NotAuthorized("A valid API key is needed (Authorization: Bearer hj-...).")
+        return user
+
+    def revoke_api_key(self, actor: User, key_id: int) -> None:
+        """Owners revoke their own keys; admins also those of their department's users."""
+        owner_id = api_keys.key_owner(self.db, int(key_id))
+        owner = accounts.get_user(self.db, owner_id) if owner_id is not None else None
+        allowed = owner is not None and (owner.id == actor.id or (
+            actor.role == "admin" and owner.department_id == actor.department_id))
+        if not allowed:
+            raise NotAuthorized(f"There is no key {key_id} you may revoke.")
+        if api_keys.revoke(self.db, int(key_id)):
+            audit.record(self.db, actor.id, actor.department_id, "api_key.revoke", key_id=int(key_id),
+                         owner=owner.username)
+
+    def keys_visible_to(self, actor: User) -> list[dict]:
+        """Admins see their department's keys; everyone else their own."""
+        if actor.role == "admin":
+            return [k for k in api_keys.keys_of(self.db) if k["department_id"] == actor.department_id]
+        return api_keys.keys_of(self.db, actor.id)

@@ -106,13 +106,14 @@ def tool_item(outcome: ToolOutcome) -> dict[str, Any]:
 
 class ChatEngine:
     def __init__(self, db: Database, model: ModelService, settings: TurnSettings,
-                 executor: ToolExecutor | None = None, knowledge=None, cache=None):
+                 executor: ToolExecutor | None = None, knowledge=None, cache=None, metrics=None):
         self.db = db
         self.model = model
         self.settings = settings
         self.executor = executor
         self.knowledge = knowledge  # webapp.knowledge.base.KnowledgeBase, or None when turned off
         self.cache = cache  # webapp.cache.service.ResponseCache, or None when turned off
+        self.metrics = metrics  # webapp.metrics.Metrics, or None
 
     # -- reading ------------------------------------------------------------------------
 
@@ -293,6 +294,23 @@ class ChatEngine:
             yield last
         if scope is not None:
             self._remember(user, scope, text, passages, last, (time.perf_counter() - started) * 1000)
+
+    def import_history(self, user: User, messages: list[dict[str, str]]) -> int:
+        """A new conversation holding earlier turns a client kept itself (the OpenAI API is
+        stateless): they are stored and logged like any turn, so the next turn, its review
+        and its audit see what the model saw. Returns the conversation id."""
+        checked = []
+        for message in messages:
+            if message.get("role") not in ("user", "assistant"):
+                raise UserInputError("bad_history", "Earlier messages must have the role user or assistant.")
+            checked.append((message["role"], self._check_text(message.get("content"))))
+        first_user = next((text for role, text in checked if role == "user"), checked[0][1])
+        title = " ".join(first_user.split())[:TITLE_CHARS]
+        conversation_id = chats.create_conversation(self.db, user.id, user.department_id, title).id
+        for role, text in checked:
+            chats.add_message(self.db, conversation_id, role, text, model=self.model.name if role == "assistant"
+                              else None, finish_reason="imported" if role == "assistant" else None)
+        return conversation_id
 
     def _cache_scope(self, user: User, tools: list[dict]) -> str:
         adapter = self.model.adapter_for(user.department_id)
@@ -489,6 +507,10 @@ class ChatEngine:
                 finish_reason=finish,
                 error=result.error,
             )
+            if self.metrics is not None:
+                self.metrics.observe_generation(
+                    user.department_id, time.perf_counter() - started, ttft_ms / 1000 if ttft_ms else None,
+                    result.prompt_tokens, result.completion_tokens, bool(result.error))
         if result.error:
             raise GenerationFailed(
                 f"The model failed while answering ({result.error}). Try again; if it keeps failing, tell your admin."

@@ -16,6 +16,7 @@ from webapp.engine import ChatEngine, TurnSettings
 from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
 from webapp.knowledge.embeddings import Embedder
 from webapp.knowledge.tool import KNOWLEDGE_TOOLS_FILE, knowledge_builtins
+from webapp.metrics import Metrics
 from webapp.models import GenerationParams, ModelService, ModelSpec, load_model_service
 from webapp.review import ReviewService, ReviewSettings
 from webapp.scheduler import NightlyRefresh
@@ -39,6 +40,7 @@ class Services:
     adapters: AdapterManager
     refresh: RefreshRunner
     nightly: NightlyRefresh
+    metrics: Metrics
     knowledge: KnowledgeBase | None = None
     cache: ResponseCache | None = None
     first_admin_password: str | None = field(default=None, repr=False)
@@ -133,7 +135,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
         if settings.cache:
             cache = ResponseCache(db, cache_settings(settings), knowledge.embedder if knowledge else embedder,
                                   registry.vocabulary())
-        engine = ChatEngine(db, model, turn_settings(settings), tools, knowledge, cache)
+        metrics = Metrics(db)
+        engine = ChatEngine(db, model, turn_settings(settings), tools, knowledge, cache, metrics)
         review = ReviewService(db, engine, tools, ReviewSettings(
             settings.system_prompt, settings.scrub_pii, settings.eval_fraction))
         runner = RefreshRunner(
@@ -144,8 +147,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
     except BaseException:
         db.close()
         raise
-    return Services(settings, db, auth, model, engine, tools, review, adapters, runner, nightly, knowledge,
-                    cache, first_admin_password)
+    return Services(settings, db, auth, model, engine, tools, review, adapters, runner, nightly, metrics,
+                    knowledge, cache, first_admin_password)
 
 
 def refresh_settings(settings: Settings) -> RefreshSettings:

@@ -87,6 +87,16 @@ class Settings:
     decode_max_len: int = _setting(
         8192, "Batched decoding: longest prompt + answer in tokens a slot holds; longer turns use generate()."
     )
+    backend: str = _setting(
+        "local", "Where answers are generated: 'local' (the model loaded in this process) or 'openai' (an "
+        "OpenAI-compatible engine such as vLLM at --backend-url; hangjia keeps auth, retrieval, cache, tools, "
+        "logging and the feedback loop, and loads each department's adapter into it by name).",
+        choices=("local", "openai"))
+    backend_url: str = _setting(
+        "", "Base URL of the OpenAI-compatible engine for --backend openai, e.g. http://gpu-1:8000 (no /v1).")
+    backend_api_key: str = _setting("", "API key the engine at --backend-url expects (sent as a Bearer token).")
+    metrics_token: str = _setting(
+        "", "Bearer token Prometheus scrapes /metrics with; admins' API keys work too. Empty: keys only.")
     tools_file: Path | None = _setting(
         None, "TOML file of company tools (HTTP systems, permissions); see webapp/tools/registry.py."
     )
@@ -224,6 +234,9 @@ def _validate(s: Settings) -> list[str]:
         problems.append("decode_batch must be at least 1 and decode_max_len at least 64.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
+    if s.backend == "openai" and not s.backend_url.startswith(("http://", "https://")):
+        problems.append(f"backend_url={s.backend_url!r}: --backend openai needs the engine's URL, e.g. "
+                        "http://127.0.0.1:8000 (--backend-url).")
     return problems
 
 

@@ -1,0 +1,336 @@
+"""The OpenAI-compatible API (/v1), served beside the Gradio app.
+
+A call goes through the same ChatEngine turn as the browser: the key's owner is the
+user, so their department's adapter, ACL-filtered retrieval, the response cache, tools
+with the user's permissions and the logging all apply. What differs from OpenAI's API,
+because hangjia keeps the conversation and runs the company's tools itself:
+
+- `conversation_id` (extra body field) continues a stored conversation; without it,
+  earlier user/assistant messages the client sends are stored as a new conversation.
+  Client system messages are ignored: the company's system prompt applies.
+- Tools run on the server; each response lists them in `hangjia.actions`. A side-effect
+  action waiting for the user is listed in `hangjia.pending`; approve or decline it with
+  POST /v1/actions/{call_id} {"approve": true|false}.
+- Sampling settings (temperature, max_tokens) are the server's, set by the admin.
+
+Errors are OpenAI's shape: {"error": {"message", "type", "code"}} with the HTTP status.
+POST /v1/completions (raw prompt in, text out, no retrieval or tools) is for admins: it
+is what another hangjia uses when this one serves as its generation backend.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from storage import audit, chats
+from webapp.auth import NotAuthorized
+from webapp.engine import ConversationNotFound, GenerationFailed, TurnUpdate, UserInputError
+from webapp.metrics import CONTENT_TYPE
+from webapp.models import GenerationParams, GenerationResult
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": None,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def model_id(department_id: str) -> str:
+    return f"hangjia-{department_id}"
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _text_of(content: Any) -> str | None:
+    """OpenAI content: a string, or a list of parts of which the text ones count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "\n".join(texts)
+    return None
+
+
+def _joined_text(update: TurnUpdate) -> str:
+    return "\n\n".join(i["content"] for i in update.items if i.get("type") == "text" and i.get("content"))
+
+
+def _extras(update: TurnUpdate) -> dict[str, Any]:
+    return {
+        "conversation_id": update.conversation_id, "message_id": update.message_id,
+        "adapter": update.adapter, "adapter_version": update.adapter_version, "cached": update.cached,
+        "actions": [i for i in update.items if i.get("type") == "tool"],
+        "sources": [s for i in update.items if i.get("type") == "sources" for s in i.get("sources", [])],
+        "pending": update.pending,
+    }
+
+
+def build_openai_router(services) -> APIRouter:
+    router = APIRouter()
+    # The model is one device: at most generation_concurrency turns generate at once,
+    # the others wait here (Gradio's queue does the same for the browser).
+    generating = threading.BoundedSemaphore(services.settings.generation_concurrency)
+
+    def user_of(request: Request):
+        try:
+            return services.auth.user_for_api_key(_bearer(request))
+        except NotAuthorized as exc:
+            raise ApiError(401, str(exc), "authentication_error", "invalid_api_key")
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body is {len(raw):,} bytes; the limit is {MAX_BODY_BYTES:,}.")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"The body is not valid JSON ({exc}).")
+        if not isinstance(body, dict):
+            raise ApiError(400, "The body must be a JSON object.")
+        return body
+
+    def models_of(user) -> list[dict[str, Any]]:
+        adapter = services.model.adapter_for(user.department_id)
+        return [{"id": model_id(user.department_id), "object": "model", "created": 0, "owned_by": "hangjia",
+                 "base_model": services.model.name, "department": user.department_id,
+                 "adapter_version": adapter.version if adapter else None}]
+
+    def check_model(user, requested: Any) -> str:
+        allowed = {m["id"] for m in models_of(user)}
+        if requested in allowed or requested == "hangjia":
+            return model_id(user.department_id)
+        raise ApiError(404, f"The model {requested!r} does not exist or you have no access to it. "
+                            f"Yours: {', '.join(sorted(allowed))}.", code="model_not_found")
+
+    @router.get("/v1/models")
+    async def list_models(request: Request):
+        return {"object": "list", "data": models_of(user_of(request))}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        user = user_of(request)
+        body = await body_of(request)
+        model = check_model(user, body.get("model"))
+        if body.get("tools"):
+            raise ApiError(400, "Client-side tools are not supported: hangjia runs the company's tools itself, "
+                                "with your permissions. Send the question without `tools`.")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ApiError(400, "`messages` must be a non-empty list of {role, content} objects.")
+        turns = [{"role": m.get("role"), "content": _text_of(m.get("content"))} for m in messages
+                 if m.get("role") != "system"]
+        if not turns or turns[-1]["role"] != "user" or turns[-1]["content"] is None:
+            raise ApiError(400, "The last message must be the user's, with text content.")
+        conversation_id = body.get("conversation_id")
+        if conversation_id is not None and (isinstance(conversation_id, bool) or not isinstance(conversation_id, int)):
+            raise ApiError(400, "`conversation_id` must be an integer.")
+
+        def start():
+            nonlocal conversation_id
+            if conversation_id is None and len(turns) > 1:
+                conversation_id = services.engine.import_history(user, turns[:-1])
+            return services.engine.stream_turn(user, turns[-1]["content"], conversation_id,
+                                               fresh=bool(body.get("fresh")))
+
+        return await _respond(start, bool(body.get("stream")), model)
+
+    @router.post("/v1/actions/{call_id}")
+    async def resolve_action(request: Request, call_id: str):
+        user = user_of(request)
+        body = await body_of(request)
+        if not isinstance(body.get("approve"), bool):
+            raise ApiError(400, "Send {\"approve\": true} or {\"approve\": false}.")
+        return await _respond(lambda: services.engine.resolve_action(user, call_id, body["approve"]),
+                              bool(body.get("stream")), model_id(user.department_id))
+
+    async def _respond(start, stream: bool, model: str):
+        def first_update():
+            generating.acquire()
+            try:
+                updates = start()
+                return updates, next(updates)
+            except BaseException:
+                generating.release()
+                raise
+
+        try:
+            updates, first = await run_in_threadpool(first_update)
+        except UserInputError as exc:
+            raise ApiError(400, str(exc), code=exc.code)
+        except ConversationNotFound as exc:
+            raise ApiError(404, str(exc), code="conversation_not_found")
+        except LookupError as exc:  # an action that is not (or no longer) waiting, or not the caller's
+            raise ApiError(404, str(exc), code="not_found")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def rest() -> Iterator[TurnUpdate]:
+            try:
+                yield first
+                yield from updates
+            finally:
+                updates.close()
+                generating.release()
+
+        if not stream:
+            def consume():
+                last = first
+                for last in rest():
+                    pass
+                return last
+            try:
+                last = await run_in_threadpool(consume)
+            except GenerationFailed as exc:
+                raise ApiError(500, str(exc), "server_error", "generation_failed")
+            usage = _usage(last)
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": _joined_text(last)},
+                                 "finish_reason": _finish(last)}],
+                    "usage": usage, "hangjia": _extras(last)}
+
+        def events() -> Iterator[str]:
+            def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+                payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                           "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                           **extra}
+                return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+            sent, last = "", first
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                for last in rest():
+                    text = _joined_text(last)
+                    if len(text) > len(sent) and text.startswith(sent):
+                        yield chunk({"content": text[len(sent):]})
+                        sent = text
+            except GenerationFailed as exc:
+                error = {"message": str(exc), "type": "server_error", "code": "generation_failed"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+            yield chunk({}, _finish(last), usage=_usage(last), hangjia=_extras(last))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _usage(update: TurnUpdate) -> dict[str, int]:
+        outcome = chats.message_outcome(services.db, update.message_id) if update.message_id else None
+        prompt = int((outcome or {}).get("prompt_tokens") or 0)
+        completion = int((outcome or {}).get("completion_tokens") or 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _finish(update: TurnUpdate) -> str:
+        outcome = chats.message_outcome(services.db, update.message_id) if update.message_id else None
+        return "length" if (outcome or {}).get("finish_reason") == "length" else "stop"
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        user = user_of(request)
+        if user.role != "admin":
+            raise ApiError(403, "Raw completions are for admins (a generation backend); use /v1/chat/completions.",
+                           "permission_error")
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "`prompt` must be a non-empty string.")
+        requested = body.get("model")
+        adapter = services.model.adapter_for(user.department_id)
+        if requested == services.model.name:
+            slot = None
+        elif requested in (model_id(user.department_id), "hangjia"):
+            slot = adapter.loaded_as if adapter else None
+        else:
+            raise ApiError(404, f"The model {requested!r} does not exist or you have no access to it. Yours: "
+                                f"{model_id(user.department_id)}, {services.model.name}.", code="model_not_found")
+        params = _sampling(body, services.settings)
+        prompt_tokens = services.model.count_tokens(prompt)
+        if prompt_tokens + params.max_new_tokens > services.model.max_context:
+            raise ApiError(400, f"The prompt has {prompt_tokens:,} tokens; with max_tokens {params.max_new_tokens:,}"
+                                f" it exceeds the context of {services.model.max_context:,}.",
+                           code="context_length_exceeded")
+        audit.record(services.db, user.id, user.department_id, "v1.completions", model=requested,
+                     prompt_tokens=prompt_tokens)
+        result = GenerationResult()
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def pieces() -> Iterator[str]:
+            with generating:
+                yield from services.model.stream(prompt, params, slot, result)
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                    "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+        if not body.get("stream"):
+            text = await run_in_threadpool(lambda: "".join(pieces()))
+            if result.error:
+                raise ApiError(500, f"Generation failed: {result.error}", "server_error")
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": requested,
+                    "choices": [{"index": 0, "text": text, "finish_reason": result.finish_reason, "logprobs": None}],
+                    "usage": usage()}
+
+        def events() -> Iterator[str]:
+            def chunk(text: str, finish: str | None, **extra) -> str:
+                payload = {"id": completion_id, "object": "text_completion", "created": created, "model": requested,
+                           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                           **extra}
+                return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+            for piece in pieces():
+                yield chunk(piece, None)
+            if result.error:
+                yield f"data: {json.dumps({'error': {'message': result.error, 'type': 'server_error'}})}\n\n"
+                return
+            yield chunk("", result.finish_reason, usage=usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @router.get("/metrics")
+    async def metrics(request: Request):
+        """Prometheus scrape: the metrics token (--metrics-token), or an admin's API key."""
+        token = _bearer(request)
+        allowed = bool(services.settings.metrics_token) and token == services.settings.metrics_token
+        if not allowed:
+            try:
+                allowed = services.auth.user_for_api_key(token).role == "admin"
+            except NotAuthorized:
+                allowed = False
+        if not allowed:
+            return ApiError(401, "Scraping needs the metrics token or an admin's API key as a Bearer token.",
+                            "authentication_error").response()
+        return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _sampling(body: dict[str, Any], settings) -> GenerationParams:
+    """The caller's sampling values within the server's limits."""
+    try:
+        max_tokens = int(body.get("max_tokens") or settings.max_new_tokens)
+        temperature = float(body.get("temperature", settings.temperature))
+        top_p = float(body.get("top_p", settings.top_p))
+    except (TypeError, ValueError):
+        raise ApiError(400, "max_tokens, temperature and top_p must be numbers.")
+    if max_tokens < 1 or not 0 <= temperature <= 2 or not 0 < top_p <= 1:
+        raise ApiError(400, "max_tokens ≥ 1, 0 ≤ temperature ≤ 2, 0 < top_p ≤ 1.")
+    return GenerationParams(max_new_tokens=min(max_tokens, settings.max_new_tokens * 4),
+                            temperature=temperature, top_p=top_p)
