@@ -307,3 +307,33 @@ def test_the_loop_in_the_browser_thumbs_down_correction_retrain_and_the_new_vers
         "SELECT id, adapter_version FROM messages WHERE role = 'assistant' AND id > ? ORDER BY id DESC LIMIT 1",
         [answer["id"]]), what="an answer from the new version")
     assert newest["adapter_version"] == "v1"
+
+
+def test_an_employee_makes_an_api_key_the_openai_client_uses_and_the_admin_sees_it_in_monitoring(running_app, browser):
+    import openai
+
+    url, services = running_app
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, "finance-employee")
+    page.locator("#api-keys").get_by_text("API keys").click(timeout=30_000)
+    page.locator("#keys-name textarea, #keys-name input").first.fill("my script")
+    page.locator("#keys-create").click()
+    key = wait_for(lambda: page.locator("#keys-new textarea, #keys-new input").first.input_value(), what="the key")
+    assert key.startswith("hj-")
+    wait_for(lambda: "my script" in page.locator("#keys-table").inner_text(), what="the key listed")
+    assert key not in page.locator("#keys-table").inner_text(), "only the prefix is listed"
+
+    client = openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model="hangjia", messages=[{"role": "user", "content": "hello"}])
+    assert reply.model_extra["hangjia"]["conversation_id"]
+
+    admin = browser.new_page(locale="en-US")
+    log_in(admin, url, "finance-admin")
+    admin.get_by_role("tab", name="Admin").click(timeout=30_000)
+    admin.locator("#monitoring").get_by_text("Monitoring").click()
+    admin.locator("#monitoring-reload").click()
+    wait_for(lambda: "finance" in admin.locator("#monitoring-daily").inner_text(), what="today's figures")
+    admin.locator("#audit").get_by_text("Audit").click()
+    admin.locator("#audit-text textarea, #audit-text input").first.fill("hello")
+    admin.locator("#audit-search").click()
+    wait_for(lambda: "finance-employee" in admin.locator("#audit-results").inner_text(), what="the conversation found")

@@ -23,6 +23,12 @@ from webapp.ui.chat import (
 )
 from webapp.ui.common import caller
 from webapp.ui.knowledge import build_knowledge_section, register_knowledge_api
+from webapp.ui.operations import (
+    build_api_keys_section,
+    build_audit_section,
+    build_monitoring_section,
+    register_operations_api,
+)
 from webapp.ui.review import REVIEW_SHORTCUTS_JS, build_review_tab, register_review_api
 
 
@@ -44,12 +50,15 @@ def build_app(services: Services) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab(i18n("tab_chat"), id="chat"):
                 chat = build_chat_tab(services, i18n)
+                build_api_keys_section(services, i18n)
             with gr.Tab(i18n("tab_review"), id="review", visible=False) as review_tab:
                 build_review_tab(services, i18n)
             with gr.Tab(i18n("tab_admin"), id="admin", visible=False) as admin_tab:
                 build_admin_tab(services, i18n)
                 build_knowledge_section(services, i18n)
                 build_cache_section(services, i18n)
+                build_monitoring_section(services, i18n)
+                build_audit_section(services, i18n)
 
         def on_load(request: gr.Request):
             user = caller(services, request)
@@ -66,6 +75,7 @@ def build_app(services: Services) -> gr.Blocks:
         register_admin_api(services)
         register_knowledge_api(services)
         register_cache_api(services)
+        register_operations_api(services)
     return app
 
 
