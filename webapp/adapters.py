@@ -30,8 +30,12 @@ class AdapterManager:
         in ADAPTERS_DIR serve departments the registry does not know yet."""
         known = set()
         for row in registry.active_versions(self.db):
-            self._load(row)
             known.add(row["department_id"])
+            try:
+                self._load(row)
+            except RuntimeError as exc:  # e.g. the remote engine refused it: serve the base, say why
+                log.error("adapter %s %s could not be loaded; serving the base model: %s", row["department_id"],
+                          row["version"], exc)
         for info in discover_adapters(self.adapters_dir):
             if info.name not in known and info.name not in {r["department_id"] for r in registry.versions(self.db)}:
                 self.model.load_adapter(info.name, info.path, info.version)
@@ -68,7 +72,11 @@ class AdapterManager:
         except StorageError as exc:
             raise AdapterError(str(exc)) from exc
         self.set_canary(department_id, None, 0.0)
-        self._load(row)
+        try:
+            self._load(row)
+        except RuntimeError as exc:
+            raise AdapterError(f"{department_id} {version} is active in the registry, but loading it failed: {exc}"
+                               " Fix the cause and promote it again (or restart).") from exc
 
     def set_canary(self, department_id: str, version: str | None, share: float) -> None:
         """Send `share` (0..0.5) of the department's conversations to a candidate; 0 stops."""

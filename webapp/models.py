@@ -214,8 +214,32 @@ class _CancelCriteria:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class PromptsAndRouting:
+    """What every generation backend shares: prompts rendered and counted with the base
+    model's own tokenizer, and which adapter serves a department (active or canary).
+    Subclasses have `tokenizer`, `adapters` and `canaries`."""
+
+    def adapter_for(self, department_id: str, conversation_id: int | None = None) -> AdapterInfo | None:
+        """The department's active adapter, or its canary candidate for the share of
+        conversations the admin set (the same conversation always gets the same one)."""
+        canary = self.canaries.get(department_id)
+        if canary and conversation_id is not None:
+            info, share = canary
+            if (int(conversation_id) * 2654435761) % 1000 < share * 1000:
+                return info
+        return self.adapters.get(department_id)
+
+    def render_prompt(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None, thinking: bool = False
+    ) -> str:
+        return render_chat(self.tokenizer, messages, tools, add_generation_prompt=True, thinking=thinking)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 @dataclass
-class ModelService:
+class ModelService(PromptsAndRouting):
     """One base model shared by all users, with one LoRA adapter per department.
 
     Adapters are chosen per request with peft's `adapter_names` (no global set_adapter),
@@ -300,24 +324,6 @@ class ModelService:
                 self.model.delete_adapter(slot)
                 if self.engine is not None:
                     self.engine.decoder.refresh_adapters()
-
-    def adapter_for(self, department_id: str, conversation_id: int | None = None) -> AdapterInfo | None:
-        """The department's active adapter, or its canary candidate for the share of
-        conversations the admin set (the same conversation always gets the same one)."""
-        canary = self.canaries.get(department_id)
-        if canary and conversation_id is not None:
-            info, share = canary
-            if (int(conversation_id) * 2654435761) % 1000 < share * 1000:
-                return info
-        return self.adapters.get(department_id)
-
-    def render_prompt(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None, thinking: bool = False
-    ) -> str:
-        return render_chat(self.tokenizer, messages, tools, add_generation_prompt=True, thinking=thinking)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def stream(
         self,

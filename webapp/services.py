@@ -17,10 +17,10 @@ from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
 from webapp.knowledge.embeddings import Embedder
 from webapp.knowledge.tool import KNOWLEDGE_TOOLS_FILE, knowledge_builtins
 from webapp.metrics import Metrics
-from webapp.models import GenerationParams, ModelService, ModelSpec, load_model_service
+from webapp.models import GenerationParams, ModelLoadError, ModelService, ModelSpec, load_model_service
 from webapp.review import ReviewService, ReviewSettings
 from webapp.scheduler import NightlyRefresh
-from webapp.settings import Settings
+from webapp.settings import EMBEDDED_MODEL, Settings
 from webapp.tools.builtin import BUILTINS
 from webapp.tools.executor import ToolExecutor
 from webapp.tools.registry import DEMO_TOOLS_FILE, load_registry
@@ -125,9 +125,9 @@ def open_services(settings: Settings, model: ModelService | None = None,
         registry = load_registry(tool_files(settings), builtins)
         tools = ToolExecutor(registry, db, max_result_chars=settings.tool_result_max_chars)
         if model is None:
-            spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
-            model = load_model_service(spec, settings.models_dir, settings.context_tokens)
-        if settings.decoding == "batched" or (settings.decoding == "auto" and model.device.type == "cuda"):
+            model = load_generation_backend(settings)
+        if isinstance(model, ModelService) and (settings.decoding == "batched" or (
+                settings.decoding == "auto" and model.device.type == "cuda")):
             model.enable_batched_decoding(settings.decode_batch, settings.decode_max_len)
         adapters = AdapterManager(db, model, settings.resolved_adapters_dir, settings.model)
         adapters.load_active()
@@ -149,6 +149,20 @@ def open_services(settings: Settings, model: ModelService | None = None,
         raise
     return Services(settings, db, auth, model, engine, tools, review, adapters, runner, nightly, metrics,
                     knowledge, cache, first_admin_password)
+
+
+def load_generation_backend(settings: Settings):
+    """The model in this process, or the OpenAI-compatible engine at --backend-url."""
+    if settings.backend == "openai":
+        from webapp.remote_model import load_remote_model
+
+        if settings.model == EMBEDDED_MODEL:
+            raise ModelLoadError("--backend openai needs --model: the hub id or folder of the model the engine "
+                                 "serves (hangjia reads its tokenizer and chat template from it).")
+        return load_remote_model(settings.model, settings.backend_url, settings.backend_api_key,
+                                 settings.backend_model, settings.context_tokens)
+    spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
+    return load_model_service(spec, settings.models_dir, settings.context_tokens)
 
 
 def refresh_settings(settings: Settings) -> RefreshSettings:

@@ -94,6 +94,8 @@ class Settings:
         choices=("local", "openai"))
     backend_url: str = _setting(
         "", "Base URL of the OpenAI-compatible engine for --backend openai, e.g. http://gpu-1:8000 (no /v1).")
+    backend_model: str = _setting(
+        "", "The engine's name for the base model (vLLM's --served-model-name); default: --model.")
     backend_api_key: str = _setting("", "API key the engine at --backend-url expects (sent as a Bearer token).")
     metrics_token: str = _setting(
         "", "Bearer token Prometheus scrapes /metrics with; admins' API keys work too. Empty: keys only.")
