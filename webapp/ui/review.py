@@ -137,6 +137,7 @@ def build_review_tab(services, i18n) -> None:
                 *open_case(first, request))
 
     def select_case(table, evt: gr.SelectData, request: gr.Request):
+        caller(services, request, *REVIEW_ROLES)  # before reading anything the caller sent
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         message_id = table.iloc[row, 0] if hasattr(table, "iloc") else table[row][0]
         return open_case(int(message_id), request)
