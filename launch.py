@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n  hangjia: http://{settings.host}:{settings.port}/  ·  OpenAI-compatible API: "
           f"http://{settings.host}:{settings.port}/v1\n", flush=True)
     try:
-        uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning")
+        # open event streams (browsers, clients) must not hold a stop forever
+        uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         services.close()
     return 0

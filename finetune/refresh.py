@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +55,18 @@ class RefreshOutcome:
     version: str | None = None
     gate: dict[str, Any] | None = None
     promoted: bool = False
+
+
+def _die_with_parent() -> None:
+    """In the training process, before it starts (Linux): SIGKILL when the app dies, so a
+    killed app leaves no trainer running, holding the GPU or writing an adapter later."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the run is still marked failed at the next start
+        pass
 
 
 class RefreshRunner:
@@ -138,6 +151,9 @@ class RefreshRunner:
         (run_dir / "eval.jsonl").write_text("\n".join(json.dumps(c.to_json(), ensure_ascii=False) for c in cases),
                                             encoding="utf-8")
         version = registry.next_version(self.db, department_id)
+        # a run killed with the app may have left its folder: never write into one
+        while any((self.adapters_dir / department_id / name).exists() for name in (version, version + ".partial")):
+            version = f"v{int(version[1:]) + 1}"
         output_dir = self.adapters_dir / department_id / version
         active = registry.active_version(self.db, department_id)
         base_model = self.base_model()
@@ -181,7 +197,7 @@ class RefreshRunner:
         events: list[dict] = []
         with open(run_dir / "recipe.log", "w", encoding="utf-8") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "finetune.recipe", "--config", str(run_dir / "run.json")],
-                                       stdout=log_file, stderr=subprocess.STDOUT)
+                                       stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
             position = 0
             while True:
                 finished = process.poll() is not None

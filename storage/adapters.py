@@ -15,8 +15,10 @@ _VERSION_COLUMNS = ("department_id, version, status, path, base_model, run_id, m
 
 
 def next_version(db: Database, department_id: str) -> str:
-    count = db.scalar("SELECT count(*) FROM adapter_versions WHERE department_id = ?", [department_id])
-    return f"v{count + 1}"
+    """v1, v2, ...: one past the highest number used (gaps stay gaps)."""
+    highest = db.scalar("SELECT max(TRY_CAST(substr(version, 2) AS INTEGER)) FROM adapter_versions"
+                        " WHERE department_id = ? AND version LIKE 'v%'", [department_id])
+    return f"v{(highest or 0) + 1}"
 
 
 def add_version(db: Database, department_id: str, version: str, path: str, base_model: str,

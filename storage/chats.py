@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from storage.db import Database
 
@@ -58,25 +58,42 @@ def list_conversations(db: Database, user_id: int, limit: int = 100) -> list[Con
     return [Conversation(**r) for r in rows]
 
 
-def add_message(db: Database, conversation_id: int, role: str, content: str, **fields: Any) -> int:
-    """Insert a message and touch its conversation, atomically; returns the message id."""
-    allowed = {
-        "thinking", "model", "adapter", "adapter_version", "latency_ms", "ttft_ms",
-        "prompt_tokens", "completion_tokens", "finish_reason", "error", "tool_call_id", "cache_entry_id",
-    }
-    unknown = set(fields) - allowed
+_MESSAGE_FIELDS = {
+    "thinking", "model", "adapter", "adapter_version", "latency_ms", "ttft_ms",
+    "prompt_tokens", "completion_tokens", "finish_reason", "error", "tool_call_id", "cache_entry_id",
+}
+
+
+def _insert_message(cur, conversation_id: int, role: str, content: str, fields: dict[str, Any]) -> int:
+    unknown = set(fields) - _MESSAGE_FIELDS
     if unknown:
         raise ValueError(f"unknown message fields: {sorted(unknown)}")
     columns = ["conversation_id", "role", "content", *fields]
-    placeholders = ", ".join("?" for _ in columns)
+    cur.execute(
+        f"INSERT INTO messages ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) RETURNING id",
+        [conversation_id, role, content, *fields.values()],
+    )
+    return cur.fetchone()[0]
+
+
+def add_message(db: Database, conversation_id: int, role: str, content: str, **fields: Any) -> int:
+    """Insert a message and touch its conversation, atomically; returns the message id."""
     with db.transaction() as cur:
-        cur.execute(
-            f"INSERT INTO messages ({', '.join(columns)}) VALUES ({placeholders}) RETURNING id",
-            [conversation_id, role, content, *fields.values()],
-        )
-        message_id = cur.fetchone()[0]
+        message_id = _insert_message(cur, conversation_id, role, content, fields)
         cur.execute("UPDATE conversations SET updated_at = current_timestamp WHERE id = ?", [conversation_id])
     return message_id
+
+
+def start_conversation(db: Database, user_id: int, department_id: str, title: str,
+                       messages: Sequence[tuple[str, str, dict[str, Any]]]) -> tuple[int, list[int]]:
+    """A new conversation with its first (role, content, fields) messages in one
+    transaction: a write that fails leaves no empty conversation behind."""
+    with db.transaction() as cur:
+        cur.execute("INSERT INTO conversations (user_id, department_id, title) VALUES (?, ?, ?) RETURNING id",
+                    [user_id, department_id, title])
+        conversation_id = cur.fetchone()[0]
+        ids = [_insert_message(cur, conversation_id, role, content, fields) for role, content, fields in messages]
+    return conversation_id, ids
 
 
 def list_messages(db: Database, conversation_id: int) -> list[Message]:

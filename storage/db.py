@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -16,6 +17,27 @@ class StorageError(RuntimeError):
 
 class DatabaseLockedError(StorageError):
     """Another process holds the DuckDB file (DuckDB allows one writing process)."""
+
+
+class DatabaseWriteError(StorageError):
+    """A write could not reach the disk (disk full, I/O error). It was rolled back: the
+    database stays as it was, reads go on, and writes work again once the cause is gone."""
+
+
+log = logging.getLogger(__name__)
+
+
+def _write_failure(db_path, exc: Exception) -> DatabaseWriteError | None:
+    """DuckDB's errors for a write the disk refused, as one clear error (others pass through:
+    constraint errors, for one, are handled by the callers)."""
+    text = str(exc)
+    if isinstance(exc, duckdb.IOException) or (isinstance(exc, duckdb.TransactionException)
+                                               and "Failed to commit" in text):
+        log.error("database %s: a write failed and was rolled back: %s", db_path, text)
+        reason = "the disk is full" if "No space left" in text else text
+        return DatabaseWriteError(f"Could not save to the database ({reason}). Nothing was saved; the data "
+                                  "already there is intact. Free disk space on the server, then try again.")
+    return None
 
 
 class Database:
@@ -75,11 +97,23 @@ class Database:
             cursor.execute("BEGIN TRANSACTION")
             try:
                 yield cursor
-            except BaseException:
-                cursor.execute("ROLLBACK")
+            except BaseException as exc:
+                with contextlib.suppress(duckdb.Error):  # a failed commit has ended it already
+                    cursor.execute("ROLLBACK")
+                failure = _write_failure(self.path, exc) if isinstance(exc, duckdb.Error) else None
+                if failure is not None:
+                    raise failure from exc
                 raise
             else:
-                cursor.execute("COMMIT")
+                try:
+                    cursor.execute("COMMIT")
+                except duckdb.Error as exc:
+                    with contextlib.suppress(duckdb.Error):
+                        cursor.execute("ROLLBACK")
+                    failure = _write_failure(self.path, exc)
+                    if failure is None:
+                        raise
+                    raise failure from exc
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """One write statement, atomic on its own (DuckDB autocommits it: no BEGIN/COMMIT
@@ -87,7 +121,13 @@ class Database:
         RETURNING row when the statement has one."""
         with self._write_lock:
             cursor = self._cursor()
-            cursor.execute(sql, list(params))
+            try:
+                cursor.execute(sql, list(params))
+            except duckdb.Error as exc:
+                failure = _write_failure(self.path, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
             if cursor.description:
                 row = cursor.fetchone()
                 return row[0] if row else None

@@ -277,9 +277,10 @@ class ChatEngine:
         self._fit_prompt(history, content, tools, system)
 
         if conversation_id is None:
-            title = " ".join(text.split())[:TITLE_CHARS]
-            conversation_id = chats.create_conversation(self.db, user.id, user.department_id, title).id
-        user_message_id = chats.add_message(self.db, conversation_id, "user", text)
+            conversation_id, (user_message_id,) = chats.start_conversation(
+                self.db, user.id, user.department_id, _title(text), [("user", text, {})])
+        else:
+            user_message_id = chats.add_message(self.db, conversation_id, "user", text)
         knowledge_store.log_retrievals(self.db, user_message_id, "auto", passages)
         for a in prepared:
             knowledge_store.add_attachment(self.db, user_message_id, a["filename"], a["chars"], a["tokens"],
@@ -305,11 +306,10 @@ class ChatEngine:
                 raise UserInputError("bad_history", "Earlier messages must have the role user or assistant.")
             checked.append((message["role"], self._check_text(message.get("content"))))
         first_user = next((text for role, text in checked if role == "user"), checked[0][1])
-        title = " ".join(first_user.split())[:TITLE_CHARS]
-        conversation_id = chats.create_conversation(self.db, user.id, user.department_id, title).id
-        for role, text in checked:
-            chats.add_message(self.db, conversation_id, role, text, model=self.model.name if role == "assistant"
-                              else None, finish_reason="imported" if role == "assistant" else None)
+        imported = {"model": self.model.name, "finish_reason": "imported"}
+        conversation_id, _ = chats.start_conversation(
+            self.db, user.id, user.department_id, _title(first_user),
+            [(role, text, imported if role == "assistant" else {}) for role, text in checked])
         return conversation_id
 
     def _cache_scope(self, user: User, tools: list[dict]) -> str:
@@ -343,9 +343,8 @@ class ChatEngine:
     def _serve_cached(self, user: User, text: str, hit) -> TurnUpdate:
         """The turn answered from the cache: logged like any turn, marked with its entry."""
         started = time.perf_counter()
-        title = " ".join(text.split())[:TITLE_CHARS]
-        conversation_id = chats.create_conversation(self.db, user.id, user.department_id, title).id
-        user_message_id = chats.add_message(self.db, conversation_id, "user", text)
+        conversation_id, (user_message_id,) = chats.start_conversation(
+            self.db, user.id, user.department_id, _title(text), [("user", text, {})])
         knowledge_store.log_retrievals(self.db, user_message_id, "auto", hit.sources)
         update = self._new_update(user, conversation_id, user_message_id)
         elapsed = (time.perf_counter() - started) * 1000
@@ -533,6 +532,10 @@ class ChatEngine:
         if rating == -1 and self.cache is not None:
             self.cache.evict_for_feedback(int(message_id), owner.get("cache_entry_id"))
         return feedback_id
+
+
+def _title(text: str) -> str:
+    return " ".join(text.split())[:TITLE_CHARS]
 
 
 def _drop_oldest_exchange(messages: list[dict]) -> list[dict]:

@@ -194,6 +194,7 @@ MESSAGES = {
         "消息约 {tokens:,} 个词元，模型每轮最多读取 {budget:,} 个。请缩短。",
         "The message is about {tokens:,} tokens; the model reads at most {budget:,} per turn. Shorten it.",
     ),
+    "storage_failed": ("服务器无法保存（{reason}）。", "The server could not save ({reason})."),
     "not_found": ("没有找到这个对话。", "That conversation was not found among yours."),
     "not_allowed": ("您没有权限执行此操作。", "You are not allowed to do this."),
     "generation_failed": ("模型回答时出错，请重试；若持续出错请联系管理员。",

@@ -30,7 +30,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from storage import audit, chats
+from storage import StorageError, audit, chats
 from webapp.auth import NotAuthorized
 from webapp.engine import ConversationNotFound, GenerationFailed, TurnUpdate, UserInputError
 from webapp.metrics import CONTENT_TYPE
@@ -180,6 +180,8 @@ def build_openai_router(services) -> APIRouter:
             raise ApiError(404, str(exc), code="conversation_not_found")
         except LookupError as exc:  # an action that is not (or no longer) waiting, or not the caller's
             raise ApiError(404, str(exc), code="not_found")
+        except StorageError as exc:
+            raise ApiError(503, str(exc), "server_error", "storage_unavailable")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -201,6 +203,8 @@ def build_openai_router(services) -> APIRouter:
                 last = await run_in_threadpool(consume)
             except GenerationFailed as exc:
                 raise ApiError(500, str(exc), "server_error", "generation_failed")
+            except StorageError as exc:
+                raise ApiError(503, str(exc), "server_error", "storage_unavailable")
             usage = _usage(last)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": _joined_text(last)},
@@ -222,8 +226,9 @@ def build_openai_router(services) -> APIRouter:
                     if len(text) > len(sent) and text.startswith(sent):
                         yield chunk({"content": text[len(sent):]})
                         sent = text
-            except GenerationFailed as exc:
-                error = {"message": str(exc), "type": "server_error", "code": "generation_failed"}
+            except (GenerationFailed, StorageError) as exc:
+                error = {"message": str(exc), "type": "server_error", "code": "generation_failed"
+                         if isinstance(exc, GenerationFailed) else "storage_unavailable"}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             yield chunk({}, _finish(last), usage=_usage(last), hangjia=_extras(last))

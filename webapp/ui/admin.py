@@ -191,6 +191,21 @@ def register_admin_api(services) -> None:
             raise gr.Error(str(exc))
         return f"{department} {version} active"
 
+    def retrain_api(department: str, force: bool = True, request: gr.Request = None) -> dict[str, Any]:
+        """Retrain one department's adapter now, as the Admin tab's button does; returns when
+        the run has ended (trained, evaluated, gated, promoted or not)."""
+        caller(services, request, "admin")
+        if department not in {d.id for d in accounts.list_departments(services.db)}:
+            raise gr.Error(f"There is no department {department!r}.")
+        try:
+            outcome = services.refresh.refresh(department, "manual", bool(force))
+        except RefreshBusy as exc:
+            raise gr.Error(str(exc))
+        return {"run_id": outcome.run_id, "status": outcome.status, "reason": outcome.reason,
+                "version": outcome.version, "promoted": outcome.promoted,
+                "gate_passed": bool(outcome.gate and outcome.gate.get("passed"))}
+
     gr.api(admin_overview_api, api_name="admin_overview")
+    gr.api(retrain_api, api_name="retrain")
     gr.api(adapters_api, api_name="adapters")
     gr.api(promote_api, api_name="promote")

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from storage import chats
+from storage import StorageError, chats
 from webapp.engine import ConversationNotFound, GenerationFailed, UserInputError
 from webapp.i18n import bilingual
 from webapp.knowledge.parsing import SUPPORTED
@@ -133,12 +133,16 @@ def _guarded(stream):
         raise gr.Error(bilingual("not_found"))
     except LookupError as exc:  # an action that is not (or no longer) waiting
         raise gr.Error(str(exc))
+    except StorageError as exc:
+        raise gr.Error(bilingual("storage_failed", reason=str(exc)))
 
     def rest():
         try:
             yield from throttled(stream, STREAM_INTERVAL_S)
         except GenerationFailed:
             raise gr.Error(bilingual("generation_failed"))
+        except StorageError as exc:
+            raise gr.Error(bilingual("storage_failed", reason=str(exc)))
 
     return first, rest()
 
@@ -344,3 +348,5 @@ def rate(services, user, message_id: int, rating: int, comment: str | None) -> i
         return services.engine.rate(user, int(message_id), rating, comment)
     except (LookupError, ValueError):
         raise gr.Error(bilingual("nothing_to_rate"))
+    except StorageError as exc:
+        raise gr.Error(bilingual("storage_failed", reason=str(exc)))
