@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import gradio as gr
+from starlette.concurrency import run_in_threadpool
 
 from storage import chats
 from webapp.i18n import EN, build_i18n
@@ -157,8 +158,12 @@ def _update_dict(update) -> dict[str, Any]:
 
 def launch_options(services: Services) -> dict[str, Any]:
     """Keyword arguments for Blocks.launch shared by launch.py and the tests."""
+    async def check_login(username: str, password: str) -> bool:
+        # scrypt takes ~40 ms: on a worker thread, so logins never stall the server's event loop
+        return await run_in_threadpool(services.auth.check_login, username, password)
+
     return {
-        "auth": services.auth.check_login,
+        "auth": check_login,
         "auth_message": "hangjia 行家 — log in with your company account · 请使用公司账号登录",
         "i18n": build_i18n(),
         "footer_links": ["settings"],

@@ -130,11 +130,13 @@ class ChatEngine:
     # -- the turn -----------------------------------------------------------------------
 
     def _check_text(self, text: object) -> str:
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
             raise UserInputError("empty_message", "The message is empty: type a question first.")
-        # Control characters other than newline/tab are noise from copy-paste or attacks.
-        text = "".join(ch for ch in text if ch in "\n\t" or ch.isprintable() or ch.isspace())
-        text = text.strip()
+        # Control characters other than newline/tab are noise from copy-paste or attacks;
+        # what is left must still say something.
+        text = "".join(ch for ch in text if ch in "\n\t" or ch.isprintable() or ch.isspace()).strip()
+        if not text:
+            raise UserInputError("empty_message", "The message is empty: type a question first.")
         limit = self.settings.max_message_chars
         if len(text) > limit:
             raise UserInputError(

@@ -102,8 +102,8 @@ def build_openai_router(services) -> APIRouter:
             raise ApiError(413, f"The request body is {len(raw):,} bytes; the limit is {MAX_BODY_BYTES:,}.")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"The body is not valid JSON ({exc}).")
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+            raise ApiError(400, f"The body is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}).")
         if not isinstance(body, dict):
             raise ApiError(400, "The body must be a JSON object.")
         return body

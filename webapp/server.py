@@ -10,6 +10,7 @@ import time
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
+from starlette.routing import Mount
 
 from webapp.app import launch_options
 from webapp.openai_api import ApiError, build_openai_router
@@ -37,7 +38,42 @@ def build_server(services: Services, blocks: gr.Blocks) -> FastAPI:
 
     api.include_router(build_openai_router(services))
     options = {k: v for k, v in launch_options(services).items() if k != "max_threads"}
-    return gr.mount_gradio_app(api, blocks.queue(default_concurrency_limit=8), path="/", **options)
+    server = gr.mount_gradio_app(api, blocks.queue(default_concurrency_limit=8), path="/", **options)
+    gradio_app = next(route.app for route in server.routes if isinstance(route, Mount))
+    server.middleware("http")(SessionExpiry(gradio_app, services.settings.session_hours * 3600).middleware)
+    return server
+
+
+class SessionExpiry:
+    """Gradio's login sessions never end on their own; these end `max_age_s` after the
+    login (a restart ends them all: Gradio keeps them in memory)."""
+
+    def __init__(self, gradio_app, max_age_s: float, clock=time.monotonic):
+        self.gradio_app, self.max_age_s, self.clock = gradio_app, max_age_s, clock
+        self.started: dict[str, float] = {}
+
+    def _token(self, request: Request) -> str | None:
+        cookie_id = self.gradio_app.cookie_id
+        return request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
+            f"access-token-unsecure-{cookie_id}")
+
+    async def middleware(self, request: Request, call_next):
+        now = self.clock()
+        token = self._token(request)
+        if token and token in self.gradio_app.tokens:
+            if now - self.started.setdefault(token, now) > self.max_age_s:
+                self.gradio_app.tokens.pop(token, None)  # Gradio now sees no login: back to the login page
+                self.started.pop(token, None)
+        response = await call_next(request)
+        if request.method == "POST" and request.url.path.rstrip("/").endswith("/login") \
+                and response.status_code == 200:
+            prefix = f"access-token-{self.gradio_app.cookie_id}="
+            for name, value in response.raw_headers:
+                if name == b"set-cookie" and value.decode("latin-1").startswith(prefix):
+                    self.started[value.decode("latin-1")[len(prefix):].split(";", 1)[0]] = now
+        if len(self.started) > 4 * len(self.gradio_app.tokens) + 100:  # forget logged-out sessions
+            self.started = {t: at for t, at in self.started.items() if t in self.gradio_app.tokens}
+        return response
 
 
 class BackgroundServer:

@@ -97,6 +97,7 @@ class Settings:
     backend_model: str = _setting(
         "", "The engine's name for the base model (vLLM's --served-model-name); default: --model.")
     backend_api_key: str = _setting("", "API key the engine at --backend-url expects (sent as a Bearer token).")
+    session_hours: float = _setting(12.0, "A browser login lasts this long; then the user logs in again.")
     metrics_token: str = _setting(
         "", "Bearer token Prometheus scrapes /metrics with; admins' API keys work too. Empty: keys only.")
     tools_file: Path | None = _setting(
@@ -236,6 +237,8 @@ def _validate(s: Settings) -> list[str]:
         problems.append("decode_batch must be at least 1 and decode_max_len at least 64.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
+    if s.session_hours <= 0:
+        problems.append(f"session_hours={s.session_hours}: must be more than 0 (--session-hours).")
     if s.backend == "openai" and not s.backend_url.startswith(("http://", "https://")):
         problems.append(f"backend_url={s.backend_url!r}: --backend openai needs the engine's URL, e.g. "
                         "http://127.0.0.1:8000 (--backend-url).")
@@ -358,8 +361,11 @@ def settings_from_sources(cli: Mapping[str, Any], environ: Mapping[str, str]) ->
         except FileNotFoundError:
             problems.append(f"config file {config_path} does not exist (--config / {ENV_PREFIX}CONFIG).")
             table = {}
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             problems.append(f"config file {config_path} is not valid TOML: {exc}.")
+            table = {}
+        except OSError as exc:  # a folder, no permission, ...
+            problems.append(f"config file {config_path} cannot be read: {exc.strerror or exc}.")
             table = {}
         for key, raw in table.items():
             name = key.replace("-", "_")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +80,27 @@ def _pdf_sections(data: bytes, name: str) -> list[Section]:
         raise DocumentError(f"{name}: not a readable PDF ({type(exc).__name__}: {exc}).") from exc
 
 
+MAX_UNPACKED_BYTES = 200 * 1024 * 1024
+
+
+def _check_unpacked_size(data: bytes, name: str) -> None:
+    """A .docx is a zip: refuse one that would inflate past MAX_UNPACKED_BYTES (a zip bomb)
+    before any XML is read. Python's zip reader stops at the sizes the archive declares."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise DocumentError(f"{name}: not a readable .docx file ({type(exc).__name__}: {exc}).") from exc
+    if unpacked > MAX_UNPACKED_BYTES:
+        raise DocumentError(f"{name}: expands to {unpacked / 2**20:,.0f} MiB when unpacked, over the "
+                            f"{MAX_UNPACKED_BYTES // 2**20} MiB limit; it is not a normal Word document.")
+
+
 def _docx_sections(data: bytes, name: str) -> list[Section]:
     import docx
     from docx.opc.exceptions import PackageNotFoundError
 
+    _check_unpacked_size(data, name)
     try:
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, OSError) as exc:
@@ -105,7 +123,16 @@ def _title(sections: list[Section], fallback: str) -> str:
     return fallback
 
 
+def plain_name(name: str) -> str:
+    """The file name without any folders: an upload's name is a label, never a path
+    (both separators: a Windows browser may send backslashes)."""
+    return str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].strip()
+
+
 def parse_bytes(data: bytes, name: str) -> ParsedDocument:
+    name = plain_name(name)
+    if name in ("", ".", ".."):
+        raise DocumentError("The file has no name; give it one with an extension such as .md.")
     suffix = Path(name).suffix.lower()
     if suffix not in SUPPORTED:
         raise DocumentError(f"{name}: {suffix or 'no extension'} is not supported; use {', '.join(SUPPORTED)}.")

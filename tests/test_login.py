@@ -1,0 +1,77 @@
+"""Login over HTTP: one answer for every wrong login, in the same time; a slow hash;
+guessing throttled; sessions that end; API keys that are never stored."""
+
+import statistics
+import time
+
+import httpx
+import pytest
+
+from storage import api_keys
+from tests.conftest import make_settings
+from webapp.auth import api_key_hash
+
+
+def login(url, username, password="hangjia-demo"):
+    return httpx.post(url + "login", data={"username": username, "password": password}, timeout=30)
+
+
+def test_a_wrong_password_and_an_unknown_user_get_the_same_answer_in_the_same_time(running_app):
+    url, _ = running_app
+    wrong_password, unknown_user = login(url, "finance-employee", "not-it"), login(url, "nobody-here", "not-it")
+    assert (wrong_password.status_code, wrong_password.text) == (unknown_user.status_code, unknown_user.text)
+    assert wrong_password.status_code == 400
+
+    def seconds(username):
+        started = time.perf_counter()
+        login(url, username, "still-not-it")
+        return time.perf_counter() - started
+
+    # 4 tries each stays under the 5-per-window throttle for each name
+    known = statistics.median(seconds("hr-employee") for _ in range(4))
+    unknown = statistics.median(seconds(f"ghost-{i}") for i in range(4))
+    assert 0.5 < known / unknown < 2.0, (known, unknown)
+    assert known > 0.02, "the password hash is deliberately slow"
+
+
+def test_guessing_is_throttled_even_with_the_right_password_then(running_app):
+    url, _ = running_app
+    for _ in range(5):
+        assert login(url, "hr-reviewer", "guess").status_code == 400
+    assert login(url, "hr-reviewer").status_code == 400, "refused for a while, even with the right password"
+    assert login(url, "hr-admin").status_code == 200, "other names are not locked out"
+
+
+def test_api_keys_are_stored_only_as_hashes(running_app):
+    url, services = running_app
+    user = services.auth.current_user("finance-employee")
+    _, key = services.auth.create_api_key(user, "laptop")
+    rows = services.db.query("SELECT * FROM api_keys")
+    assert key not in repr(rows) and rows[0]["key_hash"] == api_key_hash(key)
+    assert api_keys.user_of_key(services.db, api_key_hash(key)).username == "finance-employee"
+
+
+@pytest.fixture
+def short_sessions(tmp_path, tiny_model, embedder):
+    from webapp.app import build_app
+    from webapp.server import BackgroundServer, build_server
+    from webapp.services import open_services
+
+    services = open_services(make_settings(tmp_path, session_hours=3 / 3600, knowledge=False), model=tiny_model,
+                             embedder=embedder)
+    server = BackgroundServer(build_server(services, build_app(services)), "127.0.0.1", services.settings.port)
+    server.start()
+    yield f"http://127.0.0.1:{services.settings.port}/"
+    server.stop()
+    services.close()
+
+
+def test_a_session_ends_after_session_hours(short_sessions):
+    url = short_sessions
+    client = httpx.Client(base_url=url, timeout=30)
+    assert client.post("login", data={"username": "finance-employee", "password": "hangjia-demo"}).status_code == 200
+    assert client.get("config").status_code == 200
+    time.sleep(3.5)
+    assert client.get("config").status_code == 401, "the session has ended"
+    assert client.post("login", data={"username": "finance-employee", "password": "hangjia-demo"}).status_code == 200
+    assert client.get("config").status_code == 200, "logging in again starts a new one"
