@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.db import Database
+from storage.db import Database, Where
 
 
 def record(db: Database, user_id: int | None, department_id: str | None, action: str, **detail: Any) -> int:
@@ -38,32 +38,25 @@ class ConversationFilter:
     rating: int | None = None  # 1 / -1: a message of the conversation was rated so
 
     def where(self) -> tuple[str, list[Any]]:
-        clauses, params = ["TRUE"], []
+        where = Where()
         if self.username:
-            clauses.append("u.username = ?")
-            params.append(self.username)
+            where.add("u.username = ?", self.username)
         if self.department_id:
-            clauses.append("c.department_id = ?")
-            params.append(self.department_id)
+            where.add("c.department_id = ?", self.department_id)
         if self.since:
-            clauses.append("c.created_at >= ?")
-            params.append(self.since)
+            where.add("c.created_at >= ?", self.since)
         if self.until:
-            clauses.append("c.created_at < ?")
-            params.append(self.until + dt.timedelta(days=1))
+            where.add("c.created_at < ?", self.until + dt.timedelta(days=1))
         if self.text:
             # contains(lower(...)) instead of LIKE: a % or _ the user types is matched literally.
-            clauses.append("EXISTS (SELECT 1 FROM messages x WHERE x.conversation_id = c.id"
-                           " AND contains(lower(x.content), lower(?)))")
-            params.append(self.text)
+            where.add("EXISTS (SELECT 1 FROM messages x WHERE x.conversation_id = c.id"
+                      " AND contains(lower(x.content), lower(?)))", self.text)
         if self.tool:
-            clauses.append("EXISTS (SELECT 1 FROM tool_calls t WHERE t.conversation_id = c.id AND t.tool = ?)")
-            params.append(self.tool)
+            where.add("EXISTS (SELECT 1 FROM tool_calls t WHERE t.conversation_id = c.id AND t.tool = ?)", self.tool)
         if self.rating:
-            clauses.append("EXISTS (SELECT 1 FROM feedback f JOIN messages x ON x.id = f.message_id"
-                           " WHERE x.conversation_id = c.id AND f.rating = ?)")
-            params.append(int(self.rating))
-        return " AND ".join(clauses), params
+            where.add("EXISTS (SELECT 1 FROM feedback f JOIN messages x ON x.id = f.message_id"
+                      " WHERE x.conversation_id = c.id AND f.rating = ?)", int(self.rating))
+        return where.sql(), where.params
 
 
 _SEARCH_SQL = """

@@ -40,6 +40,20 @@ def _write_failure(db_path, exc: Exception) -> DatabaseWriteError | None:
     return None
 
 
+class Where:
+    """SQL conditions and their parameters, built filter by filter."""
+
+    def __init__(self, *always: str):
+        self.clauses, self.params = list(always), []
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.clauses.append(clause)
+        self.params.extend(params)
+
+    def sql(self) -> str:
+        return " AND ".join(self.clauses) or "TRUE"
+
+
 class Database:
     """One DuckDB file. Reads run on per-thread cursors; writes are serialized by a lock.
 

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from storage.db import Database, StorageError
+from storage.db import Database, StorageError, Where
 
 
 class AlreadyReviewed(StorageError):
@@ -39,23 +39,19 @@ def review_queue(db: Database, flt: QueueFilter, reviewer_id: int, limit: int = 
     """Open cases, oldest first; cases this reviewer skipped go to the end."""
     if flt.departments is not None and not flt.departments:
         return []
-    where = ["f.rating = ?", "NOT EXISTS (SELECT 1 FROM reviews r WHERE r.message_id = m.id"
-             " AND r.decision IN ('approved', 'rejected'))"]
-    params: list[Any] = [flt.rating]
+    where = Where("NOT EXISTS (SELECT 1 FROM reviews r WHERE r.message_id = m.id"
+                  " AND r.decision IN ('approved', 'rejected'))")
+    where.add("f.rating = ?", flt.rating)
     if flt.departments is not None:
-        where.append(f"c.department_id IN ({', '.join('?' for _ in flt.departments)})")
-        params.extend(flt.departments)
+        where.add(f"c.department_id IN ({', '.join('?' for _ in flt.departments)})", *flt.departments)
     if flt.adapter_version:
-        where.append("coalesce(m.adapter_version, 'base') = ?")
-        params.append(flt.adapter_version)
+        where.add("coalesce(m.adapter_version, 'base') = ?", flt.adapter_version)
     if flt.since:
-        where.append("f.created_at >= ?")
-        params.append(flt.since)
+        where.add("f.created_at >= ?", flt.since)
     if flt.until:
-        where.append("f.created_at < ?")
-        params.append(flt.until)
+        where.add("f.created_at < ?", flt.until)
     if flt.with_comment_only:
-        where.append("f.comment IS NOT NULL")
+        where.add("f.comment IS NOT NULL")
     return db.query(
         f"""
         SELECT m.id AS message_id, c.id AS conversation_id, c.department_id, u.username,
@@ -68,11 +64,11 @@ def review_queue(db: Database, flt: QueueFilter, reviewer_id: int, limit: int = 
         JOIN messages m ON m.id = f.message_id
         JOIN conversations c ON c.id = m.conversation_id
         JOIN users u ON u.id = c.user_id
-        WHERE {' AND '.join(where)}
+        WHERE {where.sql()}
         ORDER BY skipped_by_me, f.created_at, m.id
         LIMIT ?
         """,
-        [reviewer_id, *params, limit],
+        [reviewer_id, *where.params, limit],
     )
 
 
