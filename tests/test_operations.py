@@ -72,6 +72,9 @@ def test_monitoring_figures_equal_the_ones_computed_by_hand(services):
     assert (fin["prompt_tokens"], fin["completion_tokens"]) == (1000, 100)
     assert (fin["thumbs_up"], fin["thumbs_down"], hr["thumbs_down"]) == (1, 2, 1)
     assert (fin["cache_lookups"], fin["cache_hits"], fin["cache_hit_rate"]) == (4, 2, 0.5)
+    trend = figures["trend"]  # what the messages-per-day plot draws: every day, quiet ones as 0
+    assert len(trend) == 7 * 2 and trend["user_messages"].tolist().count(0) == 12
+    assert trend["user_messages"].sum() == 5 + 2
 
     by_version = {(r["department_id"], r["version"]): r for r in figures["by_version"].to_dict(orient="records")}
     assert by_version[("finance", "v1")]["status"] == "active"
@@ -142,6 +145,6 @@ def test_monitoring_and_audit_apis_are_for_admins_only(running_app):
     assert audit.events(services.db, "audit.") == [], "refused calls leave no trace of a look"
     admin = Client(url, auth=("finance-admin", "hangjia-demo"), verbose=False)
     figures = admin.predict(7, api_name="/monitoring")
-    assert set(figures) == {"daily", "by_version", "tools", "backlog", "runs"}
+    assert set(figures) == {"daily", "trend", "by_version", "tools", "backlog", "runs"}
     assert admin.predict(api_name="/audit_search") == []
     assert [e["action"] for e in audit.events(services.db, "audit.")] == ["audit.search"]

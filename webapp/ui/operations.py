@@ -31,7 +31,15 @@ def monitoring_figures(services, days: int, today: dt.date | None = None) -> dic
     since = (today or dt.date.today()) - dt.timedelta(days=days - 1)
     db = services.db
     daily = pd.DataFrame(monitoring.daily(db, since), columns=DAILY_COLUMNS)
+    daily = daily.round({"latency_p50_ms": 0, "latency_p95_ms": 0, "cache_hit_rate": 3})
     daily["day"] = pd.to_datetime(daily["day"])
+    # the trend: every day of the period for every department, quiet days as 0 messages
+    days = pd.date_range(pd.Timestamp(since), periods=days, freq="D")
+    departments = sorted(set(daily["department_id"])) or ["—"]
+    grid = pd.MultiIndex.from_product([days, departments], names=["day", "department_id"]).to_frame(index=False)
+    trend = grid.merge(daily[["day", "department_id", "user_messages", "latency_p95_ms"]], how="left",
+                       on=["day", "department_id"])
+    trend["user_messages"] = trend["user_messages"].fillna(0)
     versions = pd.DataFrame(monitoring.daily_by_version(db, since),
                             columns=["day", "department_id", "version", "status", "rated", "thumbs_down",
                                      "thumbs_down_rate"])
@@ -45,7 +53,8 @@ def monitoring_figures(services, days: int, today: dt.date | None = None) -> dic
     backlog = pd.DataFrame(monitoring.review_backlog(db, dt.datetime.now()),
                            columns=["department_id", "open_cases", "oldest_hours"])
     runs = pd.DataFrame(monitoring.daily_runs(db, since), columns=["day", "department_id", "status", "runs", "seconds"])
-    return {"daily": daily, "by_version": by_version, "tools": tools_by_status, "backlog": backlog, "runs": runs}
+    return {"daily": daily, "trend": trend, "by_version": by_version, "tools": tools_by_status, "backlog": backlog,
+            "runs": runs}
 
 
 def _audit_scope(services, request) -> Any:
@@ -98,8 +107,9 @@ def build_monitoring_section(services, i18n) -> None:
         with gr.Row():
             messages = gr.LinePlot(x="day", y="user_messages", color="department_id", title="messages per day",
                                    height=240, elem_id="monitoring-messages")
-            latency = gr.LinePlot(x="day", y="latency_p95_ms", color="department_id", title="p95 latency (ms)",
-                                  height=240, elem_id="monitoring-latency")
+            # points, not a line: a day without answers has no latency to join
+            latency = gr.ScatterPlot(x="day", y="latency_p95_ms", color="department_id", title="p95 latency (ms)",
+                                     height=240, elem_id="monitoring-latency")
         with gr.Row():
             versions = gr.BarPlot(x="label", y="thumbs_down_rate", color="status", y_lim=[0, 1], height=240,
                                   title="thumbs-down rate per adapter version (canary vs active)",
@@ -114,8 +124,9 @@ def build_monitoring_section(services, i18n) -> None:
     def show(period_name, request: gr.Request):
         caller(services, request, "admin")
         figures = monitoring_figures(services, PERIODS.get(period_name, 7))
-        return (figures["daily"], figures["daily"], figures["by_version"], figures["tools"], figures["daily"],
-                figures["backlog"], figures["runs"])
+        table = figures["daily"].assign(day=figures["daily"]["day"].dt.strftime("%Y-%m-%d"))
+        return (figures["trend"], figures["trend"].dropna(subset=["latency_p95_ms"]), figures["by_version"],
+                figures["tools"], table, figures["backlog"], figures["runs"])
 
     outputs = [messages, latency, versions, tools, daily, backlog, runs]
     reload.click(show, [period], outputs, api_visibility="private")
