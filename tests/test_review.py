@@ -13,7 +13,7 @@ from finetune.samples import assign_split
 from storage import reviews
 from storage.reviews import AlreadyReviewed
 from webapp.review import CaseNotFound, ReviewInputError
-from webapp.tools.executor import in_the_askers_words, normalise_arguments
+from webapp.tools.executor import normalise_arguments
 
 
 def ask(services, username, question, rating=None, comment=None):
@@ -82,10 +82,7 @@ def test_a_tool_call_correction_becomes_a_sample_that_renders_and_keeps_its_spli
     messages, tools = json.loads(sample["messages"]), json.loads(sample["tools"])
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
     call = messages[2]["tool_calls"][0]["function"]
-    # taught in the asker's words (a span to copy), which the executor maps to the same values
-    assert call["name"] == "query_sales" and json.loads(call["arguments"]) == {"region": "华东区", "period": "上季度"}
-    spec = services.tools.registry.get("query_sales")
-    assert normalise_arguments(spec, json.loads(call["arguments"])) == {"region": "华东", "period": "last_quarter"}
+    assert call["name"] == "query_sales" and json.loads(call["arguments"]) == {"region": "华东", "period": "last_quarter"}
     assert json.loads(messages[3]["content"])["region"] == "华东"  # the real result from the sales system
     assert sample["origin"] == "correction" and sample["reason"] == "should_call_tool"
     assert sample["source_message_id"] == cases["sales"] and sample["reviewer_id"] == rev.id
@@ -98,15 +95,11 @@ def test_a_tool_call_correction_becomes_a_sample_that_renders_and_keeps_its_spli
         services.reviews.decide(reviewer(services, "finance-admin"), cases["sales"], "rejected", "other")
 
 
-def test_an_english_question_is_taught_with_its_own_spans_and_runs_canonical(services, cases):
-    services.reviews.decide(reviewer(services, "finance-reviewer"), cases["trend"], "approved", "should_call_tool",
-                            tool_name="query_sales", tool_arguments='{"region": "华南", "period": "last_month"}')
-    (sample,) = reviews.list_samples(services.db)
-    call = json.loads(sample["messages"])[-1]["tool_calls"][0]["function"]
-    assert json.loads(call["arguments"]) == {"region": "South China", "period": "last month"}
+def test_period_words_are_aliases_of_the_canonical_periods(services):
     spec = services.tools.registry.get("query_sales")
-    assert in_the_askers_words(spec, {"region": "华南", "period": "2026-Q3"}, "Sales in Guangdong?") == \
-        {"region": "华南", "period": "2026-Q3"}, "no spelling in the question: the canonical value stays"
+    assert normalise_arguments(spec, {"region": "South China", "period": "Last Month"}) == \
+        {"region": "华南", "period": "last_month"}
+    assert normalise_arguments(spec, {"region": "华东区", "period": "上季度"}) == {"region": "华东", "period": "last_quarter"}
 
 
 def test_bad_corrections_are_refused_with_what_to_fix(services, cases):

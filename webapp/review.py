@@ -20,7 +20,7 @@ from storage import accounts, chats, reviews
 from storage.accounts import User
 from storage.db import Database
 from webapp.engine import ChatEngine
-from webapp.tools.executor import ToolExecutor, in_the_askers_words, normalise_arguments, validation_errors
+from webapp.tools.executor import ToolExecutor, normalise_arguments, validation_errors
 from webapp.tools.parser import ToolCall
 
 REVIEW_ROLES = ("reviewer", "admin")
@@ -145,18 +145,16 @@ class ReviewService:
             if not answer and not tool_name:
                 raise ReviewInputError("Write the corrected answer, or pick the tool the model should have called.")
             context = self.engine.history_messages(header["conversation_id"], up_to_message_id=question_id)
-            question = next(m.content for m in stored if m.id == question_id)
-            target = self._target(owner, header, answer, tool_name, tool_arguments, question)
+            target = self._target(owner, header, answer, tool_name, tool_arguments)
             origin = "correction"
         existing = existing_questions(self.db, header["department_id"])
         return make_sample(header["department_id"], [system, *context, *target], tools, origin, reason,
                            existing, self.settings.scrub_pii, self.settings.eval_fraction)
 
     def _target(self, owner: User, header: dict[str, Any], answer: str | None, tool_name: str | None,
-                tool_arguments: Any, question: str) -> list[dict[str, Any]]:
+                tool_arguments: Any) -> list[dict[str, Any]]:
         """What the model should have said: a tool call (with its real result and the
-        final answer, when the reviewer wrote one), or only the corrected answer. The
-        call is taught in the asker's words (see in_the_askers_words); it runs canonical."""
+        final answer, when the reviewer wrote one), or only the corrected answer."""
         if not tool_name:
             return [{"role": "assistant", "content": answer}]
         spec = self.tools.registry.get(tool_name)
@@ -174,7 +172,7 @@ class ReviewService:
         if errors:
             raise ReviewInputError(f"Invalid arguments for {tool_name}: " + " ".join(errors))
         call_id = f"call_review_{header['message_id']}"
-        messages = [tool_call_message(tool_name, in_the_askers_words(spec, arguments, question), call_id)]
+        messages = [tool_call_message(tool_name, arguments, call_id)]
         if answer is None:
             return messages  # the sample teaches the call itself
         if spec.side_effect:

@@ -89,27 +89,6 @@ def normalise_arguments(spec: ToolSpec, arguments: dict[str, Any]) -> dict[str, 
     return result
 
 
-def in_the_askers_words(spec: ToolSpec, arguments: dict[str, Any], question: str) -> dict[str, Any]:
-    """The inverse of normalise_arguments, for teaching: each value that has aliases is
-    written the way the question wrote it ("How did North China do last month?" ->
-    region "North China", period "last month"), when the question contains one of its
-    spellings. A model copies a span from the question far more reliably than it
-    translates one, and the executor maps the span back to the same canonical value (only
-    spellings of the reviewer's value are looked for, so the taught call never changes meaning)."""
-    result = dict(arguments)
-    folded = question.casefold()
-    for param, aliases in spec.aliases.items():
-        canonical = result.get(param)
-        if not isinstance(canonical, str):
-            continue
-        spellings = [alias for alias, value in aliases.items() if value == canonical] + [canonical]
-        found = [(len(s), folded.find(s.casefold())) for s in spellings if s.casefold() in folded]
-        if found:
-            length, start = max(found)  # the longest spelling present: "North China", not "North"
-            result[param] = question[start:start + length]
-    return result
-
-
 def validation_errors(spec: ToolSpec, arguments: dict[str, Any]) -> list[str]:
     errors = []
     for error in sorted(spec.validator.iter_errors(arguments), key=lambda e: list(e.path)):
