@@ -166,5 +166,5 @@ def last_user_message_id(db: Database, conversation_id: int) -> int | None:
 
 def message_outcome(db: Database, message_id: int) -> dict[str, Any] | None:
     """How an answer ended: finish reason, tokens, timing, and the cache entry it came from."""
-    return db.query_one("SELECT finish_reason, completion_tokens, latency_ms, cache_entry_id FROM messages"
-                        " WHERE id = ?", [message_id])
+    return db.query_one("SELECT finish_reason, prompt_tokens, completion_tokens, latency_ms, cache_entry_id"
+                        " FROM messages WHERE id = ?", [message_id])

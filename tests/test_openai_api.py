@@ -36,7 +36,9 @@ def test_chat_answers_through_the_same_turn_as_the_browser_and_is_logged(running
     assert reply.choices[0].message.content == stored[1].content
     conversation = chats.get_conversation(services.db, extra["conversation_id"])
     assert conversation.user_id == services.auth.current_user("finance-employee").id
-    assert reply.usage.completion_tokens == chats.message_outcome(services.db, stored[1].id)["completion_tokens"] > 0
+    outcome = chats.message_outcome(services.db, stored[1].id)
+    assert reply.usage.completion_tokens == outcome["completion_tokens"] > 0
+    assert reply.usage.prompt_tokens == outcome["prompt_tokens"] > 0
 
     # continuing the stored conversation by id: the engine sees the earlier turn
     follow = client.chat.completions.create(

@@ -70,6 +70,18 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
+def _sse(payload: Any) -> str:
+    """One server-sent event as OpenAI streams them."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _turn_failure(exc: Exception) -> ApiError:
+    """A turn that failed after it started: the model, or the database refusing a write."""
+    if isinstance(exc, StorageError):
+        return ApiError(503, str(exc), "server_error", "storage_unavailable")
+    return ApiError(500, str(exc), "server_error", "generation_failed")
+
+
 def _joined_text(update: TurnUpdate) -> str:
     return "\n\n".join(i["content"] for i in update.items if i.get("type") == "text" and i.get("content"))
 
@@ -181,7 +193,7 @@ def build_openai_router(services) -> APIRouter:
         except LookupError as exc:  # an action that is not (or no longer) waiting, or not the caller's
             raise ApiError(404, str(exc), code="not_found")
         except StorageError as exc:
-            raise ApiError(503, str(exc), "server_error", "storage_unavailable")
+            raise _turn_failure(exc)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -201,22 +213,19 @@ def build_openai_router(services) -> APIRouter:
                 return last
             try:
                 last = await run_in_threadpool(consume)
-            except GenerationFailed as exc:
-                raise ApiError(500, str(exc), "server_error", "generation_failed")
-            except StorageError as exc:
-                raise ApiError(503, str(exc), "server_error", "storage_unavailable")
-            usage = _usage(last)
+            except (GenerationFailed, StorageError) as exc:
+                raise _turn_failure(exc)
+            usage, finish = _usage_and_finish(last)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": _joined_text(last)},
-                                 "finish_reason": _finish(last)}],
+                                 "finish_reason": finish}],
                     "usage": usage, "hangjia": _extras(last)}
 
         def events() -> Iterator[str]:
             def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-                payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                           "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                           **extra}
-                return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+                return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                             "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                             **extra})
 
             sent, last = "", first
             yield chunk({"role": "assistant", "content": ""})
@@ -227,24 +236,21 @@ def build_openai_router(services) -> APIRouter:
                         yield chunk({"content": text[len(sent):]})
                         sent = text
             except (GenerationFailed, StorageError) as exc:
-                error = {"message": str(exc), "type": "server_error", "code": "generation_failed"
-                         if isinstance(exc, GenerationFailed) else "storage_unavailable"}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+                failure = _turn_failure(exc)
+                yield _sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.code}})
                 return
-            yield chunk({}, _finish(last), usage=_usage(last), hangjia=_extras(last))
+            usage, finish = _usage_and_finish(last)
+            yield chunk({}, finish, usage=usage, hangjia=_extras(last))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def _usage(update: TurnUpdate) -> dict[str, int]:
-        outcome = chats.message_outcome(services.db, update.message_id) if update.message_id else None
-        prompt = int((outcome or {}).get("prompt_tokens") or 0)
-        completion = int((outcome or {}).get("completion_tokens") or 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _finish(update: TurnUpdate) -> str:
-        outcome = chats.message_outcome(services.db, update.message_id) if update.message_id else None
-        return "length" if (outcome or {}).get("finish_reason") == "length" else "stop"
+    def _usage_and_finish(update: TurnUpdate) -> tuple[dict[str, int], str]:
+        """Token counts and finish reason of the stored final answer (one read)."""
+        outcome = (chats.message_outcome(services.db, update.message_id) if update.message_id else None) or {}
+        prompt, completion = int(outcome.get("prompt_tokens") or 0), int(outcome.get("completion_tokens") or 0)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return usage, "length" if outcome.get("finish_reason") == "length" else "stop"
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -294,15 +300,14 @@ def build_openai_router(services) -> APIRouter:
 
         def events() -> Iterator[str]:
             def chunk(text: str, finish: str | None, **extra) -> str:
-                payload = {"id": completion_id, "object": "text_completion", "created": created, "model": requested,
-                           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                           **extra}
-                return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+                return _sse({"id": completion_id, "object": "text_completion", "created": created, "model": requested,
+                             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                             **extra})
 
             for piece in pieces():
                 yield chunk(piece, None)
             if result.error:
-                yield f"data: {json.dumps({'error': {'message': result.error, 'type': 'server_error'}})}\n\n"
+                yield _sse({"error": {"message": result.error, "type": "server_error"}})
                 return
             yield chunk("", result.finish_reason, usage=usage())
             yield "data: [DONE]\n\n"
