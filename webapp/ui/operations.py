@@ -57,12 +57,8 @@ def monitoring_figures(services, days: int, today: dt.date | None = None) -> dic
             "runs": runs}
 
 
-def _audit_scope(services, request) -> Any:
-    """Admins audit their own department's conversations."""
-    return caller(services, request, "admin")
-
-
 def _filter(admin, username, since, until, text, tool, rating) -> ConversationFilter:
+    """The admin's search, always within the admin's own department."""
     def day(value) -> dt.date | None:
         if value in (None, ""):
             return None
@@ -157,19 +153,19 @@ def build_audit_section(services, i18n) -> None:
     filters = [username, since, until, text, tool, rating]
 
     def do_search(user_name, since_day, until_day, contains, tool_name, rated, request: gr.Request):
-        admin = _audit_scope(services, request)
+        admin = caller(services, request, "admin")
         table = audit_search(services, admin, _filter(admin, user_name, since_day, until_day, contains, tool_name,
                                                       rated))
         return table, f"{len(table)} conversations · {admin.department_id}"
 
     def do_open(value, request: gr.Request):
-        admin = _audit_scope(services, request)
+        admin = caller(services, request, "admin")
         if value is None:
             raise gr.Error("Enter a conversation id from the results. 请输入会话编号。")
         return audit_open(services, admin, int(value))
 
     def do_export(user_name, since_day, until_day, contains, tool_name, rated, chosen, request: gr.Request):
-        admin = _audit_scope(services, request)
+        admin = caller(services, request, "admin")
         flt = _filter(admin, user_name, since_day, until_day, contains, tool_name, rated)
         path, rows = audit_export(services, admin, flt, chosen)
         return str(path), f"exported {rows} messages 已导出"
@@ -231,13 +227,13 @@ def register_operations_api(services) -> None:
     def audit_search_api(username: str = "", since: str = "", until: str = "", text: str = "", tool: str = "",
                          rating: str = "", request: gr.Request = None) -> list[dict[str, Any]]:
         """Conversations of the admin's department matching every given filter (logged)."""
-        admin = _audit_scope(services, request)
+        admin = caller(services, request, "admin")
         table = audit_search(services, admin, _filter(admin, username, since, until, text, tool, rating))
         return json.loads(table.to_json(orient="records", date_format="iso"))
 
     def audit_conversation_api(conversation_id: int, request: gr.Request = None) -> dict[str, Any]:
         """One conversation with every message, tool attempt and retrieved passage (logged)."""
-        return audit_open(services, _audit_scope(services, request), int(conversation_id))
+        return audit_open(services, caller(services, request, "admin"), int(conversation_id))
 
     gr.api(monitoring_api, api_name="monitoring")
     gr.api(audit_search_api, api_name="audit_search")
