@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU benchmarks in one device call, hangjia beside the stock baseline on the same
 # random-weight Qwen3-14B checkpoint (kept on a tmpfs between calls on a warm machine).
-#   bash bench/gpu_run.sh train serve          # phases: stocktrain train stockserve serve
+#   bash bench/gpu_run.sh train serve          # phases: stocktrain train stockserve serve nf4
 # Wheels in .whl/ are installed first (bitsandbytes, transformers, peft the image lacks);
 # the stock scripts are expected in .baseline/ (a copy of ../shared/gpu-baseline).
 set -u
@@ -31,7 +31,8 @@ for P in "$@"; do
     stocktrain) phase stocktrain 100 python3 .baseline/bench_train.py --ckpt $CKPT --r 64 --alpha 16 --targets q_proj,k_proj,v_proj --seqlens 2048 ;;
     train)      phase train 120 python3 bench/gpu_train.py --model $CKPT ;;
     stockserve) phase stockserve 100 python3 .baseline/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
-    serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ;;
+    serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
+    nf4)        phase nf4 60 python3 bench/nf4_kernel.py ;;
     *) echo "unknown phase $P" ;;
   esac
 done

@@ -69,7 +69,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--skip-generate", action="store_true", help="leave out generate() on this model")
-    parser.add_argument("--variants", type=int, default=3, help="how many of hangjia's variants to run (1: the default only)")
+    parser.add_argument("--variants", type=int, default=4, help="how many of hangjia's variants to run (1: the default only)")
     args = parser.parse_args()
 
     import torch
@@ -94,13 +94,15 @@ def main() -> int:
 
     max_len = args.prompt_len + args.new_tokens + 64
     greedy_ours: list[int] = []
-    variants = [("hangjia: static cache + CUDA graphs + compiled norms/rope", True, True),
-                ("static cache + CUDA graphs", True, False), ("static cache, eager", False, False)]
-    for label, graphs, compiled in (variants[:args.variants] if cuda else variants[2:]):
+    first_user: dict[str, list[int]] = {}
+    variants = [("hangjia: + fused 4-bit q/k/v, gate/up and NF4 kernel", True, True, True),
+                ("static cache + CUDA graphs + compiled norms/rope", True, True, False),
+                ("static cache + CUDA graphs", True, False, False), ("static cache, eager", False, False, False)]
+    for label, graphs, compiled, fused in (variants[:args.variants] if cuda else variants[3:]):
         decoder = engine = None
         try:
             decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, use_graphs=graphs,
-                                    compile_elementwise=compiled)
+                                    compile_elementwise=compiled, fused_nf4=fused)
             engine = BatchingEngine(decoder)
             run_requests(engine, prompts[:1], ["finance"], 16)  # warm-up: kernels, graph capture bs 1
             run_requests(engine, prompts, ["finance"] * args.batch, 16)  # and the batch's graph
@@ -121,6 +123,7 @@ def main() -> int:
                        peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
                 if users > 1:
                     greedy_ours = outputs[0][:32]
+                    first_user[label] = greedy_ours
         except Exception as exc:  # keep measuring the other paths
             import traceback
 
@@ -132,6 +135,11 @@ def main() -> int:
         del decoder, engine
         if cuda:
             torch.cuda.empty_cache()
+
+    if len(first_user) > 1:  # the fused kernel against bitsandbytes, same model, same prompt
+        (label_a, a), (label_b, b) = list(first_user.items())[:2]
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        record(check=f"greedy tokens of the first user, {label_a} vs {label_b}", same_leading_tokens=agree, of=len(a))
 
     if not args.skip_generate:  # the stock path on the same model, the adapter chosen per request as the app did
         ids = torch.tensor(prompts, device=model.device)

@@ -75,12 +75,43 @@ def flatten_nested_scales(decoder) -> int:
     return changed
 
 
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fuse_layers(layers) -> dict[tuple[int, str], Any]:
+    """(layer number, group) -> FusedNF4 for every group whose layers are all flat NF4 4-bit
+    (after flatten_nested_scales); other groups stay as they are."""
+    from finetune.nf4 import FusedNF4, fusable
+
+    def base(module):
+        return module.base_layer if _is_lora(module) else module
+
+    fused = {}
+    for number, layer in enumerate(layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        groups = {"qkv": (attention.q_proj, attention.k_proj, attention.v_proj), "o": (attention.o_proj,),
+                  "gate_up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
+        for group, modules in groups.items():
+            bases = [base(m) for m in modules]
+            if all(fusable(b) for b in bases):
+                try:
+                    fused[(number, group)] = FusedNF4(bases)
+                except ValueError as exc:  # e.g. still double-quantised: bitsandbytes' own path
+                    log.info("layer %d %s not fused: %s", number, group, exc)
+    return fused
+
+
 class StaticDecoder:
     """The model's forward over a static KV cache; decode steps replayed as CUDA graphs."""
 
     def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
-                 flatten_double_quant: bool | None = None):
+                 flatten_double_quant: bool | None = None, fused_nf4: bool | None = None):
         from finetune.qlora import decoder_and_head
 
         self.model = model
@@ -110,6 +141,10 @@ class StaticDecoder:
             self._rope = torch.compile(_rope, dynamic=False)
         if cuda if flatten_double_quant is None else flatten_double_quant:
             self.flattened_scales = flatten_nested_scales(self.decoder)
+        # 4-bit layers with one input joined (q/k/v, gate/up) and multiplied by the NF4 kernel
+        self._fused: dict[tuple[int, str], Any] = {}
+        if (cuda and _triton_available()) if fused_nf4 is None else fused_nf4:
+            self._fused = fuse_layers(self.layers)
         self.refresh_adapters()
 
     # -- adapters ------------------------------------------------------------------------
@@ -155,12 +190,23 @@ class StaticDecoder:
                 start += rank
 
     def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
+        return self._with_lora(module, x, module.base_layer(x) if _is_lora(module) else module(x))
+
+    def _with_lora(self, module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         stack = self._stacks.get(module)
         if stack is None:
-            return module.base_layer(x) if _is_lora(module) else module(x)
+            return base
         a, b, signature = stack
         mask = self._masks[signature][: x.shape[0]]
-        return module.base_layer(x) + ((x @ a.T) * mask) @ b.T
+        return base + ((x @ a.T) * mask) @ b.T
+
+    def _project(self, number: int, group: str, modules: Sequence[Any], x: torch.Tensor) -> list[torch.Tensor]:
+        """The layers of one input (q/k/v; gate/up; o; down): one fused 4-bit product, then each
+        layer's LoRA; without fused weights, layer by layer."""
+        fused = self._fused.get((number, group))
+        if fused is None:
+            return [self._linear(module, x) for module in modules]
+        return [self._with_lora(module, x, base) for module, base in zip(modules, fused(x))]
 
     # -- the forward ---------------------------------------------------------------------
 
@@ -183,9 +229,10 @@ class StaticDecoder:
             attention = layer.self_attn
             norm, rope = (self._norm, self._rope) if slot is None else (_rms_norm, _rope)
             x = norm(hidden, layer.input_layernorm.weight, self._eps(layer.input_layernorm))
-            q = self._linear(attention.q_proj, x).view(rows, length, self.heads, self.head_dim)
-            k = self._linear(attention.k_proj, x).view(rows, length, self.kv_heads, self.head_dim)
-            v = self._linear(attention.v_proj, x).view(rows, length, self.kv_heads, self.head_dim)
+            q, k, v = self._project(number, "qkv", (attention.q_proj, attention.k_proj, attention.v_proj), x)
+            q = q.reshape(rows, length, self.heads, self.head_dim)
+            k = k.reshape(rows, length, self.kv_heads, self.head_dim)
+            v = v.reshape(rows, length, self.kv_heads, self.head_dim)
             if hasattr(attention, "q_norm"):  # Qwen3 normalises each head
                 q = norm(q, attention.q_norm.weight, self._eps(attention.q_norm))
                 k = norm(k, attention.k_norm.weight, self._eps(attention.k_norm))
@@ -207,11 +254,11 @@ class StaticDecoder:
                 out = torch.nn.functional.scaled_dot_product_attention(
                     q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=True)
                 out = out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
-            hidden = hidden + self._linear(attention.o_proj, out)
+            hidden = hidden + self._project(number, "o", (attention.o_proj,), out)[0]
             x = norm(hidden, layer.post_attention_layernorm.weight, self._eps(layer.post_attention_layernorm))
             mlp = layer.mlp
-            gate = mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)
-            hidden = hidden + self._linear(mlp.down_proj, gate)
+            gate, up = self._project(number, "gate_up", (mlp.gate_proj, mlp.up_proj), x)
+            hidden = hidden + self._project(number, "down", (mlp.down_proj,), mlp.act_fn(gate) * up)[0]
         last = self.decoder.norm(hidden[:, -1])
         return self.head(last).float()
 

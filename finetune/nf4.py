@@ -1,0 +1,143 @@
+"""4-bit NF4 matrix products for decode steps, and fused q/k/v and gate/up weights.
+
+bitsandbytes multiplies one token by a 4-bit weight with its GEMV kernel, but for 2..16 rows
+(a decode step of several users) it dequantizes the whole weight to bf16 first: 8 users cost
+about 2.2x one user instead of about the same (`README.md`, Performance). `nf4_matmul` reads the
+packed weight once for up to 16 rows and dequantizes in registers, so a step of 8 users reads
+as many bytes as a step of one.
+
+`FusedNF4` joins layers that read the same input (q/k/v; gate/up) into one weight, so a layer
+runs 4 products instead of 7. The joined buffer is the layers' own storage: each layer's
+weight becomes a view into it, nothing is copied twice, and bitsandbytes' own path (training,
+`generate()`) keeps working on the same bytes.
+
+bitsandbytes' layout: weight (out, in) row-major, two values per byte (the even index in the
+high nibble), one absmax per 64 consecutive values, values from a 16-entry code (NF4).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MAX_ROWS = 16  # up to this many rows per product use the kernel; more use dequantize + matmul
+GROUP = 64  # values per absmax (bitsandbytes' default blocksize, required here)
+
+_kernels: dict[str, object] = {}
+
+
+def _build_kernels() -> dict[str, object]:
+    import triton
+    import triton.language as tl
+
+    configs = [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "GROUPS": g}, num_warps=w, num_stages=s)
+               for bn, sk, g, w, s in [(32, 1, 2, 4, 3), (64, 1, 2, 4, 3), (32, 2, 2, 4, 3), (64, 2, 1, 4, 4),
+                                       (32, 4, 2, 4, 3), (64, 4, 2, 4, 3), (128, 1, 1, 8, 3), (16, 1, 4, 4, 3),
+                                       (32, 8, 1, 4, 4), (128, 2, 1, 4, 3)]]
+
+    @triton.jit
+    def nf4_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, M_BUCKET,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUPS: tl.constexpr,
+                   ITERATIONS: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        half = tl.arange(0, 32)  # a group of 64 values is 32 bytes
+        col_ok = cols < N
+        row_ok = rows < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(ITERATIONS):  # K / SPLIT_K values per program, GROUPS x 64 at a time
+            for g in tl.static_range(GROUPS):
+                k0 = (pid_k * ITERATIONS + i) * (GROUPS * 64) + g * 64
+                byte = (cols[:, None].to(tl.int64) * K + k0) // 2 + half[None, :]
+                x_even = tl.load(x_ptr + rows[:, None] * K + k0 + 2 * half[None, :], mask=row_ok[:, None], other=0.0)
+                x_odd = tl.load(x_ptr + rows[:, None] * K + k0 + 1 + 2 * half[None, :], mask=row_ok[:, None],
+                                other=0.0)
+                packed = tl.load(w_ptr + byte, mask=col_ok[:, None], other=0)
+                high = tl.load(code_ptr + (packed >> 4).to(tl.int32)).to(x_even.dtype)
+                low = tl.load(code_ptr + (packed & 15).to(tl.int32)).to(x_even.dtype)
+                part = tl.dot(x_even, tl.trans(high)) + tl.dot(x_odd, tl.trans(low))
+                scale = tl.load(absmax_ptr + (cols.to(tl.int64) * K + k0) // 64, mask=col_ok, other=0.0)
+                acc += part * scale[None, :]
+        tl.atomic_add(out_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :],
+                      sem="relaxed")
+
+    iterations = triton.heuristics({"ITERATIONS": lambda a: a["K"] // (a["SPLIT_K"] * a["GROUPS"] * GROUP)})
+    return {"fixed": nf4_kernel, "tuned": triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"],
+                                                          reset_to_zero=["out_ptr"])(iterations(nf4_kernel))}
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               out_features: int, config: dict | None = None) -> torch.Tensor:
+    """x (..., K) bf16 @ W.T for an NF4 weight W (out_features, K); at most MAX_ROWS rows.
+    The tile shape is tuned per (rows bucket, N, K) on first use, unless `config` fixes it
+    (BLOCK_N, SPLIT_K, GROUPS: as the tests do, which run Triton's interpreter on CPU)."""
+    if not _kernels:
+        _kernels.update(_build_kernels())
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    rows, k = x2.shape
+    if rows > MAX_ROWS or k % (GROUP * 8):
+        raise ValueError(f"nf4_matmul takes up to {MAX_ROWS} rows and K a multiple of {GROUP * 8}")
+    out = torch.zeros(rows, out_features, dtype=torch.float32, device=x.device)
+    bucket = 1 if rows == 1 else (4 if rows <= 4 else 16)
+
+    def grid(meta):
+        return (-(-out_features // meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    if config:
+        _kernels["fixed"][grid(config)](x2, packed, absmax, code, out, rows, out_features, k, bucket, BLOCK_M=16,
+                                        ITERATIONS=k // (config["SPLIT_K"] * config["GROUPS"] * GROUP), **config)
+    else:
+        _kernels["tuned"][grid](x2, packed, absmax, code, out, rows, out_features, k, bucket, BLOCK_M=16)
+    return out.to(x.dtype).reshape(*shape[:-1], out_features)
+
+
+class FusedNF4:
+    """Several bitsandbytes 4-bit layers with the same input, as one weight (their storage)."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        states = [layer.weight.quant_state for layer in layers]
+        first = states[0]
+        if any(layer.weight.data.numel() * 2 % GROUP for layer in layers):
+            raise ValueError("a layer's value count is not a multiple of 64: its last scale would be shared")
+        if any(getattr(s, "packing_format_for_cpu", False) for s in states):
+            raise ValueError("bitsandbytes repacked these layers for its CPU kernel: not the NF4 layout read here")
+        if any(s.nested or s.blocksize != GROUP or s.quant_type != "nf4" or s.shape[1] != first.shape[1]
+               or not torch.equal(s.code, first.code) for s in states):
+            raise ValueError("only flat (not double-quantised) NF4 layers of one input size, blocksize 64, fuse")
+        self.sizes = [int(s.shape[0]) for s in states]
+        self.in_features = int(first.shape[1])
+        self.packed = torch.cat([layer.weight.data.reshape(-1) for layer in layers])
+        self.absmax = torch.cat([s.absmax.reshape(-1).float() for s in states])
+        self.code = first.code.float().contiguous()
+        self.dtype = first.dtype
+        offset = absmax_offset = 0
+        for layer, state in zip(layers, states):  # each layer now reads its slice of the joined buffer
+            count, scales = layer.weight.data.numel(), state.absmax.numel()
+            layer.weight.data = self.packed[offset:offset + count].view(layer.weight.data.shape)
+            state.absmax = self.absmax[absmax_offset:absmax_offset + scales]
+            offset, absmax_offset = offset + count, absmax_offset + scales
+        import bitsandbytes.functional as bnb_functional
+
+        self._state = bnb_functional.QuantState(
+            absmax=self.absmax, shape=torch.Size([sum(self.sizes), self.in_features]), code=self.code,
+            blocksize=GROUP, quant_type="nf4", dtype=self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        rows = x.numel() // x.shape[-1]
+        if rows <= MAX_ROWS and x.is_cuda:
+            y = nf4_matmul(x, self.packed, self.absmax, self.code, sum(self.sizes))
+        else:
+            import bitsandbytes.functional as bnb_functional
+
+            weight = bnb_functional.dequantize_4bit(self.packed, self._state)
+            y = x @ weight.to(x.dtype).t()
+        return list(y.split(self.sizes, dim=-1))
+
+
+def fusable(layer: torch.nn.Module) -> bool:
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return state is not None and getattr(layer, "bias", None) is None

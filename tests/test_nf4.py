@@ -1,0 +1,90 @@
+"""The fused 4-bit layers of the serving decoder (finetune/nf4.py): the NF4 kernel's arithmetic
+(run by Triton's interpreter on CPU, the same code the GPU compiles) and fused q/k/v, gate/up
+weights that share the layers' storage. The GPU speed is measured by bench/nf4_kernel.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def nf4_layer(out_features: int, in_features: int, seed: int):
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, quant_type="nf4", compress_statistics=False,
+                              compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=False)
+    return layer.to("cpu")
+
+
+def test_fused_layers_share_storage_and_give_each_layer_its_output():
+    from finetune.nf4 import FusedNF4
+
+    layers = [nf4_layer(96, 128, 1), nf4_layer(32, 128, 2), nf4_layer(32, 128, 3)]
+    x = torch.randn(5, 128)
+    before = [layer(x) for layer in layers]
+    fused = FusedNF4(layers)
+    outputs = fused(x)
+    assert [o.shape[-1] for o in outputs] == [96, 32, 32]
+    for got, want in zip(outputs, before):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # each layer is now a view into the joined buffer (no second copy), and still works alone
+    for layer, want in zip(layers, before):
+        assert layer.weight.data.untyped_storage().data_ptr() == fused.packed.untyped_storage().data_ptr()
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+    assert fused.packed.numel() == sum(layer.weight.data.numel() for layer in layers)
+
+
+def test_double_quantised_layers_are_refused_not_misread():
+    from finetune.nf4 import FusedNF4
+
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to("cpu")
+    if not layer.weight.quant_state.nested:
+        pytest.skip("this bitsandbytes build does not double-quantise on CPU")
+    with pytest.raises(ValueError, match="double-quantised"):
+        FusedNF4([layer])
+
+
+KERNEL_CHECK = """
+import sys, torch, bitsandbytes.functional as F
+sys.path.insert(0, {root!r})
+from finetune import nf4
+from tests.test_nf4 import nf4_layer
+layer = nf4_layer(80, 1024, 4)  # 80 columns: the last tile of 32 is partly outside
+state = layer.weight.quant_state
+weight = F.dequantize_4bit(layer.weight.data, state).float()
+for rows in (1, 3, 16):
+    x = torch.randn(rows, 1024)
+    for config in ({{"BLOCK_N": 32, "SPLIT_K": 2, "GROUPS": 2}}, {{"BLOCK_N": 16, "SPLIT_K": 1, "GROUPS": 4}}):
+        got = nf4.nf4_matmul(x, layer.weight.data.reshape(-1), state.absmax, state.code, 80, config=config)
+        torch.testing.assert_close(got, x @ weight.t(), rtol=1e-4, atol=1e-3)
+try:
+    nf4.nf4_matmul(torch.randn(17, 1024), layer.weight.data.reshape(-1), state.absmax, state.code, 80)
+except ValueError as exc:
+    print("refused:", exc)
+print("kernel ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install -e .[dev])")
+def test_nf4_kernel_matches_dequantised_product():
+    """Triton's interpreter runs the kernel on CPU (fp32 here: numpy has no bf16): the nibble
+    order, scales per 64 values, split-K and the row mask must give W's product exactly. The
+    interpreter must be on before triton is imported, hence a process of its own."""
+    root = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK.format(root=root)], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused: nf4_matmul takes up to 16 rows" in result.stdout
+    assert "kernel ok" in result.stdout
