@@ -31,37 +31,42 @@ def _build_kernels() -> dict[str, object]:
     import triton
     import triton.language as tl
 
-    configs = [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "GROUPS": g}, num_warps=w, num_stages=s)
-               for bn, sk, g, w, s in [(32, 1, 2, 4, 3), (64, 1, 2, 4, 3), (32, 2, 2, 4, 3), (64, 2, 1, 4, 4),
-                                       (32, 4, 2, 4, 3), (64, 4, 2, 4, 3), (128, 1, 1, 8, 3), (16, 1, 4, 4, 3),
-                                       (32, 8, 1, 4, 4), (128, 2, 1, 4, 3)]]
+    configs = [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "GROUPS": g}, num_warps=w, num_stages=st)
+               for bn, sk, g, w, st in [(32, 1, 2, 4, 3), (64, 1, 2, 4, 3), (128, 1, 2, 4, 3), (64, 1, 4, 4, 3),
+                                        (32, 2, 2, 4, 3), (64, 2, 2, 4, 3), (128, 2, 2, 8, 3), (32, 4, 2, 4, 3),
+                                        (64, 4, 2, 4, 3), (64, 2, 4, 4, 4), (128, 4, 1, 4, 4), (16, 1, 4, 4, 3)]]
 
     @triton.jit
     def nf4_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, M_BUCKET,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUPS: tl.constexpr,
                    ITERATIONS: tl.constexpr):
+        # out^T tile (BLOCK_N x BLOCK_M) = W tile (BLOCK_N x 64) @ x^T (64 x BLOCK_M), group by group:
+        # the weight is the row-major operand as stored; all index arithmetic per element is
+        # pointer + scalar (no 64-bit division per element, which had made it 5x slower)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rows = tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        half = tl.arange(0, 32)  # a group of 64 values is 32 bytes
         col_ok = cols < N
+        safe_cols = tl.where(col_ok, cols, 0).to(tl.int64)  # rows past N read row 0; never stored
+        rows = tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        half = tl.arange(0, 32)  # a group of 64 values is 32 bytes
+        weight_at = w_ptr + safe_cols[:, None] * (K // 2) + half[None, :]
+        scale_at = absmax_ptr + safe_cols * (K // 64)
+        x_at = x_ptr + rows[None, :] * K + 2 * half[:, None]  # x^T, even columns of a group
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        first = pid_k * ITERATIONS * GROUPS
         for i in range(ITERATIONS):  # K / SPLIT_K values per program, GROUPS x 64 at a time
             for g in tl.static_range(GROUPS):
-                k0 = (pid_k * ITERATIONS + i) * (GROUPS * 64) + g * 64
-                byte = (cols[:, None].to(tl.int64) * K + k0) // 2 + half[None, :]
-                x_even = tl.load(x_ptr + rows[:, None] * K + k0 + 2 * half[None, :], mask=row_ok[:, None], other=0.0)
-                x_odd = tl.load(x_ptr + rows[:, None] * K + k0 + 1 + 2 * half[None, :], mask=row_ok[:, None],
-                                other=0.0)
-                packed = tl.load(w_ptr + byte, mask=col_ok[:, None], other=0)
+                group = first + i * GROUPS + g
+                x_even = tl.load(x_at + group * 64, mask=row_ok[None, :], other=0.0)
+                x_odd = tl.load(x_at + group * 64 + 1, mask=row_ok[None, :], other=0.0)
+                packed = tl.load(weight_at + group * 32)
                 high = tl.load(code_ptr + (packed >> 4).to(tl.int32)).to(x_even.dtype)
                 low = tl.load(code_ptr + (packed & 15).to(tl.int32)).to(x_even.dtype)
-                part = tl.dot(x_even, tl.trans(high)) + tl.dot(x_odd, tl.trans(low))
-                scale = tl.load(absmax_ptr + (cols.to(tl.int64) * K + k0) // 64, mask=col_ok, other=0.0)
-                acc += part * scale[None, :]
-        tl.atomic_add(out_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :],
+                part = tl.dot(high, x_even) + tl.dot(low, x_odd)
+                acc += part * tl.load(scale_at + group)[:, None]
+        tl.atomic_add(out_ptr + rows[None, :] * N + cols[:, None], acc, mask=col_ok[:, None] & row_ok[None, :],
                       sem="relaxed")
 
     iterations = triton.heuristics({"ITERATIONS": lambda a: a["K"] // (a["SPLIT_K"] * a["GROUPS"] * GROUP)})

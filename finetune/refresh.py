@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.augment import Vocabulary, slot_variants
 from finetune.evaluate import case_from_sample, gate, load_functional_set, score
 from finetune.recipe import Hyperparameters, RecipeConfig
+from finetune.samples import last_question, normalize_question
 from storage import adapters as registry
 from storage import reviews
 from storage.db import Database
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
     general_replay: int = 31  # general samples mixed in against forgetting (the whole file)
+    augment_variants: int = 4  # slot-swap copies per reviewed tool call (finetune/augment.py)
     start_from_active: bool = True
     auto_promote: bool = True  # promote when the gate passes; else wait for the admin
     gate_margin: float = 0.02
@@ -74,7 +78,8 @@ class RefreshRunner:
 
     def __init__(self, db: Database, settings: RefreshSettings, base_model: Callable[[], str], adapters_dir: Path,
                  runs_dir: Path, tools_for_department: Callable[[str], list[dict]],
-                 promote: Callable[[str, str], None]):
+                 promote: Callable[[str, str], None],
+                 vocabulary_for_department: Callable[[str], Vocabulary] = lambda department: {}):
         self.db = db
         self.settings = settings
         self.base_model = base_model  # the folder the app serves (the embedded model is converted lazily)
@@ -82,6 +87,7 @@ class RefreshRunner:
         self.runs_dir = runs_dir
         self.tools_for_department = tools_for_department
         self.promote = promote
+        self.vocabulary_for_department = vocabulary_for_department
         self._running: dict[str, threading.Event] = {}  # department -> cancel event
         self._guard = threading.Lock()
 
@@ -132,9 +138,13 @@ class RefreshRunner:
 
         # The dataset: every approved train sample of the adapter (earlier ones replay) plus
         # general samples against forgetting.
-        lines = [json.dumps({"messages": json.loads(r["messages"]),
-                             **({"tools": json.loads(r["tools"])} if r["tools"] else {})}, ensure_ascii=False)
-                 for r in train]
+        reviewed = [{"messages": json.loads(r["messages"]), **({"tools": json.loads(r["tools"])} if r["tools"] else {})}
+                    for r in train]
+        eval_rows = reviews.list_samples(self.db, department_id, "eval")
+        variants = self._variants(department_id, reviewed, eval_rows)
+        if variants:
+            on_progress({"event": "augmented", "samples": len(reviewed), "variants": len(variants)})
+        lines = [json.dumps(sample, ensure_ascii=False) for sample in reviewed + variants]
         tools = self.tools_for_department(department_id)
         system = {"role": "system", "content": s.system_prompt}
         general = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -146,7 +156,7 @@ class RefreshRunner:
         (run_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         cases = [c for c in (case_from_sample({"messages": json.loads(r["messages"]),
                                                "tools": json.loads(r["tools"]) if r["tools"] else None})
-                             for r in reviews.list_samples(self.db, department_id, "eval")) if c]
+                             for r in eval_rows) if c]
         cases += load_functional_set(tools, s.system_prompt)
         (run_dir / "eval.jsonl").write_text("\n".join(json.dumps(c.to_json(), ensure_ascii=False) for c in cases),
                                             encoding="utf-8")
@@ -191,6 +201,23 @@ class RefreshRunner:
             promoted = True
         on_progress({"event": "gate", **decision, "version": version, "promoted": promoted})
         return RefreshOutcome(run_id, "succeeded", None, version, decision, promoted)
+
+    def _variants(self, department_id: str, reviewed: list[dict], eval_rows: list[dict]) -> list[dict]:
+        """Slot-swap copies of the reviewed tool calls; never one of the evaluation questions
+        (the gate would score what was trained) nor a reviewed question itself."""
+        count = self.settings.augment_variants
+        vocabulary = self.vocabulary_for_department(department_id) if count else {}
+        if not vocabulary:
+            return []
+        avoid = {normalize_question(last_question(json.loads(r["messages"]))) for r in eval_rows}
+        avoid |= {normalize_question(last_question(sample["messages"])) for sample in reviewed}
+        rng = random.Random(self.settings.seed)
+        variants: list[dict] = []
+        for sample in reviewed:
+            made = slot_variants(sample, vocabulary, count, rng, avoid)
+            avoid |= {normalize_question(last_question(v["messages"])) for v in made}
+            variants += made
+        return variants
 
     def _run_recipe(self, run_dir: Path, progress: Path, cancel: threading.Event,
                     on_progress: Callable[[dict[str, Any]], None]) -> tuple[str, str | None, list[dict]]:

@@ -142,7 +142,7 @@ def open_services(settings: Settings, model: ModelService | None = None,
         runner = RefreshRunner(
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),
-            adapters.activate)
+            adapters.activate, lambda department: department_vocabulary(tools, department))
         nightly = NightlyRefresh(db, runner, settings.refresh_cron)
     except BaseException:
         db.close()
@@ -168,6 +168,7 @@ def load_generation_backend(settings: Settings):
 def refresh_settings(settings: Settings) -> RefreshSettings:
     return RefreshSettings(
         min_new_samples=settings.min_new_samples, general_replay=settings.general_replay,
+        augment_variants=settings.augment_variants,
         start_from_active=settings.start_from_active, auto_promote=settings.auto_promote,
         gate_margin=settings.gate_margin, gate_tolerance=settings.gate_tolerance, lora_r=settings.lora_r,
         lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
@@ -177,9 +178,20 @@ def refresh_settings(settings: Settings) -> RefreshSettings:
         load_in_4bit=True, eval_max_new_tokens=settings.eval_max_new_tokens, system_prompt=settings.system_prompt)
 
 
-def department_tools(db, tools: ToolExecutor, department_id: str) -> list[dict]:
-    """The tools an employee of the department is offered: what its samples are trained with."""
+def _employee_of(department_id: str):
     from storage.accounts import User
 
-    employee = User(0, "", "", "employee", department_id, False)
-    return [spec.function_schema() for spec in tools.tools_for(employee)]
+    return User(0, "", "", "employee", department_id, False)
+
+
+def department_tools(db, tools: ToolExecutor, department_id: str) -> list[dict]:
+    """The tools an employee of the department is offered: what its samples are trained with."""
+    return [spec.function_schema() for spec in tools.tools_for(_employee_of(department_id))]
+
+
+def department_vocabulary(tools: ToolExecutor, department_id: str) -> dict:
+    """Every spelling of every closed value of those tools: what slot-swap variants draw on."""
+    from finetune.augment import slot_vocabulary
+
+    return slot_vocabulary((spec.name, spec.parameters, spec.aliases)
+                           for spec in tools.tools_for(_employee_of(department_id)))

@@ -138,6 +138,9 @@ class Settings:
         20, "New approved samples a department needs since its last refresh; fewer and the night is skipped."
     )
     general_replay: int = _setting(31, "General samples mixed into each refresh against forgetting (0 to 31, the size of finetune/data/general_replay.jsonl).")
+    augment_variants: int = _setting(
+        4, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
+    )
     start_from_active: bool = _setting(True, "Continue training the active adapter; --no-start-from-active starts fresh.")
     auto_promote: bool = _setting(
         True, "Promote a candidate that passes the evaluation gate; --no-auto-promote waits for an admin."
@@ -220,8 +223,8 @@ def _validate(s: Settings) -> list[str]:
     for name in ("lora_r", "lora_alpha", "epochs", "gradient_accumulation", "max_seq_len", "eval_max_new_tokens"):
         if getattr(s, name) < 1:
             problems.append(f"{name}={getattr(s, name)}: must be at least 1 ({_flag(name)}).")
-    if s.min_new_samples < 0 or s.general_replay < 0:
-        problems.append("min_new_samples and general_replay must be 0 or more.")
+    if s.min_new_samples < 0 or s.general_replay < 0 or s.augment_variants < 0:
+        problems.append("min_new_samples, general_replay and augment_variants must be 0 or more.")
     if not 8 <= s.chunk_tokens or not 0 <= s.chunk_overlap_tokens < s.chunk_tokens:
         problems.append(f"chunk_tokens={s.chunk_tokens}, chunk_overlap_tokens={s.chunk_overlap_tokens}: need "
                         "chunk_tokens >= 8 and 0 <= chunk_overlap_tokens < chunk_tokens.")

@@ -132,7 +132,10 @@ def build_admin_tab(services, i18n) -> None:
                 yield (text, gr.skip(), gate_table(services, department_id), versions_table(services),
                        runs_table(services), scheduler_markdown(services))
                 return
-            if kind == "mode":
+            if kind == "augmented":
+                yield (f"{event['samples']} reviewed samples + {event['variants']} slot-swap variants",
+                       gr.skip(), *[gr.skip()] * 4)
+            elif kind == "mode":
                 yield f"{event['mode']} · {event['samples']} samples", gr.skip(), *[gr.skip()] * 4
             elif kind == "step":
                 progress((event["step"], event["total_steps"]), desc="training")
