@@ -69,7 +69,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--skip-generate", action="store_true", help="leave out generate() on this model")
-    parser.add_argument("--variants", type=int, default=4, help="how many of hangjia's variants to run (1: the default only)")
+    parser.add_argument("--variants", type=int, default=5, help="how many of hangjia's variants to run (1: the default only)")
     args = parser.parse_args()
 
     import torch
@@ -95,14 +95,16 @@ def main() -> int:
     max_len = args.prompt_len + args.new_tokens + 64
     greedy_ours: list[int] = []
     first_user: dict[str, list[int]] = {}
-    variants = [("hangjia: + fused 4-bit q/k/v, gate/up and NF4 kernel", True, True, True),
-                ("static cache + CUDA graphs + compiled norms/rope", True, True, False),
-                ("static cache + CUDA graphs", True, False, False), ("static cache, eager", False, False, False)]
-    for label, graphs, compiled, fused in (variants[:args.variants] if cuda else variants[3:]):
+    variants = [("hangjia: + q/k/v and gate/up joined (bitsandbytes kernels)", True, True, "bitsandbytes"),
+                ("joined, hangjia's Triton NF4 kernel for decode steps", True, True, "triton"),
+                ("static cache + CUDA graphs + compiled norms/rope", True, True, None),
+                ("static cache + CUDA graphs", True, False, None), ("static cache, eager", False, False, None)]
+    for label, graphs, compiled, kernel in (variants[:args.variants] if cuda else variants[4:]):
         decoder = engine = None
         try:
             decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, use_graphs=graphs,
-                                    compile_elementwise=compiled, fused_nf4=fused)
+                                    compile_elementwise=compiled, fused_nf4=kernel is not None,
+                                    nf4_kernel=kernel or "bitsandbytes")
             engine = BatchingEngine(decoder)
             run_requests(engine, prompts[:1], ["finance"], 16)  # warm-up: kernels, graph capture bs 1
             run_requests(engine, prompts, ["finance"] * args.batch, 16)  # and the batch's graph
@@ -136,8 +138,8 @@ def main() -> int:
         if cuda:
             torch.cuda.empty_cache()
 
-    if len(first_user) > 1:  # the fused kernel against bitsandbytes, same model, same prompt
-        (label_a, a), (label_b, b) = list(first_user.items())[:2]
+    for label_b, b in list(first_user.items())[1:]:  # each variant against the first, same model and prompt
+        label_a, a = next(iter(first_user.items()))
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         record(check=f"greedy tokens of the first user, {label_a} vs {label_b}", same_leading_tokens=agree, of=len(a))
 

@@ -75,15 +75,7 @@ def flatten_nested_scales(decoder) -> int:
     return changed
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def fuse_layers(layers) -> dict[tuple[int, str], Any]:
+def fuse_layers(layers, kernel: str = "bitsandbytes") -> dict[tuple[int, str], Any]:
     """(layer number, group) -> FusedNF4 for every group whose layers are all flat NF4 4-bit
     (after flatten_nested_scales); other groups stay as they are."""
     from finetune.nf4 import FusedNF4, fusable
@@ -100,7 +92,7 @@ def fuse_layers(layers) -> dict[tuple[int, str], Any]:
             bases = [base(m) for m in modules]
             if all(fusable(b) for b in bases):
                 try:
-                    fused[(number, group)] = FusedNF4(bases)
+                    fused[(number, group)] = FusedNF4(bases, kernel)
                 except ValueError as exc:  # e.g. still double-quantised: bitsandbytes' own path
                     log.info("layer %d %s not fused: %s", number, group, exc)
     return fused
@@ -111,7 +103,8 @@ class StaticDecoder:
 
     def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
-                 flatten_double_quant: bool | None = None, fused_nf4: bool | None = None):
+                 flatten_double_quant: bool | None = None, fused_nf4: bool | None = None,
+                 nf4_kernel: str = "bitsandbytes"):
         from finetune.qlora import decoder_and_head
 
         self.model = model
@@ -141,10 +134,12 @@ class StaticDecoder:
             self._rope = torch.compile(_rope, dynamic=False)
         if cuda if flatten_double_quant is None else flatten_double_quant:
             self.flattened_scales = flatten_nested_scales(self.decoder)
-        # 4-bit layers with one input joined (q/k/v, gate/up) and multiplied by the NF4 kernel
+        # 4-bit layers with one input joined (q/k/v, gate/up): 4 products per layer, not 7.
+        # nf4_kernel="triton" multiplies decode steps with finetune/nf4.py's kernel (opt-in:
+        # slower than bitsandbytes so far, see README Performance)
         self._fused: dict[tuple[int, str], Any] = {}
-        if (cuda and _triton_available()) if fused_nf4 is None else fused_nf4:
-            self._fused = fuse_layers(self.layers)
+        if cuda if fused_nf4 is None else fused_nf4:
+            self._fused = fuse_layers(self.layers, nf4_kernel)
         self.refresh_adapters()
 
     # -- adapters ------------------------------------------------------------------------

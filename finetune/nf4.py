@@ -103,7 +103,10 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
 class FusedNF4:
     """Several bitsandbytes 4-bit layers with the same input, as one weight (their storage)."""
 
-    def __init__(self, layers: Sequence[torch.nn.Module]):
+    def __init__(self, layers: Sequence[torch.nn.Module], kernel: str = "bitsandbytes"):
+        if kernel not in ("bitsandbytes", "triton"):
+            raise ValueError(f"unknown NF4 kernel {kernel!r}: bitsandbytes or triton")
+        self.kernel = kernel
         states = [layer.weight.quant_state for layer in layers]
         first = states[0]
         if any(layer.weight.data.numel() * 2 % GROUP for layer in layers):
@@ -133,8 +136,12 @@ class FusedNF4:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         rows = x.numel() // x.shape[-1]
-        if rows <= MAX_ROWS and x.is_cuda:
+        if x.is_cuda and self.kernel == "triton" and rows <= MAX_ROWS:
             y = nf4_matmul(x, self.packed, self.absmax, self.code, sum(self.sizes))
+        elif x.is_cuda:  # bitsandbytes' GEMV for one row, dequantize + matmul for more
+            import bitsandbytes as bnb
+
+            y = bnb.matmul_4bit(x, self.packed.view(-1, 1).t(), quant_state=self._state)
         else:
             import bitsandbytes.functional as bnb_functional
 
