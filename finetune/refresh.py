@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
 import subprocess
@@ -37,6 +38,7 @@ class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
     general_replay: int = 31  # general samples mixed in against forgetting (the whole file)
     augment_variants: int = 4  # slot-swap copies per reviewed tool call (finetune/augment.py)
+    replay_share: float = 0.0  # general replay repeated until it is at least this share of the mix
     start_from_active: bool = True
     auto_promote: bool = True  # promote when the gate passes; else wait for the admin
     gate_margin: float = 0.02
@@ -151,8 +153,12 @@ class RefreshRunner:
         # Served with the app's system prompt and the department's tools, so trained with
         # them too: replay without the tools taught "tools in the prompt -> call one", and
         # the adapter called tools for greetings and definitions.
-        lines += [json.dumps({"messages": [system, *g["messages"]], **({"tools": tools} if tools else {})},
+        replay = [json.dumps({"messages": [system, *g["messages"]], **({"tools": tools} if tools else {})},
                              ensure_ascii=False) for g in general[: s.general_replay]]
+        if replay and s.replay_share > 0:  # cycled: many tool-call samples against few replay ones taught calling always
+            wanted = math.ceil(s.replay_share * len(lines) / (1 - s.replay_share))
+            replay = [replay[i % len(replay)] for i in range(max(wanted, len(replay)))]
+        lines += replay
         (run_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         cases = [c for c in (case_from_sample({"messages": json.loads(r["messages"]),
                                                "tools": json.loads(r["tools"]) if r["tools"] else None})

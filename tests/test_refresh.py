@@ -16,7 +16,7 @@ from webapp.scheduler import NightlyRefresh
 from webapp.services import open_services
 
 FAST = dict(lora_r=4, lora_alpha=8, epochs=1, gradient_accumulation=2, eval_max_new_tokens=4, general_replay=2,
-            min_new_samples=3, learning_rate=1e-3)
+            min_new_samples=3, learning_rate=1e-3, augment_variants=0)
 
 
 @pytest.fixture
@@ -71,6 +71,34 @@ def test_a_refresh_trains_evaluates_gates_and_promotes_and_the_next_message_uses
     # promoted without a restart: the next finance message is answered by v1, hr's by the base
     assert (ask(services).adapter, ask(services).adapter_version) == ("finance", "v1")
     assert ask(services, "hr-employee").adapter is None
+
+
+def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(refresh_services):
+    services = refresh_services(augment_variants=2, replay_share=0.5, general_replay=2, gate_margin=-1.0,
+                                gate_tolerance=1.0)
+    add_samples(services, 3)  # 华东 2020..2022 年销售额？ -> query_sales(region=华东, period=year)
+    held_out = {"messages": [{"role": "system", "content": "You are hangjia."},
+                             {"role": "user", "content": "华南 2020 年销售额？"},
+                             tool_call_message("query_sales", {"region": "华南", "period": "2020"}, "c")]}
+    import_jsonl(services.db, json.dumps(held_out, ensure_ascii=False), "finance", None, eval_fraction=1.0)
+    events = []
+    outcome = services.refresh.refresh("finance", "manual", force=True, on_progress=events.append)
+    assert outcome.status == "succeeded", outcome
+    assert {"event": "augmented", "samples": 3, "variants": 6} in events
+    lines = [json.loads(line) for line in (services.settings.data_dir / "runs" / f"run-{outcome.run_id}" /
+                                           "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    tool_samples = [line for line in lines if any(m.get("tool_calls") for m in line["messages"])]
+    assert len(tool_samples) == 9
+    questions = []
+    for sample in tool_samples:
+        question = next(m["content"] for m in sample["messages"] if m["role"] == "user")
+        arguments = json.loads(sample["messages"][-1]["tool_calls"][0]["function"]["arguments"])
+        assert question == f"{arguments['region']} {arguments['period']} 年销售额？"  # question and call agree
+        questions.append(question)
+    assert "华南 2020 年销售额？" not in questions  # the evaluation question is never trained
+    assert len(set(questions)) == 9
+    replay = len(lines) - len(tool_samples)
+    assert replay == 9  # two general samples cycled up to half of the mix
 
 
 def test_without_auto_promote_the_admin_promotes_and_rolls_back(refresh_services):

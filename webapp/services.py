@@ -168,7 +168,7 @@ def load_generation_backend(settings: Settings):
 def refresh_settings(settings: Settings) -> RefreshSettings:
     return RefreshSettings(
         min_new_samples=settings.min_new_samples, general_replay=settings.general_replay,
-        augment_variants=settings.augment_variants,
+        augment_variants=settings.augment_variants, replay_share=settings.replay_share,
         start_from_active=settings.start_from_active, auto_promote=settings.auto_promote,
         gate_margin=settings.gate_margin, gate_tolerance=settings.gate_tolerance, lora_r=settings.lora_r,
         lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,

@@ -141,6 +141,9 @@ class Settings:
     augment_variants: int = _setting(
         4, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
     )
+    replay_share: float = _setting(
+        0.0, "Least share of each refresh's training mix made of general replay (repeated as needed), against an adapter that calls tools for everything; 0 to below 1."
+    )
     start_from_active: bool = _setting(True, "Continue training the active adapter; --no-start-from-active starts fresh.")
     auto_promote: bool = _setting(
         True, "Promote a candidate that passes the evaluation gate; --no-auto-promote waits for an admin."
@@ -223,6 +226,8 @@ def _validate(s: Settings) -> list[str]:
     for name in ("lora_r", "lora_alpha", "epochs", "gradient_accumulation", "max_seq_len", "eval_max_new_tokens"):
         if getattr(s, name) < 1:
             problems.append(f"{name}={getattr(s, name)}: must be at least 1 ({_flag(name)}).")
+    if not 0 <= s.replay_share < 1:
+        problems.append("replay_share must be at least 0 and below 1.")
     if s.min_new_samples < 0 or s.general_replay < 0 or s.augment_variants < 0:
         problems.append("min_new_samples, general_replay and augment_variants must be 0 or more.")
     if not 8 <= s.chunk_tokens or not 0 <= s.chunk_overlap_tokens < s.chunk_tokens:
