@@ -139,7 +139,7 @@ class Settings:
     )
     general_replay: int = _setting(31, "General samples mixed into each refresh against forgetting (0 to 31, the size of finetune/data/general_replay.jsonl).")
     augment_variants: int = _setting(
-        4, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
+        0, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
     )
     replay_share: float = _setting(
         0.0, "Least share of each refresh's training mix made of general replay (repeated as needed), against an adapter that calls tools for everything; 0 to below 1."
