@@ -70,3 +70,25 @@ def test_password_guessing_is_slowed_to_five_tries_per_five_minutes(auth):
     assert auth.check_login("hr-employee", DEMO_PASSWORD)  # the window passed
     assert not auth.check_login("hr-employee", "guess")  # and a success reset the count
     assert auth.check_login("hr-employee", DEMO_PASSWORD)
+
+
+def test_a_key_is_marked_used_at_most_once_a_minute_and_admins_list_their_department(auth):
+    seed_demo_company(auth.db, auth)
+    employee, admin = auth.current_user("finance-employee"), auth.current_user("finance-admin")
+    key_id, key = auth.create_api_key(employee, "laptop")
+    auth.create_api_key(auth.current_user("hr-employee"), "hr laptop")
+
+    def last_used():
+        return auth.db.scalar("SELECT last_used_at FROM api_keys WHERE id = ?", [key_id])
+
+    assert last_used() is None
+    assert auth.user_for_api_key(key).username == "finance-employee"
+    first = last_used()
+    assert first is not None
+    auth.user_for_api_key(key)
+    assert last_used() == first  # within the minute: no second write
+    auth.db.write("UPDATE api_keys SET last_used_at = last_used_at - INTERVAL 2 MINUTE WHERE id = ?", [key_id])
+    auth.user_for_api_key(key)
+    assert last_used() >= first  # stale again: written anew
+    assert [k["name"] for k in auth.keys_visible_to(admin)] == ["laptop"]  # not HR's key
+    assert [k["name"] for k in auth.keys_visible_to(employee)] == ["laptop"]

@@ -150,5 +150,5 @@ class Auth:
     def keys_visible_to(self, actor: User) -> list[dict]:
         """Admins see their department's keys; everyone else their own."""
         if actor.role == "admin":
-            return [k for k in api_keys.keys_of(self.db) if k["department_id"] == actor.department_id]
+            return api_keys.keys_of(self.db, department_id=actor.department_id)
         return api_keys.keys_of(self.db, actor.id)
