@@ -100,8 +100,21 @@ def _calls(output: str) -> tuple[list[dict], int]:
     return calls, bad
 
 
-def _same_arguments(a: dict, b: dict) -> bool:
-    norm = lambda d: {k: str(v).strip().casefold() for k, v in d.items() if v not in (None, "")}  # noqa: E731
+def _defaults(tools: Sequence[dict] | None, name: str) -> dict[str, Any]:
+    """The schema defaults of a tool's parameters: what the executor fills in for a left-out one."""
+    for tool in tools or []:
+        function = tool.get("function") or {}
+        if function.get("name") == name:
+            properties = (function.get("parameters") or {}).get("properties") or {}
+            return {k: p["default"] for k, p in properties.items() if isinstance(p, dict) and "default" in p}
+    return {}
+
+
+def _same_arguments(a: dict, b: dict, defaults: dict[str, Any] | None = None) -> bool:
+    """Equal as the executor would run them: a parameter left out equals its schema default
+    (metric="revenue" written out is the same call as metric left out)."""
+    norm = lambda d: {k: str(v).strip().casefold() for k, v in {**(defaults or {}), **d}.items()  # noqa: E731
+                      if v not in (None, "")}
     return norm(a) == norm(b)
 
 
@@ -120,7 +133,7 @@ def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]
             tool_total += 1
             expected = case.expected_call
             tool_hits += bool(calls) and calls[0].get("name") == expected["name"] and _same_arguments(
-                calls[0].get("arguments", {}), expected["arguments"])
+                calls[0].get("arguments", {}), expected["arguments"], _defaults(case.tools, expected["name"]))
         else:
             no_tool_total += 1
             false_calls += bool(calls or bad)

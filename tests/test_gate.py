@@ -30,6 +30,20 @@ def test_metrics_reward_the_right_call_and_punish_false_or_broken_ones():
     assert score([SALES], ["I don't know"])["tool_exact"] == 0.0
 
 
+def test_a_parameter_written_out_at_its_default_is_the_same_call():
+    """The gate counted metric="revenue" written out as wrong against an expected call that
+    leaves metric out (its schema default): every right sales answer of a candidate that
+    spelled the metric was scored a miss."""
+    tools = [{"type": "function", "function": {"name": "query_sales", "parameters": {"type": "object", "properties": {
+        "region": {"type": "string"}, "period": {"type": "string"},
+        "metric": {"type": "string", "enum": ["revenue", "units"], "default": "revenue"}}}}}]
+    case = EvalCase(SALES.messages, tools, "tool", SALES.expected_call)
+    spelled = CALL.replace('"last_quarter"}', '"last_quarter", "metric": "revenue"}')
+    assert score([case], [spelled])["tool_exact"] == 1.0
+    assert score([case], [spelled.replace("revenue", "units")])["tool_exact"] == 0.0
+    assert score([SALES], [spelled])["tool_exact"] == 0.0  # no default in that schema: a different call
+
+
 def test_cases_come_from_samples_and_the_shipped_set():
     sample = {"messages": [{"role": "user", "content": "华东？"}, tool_call_message("query_sales", {"region": "华东"}, "c")],
               "tools": TOOLS}
