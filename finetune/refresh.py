@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
     general_replay: int = 31  # general samples mixed in against forgetting (the whole file)
-    augment_variants: int = 0  # slot-swap copies per reviewed tool call (finetune/augment.py)
-    replay_share: float = 0.0  # general replay repeated until it is at least this share of the mix
+    augment_variants: int = 4  # slot-swap copies per reviewed tool call (finetune/augment.py)
+    replay_share: float = 0.4  # general replay repeated until it is at least this share of the mix
     start_from_active: bool = True
     auto_promote: bool = True  # promote when the gate passes; else wait for the admin
     gate_margin: float = 0.02

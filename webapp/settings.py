@@ -139,10 +139,10 @@ class Settings:
     )
     general_replay: int = _setting(31, "General samples mixed into each refresh against forgetting (0 to 31, the size of finetune/data/general_replay.jsonl).")
     augment_variants: int = _setting(
-        0, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
+        4, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
     )
     replay_share: float = _setting(
-        0.0, "Least share of each refresh's training mix made of general replay (repeated as needed), against an adapter that calls tools for everything; 0 to below 1."
+        0.4, "Least share of each refresh's training mix made of general replay (repeated as needed), against an adapter that calls tools for everything; 0 to below 1."
     )
     start_from_active: bool = _setting(True, "Continue training the active adapter; --no-start-from-active starts fresh.")
     auto_promote: bool = _setting(
