@@ -291,7 +291,10 @@ def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
         if kind == "float":
             return float(raw)
         if kind == "path":
-            return Path(str(raw)).expanduser()
+            try:
+                return Path(str(raw)).expanduser()
+            except RuntimeError:  # "~someone" of a user that does not exist (found by hypothesis: "~0")
+                raise ValueError("~ names a user this machine does not know") from None
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise _ConversionProblem(f"{source}: {raw!r} is not a valid {kind} for {f.name} ({exc}).")
