@@ -28,8 +28,10 @@ phase() {  # phase NAME MIN_SECONDS cmd...
 [ -f $CKPT/COMPLETE ] || phase ckpt 60 python3 .baseline/make_ckpt.py --ckpt $CKPT --bf16-batches ""
 for P in "$@"; do
   case $P in
-    stocktrain) phase stocktrain 100 python3 .baseline/bench_train.py --ckpt $CKPT --r 64 --alpha 16 --targets q_proj,k_proj,v_proj --seqlens 2048 ;;
-    train)      phase train 120 python3 bench/gpu_train.py --model $CKPT ;;
+    stocktrain) phase stocktrain 100 python3 .baseline/bench_train.py --ckpt $CKPT --r 64 --alpha 16 --targets q_proj,k_proj,v_proj --seqlens ${STOCK_SEQS:-2048} ;;
+    train)      for SEQ in ${TRAIN_SEQS:-2048}; do  # TRAIN_VARIANTS_<seq> picks the variants per length
+                  V=TRAIN_VARIANTS_$SEQ; phase train 120 python3 bench/gpu_train.py --model $CKPT --seq $SEQ ${!V:+--variants ${!V}}
+                done ;;
     stockserve) phase stockserve 100 python3 .baseline/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
     serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
     nf4)        phase nf4 60 python3 bench/nf4_kernel.py ;;

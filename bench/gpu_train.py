@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GiB = 1024**3
 VARIANTS = {
-    # name: samples per forward, checkpointing, loss, embedding on host
+    # name: samples per forward, checkpointing, loss, embedding on host (and optimizer, below)
     "hangjia": dict(per_forward=2, checkpointing=True, loss="chunked", host_embedding=False),
     "1-per-forward": dict(per_forward=1, checkpointing=True, loss="chunked", host_embedding=False),
     "4-per-forward": dict(per_forward=4, checkpointing=True, loss="chunked", host_embedding=False),
@@ -36,6 +36,11 @@ VARIANTS = {
     "liger": dict(per_forward=2, checkpointing=True, loss="liger", host_embedding=False),
     "no-checkpointing": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=False),
     "host-embedding": dict(per_forward=4, checkpointing=True, loss="chunked", host_embedding=True),
+    # the lean recipe: embedding on the host and 8-bit AdamW states (as the stock run's adamw_8bit);
+    # these move the embedding for good, so they run last
+    "lean": dict(per_forward=1, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit"),
+    "lean-4": dict(per_forward=4, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit"),
+    "lean-8": dict(per_forward=8, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit"),
 }
 
 
@@ -133,7 +138,12 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
                 p.copy_(initial_lora[n])
     trainable = [p for p in model.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=cuda)
+    if spec.get("optimizer") == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=cuda)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

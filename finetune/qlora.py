@@ -136,6 +136,8 @@ def keep_embedding_on_host(model, device) -> int:
 
     decoder, _ = decoder_and_head(model)
     embedding = decoder.embed_tokens
+    if not hasattr(embedding, "weight"):  # already on the host
+        return 0
     freed = embedding.weight.numel() * embedding.weight.element_size()
     host = HostEmbedding(embedding, device)
 
