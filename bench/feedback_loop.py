@@ -104,6 +104,8 @@ def measure(client, sales: list[SalesQuestion], no_tool: list[str]) -> dict:
         update = client.predict(text, None, True, api_name="/chat")
         call = first_call(update)
         false_calls += call is not None
+        if call is not None:
+            failures.append((text, call["tool"]))
         valid += call is None or call["status"] not in ("invalid",) and call["tool"] != "(unparsed)"
     total = len(sales) + len(no_tool)
     return {"exact": matched / max(len(sales), 1), "valid": valid / max(total, 1),
@@ -141,7 +143,7 @@ def launch(services):
 
 
 def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuestion], no_tool: list[str],
-                 log=print, measure_before: bool = True) -> dict:
+                 log=print, measure_before: bool = True, compare_unguided: bool = False) -> dict:
     """The whole night, through the launched app. Returns before/after figures and the run."""
     from gradio_client import Client
 
@@ -168,8 +170,13 @@ def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuest
         after_adapter = employee.predict(api_name="/whoami")["adapter_version"]
         log("measuring after …")
         after = measure(employee, held_out, no_tool)
+        unguided = None
+        if compare_unguided:  # the same adapter, tool calls decoded without the schema guide
+            log("measuring after, unguided …")
+            services.engine.settings = dataclasses.replace(services.engine.settings, guided_tool_calls=False)
+            unguided = measure(employee, held_out, no_tool)
         run = next((r for r in registry.runs(services.db) if outcome and r["id"] == outcome.run_id), None)
-        return {"before": before, "after": after, "taught": taught, "refresh_s": refresh_s, "outcome": outcome,
+        return {"before": before, "after": after, "unguided": unguided, "taught": taught, "refresh_s": refresh_s, "outcome": outcome,
                 "adapter_after": after_adapter, "run": run}
     finally:
         app.close()
@@ -183,6 +190,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-before", action="store_true",
                         help="do not measure the untrained model (it is deterministic: greedy decoding)")
+    parser.add_argument("--compare-unguided", action="store_true",
+                        help="measure the trained adapter a second time without guided tool calls")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting for the refresh, e.g. --set learning_rate=5e-4 --set epochs=3")
     args = parser.parse_args()
@@ -203,7 +212,7 @@ def main() -> int:
     held_out = sales_questions(HELD_OUT_TEMPLATES, args.held_out, seed=2)
     try:
         result = run_scenario(services, train, held_out, NO_TOOL_QUESTIONS[:args.no_tool],
-                              measure_before=not args.skip_before)
+                              measure_before=not args.skip_before, compare_unguided=args.compare_unguided)
     finally:
         services.close()
     b, a = result["before"], result["after"]
@@ -214,13 +223,18 @@ def main() -> int:
     print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
           f"{'passed' if gate.get('passed') else 'failed: ' + '; '.join(gate.get('reasons', []))}; "
           f"serving after: {result['adapter_after'] or 'base'}\n")
-    print("| metric | before | after |\n|---|---|---|")
-    print(f"| tool-call exact match, {len(held_out)} held-out sales questions | {b['exact']:.0%} | {a['exact']:.0%} |")
-    print(f"| valid format | {b['valid']:.0%} | {a['valid']:.0%} |")
-    print(f"| false tool calls, {args.no_tool} questions needing none | {b['false_calls']:.0%} | {a['false_calls']:.0%} |")
+    u = result["unguided"]
+    extra = " after, unguided |" if u else ""
+    print(f"| metric | before | after |{extra}\n|---|---|---|{'---|' if u else ''}")
+    for label, key in ((f"tool-call exact match, {len(held_out)} held-out sales questions", "exact"),
+                       ("valid format", "valid"), (f"false tool calls, {args.no_tool} questions needing none",
+                                                   "false_calls")):
+        print(f"| {label} | {b[key]:.0%} | {a[key]:.0%} |" + (f" {u[key]:.0%} |" if u else ""))
     for row in gate.get("table", []):
         print(f"| gate: {row['metric']} (active -> candidate) | {row.get('active')} | {row.get('candidate')} |")
-    print("\nfailures after:", json.dumps(a["failures"][:10], ensure_ascii=False))
+    print("\nfailures after:", json.dumps(a["failures"], ensure_ascii=False))
+    if u:
+        print("\nfailures after, unguided:", json.dumps(u["failures"], ensure_ascii=False))
     return 0
 
 

@@ -333,6 +333,7 @@ class DecodeRequest:
     top_p: float = 1.0
     adapter: str | None = None
     stop_ids: frozenset[int] = frozenset()
+    guide: Any = None  # a guided.GuidedSession: tool calls kept valid while decoded
     tokens: "queue.Queue[int | None | BaseException]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finish_reason: str = ""
@@ -400,8 +401,20 @@ class BatchingEngine:
         request.finish_reason = "error"
         request.tokens.put(exc)
 
+    @staticmethod
+    def _pick(request: DecodeRequest, logits: torch.Tensor, greedy_token: int | None = None) -> int:
+        """The row's next token: its guide (if any) removes candidates that would break a tool call."""
+        if request.guide is not None and request.guide.active:
+            logits = logits.float().clone()
+            request.guide.restrict(logits, greedy=request.temperature <= 0)
+        elif greedy_token is not None and request.temperature <= 0:
+            return greedy_token
+        return sample(logits, request.temperature, request.top_p)
+
     def _emit(self, slot: int, token: int) -> None:
         request = self._slots[slot]
+        if request.guide is not None:
+            request.guide.advance(token)
         request.generated += 1
         if request.generated == 1:
             request.first_token_at = time.perf_counter()
@@ -436,7 +449,7 @@ class BatchingEngine:
                 continue
             self._slots[slot] = request
             self._positions[slot] = len(request.prompt_ids)
-            self._emit(slot, sample(logits, request.temperature, request.top_p))
+            self._emit(slot, self._pick(request, logits))
 
     def _run(self) -> None:
         try:
@@ -475,6 +488,4 @@ class BatchingEngine:
             for slot in active:
                 request = self._slots[slot]
                 self._positions[slot] += 1
-                token = greedy[slot] if request.temperature <= 0 else sample(logits[slot], request.temperature,
-                                                                             request.top_p)
-                self._emit(slot, token)
+                self._emit(slot, self._pick(request, logits[slot], greedy[slot]))

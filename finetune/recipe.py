@@ -37,7 +37,13 @@ class Hyperparameters:
     gradient_accumulation: int = 8
     warmup_ratio: float = 0.05
     max_seq_len: int = 2048
+    # The shared prefix (system prompt + tool schemas) run without gradient: about 2x faster on
+    # CPU; LoRA then learns from the question and answer tokens only (the prefix's keys and
+    # values are computed with the current weights, but not trained through).
+    detach_shared_prefix: bool = False
+    cpu_bf16: bool = True  # bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); weights stay fp32
     eval_max_new_tokens: int = 96
+    guided_tool_calls: bool = True  # evaluation decodes tool calls as serving does (finetune/guided.py)
     seed: int = 0
 
 
@@ -120,12 +126,14 @@ def shared_prefix_length(examples: list[dict[str, list[int]]]) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
-def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, max_tokens: int = 4096) -> float:
+def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, max_tokens: int = 4096,
+                         detach_prefix: bool = False) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
     sample's mean loss on learned tokens) and returns that loss; NaN if it is not finite.
     With a shared prefix: the prefix once, then all suffixes as one padded batch that
-    attends to the prefix's keys and values; gradients flow back through both. Without:
-    samples packed side by side, up to max_tokens per forward."""
+    attends to the prefix's keys and values; gradients flow back through both, or only
+    through the suffixes with `detach_prefix`. Without: samples packed side by side, up to
+    max_tokens per forward."""
     import torch
     import torch.nn.functional as F
 
@@ -145,7 +153,8 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
         return total
     from transformers import DynamicCache
 
-    head = model(input_ids=torch.tensor([examples[0]["input_ids"][:prefix]], device=device), use_cache=True)
+    with torch.set_grad_enabled(not detach_prefix):
+        head = model(input_ids=torch.tensor([examples[0]["input_ids"][:prefix]], device=device), use_cache=True)
     batch = len(examples)
     shared = DynamicCache([(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
                            for layer in head.cache.layers])
@@ -169,6 +178,14 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
         return float("nan")
     loss.backward()
     return loss.item()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively; elsewhere bf16 autocast is slower than fp32."""
+    import torch
+
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if cuda else torch.float32)
         model.to("cuda" if cuda else "cpu")
         mode = f"plain LoRA on a {'bf16' if cuda else 'fp32'} base ({'CUDA' if cuda else 'CPU: no 4-bit training here'})"
+    cpu_bf16 = not cuda and cfg.cpu_bf16 and cpu_has_bf16()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+    if cpu_bf16:
+        mode += ", bf16 autocast (the CPU has native bf16)"
     if cuda:
         from finetune.qlora import prepare_for_lora_training
 
@@ -254,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         random.shuffle(order)
         for first in range(0, len(order), cfg.gradient_accumulation):
             batch = [examples[i] for i in order[first:first + cfg.gradient_accumulation]]
-            loss = backward_micro_batch(model, batch, device, max_tokens=max(cfg.max_seq_len, 4096))
+            with autocast:
+                loss = backward_micro_batch(model, batch, device, max_tokens=max(cfg.max_seq_len, 4096),
+                                            detach_prefix=cfg.detach_shared_prefix)
             if not math.isfinite(loss):
                 report(cfg, "failed", error=f"loss became {loss} at step {step}")
                 return 3
@@ -293,6 +316,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     static-cache decoder (each row with its own adapter): the cases share their decode steps."""
     from finetune.chat_format import render_chat
     from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder, stop_token_ids
+    from finetune.guided import TokenBytes, ToolCallGuide
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     model.eval()
@@ -304,11 +328,15 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     decoder = StaticDecoder(model, max_batch=min(8, 2 * len(cases)),
                             max_len=max(len(p) for p in prompts) + cfg.eval_max_new_tokens + 2)
     engine = BatchingEngine(decoder)
+    token_bytes = TokenBytes(tokenizer)
+    guides = [ToolCallGuide.from_tools(case["tools"]) if cfg.guided_tool_calls and case.get("tools") else None
+              for case in cases]
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}
     try:
         requests = {who: [engine.submit(DecodeRequest(
             prompt, cfg.eval_max_new_tokens, adapter="default" if who == "candidate" else (
-                "active" if cfg.active_adapter else None), stop_ids=stop)) for prompt in prompts]
+                "active" if cfg.active_adapter else None), stop_ids=stop,
+            guide=guide.session(token_bytes) if guide else None)) for prompt, guide in zip(prompts, guides)]
             for who in ("candidate", "active")}
         for number in range(len(cases)):
             for who in ("candidate", "active"):

@@ -149,7 +149,7 @@ class ScriptedModel:
         self.outputs = list(outputs)
         self.prompts: list[str] = []
 
-    def __call__(self, prompt, params, adapter, result):
+    def __call__(self, prompt, params, adapter, result, guide=None):  # a script needs no guide
         self.prompts.append(prompt)
         text = self.outputs.pop(0)
         result.prompt_tokens, result.completion_tokens, result.finish_reason = len(prompt) // 4, len(text) // 4, "stop"

@@ -115,7 +115,7 @@ def test_leaving_mid_answer_keeps_the_partial_answer(services):
 
 def test_thinking_is_logged_but_not_shown(services, monkeypatch):
     pieces = ["<think>", "the user wants", " a number", "</think>", "\n\n42"]
-    def scripted_stream(prompt, params, adapter, result):
+    def scripted_stream(prompt, params, adapter, result, guide=None):
         # the tiny random model cannot think; script what Qwen3 emits in thinking mode
         yield from pieces
 

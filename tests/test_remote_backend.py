@@ -72,9 +72,9 @@ class Spy:
     def __init__(self, stream):
         self.stream, self.prompts, self.pieces = stream, [], []
 
-    def __call__(self, prompt, params, adapter=None, result=None):
+    def __call__(self, prompt, params, adapter=None, result=None, guide=None):
         self.prompts.append(prompt)
-        for piece in self.stream(prompt, params, adapter, result):
+        for piece in self.stream(prompt, params, adapter, result, guide=guide):
             self.pieces.append(piece)
             yield piece
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from finetune.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
 from storage.accounts import User
@@ -71,6 +72,7 @@ class TurnSettings:
     thinking: bool
     generation: GenerationParams
     max_tool_rounds: int = 3
+    guided_tool_calls: bool = True  # tool names, argument names and enum values kept valid while decoded
 
 
 @dataclass
@@ -242,6 +244,17 @@ class ChatEngine:
 
     def _tools_for(self, user: User) -> list[dict]:
         return [spec.function_schema() for spec in self.executor.tools_for(user)] if self.executor else []
+
+    def _guide(self, user: User) -> ToolCallGuide | None:
+        """What keeps this user's tool calls valid while they are decoded: the tools offered
+        to them, with the spellings their tool file maps onto enum values."""
+        if not (self.settings.guided_tool_calls and self.executor):
+            return None
+        specs = self.executor.tools_for(user)
+        if not specs:
+            return None
+        return ToolCallGuide.from_tools([spec.function_schema() for spec in specs],
+                                        {spec.name: spec.aliases for spec in specs})
 
     def stream_turn(self, user: User, text: object, conversation_id: int | None = None,
                     attachments: list[tuple[str, bytes]] | None = None, fresh: bool = False) -> Iterator[TurnUpdate]:
@@ -423,12 +436,13 @@ class ChatEngine:
         a pending approval, or the round limit."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
         system = self._system_of(update.conversation_id)
+        guide = self._guide(user)
         for round_index in range(self.settings.max_tool_rounds + 1):
             history = self.history_messages(update.conversation_id)
             prompt = self.model.render_prompt([system, *self._trim(history, tools, system)], tools,
                                               self.settings.thinking)
             update.items.append({"type": "text", "content": ""})
-            raw, message_id = yield from self._generate(user, update, prompt)
+            raw, message_id = yield from self._generate(user, update, prompt, guide)
             parsed = parse_output(raw, known)
             update.items[-1].update(content=parsed.text, message_id=message_id)
             if not parsed.text:
@@ -471,14 +485,14 @@ class ChatEngine:
             past = _drop_oldest_exchange(past)
         return past
 
-    def _generate(self, user: User, update: TurnUpdate, prompt: str):
+    def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None):
         """One generation, streamed into the last text item; stores the assistant message.
         Returns (raw output, message id)."""
         result = GenerationResult()
         raw, ttft_ms = "", None
         started = time.perf_counter()
         completed = False
-        pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result)
+        pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result, guide=guide)
         try:
             for piece in pieces:
                 if ttft_ms is None:

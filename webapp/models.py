@@ -257,6 +257,7 @@ class ModelService(PromptsAndRouting):
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     engine: Any = None  # a decoding.BatchingEngine when batched decoding is on
+    _token_bytes: Any = field(default=None, repr=False)  # guided.TokenBytes of the tokenizer, built on first use
 
     def enable_batched_decoding(self, max_batch: int, max_len: int) -> None:
         """Serve through the batched static-cache decoder (finetune/decoding.py) from now on."""
@@ -331,15 +332,18 @@ class ModelService(PromptsAndRouting):
         params: GenerationParams,
         adapter: str | None = None,
         result: GenerationResult | None = None,
+        guide: Any = None,
     ) -> Iterator[str]:
-        """Yield text pieces as they are generated. Closing the iterator cancels generation."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        """Yield text pieces as they are generated. Closing the iterator cancels generation.
+        `guide` (a finetune.guided.ToolCallGuide) keeps tool calls valid while they are written."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
 
         result = result if result is not None else GenerationResult()
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         result.prompt_tokens = int(inputs["input_ids"].shape[1])
+        session = self._guided_session(guide)
         if self.engine is not None and self.engine.fits(result.prompt_tokens, params.max_new_tokens):
-            yield from self._stream_batched(inputs["input_ids"][0].tolist(), params, adapter, result)
+            yield from self._stream_batched(inputs["input_ids"][0].tolist(), params, adapter, result, session)
             return
         cancel = threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
@@ -354,6 +358,11 @@ class ModelService(PromptsAndRouting):
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if session is not None:
+            from finetune.guided import GuideLogitsProcessor
+
+            kwargs["logits_processor"] = LogitsProcessorList([GuideLogitsProcessor(
+                session, result.prompt_tokens, greedy=params.temperature <= 0)])
         if hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [adapter if adapter else BASE_ADAPTER]
         elif adapter:
@@ -391,8 +400,17 @@ class ModelService(PromptsAndRouting):
                     cancel.set()
                 worker.result()
 
+    def _guided_session(self, guide: Any):
+        if guide is None:
+            return None
+        from finetune.guided import TokenBytes
+
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return guide.session(self._token_bytes)
+
     def _stream_batched(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None,
-                        result: GenerationResult) -> Iterator[str]:
+                        result: GenerationResult, guide: Any = None) -> Iterator[str]:
         """The turn as one row of the batching engine; text is decoded as tokens arrive and
         held back while it ends inside a multi-byte character."""
         from finetune.decoding import DecodeRequest
@@ -401,7 +419,7 @@ class ModelService(PromptsAndRouting):
             raise ValueError(f"adapter {adapter!r} is not loaded")
         request = self.engine.submit(DecodeRequest(
             prompt_ids, params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-            adapter=adapter or None, stop_ids=self._stop_ids()))
+            adapter=adapter or None, stop_ids=self._stop_ids(), guide=guide))
         tokens: list[int] = []
         shown = ""
         try:

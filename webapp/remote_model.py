@@ -115,9 +115,10 @@ class RemoteModelService(PromptsAndRouting):
     # -- generation ------------------------------------------------------------------------
 
     def stream(self, prompt: str, params: GenerationParams, adapter: str | None = None,
-               result: GenerationResult | None = None) -> Iterator[str]:
+               result: GenerationResult | None = None, guide: Any = None) -> Iterator[str]:
         """Yield text pieces from the engine's streamed /v1/completions. Failures are
-        reported through result.error (finish_reason "error"), as the local path does."""
+        reported through result.error (finish_reason "error"), as the local path does.
+        `guide` is not applied here: the engine decodes (vLLM has structured outputs of its own)."""
         result = result if result is not None else GenerationResult()
         result.prompt_tokens = self.count_tokens(prompt)
         model = self._lora_names.get(adapter, self.served_model) if adapter else self.served_model

@@ -63,6 +63,7 @@ def turn_settings(settings: Settings) -> TurnSettings:
             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
         ),
         max_tool_rounds=settings.max_tool_rounds,
+        guided_tool_calls=settings.guided_tool_calls,
     )
 
 
@@ -175,7 +176,9 @@ def refresh_settings(settings: Settings) -> RefreshSettings:
         target_modules=[m.strip() for m in settings.lora_target_modules.split(",") if m.strip()],
         epochs=settings.epochs, learning_rate=settings.learning_rate,
         gradient_accumulation=settings.gradient_accumulation, max_seq_len=settings.max_seq_len,
-        load_in_4bit=True, eval_max_new_tokens=settings.eval_max_new_tokens, system_prompt=settings.system_prompt)
+        load_in_4bit=True, eval_max_new_tokens=settings.eval_max_new_tokens, system_prompt=settings.system_prompt,
+        guided_tool_calls=settings.guided_tool_calls, detach_shared_prefix=settings.detach_shared_prefix,
+        cpu_bf16=settings.cpu_bf16)
 
 
 def _employee_of(department_id: str):

@@ -103,6 +103,9 @@ class Settings:
     tools_file: Path | None = _setting(
         None, "TOML file of company tools (HTTP systems, permissions); see webapp/tools/registry.py."
     )
+    guided_tool_calls: bool = _setting(
+        True, "Keep tool calls valid while they are decoded: tool names, argument names and enum values "
+        "(with the tool file's aliases) are steered to ones the tools accept (local backend).")
     max_tool_rounds: int = _setting(3, "Rounds of tool calls the model may make in one turn before it must answer.")
     tool_result_max_chars: int = _setting(4000, "Longest tool result given back to the model; longer ones are cut.")
     knowledge: bool = _setting(True, "Answer from the company's documents (retrieval); --no-knowledge turns it off.")
@@ -158,6 +161,10 @@ class Settings:
     learning_rate: float = _setting(2e-4, "Peak learning rate (warmup, then linear decay).")
     gradient_accumulation: int = _setting(8, "Samples per optimizer step (batch size 1 each).")
     max_seq_len: int = _setting(2048, "Longest training sample in tokens; longer ones are left out.")
+    detach_shared_prefix: bool = _setting(
+        False, "Train without gradient through the prompt every sample shares (system prompt, tool schemas): about "
+        "twice as fast on CPU; LoRA learns from question and answer tokens only.")
+    cpu_bf16: bool = _setting(True, "Train in bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX).")
     eval_max_new_tokens: int = _setting(96, "Tokens each evaluation answer may have.")
     config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
 

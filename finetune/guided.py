@@ -1,0 +1,310 @@
+"""Tool calls guided by their schemas while they are decoded.
+
+Inside `<tool_call>{...}`, a token is allowed only if the call stays writable as a valid
+one: the tool name is one of the tools offered, argument names are the tool's own (where
+its schema forbids others), and a parameter with a closed set of string values (a schema
+enum, plus the spellings the tool file maps onto it) gets one of them. The model still
+chooses: among its own top candidates, the best one that keeps the call valid wins. A small
+model that would write `"metric": "units Sold"` (refused by the enum) writes `"units"`.
+
+Free text, thinking, pattern-checked and open string values are left alone, and so is a
+value written with JSON escapes (the guide compares raw UTF-8 bytes).
+
+Used by both decoding paths: `GuideLogitsProcessor` for transformers' generate(), and
+`GuidedSession.restrict` called by the batching engine (finetune/decoding.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+CALL_OPEN, CALL_CLOSE = b"<tool_call>", b"</tool_call>"
+_WHITESPACE = b" \t\r\n"
+
+
+@dataclass(frozen=True)
+class ToolCallGuide:
+    """What a valid call may contain; built once per set of offered tools."""
+
+    names: frozenset[bytes]
+    keys: Mapping[bytes, frozenset[bytes]]  # tool -> its parameter names, where no others are allowed
+    values: Mapping[tuple[bytes, bytes], frozenset[bytes]]  # (tool, parameter) -> allowed values, lowercased
+
+    @classmethod
+    def from_tools(cls, tools: Sequence[Mapping[str, Any]],
+                   aliases: Mapping[str, Mapping[str, Mapping[str, str]]] | None = None) -> "ToolCallGuide":
+        """`tools` as rendered into the prompt (OpenAI function schemas); `aliases`:
+        tool -> parameter -> {spelling: canonical value}, spellings the executor accepts."""
+        names, keys, values = set(), {}, {}
+        for tool in tools:
+            function = tool.get("function", tool)
+            name = function.get("name")
+            if not isinstance(name, str) or not name:
+                continue
+            encoded = name.encode()
+            names.add(encoded)
+            schema = function.get("parameters") or {}
+            properties = schema.get("properties") or {}
+            if schema.get("additionalProperties") is False and properties:
+                keys[encoded] = frozenset(p.encode() for p in properties)
+            for parameter, spec in properties.items():
+                enum = spec.get("enum") if isinstance(spec, Mapping) else None
+                if not enum or not all(isinstance(v, str) for v in enum):
+                    continue
+                spellings = set(enum) | set(((aliases or {}).get(name) or {}).get(parameter, {}))
+                values[(encoded, parameter.encode())] = frozenset(s.encode().lower() for s in spellings if s)
+        return cls(frozenset(names), keys, values)
+
+    def session(self, token_bytes: "TokenBytes") -> "GuidedSession":
+        return GuidedSession(self, token_bytes)
+
+
+class TokenBytes:
+    """The exact bytes each token id stands for, looked up lazily (only candidates are).
+    Byte-level BPE (Qwen, GPT-2, SmolLM) maps bytes to printable characters; SentencePiece
+    writes spaces as ▁ and raw bytes as <0xNN>; added tokens are their own text."""
+
+    _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, bytes] = {}
+        printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+            list(range(ord("®"), ord("ÿ") + 1))
+        codes, extra = {b: b for b in printable}, 0
+        for b in range(256):
+            if b not in codes:
+                codes[b] = 256 + extra
+                extra += 1
+        self._byte_of = {chr(code): b for b, code in codes.items()}
+
+    def __call__(self, token_id: int) -> bytes:
+        cached = self._cache.get(token_id)
+        if cached is None:
+            cached = self._cache[token_id] = self._bytes(token_id)
+        return cached
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return b""
+        if token_id in getattr(self.tokenizer, "all_special_ids", ()):
+            return piece.encode()
+        match = self._BYTE_TOKEN.match(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        if all(ch in self._byte_of for ch in piece):
+            return bytes(self._byte_of[ch] for ch in piece)
+        return piece.replace("▁", " ").encode()
+
+
+@dataclass
+class _Frame:
+    kind: str  # "object" or "array"
+    key: bytes | None = None  # the object's current key
+    expect: str = "key"  # object: key, colon, value, comma; array: value (or comma)
+
+
+@dataclass
+class _CallScanner:
+    """Reads one call's JSON byte by byte and says whether it can still become valid."""
+
+    guide: ToolCallGuide
+    stack: list[_Frame] = field(default_factory=list)
+    started: bool = False
+    done: bool = False  # the top-level object closed (or the body is not guided: a fence)
+    ok: bool = True
+    string: bytearray | None = None  # the string being read, if any
+    string_is_key: bool = False
+    escaped: bool = False
+    name: bytes | None = None
+
+    def copy(self) -> "_CallScanner":
+        return _CallScanner(self.guide, [_Frame(f.kind, f.key, f.expect) for f in self.stack], self.started,
+                            self.done, self.ok, None if self.string is None else bytearray(self.string),
+                            self.string_is_key, self.escaped, self.name)
+
+    def _allowed(self, is_key: bool) -> frozenset[bytes] | None:
+        """The closed set the current string must come from (None: any)."""
+        depth = len(self.stack)
+        top = self.stack[-1] if self.stack else None
+        if top is None or top.kind != "object":
+            return None
+        if depth == 1 and not is_key and top.key == b"name":
+            return self.guide.names
+        if depth == 2 and self.stack[0].key == b"arguments" and self.name is not None:
+            if is_key:
+                return self.guide.keys.get(self.name)
+            return self.guide.values.get((self.name, top.key or b""))
+        return None
+
+    def _check(self, complete: bool) -> None:
+        allowed = self._allowed(self.string_is_key)
+        if allowed is None or b"\\" in self.string:
+            return
+        text = bytes(self.string) if self.string_is_key else bytes(self.string).lower()
+        if complete:
+            self.ok = text in allowed
+        else:
+            self.ok = any(choice.startswith(text) for choice in allowed)
+
+    def _value_done(self) -> None:
+        if self.stack:
+            top = self.stack[-1]
+            top.expect = "comma"
+
+    def feed(self, data: bytes) -> None:
+        for byte in data:
+            if not self.ok or self.done:
+                return
+            char = bytes([byte])
+            if self.string is not None:
+                if self.escaped:
+                    self.escaped = False
+                    self.string.append(byte)
+                elif char == b"\\":
+                    self.escaped = True
+                    self.string.append(byte)
+                elif char == b'"':
+                    self._check(complete=True)
+                    text, self.string = bytes(self.string), None
+                    top = self.stack[-1] if self.stack else None
+                    if self.string_is_key and top is not None:
+                        top.key, top.expect = text, "colon"
+                    else:
+                        if len(self.stack) == 1 and top is not None and top.key == b"name":
+                            self.name = text
+                        self._value_done()
+                else:
+                    self.string.append(byte)
+                    self._check(complete=False)
+                continue
+            if char in _WHITESPACE:
+                continue
+            if not self.started:
+                if char != b"{":  # a fenced or otherwise unusual call: not guided
+                    self.done = True
+                    return
+                self.started = True
+                self.stack.append(_Frame("object"))
+                continue
+            top = self.stack[-1] if self.stack else None
+            if top is None:
+                self.done = True
+                return
+            if char == b'"':
+                is_key = top.kind == "object" and top.expect == "key"
+                self.string, self.string_is_key, self.escaped = bytearray(), is_key, False
+                self._check(complete=False)
+            elif char == b":" and top.kind == "object":
+                top.expect = "value"
+            elif char == b",":
+                top.expect = "key" if top.kind == "object" else "value"
+            elif char in (b"{", b"["):
+                if self._allowed(is_key=False) is not None:
+                    self.ok = False  # a closed string value cannot be an object or an array
+                    return
+                self.stack.append(_Frame("object" if char == b"{" else "array",
+                                         expect="key" if char == b"{" else "value"))
+            elif char in (b"}", b"]"):
+                self.stack.pop()
+                if not self.stack:
+                    self.done = True
+                    return
+                self._value_done()
+            elif top.kind == "object" and top.expect == "value" and self._allowed(is_key=False) is not None:
+                self.ok = False  # a number or literal where a closed string value belongs
+            # other bytes (numbers, true/false/null) need no guidance
+
+
+class GuidedSession:
+    """One generation's guide: fed every emitted token, asked to restrict the next."""
+
+    def __init__(self, guide: ToolCallGuide, token_bytes: TokenBytes, first_candidates: int = 32):
+        self.guide = guide
+        self.token_bytes = token_bytes
+        self.first_candidates = first_candidates
+        self.text = bytearray()
+        self.scanner: _CallScanner | None = None  # set while inside <tool_call>
+        self.steered = 0  # how many times the model's first choice was refused
+
+    def advance(self, token_id: int) -> None:
+        piece = self.token_bytes(token_id)
+        before = len(self.text)
+        self.text += piece
+        if self.scanner is None:
+            start = self.text.find(CALL_OPEN, max(0, before - len(CALL_OPEN)))
+            if start >= 0:
+                self.scanner = _CallScanner(self.guide)
+                self.scanner.feed(bytes(self.text[start + len(CALL_OPEN):]))
+            return
+        self.scanner.feed(piece)
+        if self.text.find(CALL_CLOSE, max(0, before - len(CALL_CLOSE))) >= 0:
+            self.scanner = None
+            # a second call may open in the same token
+            self.advance_tail(before)
+
+    def advance_tail(self, before: int) -> None:
+        close = self.text.find(CALL_CLOSE, max(0, before - len(CALL_CLOSE)))
+        start = self.text.find(CALL_OPEN, close + len(CALL_CLOSE))
+        if start >= 0:
+            self.scanner = _CallScanner(self.guide)
+            self.scanner.feed(bytes(self.text[start + len(CALL_OPEN):]))
+
+    @property
+    def active(self) -> bool:
+        return self.scanner is not None and not self.scanner.done
+
+    def allows(self, token_id: int) -> bool:
+        if not self.active:
+            return True
+        trial = self.scanner.copy()
+        trial.feed(self.token_bytes(token_id))
+        return trial.ok
+
+    def restrict(self, scores, greedy: bool) -> None:
+        """Mask (in place, to -inf) the model's top candidates that would break the call.
+        Greedy: up to the first allowed one. Sampling: every refused one among the first
+        `first_candidates`. If none of those is allowed, the next 256 are tried."""
+        if not self.active:
+            return
+        import torch
+
+        limit = min(self.first_candidates, scores.shape[-1])
+        for count in (limit, min(limit + 256, scores.shape[-1])):
+            order = torch.topk(scores, count).indices.tolist()
+            refused = []
+            found = False
+            for token_id in order:
+                if self.allows(token_id):
+                    found = True
+                    if greedy:
+                        break
+                else:
+                    refused.append(token_id)
+            if refused:
+                scores[refused] = float("-inf")
+                self.steered += bool(refused and refused[0] == order[0])
+            if found or count == scores.shape[-1]:
+                return
+
+
+class GuideLogitsProcessor:
+    """transformers LogitsProcessor for one row of generate(): follows the row's tokens
+    after the prompt and restricts each step's scores with its GuidedSession."""
+
+    def __init__(self, session: GuidedSession, prompt_tokens: int, greedy: bool):
+        self.session = session
+        self.prompt_tokens = prompt_tokens
+        self.greedy = greedy
+        self.seen = prompt_tokens
+
+    def __call__(self, input_ids, scores):
+        row = input_ids[0]
+        for token_id in row[self.seen:].tolist():
+            self.session.advance(token_id)
+        self.seen = int(row.shape[0])
+        self.session.restrict(scores[0], self.greedy)
+        return scores
