@@ -145,6 +145,18 @@ def keep_embedding_on_host(model, device) -> int:
         def forward(self, input_ids):
             return host(input_ids)
 
-    decoder.embed_tokens = _Lookup()
+    lookup = _Lookup()
+    lookup.host = host
+    decoder.embed_tokens = lookup
     del embedding
     return freed
+
+
+def restore_embedding(model, device) -> None:
+    """Put a host-kept embedding back on the device (for decoding after training)."""
+    import torch
+
+    decoder, _ = decoder_and_head(model)
+    host = getattr(decoder.embed_tokens, "host", None)
+    if host is not None:
+        decoder.embed_tokens = torch.nn.Embedding.from_pretrained(host.weight.to(device), freeze=True)

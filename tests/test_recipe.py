@@ -38,13 +38,18 @@ def test_labels_cover_only_the_assistant_turns(tiny_model_dir):
     assert tokenize_sample(tokenizer, samples()[0], 10) is None  # too long: left out, not cut
 
 
-def run_recipe(tiny_model_dir, tmp_path) -> list[dict]:
+def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None) -> list[dict]:
     """The recipe as the app runs it: a subprocess with a config file; its progress events."""
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
+    cases = None
+    if eval_cases:
+        cases = tmp_path / "eval.jsonl"
+        cases.write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in eval_cases))
     cfg = RecipeConfig(base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
                        progress_file=str(tmp_path / "progress.jsonl"), lora_r=4, lora_alpha=8, epochs=2,
-                       gradient_accumulation=2, learning_rate=1e-2, load_in_4bit=True)
+                       gradient_accumulation=2, learning_rate=1e-2, load_in_4bit=True, eval_max_new_tokens=8,
+                       eval_cases=str(cases) if cases else None)
     config = tmp_path / "run.json"
     config.write_text(json.dumps(cfg.__dict__))
     done = subprocess.run([sys.executable, "-m", "finetune.recipe", "--config", str(config)],
@@ -84,9 +89,13 @@ def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_pa
 
 @pytest.mark.gpu
 def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
-    """The production recipe: NF4 base on CUDA, LoRA trained on top, adapter written."""
-    events = run_recipe(tiny_model_dir, tmp_path)
+    """The production recipe: NF4 base on CUDA, LoRA trained on top (embedding kept on the
+    host, 8-bit optimizer states), adapter written, then candidate and base evaluated."""
+    cases = [{"messages": s["messages"][:2], "tools": s.get("tools")} for s in samples()[:2]]
+    events = run_recipe(tiny_model_dir, tmp_path, eval_cases=cases)
     assert "QLoRA: 4-bit NF4" in events[1]["mode"]
+    evaluation = next(e for e in events if e["event"] == "eval")
+    assert len(evaluation["candidate"]) == len(evaluation["active"]) == 2
     steps = [e for e in events if e["event"] == "step"]
     assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
     assert all("lora_" in key for key in load_file(str(tmp_path / "v1" / "adapter_model.safetensors")))
@@ -115,13 +124,21 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
             torch.nn.init.normal_(param, std=0.02)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def run():
+    def run(detach_prefix=False):
         for p in trainable.values():
             p.grad = None
-        loss = recipe.backward_micro_batch(model, batch, "cpu")
+        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=detach_prefix)
         return loss, {n: p.grad.clone() for n, p in trainable.items()}
 
     shared_loss, shared_grads = run()
+    # Without gradient through the prefix: the same loss, and a gradient that keeps the
+    # direction of the full one (the question and answer tokens' share of it) but misses the part
+    # that flows back through the prefix's keys and values.
+    detached_loss, detached_grads = run(detach_prefix=True)
+    assert abs(detached_loss - shared_loss) < 1e-5 * abs(shared_loss)
+    flat = torch.cat([g.flatten() for g in shared_grads.values()])
+    flat_detached = torch.cat([g.flatten() for g in detached_grads.values()])
+    assert 0.3 < torch.nn.functional.cosine_similarity(flat, flat_detached, dim=0) < 0.9999
     monkeypatch.setattr(recipe, "MIN_SHARED_PREFIX", 10**9)  # one sample at a time
     single_loss, single_grads = run()
     assert abs(shared_loss - single_loss) < 1e-5 * abs(single_loss)
