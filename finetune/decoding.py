@@ -104,7 +104,7 @@ class StaticDecoder:
     def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
                  flatten_double_quant: bool | None = None, fused_nf4: bool | None = None,
-                 nf4_kernel: str = "bitsandbytes"):
+                 nf4_kernel: str = "bitsandbytes", reuse_prefixes: bool = True):
         from finetune.qlora import decoder_and_head
 
         self.model = model
@@ -126,6 +126,9 @@ class StaticDecoder:
         self._positions = torch.full((max_batch, 1), max_len - 1, dtype=torch.long, device=self.device)
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._pool = None
+        self._slot_prompts: list[tuple[str | None, tuple[int, ...]] | None] = [None] * max_batch
+        self.reuse_prefixes = reuse_prefixes
+        self.reused_tokens = 0  # prompt tokens copied from another slot instead of computed
         cuda = self.device.type == "cuda"
         # Norms and rotary embeddings are a dozen tiny kernels each; compiled, a few fused ones.
         self._norm, self._rope = _rms_norm, _rope
@@ -167,6 +170,7 @@ class StaticDecoder:
             self._masks.setdefault(signature, torch.zeros(self.max_batch, 1, a.shape[0], dtype=self.dtype,
                                                           device=self.device))
         self.adapter_index = {name: i for i, name in enumerate(sorted(names))}
+        self._slot_prompts = [None] * self.max_batch  # cached prompts were computed with the old weights
         # rows in flight keep their adapter (its new weights, after a promotion)
         previous = getattr(self, "_row_adapter", [None] * self.max_batch)
         self._row_adapter = [None] * self.max_batch
@@ -209,9 +213,10 @@ class StaticDecoder:
     def _eps(norm) -> float:
         return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: int | None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: int | None, start: int = 0) -> torch.Tensor:
         """Logits of each row's last token. slot=None: a decode step over rows 0..B-1 (one
-        token each, at their own positions). slot=k: the prefill of one prompt into slot k."""
+        token each, at their own positions). slot=k: the prefill of one prompt into slot k,
+        from position `start` on (the slot's cache already holds the positions before it)."""
         rows, length = ids.shape
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
@@ -244,10 +249,14 @@ class StaticDecoder:
                     grouped, self.keys[number, :rows], self.values[number, :rows], attn_mask=visible)
                 out = out.reshape(rows, 1, self.heads * self.head_dim)
             else:
-                self.keys[number, slot, :, :length] = k[0]
-                self.values[number, slot, :, :length] = v[0]
+                self.keys[number, slot, :, start:start + length] = k[0]
+                self.values[number, slot, :, start:start + length] = v[0]
+                if start:  # the new tokens also see the cached prefix
+                    k = self.keys[number, slot, :, :start + length][None]
+                    v = self.values[number, slot, :, :start + length][None]
                 out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=True)
+                    q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
+                    is_causal=not start, attn_mask=self._prefill_mask(start, length) if start else None)
                 out = out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
             hidden = hidden + self._project(number, "o", (attention.o_proj,), out)[0]
             x = norm(hidden, layer.post_attention_layernorm.weight, self._eps(layer.post_attention_layernorm))
@@ -257,18 +266,52 @@ class StaticDecoder:
         last = self.decoder.norm(hidden[:, -1])
         return self.head(last).float()
 
+    def _prefill_mask(self, start: int, length: int) -> torch.Tensor:
+        """Causal mask of `length` new tokens at positions start.. over keys 0..start+length-1."""
+        keys = torch.arange(start + length, device=self.device)
+        return keys[None, :] <= (start + torch.arange(length, device=self.device))[:, None]
+
+    # A shared prompt start shorter than this is recomputed: the copy would not pay.
+    MIN_REUSED_PREFIX = 16
+
+    def _reusable_prefix(self, prompt_ids: Sequence[int], adapter: str | None) -> tuple[int, int | None]:
+        """The longest start of this prompt already in some slot's cache with the same
+        adapter (a department's system prompt and tool schemas; the gate's cases), and that
+        slot. At least one token is left to compute: its logits are the answer's first token."""
+        best, source = 0, None
+        for slot, cached in enumerate(self._slot_prompts if self.reuse_prefixes else ()):
+            if cached is None or cached[0] != adapter:
+                continue
+            previous = cached[1]
+            limit = min(len(previous), len(prompt_ids) - 1)
+            same = 0
+            while same < limit and previous[same] == prompt_ids[same]:
+                same += 1
+            if same > best:
+                best, source = same, slot
+        return (best, source) if best >= self.MIN_REUSED_PREFIX else (0, None)
+
     @torch.inference_mode()
     def prefill(self, slot: int, prompt_ids: Sequence[int], adapter: str | None) -> torch.Tensor:
-        """Run the prompt into the slot's cache; the logits for the first new token."""
+        """Run the prompt into the slot's cache; the logits for the first new token. A start
+        of the prompt that another slot computed with the same adapter is copied, not recomputed."""
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the decoder holds {self.max_len - 1}")
-        ids = torch.tensor([list(prompt_ids)], device=self.device)
-        positions = torch.arange(len(prompt_ids), device=self.device)[None, :]
+        start, source = self._reusable_prefix(prompt_ids, adapter)
+        self._slot_prompts[slot] = None  # overwritten below; not a source until complete
+        if source is not None and source != slot:
+            self.keys[:, slot, :, :start] = self.keys[:, source, :, :start]
+            self.values[:, slot, :, :start] = self.values[:, source, :, :start]
+        self.reused_tokens += start
+        ids = torch.tensor([list(prompt_ids[start:])], device=self.device)
+        positions = torch.arange(start, len(prompt_ids), device=self.device)[None, :]
         # the prefill is one row: row 0 of the masks carries this slot's adapter meanwhile
         row_zero = self._row_adapter[0]
         self.set_row_adapter(0, adapter)
         try:
-            return self._forward(ids, positions, slot)[0]
+            logits = self._forward(ids, positions, slot, start)[0]
+            self._slot_prompts[slot] = (adapter, tuple(prompt_ids))
+            return logits
         finally:
             self.set_row_adapter(0, row_zero)
             self.set_row_adapter(slot, adapter)

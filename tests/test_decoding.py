@@ -59,6 +59,27 @@ def test_batched_rows_with_different_adapters_match_generate(two_adapter_model):
     assert all(r.finish_reason == "length" for r in requests)
 
 
+def test_a_shared_prompt_start_is_reused_per_adapter_and_gives_the_same_tokens(two_adapter_model):
+    """A department's system prompt and tool schemas, computed once per adapter: later prompts
+    copy that start from the slot that has it, and their answers are generate()'s."""
+    model = two_adapter_model
+    shared = [(7 * i + 3) % 150 + 2 for i in range(40)]
+    prompts = [shared + [5, 17, 42], shared + [9, 100, 11, 23], shared[:30] + [64, 64], shared + [5, 17, 42]]
+    adapters = ["finance", "finance", "finance", "hr"]
+    decoder = StaticDecoder(model, max_batch=2, max_len=96)
+    engine = BatchingEngine(decoder)
+    try:
+        outputs = [engine.submit(DecodeRequest(p, max_new_tokens=10, adapter=a)).collect(timeout=60)
+                   for p, a in zip(prompts, adapters)]
+    finally:
+        engine.close()
+    assert outputs == [reference(model, p, a, 10) for p, a in zip(prompts, adapters)]
+    # the second prompt reused all 40 shared tokens, the third its 30; the hr prompt none
+    assert decoder.reused_tokens == 40 + 30
+    decoder.refresh_adapters()  # new weights: nothing cached may be reused
+    assert decoder._reusable_prefix(prompts[0], "finance") == (0, None)
+
+
 def test_requests_join_and_leave_between_steps_and_stop_at_their_stop_token(two_adapter_model):
     model = two_adapter_model
     decoder = StaticDecoder(model, max_batch=2, max_len=64)
