@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import random
 import sys
@@ -143,7 +144,8 @@ def launch(services):
 
 
 def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuestion], no_tool: list[str],
-                 log=print, measure_before: bool = True, compare_unguided: bool = False) -> dict:
+                 log=functools.partial(print, flush=True), measure_before: bool = True,
+                 compare_unguided: bool = False) -> dict:
     """The whole night, through the launched app. Returns before/after figures and the run."""
     from gradio_client import Client
 

@@ -120,7 +120,8 @@ def main() -> int:
                 wall, first, outputs = run_requests(engine, prompts[:users], adapters, args.new_tokens)
                 tokens = sum(len(o) for o in outputs)
                 record(path=label, users=users, adapters=sorted({str(a) for a in adapters}),
-                       ttft_ms=round(1000 * statistics.median(ttft), 1), wall_s=round(wall, 3),
+                       ttft_ms=round(1000 * statistics.median(ttft), 1), ttft_all_ms=[round(1000 * t, 1) for t in ttft],
+                       wall_s=round(wall, 3),
                        tok_s=round(tokens / wall, 1), per_user_tok_s=round(tokens / users / wall, 1),
                        first_token_ms_p50=round(1000 * statistics.median(first), 1),
                        ms_per_step=round(1000 * (wall - max(first)) / (args.new_tokens - 1), 2),
@@ -136,7 +137,8 @@ def main() -> int:
                 tails = torch.randint(0, 151643, (6, args.prompt_len - len(shared)), generator=generator).tolist()
                 reused = [run_requests(engine, [shared + tail], ["finance"], 1)[1][0] for tail in tails][1:]
                 record(path=label + ", shared prompt start reused", users=1, adapters=["finance"],
-                       ttft_ms=round(1000 * statistics.median(reused), 1), shared_tokens=len(shared),
+                       ttft_ms=round(1000 * statistics.median(reused), 1), ttft_all_ms=[round(1000 * t, 1) for t in reused],
+                       shared_tokens=len(shared),
                        reused_tokens=decoder.reused_tokens)
         except Exception as exc:  # keep measuring the other paths
             import traceback

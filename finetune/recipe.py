@@ -130,9 +130,9 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
                          detach_prefix: bool = False) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
     sample's mean loss on learned tokens) and returns that loss; NaN if it is not finite.
-    With a shared prefix: the prefix once, then all suffixes as one padded batch that
-    attends to the prefix's keys and values; gradients flow back through both, or only
-    through the suffixes with `detach_prefix`. Without: samples packed side by side, up to
+    With a shared prefix: the prefix once, then all suffixes packed in one row (no padding),
+    each attending to the prefix's keys and values and to itself; gradients flow back through
+    both, or only through the suffixes with `detach_prefix`. Without: samples packed side by side, up to
     max_tokens per forward."""
     import torch
     import torch.nn.functional as F
@@ -151,29 +151,28 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
             loss.backward()
             total += loss.item()
         return total
-    from transformers import DynamicCache
-
     with torch.set_grad_enabled(not detach_prefix):
         head = model(input_ids=torch.tensor([examples[0]["input_ids"][:prefix]], device=device), use_cache=True)
-    batch = len(examples)
-    shared = DynamicCache([(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
-                           for layer in head.cache.layers])
-    width = max(len(e["input_ids"]) - prefix for e in examples)
-    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-    targets = torch.full((batch, width), -100, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, prefix + width, dtype=torch.long, device=device)
-    mask[:, :prefix] = 1
-    for row, example in enumerate(examples):
-        tail = example["input_ids"][prefix:]
-        ids[row, :len(tail)] = torch.tensor(tail)
-        # position prefix + j predicts token prefix + j + 1
-        targets[row, :len(tail) - 1] = torch.tensor(example["labels"][prefix + 1:])
-        mask[row, prefix:prefix + len(tail)] = 1
-    positions = torch.arange(prefix, prefix + width, device=device).expand(batch, -1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=shared).logits
-    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    learned = (targets != -100).sum(dim=1)
-    loss = (per_token.sum(dim=1) / learned).mean()
+    # The suffixes side by side in one row, without padding: each sees the prefix and itself.
+    tails = [example["input_ids"][prefix:] for example in examples]
+    ids = torch.tensor([[token for tail in tails for token in tail]], device=device)
+    total = ids.shape[1]
+    segment = torch.cat([torch.full((len(tail),), number, device=device) for number, tail in enumerate(tails)])
+    positions = torch.cat([torch.arange(prefix, prefix + len(tail), device=device) for tail in tails])[None]
+    # position prefix + j predicts token prefix + j + 1; a suffix's last token predicts nothing
+    targets = torch.tensor([[label for example in examples for label in example["labels"][prefix + 1:] + [-100]]],
+                           device=device)
+    index = torch.arange(total, device=device)
+    visible = torch.cat([torch.ones(total, prefix, dtype=torch.bool, device=device),
+                         (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])], dim=1)
+    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager attention adds its mask
+        visible = torch.zeros(visible.shape, dtype=head.cache.layers[0].keys.dtype, device=device).masked_fill(
+            ~visible, torch.finfo(head.cache.layers[0].keys.dtype).min)
+    logits = model(input_ids=ids, attention_mask=visible[None, None], position_ids=positions, cache=head.cache).logits
+    per_token = F.cross_entropy(logits[0].float(), targets[0], ignore_index=-100, reduction="none")
+    learned = torch.zeros(len(tails), device=device).index_add_(0, segment, (targets[0] != -100).float())
+    sums = torch.zeros(len(tails), device=device).index_add_(0, segment, per_token)
+    loss = (sums / learned).mean()
     if not torch.isfinite(loss):
         return float("nan")
     loss.backward()
