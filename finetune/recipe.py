@@ -40,7 +40,7 @@ class Hyperparameters:
     # The shared prefix (system prompt + tool schemas) run without gradient: about 2x faster on
     # CPU; LoRA then learns from the question and answer tokens only (the prefix's keys and
     # values are computed with the current weights, but not trained through).
-    detach_shared_prefix: bool = False
+    detach_shared_prefix: bool = True
     cpu_bf16: bool = True  # bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); weights stay fp32
     eval_max_new_tokens: int = 96
     guided_tool_calls: bool = True  # evaluation decodes tool calls as serving does (finetune/guided.py)

@@ -162,7 +162,7 @@ class Settings:
     gradient_accumulation: int = _setting(8, "Samples per optimizer step (batch size 1 each).")
     max_seq_len: int = _setting(2048, "Longest training sample in tokens; longer ones are left out.")
     detach_shared_prefix: bool = _setting(
-        False, "Train without gradient through the prompt every sample shares (system prompt, tool schemas): about "
+        True, "Train without gradient through the prompt every sample shares (system prompt, tool schemas): about "
         "twice as fast on CPU; LoRA learns from question and answer tokens only.")
     cpu_bf16: bool = _setting(True, "Train in bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX).")
     eval_max_new_tokens: int = _setting(96, "Tokens each evaluation answer may have.")
