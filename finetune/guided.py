@@ -69,16 +69,11 @@ class TokenBytes:
     _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
     def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
         self.tokenizer = tokenizer
         self._cache: dict[int, bytes] = {}
-        printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-            list(range(ord("®"), ord("ÿ") + 1))
-        codes, extra = {b: b for b in printable}, 0
-        for b in range(256):
-            if b not in codes:
-                codes[b] = 256 + extra
-                extra += 1
-        self._byte_of = {chr(code): b for b, code in codes.items()}
+        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
 
     def __call__(self, token_id: int) -> bytes:
         cached = self._cache.get(token_id)
@@ -228,27 +223,20 @@ class GuidedSession:
         self.first_candidates = first_candidates
         self.text = bytearray()
         self.scanner: _CallScanner | None = None  # set while inside <tool_call>
-        self.steered = 0  # how many times the model's first choice was refused
 
     def advance(self, token_id: int) -> None:
         piece = self.token_bytes(token_id)
         before = len(self.text)
         self.text += piece
-        if self.scanner is None:
-            start = self.text.find(CALL_OPEN, max(0, before - len(CALL_OPEN)))
-            if start >= 0:
-                self.scanner = _CallScanner(self.guide)
-                self.scanner.feed(bytes(self.text[start + len(CALL_OPEN):]))
-            return
-        self.scanner.feed(piece)
-        if self.text.find(CALL_CLOSE, max(0, before - len(CALL_CLOSE))) >= 0:
+        search_from = max(0, before - len(CALL_OPEN))  # a tag may have begun in the previous token
+        if self.scanner is not None:
+            self.scanner.feed(piece)
+            close = self.text.find(CALL_CLOSE, max(0, before - len(CALL_CLOSE)))
+            if close < 0:
+                return
             self.scanner = None
-            # a second call may open in the same token
-            self.advance_tail(before)
-
-    def advance_tail(self, before: int) -> None:
-        close = self.text.find(CALL_CLOSE, max(0, before - len(CALL_CLOSE)))
-        start = self.text.find(CALL_OPEN, close + len(CALL_CLOSE))
+            search_from = close + len(CALL_CLOSE)  # a second call may open in the same token
+        start = self.text.find(CALL_OPEN, search_from)
         if start >= 0:
             self.scanner = _CallScanner(self.guide)
             self.scanner.feed(bytes(self.text[start + len(CALL_OPEN):]))
@@ -272,23 +260,21 @@ class GuidedSession:
             return
         import torch
 
-        limit = min(self.first_candidates, scores.shape[-1])
-        for count in (limit, min(limit + 256, scores.shape[-1])):
-            order = torch.topk(scores, count).indices.tolist()
-            refused = []
-            found = False
-            for token_id in order:
-                if self.allows(token_id):
-                    found = True
-                    if greedy:
-                        break
-                else:
-                    refused.append(token_id)
-            if refused:
-                scores[refused] = float("-inf")
-                self.steered += bool(refused and refused[0] == order[0])
-            if found or count == scores.shape[-1]:
-                return
+        first = min(self.first_candidates, scores.shape[-1])
+        order = torch.topk(scores, min(first + 256, scores.shape[-1])).indices.tolist()
+        refused = []
+        found = False
+        for rank, token_id in enumerate(order):
+            if rank == first and found:  # sampling: past the first candidates only if none was allowed
+                break
+            if self.allows(token_id):
+                found = True
+                if greedy:
+                    break
+            else:
+                refused.append(token_id)
+        if refused:
+            scores[refused] = float("-inf")
 
 
 class GuideLogitsProcessor:

@@ -245,16 +245,13 @@ class ChatEngine:
     def _tools_for(self, user: User) -> list[dict]:
         return [spec.function_schema() for spec in self.executor.tools_for(user)] if self.executor else []
 
-    def _guide(self, user: User) -> ToolCallGuide | None:
-        """What keeps this user's tool calls valid while they are decoded: the tools offered
-        to them, with the spellings their tool file maps onto enum values."""
-        if not (self.settings.guided_tool_calls and self.executor):
+    def _guide(self, tools: list[dict]) -> ToolCallGuide | None:
+        """What keeps tool calls valid while they are decoded: the tools offered in the prompt,
+        with the spellings their tool file maps onto enum values."""
+        if not (self.settings.guided_tool_calls and self.executor and tools):
             return None
-        specs = self.executor.tools_for(user)
-        if not specs:
-            return None
-        return ToolCallGuide.from_tools([spec.function_schema() for spec in specs],
-                                        {spec.name: spec.aliases for spec in specs})
+        specs = [self.executor.registry.get(tool["function"]["name"]) for tool in tools]
+        return ToolCallGuide.from_tools(tools, {spec.name: spec.aliases for spec in specs if spec is not None})
 
     def stream_turn(self, user: User, text: object, conversation_id: int | None = None,
                     attachments: list[tuple[str, bytes]] | None = None, fresh: bool = False) -> Iterator[TurnUpdate]:
@@ -436,7 +433,7 @@ class ChatEngine:
         a pending approval, or the round limit."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
         system = self._system_of(update.conversation_id)
-        guide = self._guide(user)
+        guide = self._guide(tools)
         for round_index in range(self.settings.max_tool_rounds + 1):
             history = self.history_messages(update.conversation_id)
             prompt = self.model.render_prompt([system, *self._trim(history, tools, system)], tools,
