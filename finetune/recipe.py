@@ -166,8 +166,8 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     visible = torch.cat([torch.ones(total, prefix, dtype=torch.bool, device=device),
                          (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])], dim=1)
     if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager attention adds its mask
-        visible = torch.zeros(visible.shape, dtype=head.cache.layers[0].keys.dtype, device=device).masked_fill(
-            ~visible, torch.finfo(head.cache.layers[0].keys.dtype).min)
+        dtype = head.cache.layers[0].keys.dtype
+        visible = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
     logits = model(input_ids=ids, attention_mask=visible[None, None], position_ids=positions, cache=head.cache).logits
     per_token = F.cross_entropy(logits[0].float(), targets[0], ignore_index=-100, reduction="none")
     learned = torch.zeros(len(tails), device=device).index_add_(0, segment, (targets[0] != -100).float())
