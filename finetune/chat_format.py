@@ -13,6 +13,23 @@ def template_knows_tools(tokenizer) -> bool:
     return "tools" in template and "tool_call" in template
 
 
+KNOWLEDGE_HEADER = (
+    "Passages from the company's documents that may answer the user's question. Answer from them and cite "
+    "them by number, like [1]. If they do not answer it, say so instead of guessing.")
+
+
+def system_message(system_prompt: str, passages: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+    """The system message of a turn: the prompt, then the passages retrieved for its question
+    (title, optional location, text), numbered as the answer cites them."""
+    parts = [system_prompt]
+    if passages:
+        parts.append(KNOWLEDGE_HEADER)
+    for number, passage in enumerate(passages, 1):
+        where = f" ({passage['location']})" if passage.get("location") else ""
+        parts.append(f"[{number}] {passage['title']}{where}\n{passage['text']}")
+    return {"role": "system", "content": "\n\n".join(parts)}
+
+
 def render_chat(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
                 add_generation_prompt: bool = True, thinking: bool = False) -> str:
     messages = list(messages)

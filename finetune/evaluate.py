@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from finetune.chat_format import system_message
 from finetune.samples import last_question
 
 FUNCTIONAL_SET = Path(__file__).with_name("data") / "functional.jsonl"
@@ -69,7 +70,8 @@ def case_from_sample(sample: dict[str, Any]) -> EvalCase | None:
 
 def load_functional_set(tools: Sequence[dict] | None, system_prompt: str, path: Path = FUNCTIONAL_SET) -> list[EvalCase]:
     """The shipped checks that apply to this department: a tool case only where that tool
-    is offered; every case gets the department's tools, as in serving."""
+    is offered; every case gets the department's tools, as in serving. Policy questions
+    answered from passages check that a number in a question does not call a tool."""
     names = {t["function"]["name"] for t in tools or []}
     cases = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -78,7 +80,8 @@ def load_functional_set(tools: Sequence[dict] | None, system_prompt: str, path: 
         raw = json.loads(line)
         if raw["kind"] == "tool" and raw["expected_call"]["name"] not in names:
             continue
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": raw["question"]}]
+        # a case may carry document passages: served with them, as the engine serves retrieved ones
+        messages = [system_message(system_prompt, raw.get("passages", ())), {"role": "user", "content": raw["question"]}]
         cases.append(EvalCase(messages, list(tools) if tools else None, raw["kind"], raw.get("expected_call"),
                               raw.get("keywords", []), raw["name"]))
     return cases

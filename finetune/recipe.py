@@ -126,31 +126,64 @@ def shared_prefix_length(examples: list[dict[str, list[int]]]) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
+def prefix_group(examples: list[dict[str, list[int]]]) -> list[int]:
+    """The examples of a micro-batch to run on one shared prefix: the group that saves most
+    tokens ((members - 1) x the length they share). A sample served with document passages
+    differs from the others right after the system prompt, before the tool schemas; run
+    together, one such sample cut every sample's shared prefix down to the system prompt."""
+    ids = [example["input_ids"] for example in examples]
+    best: list[int] = []
+    best_saved = 0
+    for pivot in ids:
+        shared = [len(os.path.commonprefix([pivot, other])) for other in ids]
+        for length in set(shared):
+            members = [j for j, common in enumerate(shared) if common >= length]
+            if (len(members) - 1) * length > best_saved:
+                best, best_saved = members, (len(members) - 1) * length
+    return best
+
+
 def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, max_tokens: int = 4096,
                          detach_prefix: bool = False) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
     sample's mean loss on learned tokens) and returns that loss; NaN if it is not finite.
-    With a shared prefix: the prefix once, then all suffixes packed in one row (no padding),
-    each attending to the prefix's keys and values and to itself; gradients flow back through
-    both, or only through the suffixes with `detach_prefix`. Without: samples packed side by side, up to
-    max_tokens per forward."""
+    The samples that share a prefix: the prefix once, then their suffixes packed in one row
+    (no padding), each attending to the prefix's keys and values and to itself; gradients flow
+    back through both, or only through the suffixes with `detach_prefix`. The others: packed
+    side by side, up to max_tokens per forward."""
     import torch
-    import torch.nn.functional as F
 
     from finetune.qlora import group_by_tokens, pack, packed_loss
 
     # A checkpointed model keeps no cache, so the shared prefix needs one without.
     checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    prefix = 0 if checkpointed else shared_prefix_length(examples)
+    sharing = [] if checkpointed or len(examples) < 2 else prefix_group(examples)
+    prefix = shared_prefix_length([examples[i] for i in sharing])
     if not prefix:
-        total = 0.0
-        for group in group_by_tokens(examples, max_tokens):
-            loss = packed_loss(model, pack(group), device) / len(examples)
-            if not torch.isfinite(loss):
-                return float("nan")
-            loss.backward()
-            total += loss.item()
-        return total
+        sharing = []
+    others = [example for i, example in enumerate(examples) if i not in sharing]
+    total = 0.0
+    for group in group_by_tokens(others, max_tokens):
+        loss = packed_loss(model, pack(group), device) / len(examples)
+        if not torch.isfinite(loss):
+            return float("nan")
+        loss.backward()
+        total += loss.item()
+    if sharing:
+        loss = _suffixes_loss(model, [examples[i] for i in sharing], prefix, device, detach_prefix)
+        loss = loss * (len(sharing) / len(examples))
+        if not torch.isfinite(loss):
+            return float("nan")
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, device, detach_prefix: bool):
+    """The mean over `examples` of each one's mean loss, their first `prefix` tokens run once."""
+    import torch
+    import torch.nn.functional as F
+
     with torch.set_grad_enabled(not detach_prefix):
         head = model(input_ids=torch.tensor([examples[0]["input_ids"][:prefix]], device=device), use_cache=True)
     # The suffixes side by side in one row, without padding: each sees the prefix and itself.
@@ -172,11 +205,7 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     per_token = F.cross_entropy(logits[0].float(), targets[0], ignore_index=-100, reduction="none")
     learned = torch.zeros(len(tails), device=device).index_add_(0, segment, (targets[0] != -100).float())
     sums = torch.zeros(len(tails), device=device).index_add_(0, segment, per_token)
-    loss = (sums / learned).mean()
-    if not torch.isfinite(loss):
-        return float("nan")
-    loss.backward()
-    return loss.item()
+    return (sums / learned).mean()
 
 
 def cpu_has_bf16() -> bool:

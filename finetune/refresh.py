@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.augment import Vocabulary, slot_variants
+from finetune.chat_format import system_message
 from finetune.evaluate import case_from_sample, gate, load_functional_set, score
 from finetune.recipe import Hyperparameters, RecipeConfig
 from finetune.samples import last_question, normalize_question
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
-    general_replay: int = 31  # general samples mixed in against forgetting (the whole file)
+    general_replay: int = 51  # general samples mixed in against forgetting (the whole file)
     augment_variants: int = 4  # slot-swap copies per reviewed tool call (finetune/augment.py)
     replay_share: float = 0.4  # general replay repeated until it is at least this share of the mix
     start_from_active: bool = True
@@ -148,13 +149,15 @@ class RefreshRunner:
             on_progress({"event": "augmented", "samples": len(reviewed), "variants": len(variants)})
         lines = [json.dumps(sample, ensure_ascii=False) for sample in reviewed + variants]
         tools = self.tools_for_department(department_id)
-        system = {"role": "system", "content": s.system_prompt}
         general = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
         # Served with the app's system prompt and the department's tools, so trained with
         # them too: replay without the tools taught "tools in the prompt -> call one", and
         # the adapter called tools for greetings and definitions.
-        replay = [json.dumps({"messages": [system, *g["messages"]], **({"tools": tools} if tools else {})},
-                             ensure_ascii=False) for g in general[: s.general_replay]]
+        # Some carry document passages, rendered as the engine renders retrieved ones: questions
+        # with numbers in them ("how many days ...") answered from a policy, not by a tool.
+        replay = [json.dumps({"messages": [system_message(s.system_prompt, g.get("passages", ())), *g["messages"]],
+                              **({"tools": tools} if tools else {})}, ensure_ascii=False)
+                  for g in general[: s.general_replay]]
         if replay and s.replay_share > 0:  # cycled: many tool-call samples against few replay ones taught calling always
             wanted = math.ceil(s.replay_share * len(lines) / (1 - s.replay_share))
             replay = [replay[i % len(replay)] for i in range(max(wanted, len(replay)))]

@@ -103,7 +103,8 @@ def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
 
 def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
     """Samples sharing the system prompt and tool schemas are trained with the prefix run
-    once per micro-batch; that must be the same arithmetic as one sample at a time."""
+    once per micro-batch, and a sample that shares less (served without tools, or with
+    document passages) beside them; that must be the same arithmetic as one sample at a time."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,7 +115,9 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
     prefix = recipe.shared_prefix_length(batch)
     assert prefix >= recipe.MIN_SHARED_PREFIX
     assert all(label == -100 for e in batch for label in e["labels"][:prefix + 1])
-    assert recipe.shared_prefix_length(batch + [tokenize_sample(tokenizer, samples()[3], 2048)]) < prefix
+    batch.append(tokenize_sample(tokenizer, samples()[3], 2048))
+    assert recipe.shared_prefix_length(batch) < prefix
+    assert recipe.prefix_group(batch) == [0, 1, 2]  # the three with tools share the prefix; the fourth runs alone
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(

@@ -10,7 +10,7 @@ from gradio_client.exceptions import AppError
 
 from finetune.dataset import ImportRefused
 from finetune.samples import assign_split
-from storage import reviews
+from storage import chats, reviews
 from storage.reviews import AlreadyReviewed
 from webapp.review import CaseNotFound, ReviewInputError
 from webapp.tools.executor import normalise_arguments
@@ -93,6 +93,20 @@ def test_a_tool_call_correction_becomes_a_sample_that_renders_and_keeps_its_spli
     assert cases["sales"] not in [r["message_id"] for r in services.reviews.queue(rev)]
     with pytest.raises(AlreadyReviewed):
         services.reviews.decide(reviewer(services, "finance-admin"), cases["sales"], "rejected", "other")
+
+
+def test_a_sample_keeps_the_passages_its_question_was_served_with(services, script):
+    """Trained without them, the adapter meets passages only when serving and calls a tool for
+    a policy question answered by them (#8): the sample's prompt is the prompt as served."""
+    script("Within 30 days.")
+    message_id = ask(services, "finance-employee", "报销需要在多少天内提交？", -1)
+    conversation_id = chats.get_message_owner(services.db, message_id)["conversation_id"]
+    served = services.engine.system_for(chats.last_user_message_id(services.db, conversation_id))
+    assert "[1] 费用报销制度" in served["content"] and served["content"].startswith(services.settings.system_prompt)
+    services.reviews.decide(reviewer(services, "finance-reviewer"), message_id, "approved", "wrong_fact",
+                            answer="费用须在发生后 30 天内提交报销 [1]。")
+    (sample,) = reviews.list_samples(services.db)
+    assert json.loads(sample["messages"])[0] == served
 
 
 def test_period_words_are_aliases_of_the_canonical_periods(services):

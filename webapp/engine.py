@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from finetune.chat_format import system_message
 from finetune.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
@@ -25,19 +26,6 @@ from webapp.tools.parser import parse_output, split_thinking, visible_text
 log = logging.getLogger(__name__)
 
 TITLE_CHARS = 60
-KNOWLEDGE_HEADER = (
-    "Passages from the company's documents that may answer the user's question. Answer from them and cite "
-    "them by number, like [1]. If they do not answer it, say so instead of guessing.")
-
-
-def knowledge_block(passages: list[dict[str, Any]]) -> str:
-    parts = [KNOWLEDGE_HEADER]
-    for number, passage in enumerate(passages, 1):
-        where = f" ({passage['location']})" if passage.get("location") else ""
-        parts.append(f"[{number}] {passage['title']}{where}\n{passage['text']}")
-    return "\n\n".join(parts)
-
-
 def source_item(passages: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "sources", "sources": [
         {"n": n, "title": p["title"], "location": p.get("location"), "text": p["text"],
@@ -150,15 +138,16 @@ class ChatEngine:
         return text
 
     def _system(self, passages: list[dict[str, Any]]) -> dict[str, str]:
-        content = self.settings.system_prompt
-        if passages:
-            content += "\n\n" + knowledge_block(passages)
-        return {"role": "system", "content": content}
+        return system_message(self.settings.system_prompt, passages)
 
     def _system_of(self, conversation_id: int) -> dict[str, str]:
         """The system message of the turn in progress: with the passages retrieved for its question."""
-        last_user = chats.last_user_message_id(self.db, conversation_id)
-        passages = knowledge_store.retrievals_of(self.db, last_user, via="auto") if last_user else []
+        return self.system_for(chats.last_user_message_id(self.db, conversation_id))
+
+    def system_for(self, user_message_id: int | None) -> dict[str, str]:
+        """The system message a question was answered with: the prompt and the passages
+        retrieved for it (a reviewer's sample trains on the prompt as it was served)."""
+        passages = knowledge_store.retrievals_of(self.db, user_message_id, via="auto") if user_message_id else []
         return self._system(passages)
 
     def _fit_prompt(self, history: list[dict], text: str, tools: list[dict], system: dict[str, str]) -> str:

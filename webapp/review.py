@@ -37,7 +37,6 @@ class CaseNotFound(LookupError):
 
 @dataclass
 class ReviewSettings:
-    system_prompt: str
     scrub_pii: bool = True
     eval_fraction: float = 0.1
 
@@ -131,7 +130,9 @@ class ReviewService:
         question_id = max((m.id for m in stored if m.role == "user" and m.id < header["message_id"]), default=None)
         if question_id is None:
             raise ReviewInputError("This answer has no question before it.")
-        system = {"role": "system", "content": self.settings.system_prompt}
+        # the passages the question was served with belong to the sample: trained without them, the
+        # adapter never saw a question with passages and called tools for policy questions (#8)
+        system = self.engine.system_for(question_id)
         tools = [spec.function_schema() for spec in self.tools.tools_for(owner)]
         if reason is None:
             raise ReviewInputError("Pick a reason for the approval.")

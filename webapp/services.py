@@ -139,7 +139,7 @@ def open_services(settings: Settings, model: ModelService | None = None,
         metrics = Metrics(db)
         engine = ChatEngine(db, model, turn_settings(settings), tools, knowledge, cache, metrics)
         review = ReviewService(db, engine, tools, ReviewSettings(
-            settings.system_prompt, settings.scrub_pii, settings.eval_fraction))
+            settings.scrub_pii, settings.eval_fraction))
         runner = RefreshRunner(
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),
