@@ -69,7 +69,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--skip-generate", action="store_true", help="leave out generate() on this model")
-    parser.add_argument("--variants", type=int, default=5, help="how many of hangjia's variants to run (1: the default only)")
+    parser.add_argument("--variants", type=int, default=6, help="how many of hangjia's variants to run (1: the default only)")
     args = parser.parse_args()
 
     import torch
@@ -95,18 +95,23 @@ def main() -> int:
     max_len = args.prompt_len + args.new_tokens + 64
     greedy_ours: list[int] = []
     first_user: dict[str, list[int]] = {}
-    variants = [("hangjia: + q/k/v and gate/up joined (bitsandbytes kernels)", True, True, "bitsandbytes"),
-                ("joined, hangjia's Triton NF4 kernel for decode steps", True, True, "triton"),
-                ("static cache + CUDA graphs + compiled norms/rope", True, True, None),
-                ("static cache + CUDA graphs", True, False, None), ("static cache, eager", False, False, None)]
-    for label, graphs, compiled, kernel in (variants[:args.variants] if cuda else variants[4:]):
+    # (label, decode steps as graphs, compiled norms/rope, 4-bit kernel of joined layers, prefill as graphs)
+    variants = [("hangjia: + prefill as a CUDA graph", True, True, "bitsandbytes", True),
+                ("hangjia before: q/k/v and gate/up joined (bitsandbytes kernels), eager prefill",
+                 True, True, "bitsandbytes", False),
+                ("joined, hangjia's Triton NF4 kernel for decode steps", True, True, "triton", True),
+                ("static cache + CUDA graphs + compiled norms/rope", True, True, None, False),
+                ("static cache + CUDA graphs", True, False, None, False),
+                ("static cache, eager", False, False, None, False)]
+    for label, graphs, compiled, kernel, graph_prefill in (variants[:args.variants] if cuda else variants[5:]):
         decoder = engine = None
         try:
             # every prompt computed in full here (the warm-up saw the same prompts); the reuse of a
             # shared prompt start is measured on its own below
             decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, use_graphs=graphs,
                                     compile_elementwise=compiled, fused_nf4=kernel is not None,
-                                    nf4_kernel=kernel or "bitsandbytes", reuse_prefixes=False)
+                                    nf4_kernel=kernel or "bitsandbytes", reuse_prefixes=False,
+                                    graph_prefill=graph_prefill)
             engine = BatchingEngine(decoder)
             run_requests(engine, prompts[:1], ["finance"], 16)  # warm-up: kernels, graph capture bs 1
             run_requests(engine, prompts, ["finance"] * args.batch, 16)  # and the batch's graph
@@ -129,9 +134,10 @@ def main() -> int:
                 if users > 1:
                     greedy_ours = outputs[0][:32]
                     first_user[label] = greedy_ours
-            if label == variants[0][0] or not cuda:
+            if label == variants[1][0] or not cuda:
                 # chat turns of one department share the system prompt and tool schemas: here the
                 # first 7/8 of the prompt, computed by the first turn and copied by the next five
+                # (an eager prefill's lever: a graphed one computes the whole prompt instead)
                 decoder.reuse_prefixes = True
                 shared = prompts[0][:args.prompt_len * 7 // 8]
                 tails = torch.randint(0, 151643, (6, args.prompt_len - len(shared)), generator=generator).tolist()

@@ -25,7 +25,7 @@ def main() -> int:
     import torch
     from triton.testing import do_bench
 
-    from finetune.nf4 import nf4_matmul
+    from finetune.nf4 import nf4_matmul, nibble_tables
 
     torch.manual_seed(0)
     out = Path(os.environ.get("OUT", "/tmp")) / "nf4_kernel.jsonl"
@@ -37,13 +37,14 @@ def main() -> int:
         packed, state = F.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=False)
         reference_weight = F.dequantize_4bit(packed, state).float()
         weight_bytes = packed.numel() + state.absmax.numel() * 4
+        tables = nibble_tables(state.code)
         for rows in (1, 2, 4, 8, 16):
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-            ours = nf4_matmul(x, packed.view(-1), state.absmax, state.code, n)  # tunes on first call
+            ours = nf4_matmul(x, packed.view(-1), state.absmax, tables, n)  # tunes on first call
             reference = x.float() @ reference_weight.t()
             error = ((ours.float() - reference).abs().max() / reference.abs().max()).item()
             stock_us = 1000 * do_bench(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), warmup=25, rep=100)
-            ours_us = 1000 * do_bench(lambda: nf4_matmul(x, packed.view(-1), state.absmax, state.code, n),
+            ours_us = 1000 * do_bench(lambda: nf4_matmul(x, packed.view(-1), state.absmax, tables, n),
                                       warmup=25, rep=100)
             totals.setdefault(rows, [0.0, 0.0])
             totals[rows][0] += stock_us

@@ -4,7 +4,8 @@ app) and for answering the refresh's evaluation cases in one batch (the recipe).
 `StaticDecoder` runs a Qwen3/Llama-family model's layers itself over a KV cache of fixed
 shape (slots x max_len), so one decode step has the same shapes every time and is captured
 once per batch size as a CUDA graph: the ~50 ms of Python and kernel launches per token of
-`generate()` become one graph replay. Each cache row is a slot a request keeps from prefill
+`generate()` become one graph replay. A prompt's prefill is a graph too, one per padded length
+(64 to 2,048 tokens). Each cache row is a slot a request keeps from prefill
 to its last token. LoRA adapters are applied per row (stacked per layer, a 0/1 mask per row), so
 users of different departments share one batch and one graph.
 
@@ -104,7 +105,8 @@ class StaticDecoder:
     def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
                  flatten_double_quant: bool | None = None, fused_nf4: bool | None = None,
-                 nf4_kernel: str = "bitsandbytes", reuse_prefixes: bool = True):
+                 nf4_kernel: str = "bitsandbytes", reuse_prefixes: bool = True, graph_prefill: bool | None = None,
+                 prefill_lengths: Sequence[int] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)):
         from finetune.qlora import decoder_and_head
 
         self.model = model
@@ -126,6 +128,15 @@ class StaticDecoder:
         self._positions = torch.full((max_batch, 1), max_len - 1, dtype=torch.long, device=self.device)
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._pool = None
+        # A prompt's prefill replayed as a CUDA graph too, padded to the next of these lengths:
+        # eager, a 512-token prefill at 14B is ~1,200 kernel launches from Python (60-110 ms,
+        # host-bound). Longer prompts than the largest length run eagerly. (Without graphs,
+        # graph_prefill=True runs the same padded prefill eagerly: how the CPU tests check it.)
+        self.graph_prefill = self.use_graphs if graph_prefill is None else graph_prefill
+        self.prefill_lengths = sorted(n for n in set(prefill_lengths) if n < max_len)
+        self._prefill_runs: dict[int, tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]] = {}
+        self._prefill_slot = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
         self._slot_prompts: list[tuple[str | None, tuple[int, ...]] | None] = [None] * max_batch
         self.reuse_prefixes = reuse_prefixes
         self.reused_tokens = 0  # prompt tokens copied from another slot instead of computed
@@ -177,6 +188,7 @@ class StaticDecoder:
         for row, adapter in enumerate(previous):
             self.set_row_adapter(row, adapter if adapter in self.adapter_index else None)
         self._graphs.clear()
+        self._prefill_runs.clear()
 
     def set_row_adapter(self, row: int, adapter: str | None) -> None:
         self._row_adapter[row] = adapter
@@ -213,10 +225,13 @@ class StaticDecoder:
     def _eps(norm) -> float:
         return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: int | None, start: int = 0) -> torch.Tensor:
-        """Logits of each row's last token. slot=None: a decode step over rows 0..B-1 (one
-        token each, at their own positions). slot=k: the prefill of one prompt into slot k,
-        from position `start` on (the slot's cache already holds the positions before it)."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: int | torch.Tensor | None, start: int = 0,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of each row's last token (or of token `last`). slot=None: a decode step over
+        rows 0..B-1 (one token each, at their own positions). slot=k: the prefill of one prompt
+        into slot k, from position `start` on (the slot's cache already holds the positions
+        before it). slot=tensor([[k]]): a whole prompt's prefill with every index a tensor, as a
+        graph replays it: padding after the prompt sits at position max_len-1, never read."""
         rows, length = ids.shape
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
@@ -238,7 +253,13 @@ class StaticDecoder:
                 k = norm(k, attention.k_norm.weight, self._eps(attention.k_norm))
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = rope(q, k, cos, sin)
-            if slot is None:
+            if isinstance(slot, torch.Tensor):
+                self.keys[number][slot, :, positions] = k.transpose(1, 2)
+                self.values[number][slot, :, positions] = v.transpose(1, 2)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=True)
+                out = out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
+            elif slot is None:
                 # each row writes its token at its own position; all rows read their slot
                 self.keys[number][row_index, :, positions] = k.transpose(1, 2)
                 self.values[number][row_index, :, positions] = v.transpose(1, 2)
@@ -263,8 +284,8 @@ class StaticDecoder:
             mlp = layer.mlp
             gate, up = self._project(number, "gate_up", (mlp.gate_proj, mlp.up_proj), x)
             hidden = hidden + self._project(number, "down", (mlp.down_proj,), mlp.act_fn(gate) * up)[0]
-        last = self.decoder.norm(hidden[:, -1])
-        return self.head(last).float()
+        final = hidden[:, -1] if last is None else hidden.index_select(1, last)[:, 0]
+        return self.head(self.decoder.norm(final)).float()
 
     def _prefill_mask(self, start: int, length: int) -> torch.Tensor:
         """Causal mask of `length` new tokens at positions start.. over keys 0..start+length-1."""
@@ -297,6 +318,9 @@ class StaticDecoder:
         of the prompt that another slot computed with the same adapter is copied, not recomputed."""
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the decoder holds {self.max_len - 1}")
+        length = self._prefill_length(len(prompt_ids))
+        if length:  # a graph replay computes the whole prompt faster than eager code copies a start
+            return self._graphed_prefill(slot, prompt_ids, adapter, length)
         start, source = self._reusable_prefix(prompt_ids, adapter)
         self._slot_prompts[slot] = None  # overwritten below; not a source until complete
         if source is not None and source != slot:
@@ -315,6 +339,70 @@ class StaticDecoder:
         finally:
             self.set_row_adapter(0, row_zero)
             self.set_row_adapter(slot, adapter)
+
+    def _prefill_length(self, tokens: int) -> int | None:
+        if not self.graph_prefill:
+            return None
+        return next((n for n in self.prefill_lengths if n >= tokens), None)
+
+    def _graphed_prefill(self, slot: int, prompt_ids: Sequence[int], adapter: str | None, length: int) -> torch.Tensor:
+        if length not in self._prefill_runs:
+            self._prefill_runs[length] = self._prefill_run(length)
+        run, ids, positions = self._prefill_runs[length]
+        tokens = len(prompt_ids)
+        ids[0, :tokens] = torch.tensor(list(prompt_ids), device=self.device)
+        ids[0, tokens:] = 0
+        positions[0, :tokens] = torch.arange(tokens, device=self.device)
+        positions[0, tokens:] = self.max_len - 1
+        self._prefill_slot.fill_(slot)
+        self._prefill_last.fill_(tokens - 1)
+        self._slot_prompts[slot] = None
+        row_zero = self._row_adapter[0]
+        self.set_row_adapter(0, adapter)
+        try:
+            logits = run()[0].clone()
+            self._slot_prompts[slot] = (adapter, tuple(prompt_ids))
+            return logits
+        finally:
+            self.set_row_adapter(0, row_zero)
+            self.set_row_adapter(slot, adapter)
+
+    def _prefill_run(self, length: int):
+        """(run, its token ids, their positions): a prefill of `length` tokens over fixed
+        tensors, captured as a CUDA graph where graphs are on (warm-up writes at position
+        max_len-1 only, which no request reaches)."""
+        ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
+        positions = torch.full((1, length), self.max_len - 1, dtype=torch.long, device=self.device)
+        self._prefill_slot.zero_()
+        self._prefill_last.zero_()
+
+        def step():
+            return self._forward(ids, positions, self._prefill_slot, last=self._prefill_last)
+
+        if not self.use_graphs:
+            return step, ids, positions
+        graph, logits = self._graph(step)
+
+        def replay():
+            graph.replay()
+            return logits
+
+        return replay, ids, positions
+
+    def _graph(self, step: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """Warm `step` up on a side stream, then capture it into the decoder's graph pool."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = step()
+        return graph, output
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.batch_sizes if b >= rows)
@@ -341,19 +429,8 @@ class StaticDecoder:
         Warm-up rows write at position max_len-1, which no request reaches."""
         saved = self._positions[:batch].clone()
         self._positions[:batch] = self.max_len - 1
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(self._ids[:batch], self._positions[:batch], None)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(self._ids[:batch], self._positions[:batch], None)
+        self._graphs[batch] = self._graph(lambda: self._forward(self._ids[:batch], self._positions[:batch], None))
         self._positions[:batch] = saved
-        self._graphs[batch] = (graph, logits)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> int:

@@ -8,10 +8,11 @@ twice, and bitsandbytes' own path (training, `generate()`) keeps working on the 
 By default the joined weight goes through bitsandbytes' kernels (GEMV for one row, dequantize +
 matmul for more).
 
-`nf4_matmul` (opt-in: kernel="triton") reads the packed weight once for up to 16 rows and
-dequantizes in registers, so 8 rows cost what 1 row does, where bitsandbytes' dequantize +
-matmul costs 2.1-2.4x. But it reaches 130-350 GB/s against bitsandbytes' ~600 GB/s GEMV, so it
-is slower at every batch size measured; it stays as the start of a Marlin-style kernel.
+`nf4_matmul` (opt-in: kernel="triton") reads the packed weight once for up to 16 rows in wide
+tiles and dequantizes each tile once (a byte through two 256-entry tables, its high and low value)
+for all rows. At 14B on an H200 it reaches up to 740 GB/s against bitsandbytes' ~1 TB/s GEMV:
+0.5-0.66x bitsandbytes per layer for one row and 0.51-0.62x for 8 (no tensor cores), so it stays
+opt-in (README, Performance).
 
 bitsandbytes' layout: weight (out, in) row-major, two values per byte (the even index in the
 high nibble), one absmax per 64 consecutive values, values from a 16-entry code (NF4).
@@ -33,73 +34,85 @@ def _build_kernels() -> dict[str, object]:
     import triton
     import triton.language as tl
 
-    configs = [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "GROUPS": g}, num_warps=w, num_stages=st)
-               for bn, sk, g, w, st in [(32, 1, 2, 4, 3), (64, 1, 2, 4, 3), (128, 1, 2, 4, 3), (64, 1, 4, 4, 3),
-                                        (32, 2, 2, 4, 3), (64, 2, 2, 4, 3), (128, 2, 2, 8, 3), (32, 4, 2, 4, 3),
-                                        (64, 4, 2, 4, 3), (64, 2, 4, 4, 4), (128, 4, 1, 4, 4), (16, 1, 4, 4, 3)]]
+    # split-K 1 only: the output is stored once, in its own dtype (a split needs a zeroed fp32
+    # buffer, atomics and a cast: two more kernels per product, ~1 ms per step at 14B)
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+               for bn, bk, w, st in [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 1024, 8, 3),
+                                     (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3), (8, 1024, 4, 4),
+                                     (16, 512, 4, 4), (32, 128, 4, 4), (4, 1024, 4, 3), (16, 256, 2, 4)]]
 
     @triton.jit
-    def nf4_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, M_BUCKET,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUPS: tl.constexpr,
-                   ITERATIONS: tl.constexpr):
-        # out^T tile (BLOCK_N x BLOCK_M) = W tile (BLOCK_N x 64) @ x^T (64 x BLOCK_M), group by group:
-        # the weight is the row-major operand as stored; all index arithmetic per element is
-        # pointer + scalar (no 64-bit division per element, which had made it 5x slower)
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    def nf4_kernel(x_ptr, w_ptr, absmax_ptr, high_ptr, low_ptr, out_ptr, N, K,
+                   M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Each program: BLOCK_N outputs over all of K. A tile is BLOCK_N weight rows x BLOCK_K/2
+        # bytes, read once with wide contiguous loads and dequantised once (a 256-entry table per
+        # nibble position: one byte -> its high and its low value), then used by all M rows of x.
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        safe_cols = tl.where(col_ok, cols, 0).to(tl.int64)  # rows past N read row 0; never stored
-        rows = tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        half = tl.arange(0, 32)  # a group of 64 values is 32 bytes
-        weight_at = w_ptr + safe_cols[:, None] * (K // 2) + half[None, :]
-        scale_at = absmax_ptr + safe_cols * (K // 64)
-        x_at = x_ptr + rows[None, :] * K + 2 * half[:, None]  # x^T, even columns of a group
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        first = pid_k * ITERATIONS * GROUPS
-        for i in range(ITERATIONS):  # K / SPLIT_K values per program, GROUPS x 64 at a time
-            for g in tl.static_range(GROUPS):
-                group = first + i * GROUPS + g
-                x_even = tl.load(x_at + group * 64, mask=row_ok[None, :], other=0.0)
-                x_odd = tl.load(x_at + group * 64 + 1, mask=row_ok[None, :], other=0.0)
-                packed = tl.load(weight_at + group * 32)
-                high = tl.load(code_ptr + (packed >> 4).to(tl.int32)).to(x_even.dtype)
-                low = tl.load(code_ptr + (packed & 15).to(tl.int32)).to(x_even.dtype)
-                part = tl.dot(high, x_even) + tl.dot(low, x_odd)
-                acc += part * tl.load(scale_at + group)[:, None]
-        tl.atomic_add(out_ptr + rows[None, :] * N + cols[:, None], acc, mask=col_ok[:, None] & row_ok[None, :],
-                      sem="relaxed")
+        safe = tl.where(col_ok, cols, 0).to(tl.int64)  # rows past N read row 0; never stored
+        HALF: tl.constexpr = BLOCK_K // 2
+        GROUPS: tl.constexpr = BLOCK_K // 64
+        byte = tl.arange(0, HALF)
+        weight_at = w_ptr + safe[:, None] * (K // 2) + byte[None, :]
+        scale_at = absmax_ptr + safe[:, None] * (K // 64) + tl.arange(0, GROUPS)[None, :]
+        rows = tl.arange(0, M_PAD)  # M rounded up to a power of two; rows past M are never stored
+        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            packed = tl.load(weight_at + k0 // 2).to(tl.int32)
+            scales = tl.load(scale_at + k0 // 64)
+            high = tl.reshape(tl.load(high_ptr + packed), (BLOCK_N, GROUPS, 32)) * scales[:, :, None]
+            low = tl.reshape(tl.load(low_ptr + packed), (BLOCK_N, GROUPS, 32)) * scales[:, :, None]
+            high = tl.reshape(high, (BLOCK_N, HALF))
+            low = tl.reshape(low, (BLOCK_N, HALF))
+            for m in tl.static_range(M):
+                x_even = tl.load(x_ptr + m * K + k0 + 2 * byte).to(tl.float32)
+                x_odd = tl.load(x_ptr + m * K + k0 + 2 * byte + 1).to(tl.float32)
+                part = tl.sum(high * x_even[None, :] + low * x_odd[None, :], axis=1)
+                acc += tl.where(rows[:, None] == m, part[None, :], 0.0)
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=col_ok[None, :] & (rows[:, None] < M))
 
-    iterations = triton.heuristics({"ITERATIONS": lambda a: a["K"] // (a["SPLIT_K"] * a["GROUPS"] * GROUP)})
-    return {"fixed": nf4_kernel, "tuned": triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"],
-                                                          reset_to_zero=["out_ptr"])(iterations(nf4_kernel))}
+    def fits(configs, named_args, **kwargs):  # a tile must not straddle the end of K (128 always fits)
+        return [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
+
+    return {"fixed": nf4_kernel,
+            "tuned": triton.autotune(configs=configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": fits})(
+                nf4_kernel)}
 
 
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+def nibble_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value of a byte's high nibble, value of its low nibble) for all 256 bytes, fp32."""
+    byte = torch.arange(256, device=code.device)
+    return code.float()[byte >> 4].contiguous(), code.float()[byte & 15].contiguous()
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
                out_features: int, config: dict | None = None) -> torch.Tensor:
-    """x (..., K) bf16 @ W.T for an NF4 weight W (out_features, K); at most MAX_ROWS rows.
-    The tile shape is tuned per (rows bucket, N, K) on first use, unless `config` fixes it
-    (BLOCK_N, SPLIT_K, GROUPS: as the tests do, which run Triton's interpreter on CPU)."""
+    """x (..., K) @ W.T for an NF4 weight W (out_features, K), `tables` from nibble_tables(code);
+    at most MAX_ROWS rows, K a multiple of 128. The tile shape is tuned per (rows, N, K) on first
+    use, unless `config` fixes it (BLOCK_N, BLOCK_K: as the tests do, which run Triton's
+    interpreter on CPU)."""
     if not _kernels:
         _kernels.update(_build_kernels())
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     rows, k = x2.shape
-    if rows > MAX_ROWS or k % (GROUP * 8):
-        raise ValueError(f"nf4_matmul takes up to {MAX_ROWS} rows and K a multiple of {GROUP * 8}")
-    out = torch.zeros(rows, out_features, dtype=torch.float32, device=x.device)
-    bucket = 1 if rows == 1 else (4 if rows <= 4 else 16)
+    if rows > MAX_ROWS or k % (GROUP * 2):
+        raise ValueError(f"nf4_matmul takes up to {MAX_ROWS} rows and K a multiple of {GROUP * 2}")
+    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    high, low = tables
 
     def grid(meta):
-        return (-(-out_features // meta["BLOCK_N"]), meta["SPLIT_K"])
+        return (-(-out_features // meta["BLOCK_N"]),)
 
+    padded = 1 << (rows - 1).bit_length()
     if config:
-        _kernels["fixed"][grid(config)](x2, packed, absmax, code, out, rows, out_features, k, bucket, BLOCK_M=16,
-                                        ITERATIONS=k // (config["SPLIT_K"] * config["GROUPS"] * GROUP), **config)
+        _kernels["fixed"][grid(config)](x2, packed, absmax, high, low, out, out_features, k, M=rows, M_PAD=padded,
+                                        **config)
     else:
-        _kernels["tuned"][grid](x2, packed, absmax, code, out, rows, out_features, k, bucket, BLOCK_M=16)
-    return out.to(x.dtype).reshape(*shape[:-1], out_features)
+        _kernels["tuned"][grid](x2, packed, absmax, high, low, out, out_features, k, M=rows, M_PAD=padded)
+    return out.reshape(*shape[:-1], out_features)
 
 
 class FusedNF4:
@@ -123,6 +136,7 @@ class FusedNF4:
         self.packed = torch.cat([layer.weight.data.reshape(-1) for layer in layers])
         self.absmax = torch.cat([s.absmax.reshape(-1).float() for s in states])
         self.code = first.code.float().contiguous()
+        self.tables = nibble_tables(self.code)
         self.dtype = first.dtype
         offset = absmax_offset = 0
         for layer, state in zip(layers, states):  # each layer now reads its slice of the joined buffer
@@ -139,7 +153,7 @@ class FusedNF4:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         rows = x.numel() // x.shape[-1]
         if x.is_cuda and self.kernel == "triton" and rows <= MAX_ROWS:
-            y = nf4_matmul(x, self.packed, self.absmax, self.code, sum(self.sizes))
+            y = nf4_matmul(x, self.packed, self.absmax, self.tables, sum(self.sizes))
         elif x.is_cuda:  # bitsandbytes' GEMV for one row, dequantize + matmul for more
             import bitsandbytes as bnb
 

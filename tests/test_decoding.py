@@ -80,6 +80,25 @@ def test_a_shared_prompt_start_is_reused_per_adapter_and_gives_the_same_tokens(t
     assert decoder._reusable_prefix(prompts[0], "finance") == (0, None)
 
 
+def test_a_prefill_padded_to_a_graph_length_gives_the_same_tokens(two_adapter_model):
+    """On a GPU a prompt's prefill is a CUDA graph of a fixed length, the prompt padded to it;
+    here the same padded code runs without the graph. Padding must change no token: not the
+    first (read at the prompt's last position), not later ones (the padding's keys never seen)."""
+    model = two_adapter_model
+    prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 120, 64, 9, 9, 31, 2, 44, 8], [9, 100],
+               [(5 * i + 1) % 150 + 2 for i in range(20)]]  # 6, 11, 2 tokens padded; 20 past the lengths: eager
+    adapters = ["finance", "hr", None, "hr"]
+    decoder = StaticDecoder(model, max_batch=2, max_len=64, graph_prefill=True, prefill_lengths=(8, 16))
+    engine = BatchingEngine(decoder)
+    try:
+        outputs = run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=10, adapter=a))
+                                   for p, a in zip(prompts, adapters)])
+    finally:
+        engine.close()
+    assert outputs == [reference(model, p, a, 10) for p, a in zip(prompts, adapters)]
+    assert sorted(decoder._prefill_runs) == [8, 16]  # the 20-token prompt ran eagerly
+
+
 def test_requests_join_and_leave_between_steps_and_stop_at_their_stop_token(two_adapter_model):
     model = two_adapter_model
     decoder = StaticDecoder(model, max_batch=2, max_len=64)
@@ -194,3 +213,47 @@ def test_fused_4bit_layers_give_the_unfused_tokens(tiny_model_dir):
     # bitsandbytes' CPU kernel multiplies in fp32, the fused path dequantizes to bf16 first;
     # a layer mixed up (q for k, gate for up) differs by ~0.7 here
     torch.testing.assert_close(fused_logits, plain_logits, rtol=0, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_graphed_prefill_and_decode_on_gpu_give_the_tokens_of_generate(tiny_model_dir):
+    """The serving path on a GPU: prefill and decode steps replayed as CUDA graphs, two
+    adapters, prompts of several lengths (padded to different graph lengths, one longer than
+    all of them), slots used twice; the tokens are generate()'s."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                           adapter_name="finance")
+    model.add_adapter("hr", LoraConfig(r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "gate_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(std=0.3)
+    model.eval()
+    prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 120, 64, 9, 9, 31, 2, 44, 8], [9, 100],
+               [(5 * i + 1) % 150 + 2 for i in range(40)], [3, 1, 4, 1, 5, 9, 2, 6]]
+    adapters = ["finance", "hr", None, "hr", "finance"]
+    decoder = StaticDecoder(model, max_batch=2, max_len=96, prefill_lengths=(8, 16, 32))
+    assert decoder.use_graphs and decoder.graph_prefill
+    engine = BatchingEngine(decoder)
+    try:
+        outputs = run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=10, adapter=a))
+                                   for p, a in zip(prompts, adapters)])
+    finally:
+        engine.close()
+
+    def on_gpu(prompt, adapter):
+        kwargs = dict(max_new_tokens=10, do_sample=False, temperature=None, top_p=None, top_k=None,
+                      pad_token_id=0, eos_token_id=None)
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([prompt], device="cuda"),
+                                 adapter_names=[adapter or "__base__"], **kwargs)
+        return out[0, len(prompt):].tolist()
+
+    assert outputs == [on_gpu(p, a) for p, a in zip(prompts, adapters)]
+    assert sorted(decoder._prefill_runs) == [8, 16]  # the 40-token prompt ran eagerly; nothing needed 32

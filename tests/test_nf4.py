@@ -64,13 +64,14 @@ from tests.test_nf4 import nf4_layer
 layer = nf4_layer(80, 1024, 4)  # 80 columns: the last tile of 32 is partly outside
 state = layer.weight.quant_state
 weight = F.dequantize_4bit(layer.weight.data, state).float()
+tables = nf4.nibble_tables(state.code)
 for rows in (1, 3, 16):
     x = torch.randn(rows, 1024)
-    for config in ({{"BLOCK_N": 32, "SPLIT_K": 2, "GROUPS": 2}}, {{"BLOCK_N": 16, "SPLIT_K": 1, "GROUPS": 4}}):
-        got = nf4.nf4_matmul(x, layer.weight.data.reshape(-1), state.absmax, state.code, 80, config=config)
+    for config in ({{"BLOCK_N": 32, "BLOCK_K": 256}}, {{"BLOCK_N": 16, "BLOCK_K": 1024}}):
+        got = nf4.nf4_matmul(x, layer.weight.data.reshape(-1), state.absmax, tables, 80, config=config)
         torch.testing.assert_close(got, x @ weight.t(), rtol=1e-4, atol=1e-3)
 try:
-    nf4.nf4_matmul(torch.randn(17, 1024), layer.weight.data.reshape(-1), state.absmax, state.code, 80)
+    nf4.nf4_matmul(torch.randn(17, 1024), layer.weight.data.reshape(-1), state.absmax, tables, 80)
 except ValueError as exc:
     print("refused:", exc)
 print("kernel ok")
@@ -80,7 +81,8 @@ print("kernel ok")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install -e .[dev])")
 def test_nf4_kernel_matches_dequantised_product():
     """Triton's interpreter runs the kernel on CPU (fp32 here: numpy has no bf16): the nibble
-    order, scales per 64 values, split-K and the row mask must give W's product exactly. The
+    order, scales per 64 values, tiles over K, rows padded to a power of two and the column mask
+    must give W's product exactly. The
     interpreter must be on before triton is imported, hence a process of its own."""
     root = str(Path(__file__).resolve().parent.parent)
     result = subprocess.run([sys.executable, "-c", KERNEL_CHECK.format(root=root)], capture_output=True, text=True,
