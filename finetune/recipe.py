@@ -119,11 +119,14 @@ def shared_prefix_length(examples: list[dict[str, list[int]]]) -> int:
             same += 1
         length = same
     for example in examples:
-        first_learned = next(i for i, label in enumerate(example["labels"]) if label != -100)
-        length = min(length, first_learned - 1)
+        length = min(length, _first_learned(example) - 1)
     # every example must keep at least one token after the prefix to predict from
     length = min([length] + [len(e["input_ids"]) - 1 for e in examples])
     return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def _first_learned(example: dict[str, list[int]]) -> int:
+    return next(i for i, label in enumerate(example["labels"]) if label != -100)
 
 
 def prefix_group(examples: list[dict[str, list[int]]]) -> list[int]:
@@ -150,7 +153,9 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     The samples that share a prefix: the prefix once, then their suffixes packed in one row
     (no padding), each attending to the prefix's keys and values and to itself; gradients flow
     back through both, or only through the suffixes with `detach_prefix`. The others: packed
-    side by side, up to max_tokens per forward."""
+    side by side, up to max_tokens per forward; with `detach_prefix`, one with a long prompt
+    runs that prompt without gradient too (a sample served with passages: ~1,100 prompt
+    tokens before its ~60 learned ones)."""
     import torch
 
     from finetune.qlora import group_by_tokens, pack, packed_loss
@@ -163,6 +168,15 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
         sharing = []
     others = [example for i, example in enumerate(examples) if i not in sharing]
     total = 0.0
+    if detach_prefix and not checkpointed:  # a long prompt of its own (served with passages): run without gradient too
+        alone = [e for e in others if _first_learned(e) - 1 >= MIN_SHARED_PREFIX]
+        others = [e for e in others if _first_learned(e) - 1 < MIN_SHARED_PREFIX]
+        for example in alone:
+            loss = _suffixes_loss(model, [example], _first_learned(example) - 1, device, True) / len(examples)
+            if not torch.isfinite(loss):
+                return float("nan")
+            loss.backward()
+            total += loss.item()
     for group in group_by_tokens(others, max_tokens):
         loss = packed_loss(model, pack(group), device) / len(examples)
         if not torch.isfinite(loss):

@@ -116,8 +116,14 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
     assert prefix >= recipe.MIN_SHARED_PREFIX
     assert all(label == -100 for e in batch for label in e["labels"][:prefix + 1])
     batch.append(tokenize_sample(tokenizer, samples()[3], 2048))
+    grounded = {"messages": [{"role": "system", "content": "You are hangjia. " + "[1] Travel policy: meals up to "
+                              "150 CNY a day in China and 60 USD abroad. " * 3},
+                             {"role": "user", "content": "Meal allowance abroad?"},
+                             {"role": "assistant", "content": "Up to 60 USD a day [1]."}]}
+    batch.append(tokenize_sample(tokenizer, grounded, 2048))  # a long prompt of its own, as with passages
     assert recipe.shared_prefix_length(batch) < prefix
-    assert recipe.prefix_group(batch) == [0, 1, 2]  # the three with tools share the prefix; the fourth runs alone
+    # the three with tools share the prefix; the other two run on their own
+    assert recipe.prefix_group(batch) == [0, 1, 2]
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(

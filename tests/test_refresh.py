@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,21 @@ def test_headless_refresh_from_the_command_line(refresh_services, tiny_model_dir
     done = run("--force")
     assert done.returncode == 0 and "succeeded; candidate v1" in done.stdout, done.stdout + done.stderr
     assert "plain LoRA" in done.stdout and "step 1/" in done.stdout
+
+
+def test_the_general_replay_default_is_the_whole_shipped_file_and_renders_its_passages():
+    """The default mixes in every shipped replay sample (a sample added to the file and not to
+    the default would never be trained), and a sample with passages gets them in its system
+    message as the engine serves retrieved ones."""
+    from finetune.chat_format import system_message
+    from finetune.refresh import GENERAL_REPLAY, RefreshSettings
+
+    lines = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert RefreshSettings(system_prompt="sys").general_replay == len(lines)
+    assert make_settings(Path("/tmp")).general_replay == len(lines)
+    grounded = [g for g in lines if g.get("passages")]
+    # each answers from its passage and cites it, or says the passage does not answer
+    assert grounded and all("[1]" in g["messages"][-1]["content"] or "没有" in g["messages"][-1]["content"]
+                            for g in grounded)
+    rendered = system_message("sys", grounded[0]["passages"])["content"]
+    assert rendered.startswith("sys\n\nPassages from") and f"[1] {grounded[0]['passages'][0]['title']}" in rendered
