@@ -8,14 +8,13 @@ import torch
 from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder
 
 
-@pytest.fixture(scope="module")
-def two_adapter_model(tiny_model_dir):
+def with_two_adapters(tiny_model_dir, device: str = "cpu"):
     """The tiny Qwen3 with two LoRA adapters whose weights are not zero (fresh ones are)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
                            adapter_name="finance")
     model.add_adapter("hr", LoraConfig(r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "gate_proj"]))
@@ -27,8 +26,13 @@ def two_adapter_model(tiny_model_dir):
     return model
 
 
-def reference(model, prompt, adapter, new_tokens):
-    ids = torch.tensor([prompt])
+@pytest.fixture(scope="module")
+def two_adapter_model(tiny_model_dir):
+    return with_two_adapters(tiny_model_dir)
+
+
+def reference(model, prompt, adapter, new_tokens, device: str = "cpu"):
+    ids = torch.tensor([prompt], device=device)
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
@@ -222,19 +226,7 @@ def test_graphed_prefill_and_decode_on_gpu_give_the_tokens_of_generate(tiny_mode
     all of them), slots used twice; the tokens are generate()'s."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda()
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                           adapter_name="finance")
-    model.add_adapter("hr", LoraConfig(r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "gate_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.normal_(std=0.3)
-    model.eval()
+    model = with_two_adapters(tiny_model_dir, "cuda")
     prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 120, 64, 9, 9, 31, 2, 44, 8], [9, 100],
                [(5 * i + 1) % 150 + 2 for i in range(40)], [3, 1, 4, 1, 5, 9, 2, 6]]
     adapters = ["finance", "hr", None, "hr", "finance"]
@@ -247,13 +239,5 @@ def test_graphed_prefill_and_decode_on_gpu_give_the_tokens_of_generate(tiny_mode
     finally:
         engine.close()
 
-    def on_gpu(prompt, adapter):
-        kwargs = dict(max_new_tokens=10, do_sample=False, temperature=None, top_p=None, top_k=None,
-                      pad_token_id=0, eos_token_id=None)
-        with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([prompt], device="cuda"),
-                                 adapter_names=[adapter or "__base__"], **kwargs)
-        return out[0, len(prompt):].tolist()
-
-    assert outputs == [on_gpu(p, a) for p, a in zip(prompts, adapters)]
+    assert outputs == [reference(model, p, a, 10, "cuda") for p, a in zip(prompts, adapters)]
     assert sorted(decoder._prefill_runs) == [8, 16]  # the 40-token prompt ran eagerly; nothing needed 32
