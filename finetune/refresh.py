@@ -45,9 +45,19 @@ class RefreshSettings(Hyperparameters):
     gate_margin: float = 0.02
     gate_tolerance: float = 0.02
     system_prompt: str = ""
+    train_gpus: int = 1  # more: the recipe runs data parallel, one process per GPU (torchrun)
 
 
 GENERAL_REPLAY = Path(__file__).with_name("data") / "general_replay.jsonl"
+
+
+def recipe_command(config: Path, gpus: int = 1) -> list[str]:
+    """The training process: the recipe itself, or under torch's own launcher (what
+    `accelerate launch` runs too) with one process per GPU."""
+    recipe = ["-m", "finetune.recipe", "--config", str(config)]
+    if gpus <= 1:
+        return [sys.executable, *recipe]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *recipe]
 
 
 class RefreshBusy(RuntimeError):
@@ -232,7 +242,7 @@ class RefreshRunner:
                     on_progress: Callable[[dict[str, Any]], None]) -> tuple[str, str | None, list[dict]]:
         events: list[dict] = []
         with open(run_dir / "recipe.log", "w", encoding="utf-8") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "finetune.recipe", "--config", str(run_dir / "run.json")],
+            process = subprocess.Popen(recipe_command(run_dir / "run.json", self.settings.train_gpus),
                                        stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
             position = 0
             while True:

@@ -38,22 +38,27 @@ def test_labels_cover_only_the_assistant_turns(tiny_model_dir):
     assert tokenize_sample(tokenizer, samples()[0], 10) is None  # too long: left out, not cut
 
 
-def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None) -> list[dict]:
-    """The recipe as the app runs it: a subprocess with a config file; its progress events."""
+def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, gpus: int = 1,
+               **overrides) -> list[dict]:
+    """The recipe as the app runs it: a subprocess with a config file (`gpus` processes, as
+    --train-gpus starts them); its progress events."""
+    from finetune.refresh import recipe_command
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
     cases = None
     if eval_cases:
         cases = tmp_path / "eval.jsonl"
         cases.write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in eval_cases))
-    cfg = RecipeConfig(base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
-                       progress_file=str(tmp_path / "progress.jsonl"), lora_r=4, lora_alpha=8, epochs=2,
-                       gradient_accumulation=2, learning_rate=1e-2, load_in_4bit=True, eval_max_new_tokens=8,
-                       eval_cases=str(cases) if cases else None)
+    cfg = RecipeConfig(**{**dict(
+        base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
+        progress_file=str(tmp_path / "progress.jsonl"), lora_r=4, lora_alpha=8, epochs=2, gradient_accumulation=2,
+        learning_rate=1e-2, load_in_4bit=True, eval_max_new_tokens=8, eval_cases=str(cases) if cases else None),
+        **overrides})
     config = tmp_path / "run.json"
     config.write_text(json.dumps(cfg.__dict__))
-    done = subprocess.run([sys.executable, "-m", "finetune.recipe", "--config", str(config)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(recipe_command(config, gpus), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
 
@@ -85,6 +90,26 @@ def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_pa
     # and the base weights on disk are untouched by training
     reloaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert all(torch.equal(reloaded[k], before[k]) for k in before)
+
+
+def test_data_parallel_training_gives_the_adapter_of_one_process(tiny_model_dir, tmp_path):
+    """--train-gpus 2: two processes each take half of every step's samples and average their
+    LoRA gradients (gloo here on CPU; NCCL on GPUs). The losses and the adapter are those of
+    one process training all samples (dropout off: its masks are random per process; the gradient
+    through the prompt kept: which prompts a process shares depends on its samples)."""
+    same = dict(lora_dropout=0.0, cpu_bf16=False, gradient_accumulation=4, detach_shared_prefix=False)
+    one = run_recipe(tiny_model_dir, tmp_path / "one", **same)
+    two = run_recipe(tiny_model_dir, tmp_path / "two", gpus=2, **same)
+    assert "data parallel over 2" in two[1]["mode"] and "data parallel" not in one[1]["mode"]
+    # only the first process reports: one event per step, as from one process
+    losses = {name: [e["loss"] for e in events if e["event"] == "step"] for name, events in (("one", one), ("two", two))}
+    assert len(losses["two"]) == len(losses["one"]) == 2
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-4)
+    alone = load_file(str(tmp_path / "one" / "v1" / "adapter_model.safetensors"))
+    parallel = load_file(str(tmp_path / "two" / "v1" / "adapter_model.safetensors"))
+    assert set(alone) == set(parallel)
+    for key in alone:
+        torch.testing.assert_close(parallel[key], alone[key], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.gpu

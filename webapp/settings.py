@@ -148,6 +148,7 @@ class Settings:
         0.4, "Least share of each refresh's training mix made of general replay (repeated as needed), against an adapter that calls tools for everything; 0 to below 1."
     )
     start_from_active: bool = _setting(True, "Continue training the active adapter; --no-start-from-active starts fresh.")
+    train_gpus: int = _setting(1, "GPUs one refresh trains on: more than 1 runs the recipe data parallel, one process per GPU.")
     auto_promote: bool = _setting(
         True, "Promote a candidate that passes the evaluation gate; --no-auto-promote waits for an admin."
     )
@@ -235,6 +236,8 @@ def _validate(s: Settings) -> list[str]:
             problems.append(f"{name}={getattr(s, name)}: must be at least 1 ({_flag(name)}).")
     if not 0 <= s.replay_share < 1:
         problems.append("replay_share must be at least 0 and below 1.")
+    if s.train_gpus < 1:
+        problems.append("train_gpus must be at least 1.")
     if s.min_new_samples < 0 or s.general_replay < 0 or s.augment_variants < 0:
         problems.append("min_new_samples, general_replay and augment_variants must be 0 or more.")
     if not 8 <= s.chunk_tokens or not 0 <= s.chunk_overlap_tokens < s.chunk_tokens:
