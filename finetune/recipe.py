@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         # frozen base as loaded (no fp32 upcast of embeddings/norms), layers checkpointed
         prepare_for_lora_training(model, checkpointing=True)
     if world > 1:
-        mode += f", data parallel over {world} GPUs"
+        mode += f", data parallel over {world} {'GPUs' if cuda else 'processes'}"
     log.info("training mode: %s", mode)
     report(cfg, "mode", mode=mode, samples=len(examples), skipped=skipped)
 
@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             restore_embedding(model, device)
         evaluate(cfg, model, tokenizer)
     report(cfg, "done", steps=step, final_loss=losses[-1], seconds=round(time.monotonic() - started, 2),
-           output_dir=str(target))
+           output_dir=str(target),
+           peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None)
     return 0
 
 
