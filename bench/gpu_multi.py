@@ -1,6 +1,6 @@
 """The refresh recipe on one GPU and data parallel on several, side by side: the same
 samples, the same settings (QLoRA r=64 alpha=16 q/k/v, 8 samples per optimizer step), the
-recipe started as the nightly job starts it (finetune.refresh.recipe_command: torchrun with
+recipe started as the nightly job starts it (finetune.recipe.recipe_command: torchrun with
 one process per GPU when --train-gpus > 1). Prints training tokens/s and peak memory.
 
     python bench/gpu_multi.py --model Qwen/Qwen3-14B --gpus 2
@@ -42,8 +42,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from finetune.recipe import RecipeConfig, tokenize_sample
-    from finetune.refresh import recipe_command
+    from finetune.recipe import RecipeConfig, recipe_command, tokenize_sample
 
     work = Path(os.environ.get("OUT", "/tmp")) / "multi"
     work.mkdir(parents=True, exist_ok=True)

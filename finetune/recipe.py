@@ -58,6 +58,15 @@ class RecipeConfig(Hyperparameters):
     active_adapter: str | None = None  # the adapter serving now (None: the base model)
 
 
+def recipe_command(config: Path, gpus: int = 1) -> list[str]:
+    """The training process: the recipe itself, or under torch's own launcher (what
+    `accelerate launch` runs too) with one process per GPU."""
+    recipe = ["-m", "finetune.recipe", "--config", str(config)]
+    if gpus <= 1:
+        return [sys.executable, *recipe]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *recipe]
+
+
 def report(cfg: RecipeConfig, event: str, **fields: Any) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # data parallel: the first process speaks for all
         return

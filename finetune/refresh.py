@@ -15,7 +15,6 @@ import math
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -25,7 +24,7 @@ from typing import Any, Callable
 from finetune.augment import Vocabulary, slot_variants
 from finetune.chat_format import system_message
 from finetune.evaluate import case_from_sample, gate, load_functional_set, score
-from finetune.recipe import Hyperparameters, RecipeConfig
+from finetune.recipe import Hyperparameters, RecipeConfig, recipe_command
 from finetune.samples import last_question, normalize_question
 from storage import adapters as registry
 from storage import reviews
@@ -50,14 +49,6 @@ class RefreshSettings(Hyperparameters):
 
 GENERAL_REPLAY = Path(__file__).with_name("data") / "general_replay.jsonl"
 
-
-def recipe_command(config: Path, gpus: int = 1) -> list[str]:
-    """The training process: the recipe itself, or under torch's own launcher (what
-    `accelerate launch` runs too) with one process per GPU."""
-    recipe = ["-m", "finetune.recipe", "--config", str(config)]
-    if gpus <= 1:
-        return [sys.executable, *recipe]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *recipe]
 
 
 class RefreshBusy(RuntimeError):

@@ -2,13 +2,12 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.recipe import RecipeConfig, tokenize_sample
+from finetune.recipe import RecipeConfig, recipe_command, tokenize_sample
 from finetune.samples import tool_call_message
 
 SYSTEM = {"role": "system", "content": "You are hangjia."}
@@ -42,8 +41,6 @@ def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, g
                **overrides) -> list[dict]:
     """The recipe as the app runs it: a subprocess with a config file (`gpus` processes, as
     --train-gpus starts them); its progress events."""
-    from finetune.refresh import recipe_command
-
     tmp_path.mkdir(parents=True, exist_ok=True)
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
