@@ -178,25 +178,22 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     if not prefix:
         sharing = []
     others = [example for i, example in enumerate(examples) if i not in sharing]
-    total = 0.0
-    if detach_prefix and not checkpointed:  # a long prompt of its own (served with passages): run without gradient too
+    alone: list[dict[str, list[int]]] = []
+    if detach_prefix and not checkpointed:  # a long prompt of its own (with passages): without gradient too
         alone = [e for e in others if _first_learned(e) - 1 >= MIN_SHARED_PREFIX]
         others = [e for e in others if _first_learned(e) - 1 < MIN_SHARED_PREFIX]
+
+    def losses():  # each part's share of the micro-batch's loss, computed when its turn comes (memory)
         for example in alone:
-            loss = _suffixes_loss(model, [example], _first_learned(example) - 1, device, True) / len(examples)
-            if not torch.isfinite(loss):
-                return float("nan")
-            loss.backward()
-            total += loss.item()
-    for group in group_by_tokens(others, max_tokens):
-        loss = packed_loss(model, pack(group), device) / len(examples)
-        if not torch.isfinite(loss):
-            return float("nan")
-        loss.backward()
-        total += loss.item()
-    if sharing:
-        loss = _suffixes_loss(model, [examples[i] for i in sharing], prefix, device, detach_prefix)
-        loss = loss * (len(sharing) / len(examples))
+            yield _suffixes_loss(model, [example], _first_learned(example) - 1, device, True) / len(examples)
+        for group in group_by_tokens(others, max_tokens):
+            yield packed_loss(model, pack(group), device) / len(examples)
+        if sharing:
+            shared = _suffixes_loss(model, [examples[i] for i in sharing], prefix, device, detach_prefix)
+            yield shared * (len(sharing) / len(examples))
+
+    total = 0.0
+    for loss in losses():
         if not torch.isfinite(loss):
             return float("nan")
         loss.backward()
