@@ -44,6 +44,16 @@ def run_all(engine, requests):
     return [request.collect(timeout=60) for request in requests]
 
 
+def serve(decoder, prompts, adapters, new_tokens):
+    """All prompts submitted at once to an engine over `decoder`; each one's tokens."""
+    engine = BatchingEngine(decoder)
+    try:
+        return run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=new_tokens, adapter=a))
+                                for p, a in zip(prompts, adapters)])
+    finally:
+        engine.close()
+
+
 def test_batched_rows_with_different_adapters_match_generate(two_adapter_model):
     model = two_adapter_model
     decoder = StaticDecoder(model, max_batch=4, max_len=96)
@@ -93,12 +103,7 @@ def test_a_prefill_padded_to_a_graph_length_gives_the_same_tokens(two_adapter_mo
                [(5 * i + 1) % 150 + 2 for i in range(20)]]  # 6, 11, 2 tokens padded; 20 past the lengths: eager
     adapters = ["finance", "hr", None, "hr"]
     decoder = StaticDecoder(model, max_batch=2, max_len=64, graph_prefill=True, prefill_lengths=(8, 16))
-    engine = BatchingEngine(decoder)
-    try:
-        outputs = run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=10, adapter=a))
-                                   for p, a in zip(prompts, adapters)])
-    finally:
-        engine.close()
+    outputs = serve(decoder, prompts, adapters, 10)
     assert outputs == [reference(model, p, a, 10) for p, a in zip(prompts, adapters)]
     assert sorted(decoder._prefill_runs) == [8, 16]  # the 20-token prompt ran eagerly
 
@@ -203,12 +208,7 @@ def test_fused_4bit_layers_give_the_unfused_tokens(tiny_model_dir):
         # the first call, after which the layout is no longer NF4's (fusing then refuses)
         decoder = StaticDecoder(four_bit_model(), max_batch=2, max_len=48, fused_nf4=fused)
         assert bool(decoder._fused) == fused
-        engine = BatchingEngine(decoder)
-        try:
-            outputs = run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=10, adapter=a))
-                                       for p, a in zip(prompts, adapters)])
-        finally:
-            engine.close()
+        outputs = serve(decoder, prompts, adapters, 10)
         return outputs, decoder.prefill(0, prompts[0], "finance")
 
     plain, plain_logits = answers(False)
@@ -232,12 +232,7 @@ def test_graphed_prefill_and_decode_on_gpu_give_the_tokens_of_generate(tiny_mode
     adapters = ["finance", "hr", None, "hr", "finance"]
     decoder = StaticDecoder(model, max_batch=2, max_len=96, prefill_lengths=(8, 16, 32))
     assert decoder.use_graphs and decoder.graph_prefill
-    engine = BatchingEngine(decoder)
-    try:
-        outputs = run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=10, adapter=a))
-                                   for p, a in zip(prompts, adapters)])
-    finally:
-        engine.close()
+    outputs = serve(decoder, prompts, adapters, 10)
 
     assert outputs == [reference(model, p, a, 10, "cuda") for p, a in zip(prompts, adapters)]
     assert sorted(decoder._prefill_runs) == [8, 16]  # the 40-token prompt ran eagerly; nothing needed 32
