@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_train import add_model_arguments, model_path  # noqa: E402 (bench/ on the path first)
+
 KINDS = (  # first match wins: kernel name fragment -> kind
     ("gemv_4bit", "4-bit GEMV (bitsandbytes)"), ("kgemm_4bit", "4-bit GEMV (bitsandbytes)"),
     ("dequantize", "4-bit dequantize (bitsandbytes)"), ("flash", "attention"), ("fmha", "attention"),
@@ -37,21 +39,18 @@ def kind_of(name: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model")
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--ckpt", default="/tmp/hangjia-random-ckpt")
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
 
     import torch
     from gpu_serve import add_adapters
-    from gpu_train import load_4bit, random_checkpoint
+    from gpu_train import load_4bit
     from torch.profiler import ProfilerActivity, profile
 
     from finetune.decoding import StaticDecoder
 
-    path = random_checkpoint(Path(args.ckpt), os.environ.get("TINY") == "1") if args.random_weights else args.model
-    model = add_adapters(load_4bit(path), 64)
+    model = add_adapters(load_4bit(model_path(args)), 64)
     decoder = StaticDecoder(model, max_batch=8, max_len=1024, use_graphs=False)
     out = Path(os.environ.get("OUT", "/tmp")) / "gpu_profile.jsonl"
     for batch in (1, 8):

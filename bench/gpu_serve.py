@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_train import add_model_arguments, model_path  # noqa: E402 (bench/ on the path first)
+
 
 def sync():
     import torch
@@ -61,9 +63,7 @@ def run_requests(engine, prompts, adapters, new_tokens: int) -> tuple[float, lis
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model")
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--ckpt", default="/tmp/hangjia-random-ckpt")
+    add_model_arguments(parser)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
@@ -73,13 +73,11 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from gpu_train import load_4bit, random_checkpoint
+    from gpu_train import load_4bit
 
     from finetune.decoding import BatchingEngine, StaticDecoder
 
-    tiny = os.environ.get("TINY") == "1"
-    path = random_checkpoint(Path(args.ckpt), tiny) if args.random_weights else args.model
-    model = add_adapters(load_4bit(path), args.lora_r)
+    model = add_adapters(load_4bit(model_path(args)), args.lora_r)
     cuda = torch.cuda.is_available()
     generator = torch.Generator().manual_seed(7)
     prompts = torch.randint(0, 151643, (args.batch, args.prompt_len), generator=generator).tolist()

@@ -58,6 +58,18 @@ def qwen3_14b_config(tiny: bool):
     return Qwen3Config(**kw)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, or --random-weights written to --ckpt: the model every GPU bench runs on."""
+    parser.add_argument("--model", help="a local folder or hub id of a Qwen3 model")
+    parser.add_argument("--random-weights", action="store_true", help="Qwen3-14B architecture, random weights")
+    parser.add_argument("--ckpt", default="/tmp/hangjia-random-ckpt", help="where --random-weights writes its checkpoint")
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """The folder or hub id to load (TINY=1: a tiny random model, a dry run on CPU)."""
+    return random_checkpoint(Path(args.ckpt), os.environ.get("TINY") == "1") if args.random_weights else args.model
+
+
 def random_checkpoint(folder: Path, tiny: bool) -> str:
     """A Qwen3-14B-shaped checkpoint with transformers' own random init (written once)."""
     import torch
@@ -182,9 +194,7 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local folder or hub id of a Qwen3 model")
-    parser.add_argument("--random-weights", action="store_true", help="Qwen3-14B architecture, random weights")
-    parser.add_argument("--ckpt", default="/tmp/hangjia-random-ckpt", help="where --random-weights writes its checkpoint")
+    add_model_arguments(parser)
     parser.add_argument("--variants", default="hangjia,1-per-forward,4-per-forward,full-logits,liger,no-checkpointing,host-embedding")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
@@ -199,11 +209,9 @@ def main() -> int:
 
     from finetune.qlora import prepare_for_lora_training
 
-    tiny = os.environ.get("TINY") == "1"
-    model_path = random_checkpoint(Path(args.ckpt), tiny) if args.random_weights else args.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    model = load_4bit(model_path)
+    model = load_4bit(model_path(args))
     load_s = time.perf_counter() - started
     after_load = memory()
     prepare_for_lora_training(model, checkpointing=True)
