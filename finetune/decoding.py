@@ -319,33 +319,39 @@ class StaticDecoder:
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the decoder holds {self.max_len - 1}")
         length = self._prefill_length(len(prompt_ids))
-        if length:  # a graph replay computes the whole prompt faster than eager code copies a start
-            return self._graphed_prefill(slot, prompt_ids, adapter, length)
-        start, source = self._reusable_prefix(prompt_ids, adapter)
+        # looked up before the slot's own entry is cleared: a slot may reuse its previous prompt
+        start, source = (0, None) if length else self._reusable_prefix(prompt_ids, adapter)
         self._slot_prompts[slot] = None  # overwritten below; not a source until complete
-        if source is not None and source != slot:
-            self.keys[:, slot, :, :start] = self.keys[:, source, :, :start]
-            self.values[:, slot, :, :start] = self.values[:, source, :, :start]
-        self.reused_tokens += start
-        ids = torch.tensor([list(prompt_ids[start:])], device=self.device)
-        positions = torch.arange(start, len(prompt_ids), device=self.device)[None, :]
         # the prefill is one row: row 0 of the masks carries this slot's adapter meanwhile
         row_zero = self._row_adapter[0]
         self.set_row_adapter(0, adapter)
         try:
-            logits = self._forward(ids, positions, slot, start)[0]
+            if length:  # a graph replay computes the whole prompt faster than eager code copies a start
+                logits = self._graphed_prefill(slot, prompt_ids, length)
+            else:
+                logits = self._eager_prefill(slot, prompt_ids, start, source)
             self._slot_prompts[slot] = (adapter, tuple(prompt_ids))
             return logits
         finally:
             self.set_row_adapter(0, row_zero)
             self.set_row_adapter(slot, adapter)
 
+    def _eager_prefill(self, slot: int, prompt_ids: Sequence[int], start: int, source: int | None) -> torch.Tensor:
+        """The prompt from `start` on; the positions before it copied from slot `source`."""
+        if source is not None and source != slot:
+            self.keys[:, slot, :, :start] = self.keys[:, source, :, :start]
+            self.values[:, slot, :, :start] = self.values[:, source, :, :start]
+        self.reused_tokens += start
+        ids = torch.tensor([list(prompt_ids[start:])], device=self.device)
+        positions = torch.arange(start, len(prompt_ids), device=self.device)[None, :]
+        return self._forward(ids, positions, slot, start)[0]
+
     def _prefill_length(self, tokens: int) -> int | None:
         if not self.graph_prefill:
             return None
         return next((n for n in self.prefill_lengths if n >= tokens), None)
 
-    def _graphed_prefill(self, slot: int, prompt_ids: Sequence[int], adapter: str | None, length: int) -> torch.Tensor:
+    def _graphed_prefill(self, slot: int, prompt_ids: Sequence[int], length: int) -> torch.Tensor:
         if length not in self._prefill_runs:
             self._prefill_runs[length] = self._prefill_run(length)
         run, ids, positions = self._prefill_runs[length]
@@ -356,16 +362,7 @@ class StaticDecoder:
         positions[0, tokens:] = self.max_len - 1
         self._prefill_slot.fill_(slot)
         self._prefill_last.fill_(tokens - 1)
-        self._slot_prompts[slot] = None
-        row_zero = self._row_adapter[0]
-        self.set_row_adapter(0, adapter)
-        try:
-            logits = run()[0].clone()
-            self._slot_prompts[slot] = (adapter, tuple(prompt_ids))
-            return logits
-        finally:
-            self.set_row_adapter(0, row_zero)
-            self.set_row_adapter(slot, adapter)
+        return run()[0].clone()
 
     def _prefill_run(self, length: int):
         """(run, its token ids, their positions): a prefill of `length` tokens over fixed

@@ -50,7 +50,6 @@ class RefreshSettings(Hyperparameters):
 GENERAL_REPLAY = Path(__file__).with_name("data") / "general_replay.jsonl"
 
 
-
 class RefreshBusy(RuntimeError):
     """A refresh of this adapter is already running."""
 
