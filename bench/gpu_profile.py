@@ -51,9 +51,9 @@ def main() -> int:
     from finetune.decoding import StaticDecoder
 
     model = add_adapters(load_4bit(model_path(args)), 64)
-    decoder = StaticDecoder(model, max_batch=8, max_len=1024, use_graphs=False)
     out = Path(os.environ.get("OUT", "/tmp")) / "gpu_profile.jsonl"
-    for batch in (1, 8):
+    for join_lora, batch in ((True, 1), (True, 8), (False, 1)):
+        decoder = StaticDecoder(model, max_batch=8, max_len=1024, use_graphs=False, join_lora=join_lora)
         for row in range(batch):
             decoder.set_row_adapter(row, ["finance", "hr", None][row % 3])
         tokens, positions = [11] * batch, [600 + row for row in range(batch)]
@@ -65,11 +65,14 @@ def main() -> int:
                 decoder.decode(tokens, positions)
             torch.cuda.synchronize()
         totals: dict[str, float] = collections.defaultdict(float)
+        kernels = 0
         for event in prof.key_averages():
             cuda_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
             if cuda_us:
                 totals[kind_of(event.key)] += cuda_us / args.steps / 1000
-        row = {"batch": batch, "gpu_ms_per_step": round(sum(totals.values()), 2),
+                kernels += event.count
+        row = {"batch": batch, "join_lora": join_lora, "kernels_per_step": round(kernels / args.steps),
+               "gpu_ms_per_step": round(sum(totals.values()), 2),
                "by_kind_ms": {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
                "top_kernels": [(e.key[:80], round((getattr(e, "self_device_time_total", 0) or 0) / args.steps / 1000, 3))
                                for e in sorted(prof.key_averages(),
@@ -77,6 +80,7 @@ def main() -> int:
         print("RESULT", json.dumps(row), flush=True)
         with open(out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        del decoder
     return 0
 
 

@@ -94,14 +94,19 @@ def main() -> int:
     greedy_ours: list[int] = []
     first_user: dict[str, list[int]] = {}
     # (label, decode steps as graphs, compiled norms/rope, 4-bit kernel of joined layers, prefill as graphs)
-    variants = [("hangjia: + prefill as a CUDA graph", True, True, "bitsandbytes", True),
-                ("hangjia before: q/k/v and gate/up joined (bitsandbytes kernels), eager prefill",
-                 True, True, "bitsandbytes", False),
-                ("joined, hangjia's Triton NF4 kernel for decode steps", True, True, "triton", True),
-                ("static cache + CUDA graphs + compiled norms/rope", True, True, None, False),
-                ("static cache + CUDA graphs", True, False, None, False),
-                ("static cache, eager", False, False, None, False)]
-    for label, graphs, compiled, kernel, graph_prefill in (variants[:args.variants] if cuda else variants[5:]):
+    # (label, decode steps as graphs, compiled elementwise, 4-bit kernel of joined layers, prefill as graphs,
+    #  a joined product's LoRA as one pair of matmuls)
+    eager_prefill = "hangjia before: q/k/v and gate/up joined (bitsandbytes kernels), eager prefill"
+    variants = [("hangjia: + a joined product's LoRA in one pair of matmuls, residual add in the norm",
+                 True, True, "bitsandbytes", True, True),
+                ("hangjia before: LoRA per layer, prefill as a CUDA graph", True, True, "bitsandbytes", True, False),
+                (eager_prefill, True, True, "bitsandbytes", False, False),
+                ("joined, hangjia's Triton NF4 kernel for decode steps", True, True, "triton", True, True),
+                ("static cache + CUDA graphs + compiled norms/rope", True, True, None, False, False),
+                ("static cache + CUDA graphs", True, False, None, False, False),
+                ("static cache, eager", False, False, None, False, False)]
+    for label, graphs, compiled, kernel, graph_prefill, join_lora in (
+            variants[:args.variants] if cuda else variants[-1:]):
         decoder = engine = None
         try:
             # every prompt computed in full here (the warm-up saw the same prompts); the reuse of a
@@ -109,7 +114,7 @@ def main() -> int:
             decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, use_graphs=graphs,
                                     compile_elementwise=compiled, fused_nf4=kernel is not None,
                                     nf4_kernel=kernel or "bitsandbytes", reuse_prefixes=False,
-                                    graph_prefill=graph_prefill)
+                                    graph_prefill=graph_prefill, join_lora=join_lora)
             engine = BatchingEngine(decoder)
             run_requests(engine, prompts[:1], ["finance"], 16)  # warm-up: kernels, graph capture bs 1
             run_requests(engine, prompts, ["finance"] * args.batch, 16)  # and the batch's graph
@@ -132,7 +137,7 @@ def main() -> int:
                 if users > 1:
                     greedy_ours = outputs[0][:32]
                     first_user[label] = greedy_ours
-            if label == variants[1][0] or not cuda:
+            if label == eager_prefill or not cuda:
                 # chat turns of one department share the system prompt and tool schemas: here the
                 # first 7/8 of the prompt, computed by the first turn and copied by the next five
                 # (an eager prefill's lever: a graphed one computes the whole prompt instead)

@@ -50,6 +50,16 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def _add_norm(hidden: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next RMSNorm: (new hidden, its norm)."""
+    hidden = hidden + update
+    return hidden, _rms_norm(hidden, weight, eps)
+
+
+def _gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return act(gate) * up
+
+
 def stop_token_ids(tokenizer, model) -> frozenset[int]:
     """The tokens that end an answer: the tokenizer's end and the model's generation config
     (Qwen3 ends a turn with <|im_end|> and a text with <|endoftext|>), as generate() stops."""
@@ -76,6 +86,13 @@ def flatten_nested_scales(decoder) -> int:
     return changed
 
 
+def layer_groups(layer) -> dict[str, tuple[Any, ...]]:
+    """A decoder layer's projections grouped by their input: each group is one product when joined."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return {"qkv": (attention.q_proj, attention.k_proj, attention.v_proj), "o": (attention.o_proj,),
+            "gate_up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
+
+
 def fuse_layers(layers, kernel: str = "bitsandbytes") -> dict[tuple[int, str], Any]:
     """(layer number, group) -> FusedNF4 for every group whose layers are all flat NF4 4-bit
     (after flatten_nested_scales); other groups stay as they are."""
@@ -86,10 +103,7 @@ def fuse_layers(layers, kernel: str = "bitsandbytes") -> dict[tuple[int, str], A
 
     fused = {}
     for number, layer in enumerate(layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        groups = {"qkv": (attention.q_proj, attention.k_proj, attention.v_proj), "o": (attention.o_proj,),
-                  "gate_up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
-        for group, modules in groups.items():
+        for group, modules in layer_groups(layer).items():
             bases = [base(m) for m in modules]
             if all(fusable(b) for b in bases):
                 try:
@@ -106,6 +120,7 @@ class StaticDecoder:
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
                  flatten_double_quant: bool | None = None, fused_nf4: bool | None = None,
                  nf4_kernel: str = "bitsandbytes", reuse_prefixes: bool = True, graph_prefill: bool | None = None,
+                 join_lora: bool = True,
                  prefill_lengths: Sequence[int] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)):
         from finetune.qlora import decoder_and_head
 
@@ -142,16 +157,17 @@ class StaticDecoder:
         self.reused_tokens = 0  # prompt tokens copied from another slot instead of computed
         cuda = self.device.type == "cuda"
         # Norms and rotary embeddings are a dozen tiny kernels each; compiled, a few fused ones.
-        self._norm, self._rope = _rms_norm, _rope
+        self._norm, self._rope, self._add_norm, self._gated = _rms_norm, _rope, _add_norm, _gated
         if cuda if compile_elementwise is None else compile_elementwise:
-            self._norm = torch.compile(_rms_norm, dynamic=False)
-            self._rope = torch.compile(_rope, dynamic=False)
+            self._norm, self._rope, self._add_norm, self._gated = (
+                torch.compile(f, dynamic=False) for f in (_rms_norm, _rope, _add_norm, _gated))
         if cuda if flatten_double_quant is None else flatten_double_quant:
             self.flattened_scales = flatten_nested_scales(self.decoder)
         # 4-bit layers with one input joined (q/k/v, gate/up): 4 products per layer, not 7.
         # nf4_kernel="triton" multiplies decode steps with finetune/nf4.py's kernel (opt-in:
         # slower than bitsandbytes so far, see README Performance)
         self._fused: dict[tuple[int, str], Any] = {}
+        self.join_lora = join_lora  # a joined product's LoRA as one pair of matmuls (see _stack_groups)
         if cuda if fused_nf4 is None else fused_nf4:
             self._fused = fuse_layers(self.layers, nf4_kernel)
         self.refresh_adapters()
@@ -166,6 +182,7 @@ class StaticDecoder:
         the old weights' addresses, so they are captured again."""
         names: set[str] = set()
         self._stacks: dict[Any, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        self._group_stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
         for module in self.decoder.modules():
             if not _is_lora(module):
@@ -180,6 +197,7 @@ class StaticDecoder:
             self._stacks[module] = (a.contiguous(), b.contiguous(), signature)
             self._masks.setdefault(signature, torch.zeros(self.max_batch, 1, a.shape[0], dtype=self.dtype,
                                                           device=self.device))
+        self._stack_groups()
         self.adapter_index = {name: i for i, name in enumerate(sorted(names))}
         self._slot_prompts = [None] * self.max_batch  # cached prompts were computed with the old weights
         # rows in flight keep their adapter (its new weights, after a promotion)
@@ -189,6 +207,31 @@ class StaticDecoder:
             self.set_row_adapter(row, adapter if adapter in self.adapter_index else None)
         self._graphs.clear()
         self._prefill_runs.clear()
+
+    def _stack_groups(self) -> None:
+        """For each joined 4-bit product with LoRA on more than one of its layers (q/k/v,
+        gate/up): the layers' A stacks on top of each other and their B stacks as one block
+        diagonal, so the group's LoRA is two matmuls added to the joined output, not two per
+        layer (8 fewer kernels per layer in a decode step with q/k/v adapted)."""
+        for (number, group), fused in self._fused.items() if self.join_lora else ():
+            modules = layer_groups(self.layers[number])[group]
+            stacks = [self._stacks.get(m) for m in modules]
+            if sum(stack is not None for stack in stacks) < 2:
+                continue
+            ranks = [stack[0].shape[0] if stack else 0 for stack in stacks]
+            a = torch.cat([stack[0] for stack in stacks if stack])
+            b = torch.zeros(sum(fused.sizes), sum(ranks), dtype=self.dtype, device=a.device)
+            row = column = 0
+            for stack, size, rank in zip(stacks, fused.sizes, ranks):
+                if stack:
+                    b[row:row + size, column:column + rank] = stack[1]
+                row, column = row + size, column + rank
+            signature = tuple(entry for stack in stacks if stack for entry in stack[2])
+            self._group_stacks[(number, group)] = (a, b, signature)
+            self._masks.setdefault(signature, torch.zeros(self.max_batch, 1, a.shape[0], dtype=self.dtype,
+                                                          device=self.device))
+            for module in modules:  # the group's stack replaces theirs
+                self._stacks.pop(module, None)
 
     def set_row_adapter(self, row: int, adapter: str | None) -> None:
         self._row_adapter[row] = adapter
@@ -211,12 +254,18 @@ class StaticDecoder:
         mask = self._masks[signature][: x.shape[0]]
         return base + ((x @ a.T) * mask) @ b.T
 
-    def _project(self, number: int, group: str, modules: Sequence[Any], x: torch.Tensor) -> list[torch.Tensor]:
-        """The layers of one input (q/k/v; gate/up; o; down): one fused 4-bit product, then each
-        layer's LoRA; without fused weights, layer by layer."""
+    def _project(self, number: int, group: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """The layers of one input (q/k/v; gate/up; o; down): one fused 4-bit product, then the
+        LoRA (the group's, or each layer's); without fused weights, layer by layer."""
+        modules = layer_groups(self.layers[number])[group]
         fused = self._fused.get((number, group))
         if fused is None:
             return [self._linear(module, x) for module in modules]
+        stack = self._group_stacks.get((number, group))
+        if stack is not None:
+            a, b, signature = stack
+            joined = fused.joined(x) + ((x @ a.T) * self._masks[signature][: x.shape[0]]) @ b.T
+            return list(joined.split(fused.sizes, dim=-1))
         return [self._with_lora(module, x, base) for module, base in zip(modules, fused(x))]
 
     # -- the forward ---------------------------------------------------------------------
@@ -240,11 +289,18 @@ class StaticDecoder:
         if slot is None:
             row_index = torch.arange(rows, device=self.device)[:, None]
             visible = (torch.arange(self.max_len, device=self.device)[None, :] <= positions)[:, None, None, :]
+        update = None  # the last MLP output, not yet added to hidden
         for number, layer in enumerate(self.layers):
             attention = layer.self_attn
-            norm, rope = (self._norm, self._rope) if slot is None else (_rms_norm, _rope)
-            x = norm(hidden, layer.input_layernorm.weight, self._eps(layer.input_layernorm))
-            q, k, v = self._project(number, "qkv", (attention.q_proj, attention.k_proj, attention.v_proj), x)
+            # decode steps run the compiled elementwise kernels; a prefill's shapes vary
+            norm, rope, add_norm, gated = ((self._norm, self._rope, self._add_norm, self._gated) if slot is None
+                                           else (_rms_norm, _rope, _add_norm, _gated))
+            # the previous layer's MLP output is added here, with this layer's norm
+            if update is not None:
+                hidden, x = add_norm(hidden, update, layer.input_layernorm.weight, self._eps(layer.input_layernorm))
+            else:
+                x = norm(hidden, layer.input_layernorm.weight, self._eps(layer.input_layernorm))
+            q, k, v = self._project(number, "qkv", x)
             q = q.reshape(rows, length, self.heads, self.head_dim)
             k = k.reshape(rows, length, self.kv_heads, self.head_dim)
             v = v.reshape(rows, length, self.kv_heads, self.head_dim)
@@ -279,11 +335,11 @@ class StaticDecoder:
                     q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
                     is_causal=not start, attn_mask=self._prefill_mask(start, length) if start else None)
                 out = out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
-            hidden = hidden + self._project(number, "o", (attention.o_proj,), out)[0]
-            x = norm(hidden, layer.post_attention_layernorm.weight, self._eps(layer.post_attention_layernorm))
-            mlp = layer.mlp
-            gate, up = self._project(number, "gate_up", (mlp.gate_proj, mlp.up_proj), x)
-            hidden = hidden + self._project(number, "down", (mlp.down_proj,), mlp.act_fn(gate) * up)[0]
+            hidden, x = add_norm(hidden, self._project(number, "o", out)[0], layer.post_attention_layernorm.weight,
+                                 self._eps(layer.post_attention_layernorm))
+            gate, up = self._project(number, "gate_up", x)
+            update = self._project(number, "down", gated(layer.mlp.act_fn, gate, up))[0]
+        hidden = hidden + update
         final = hidden[:, -1] if last is None else hidden.index_select(1, last)[:, 0]
         return self.head(self.decoder.norm(final)).float()
 

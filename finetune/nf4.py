@@ -151,6 +151,10 @@ class FusedNF4:
             blocksize=GROUP, quant_type="nf4", dtype=self.dtype)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.joined(x).split(self.sizes, dim=-1))
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs side by side (in the order they were given)."""
         rows = x.numel() // x.shape[-1]
         if x.is_cuda and self.kernel == "triton" and rows <= MAX_ROWS:
             y = nf4_matmul(x, self.packed, self.absmax, self.tables, sum(self.sizes))
@@ -163,7 +167,7 @@ class FusedNF4:
 
             weight = bnb_functional.dequantize_4bit(self.packed, self._state)
             y = x @ weight.to(x.dtype).t()
-        return list(y.split(self.sizes, dim=-1))
+        return y
 
 
 def fusable(layer: torch.nn.Module) -> bool:

@@ -175,13 +175,14 @@ def test_fused_4bit_layers_give_the_unfused_tokens(tiny_model_dir):
     """q/k/v and gate/up joined into one 4-bit weight each (finetune/nf4.py) must split back
     into the right layers, with each layer's LoRA added: the same tokens and logits as the
     layer-by-layer path on the same 4-bit model (here on CPU; the GPU kernel is checked in
-    tests/test_nf4.py and bench/nf4_kernel.py)."""
+    tests/test_nf4.py and bench/nf4_kernel.py). A joined product's LoRA as one block-diagonal
+    pair of matmuls (q and v adapted, k not; gate and up both) gives them too."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     def four_bit_model():
-        torch.manual_seed(3)
+        torch.manual_seed(6)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
@@ -193,7 +194,7 @@ def test_fused_4bit_layers_give_the_unfused_tokens(tiny_model_dir):
                         quantized.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False,
                                                              quant_type="nf4", compress_statistics=False)
                         setattr(parent, name, quantized.to("cpu"))
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"]),
                                adapter_name="finance")
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -203,20 +204,22 @@ def test_fused_4bit_layers_give_the_unfused_tokens(tiny_model_dir):
 
     prompts, adapters = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 120, 64]], ["finance", None]
 
-    def answers(fused: bool):
+    def answers(fused: bool, join_lora: bool = False):
         # a model of its own each: bitsandbytes repacks a 4-bit layer for its CPU kernel on
         # the first call, after which the layout is no longer NF4's (fusing then refuses)
-        decoder = StaticDecoder(four_bit_model(), max_batch=2, max_len=48, fused_nf4=fused)
+        decoder = StaticDecoder(four_bit_model(), max_batch=2, max_len=48, fused_nf4=fused, join_lora=join_lora)
         assert bool(decoder._fused) == fused
+        assert sorted({group for _, group in decoder._group_stacks}) == (["gate_up", "qkv"] if join_lora else [])
         outputs = serve(decoder, prompts, adapters, 10)
         return outputs, decoder.prefill(0, prompts[0], "finance")
 
     plain, plain_logits = answers(False)
-    fused, fused_logits = answers(True)
-    assert fused == plain
-    # bitsandbytes' CPU kernel multiplies in fp32, the fused path dequantizes to bf16 first;
-    # a layer mixed up (q for k, gate for up) differs by ~0.7 here
-    torch.testing.assert_close(fused_logits, plain_logits, rtol=0, atol=1e-2)
+    for join_lora in (False, True):
+        fused, fused_logits = answers(True, join_lora)
+        assert fused == plain, f"join_lora={join_lora}"
+        # bitsandbytes' CPU kernel multiplies in fp32, the fused path dequantizes to bf16 first;
+        # a layer mixed up (q for k, gate for up) or a LoRA block misplaced differs by ~0.7 here
+        torch.testing.assert_close(fused_logits, plain_logits, rtol=0, atol=1e-2)
 
 
 @pytest.mark.gpu
