@@ -308,6 +308,9 @@ class StaticDecoder:
         if slot is None:
             row_index = torch.arange(rows, device=self.device)[:, None]
             visible = (torch.arange(self.max_len, device=self.device)[None, :] <= positions)[:, None, None, :]
+            # as an additive mask once per step: attention turns a boolean one into this in every layer
+            visible = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~visible, torch.finfo(self.dtype).min)
         update = None  # the last MLP output, not yet added to hidden
         for number, layer in enumerate(self.layers):
             attention = layer.self_attn
