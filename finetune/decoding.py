@@ -134,7 +134,7 @@ class StaticDecoder:
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
                  flatten_double_quant: bool | None = None, fused_nf4: bool | None = None,
                  nf4_kernel: str = "bitsandbytes", reuse_prefixes: bool = True, graph_prefill: bool | None = None,
-                 join_lora: bool = True,
+                 join_lora: bool = True, attention_spans: Sequence[int] = (256, 512, 1024, 2048, 4096),
                  prefill_lengths: Sequence[int] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)):
         from finetune.qlora import decoder_and_head
 
@@ -161,7 +161,11 @@ class StaticDecoder:
         self._staging = torch.empty(2, max_batch, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
         # recorded after each transfer: the staging buffer is written again only once it is done
         self._staged = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        # A decode step attends over the cache up to the next of these lengths past the furthest
+        # row, not over all of max_len: with the app's 8,192-token slots, attention over the whole
+        # cache would cost more than the rest of a short answer's step. One graph per (batch, span).
+        self.attention_spans = sorted({n for n in attention_spans if n < max_len} | {max_len})
         self._pool = None
         # A prompt's prefill replayed as a CUDA graph too, padded to the next of these lengths:
         # eager, a 512-token prefill at 14B is ~1,200 kernel launches from Python (60-110 ms,
@@ -294,12 +298,13 @@ class StaticDecoder:
         return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: int | torch.Tensor | None, start: int = 0,
-                 last: torch.Tensor | None = None) -> torch.Tensor:
+                 last: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
         """Logits of each row's last token (or of token `last`). slot=None: a decode step over
         rows 0..B-1 (one token each, at their own positions). slot=k: the prefill of one prompt
         into slot k, from position `start` on (the slot's cache already holds the positions
         before it). slot=tensor([[k]]): a whole prompt's prefill with every index a tensor, as a
-        graph replays it: padding after the prompt sits at position max_len-1, never read."""
+        graph replays it: padding after the prompt sits at position max_len-1, never read.
+        A decode step attends over cache positions below `span` (default: all)."""
         rows, length = ids.shape
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
@@ -307,7 +312,8 @@ class StaticDecoder:
         groups = self.heads // self.kv_heads
         if slot is None:
             row_index = torch.arange(rows, device=self.device)[:, None]
-            visible = (torch.arange(self.max_len, device=self.device)[None, :] <= positions)[:, None, None, :]
+            span = span or self.max_len
+            visible = (torch.arange(span, device=self.device)[None, :] <= positions)[:, None, None, :]
             # as an additive mask once per step: attention turns a boolean one into this in every layer
             visible = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
                 ~visible, torch.finfo(self.dtype).min)
@@ -347,7 +353,8 @@ class StaticDecoder:
                 # take the place of the query length
                 grouped = q.reshape(rows, self.kv_heads, groups, self.head_dim)
                 out = torch.nn.functional.scaled_dot_product_attention(
-                    grouped, self.keys[number, :rows], self.values[number, :rows], attn_mask=visible)
+                    grouped, self.keys[number, :rows, :, :span], self.values[number, :rows, :, :span],
+                    attn_mask=visible)
                 out = out.reshape(rows, 1, self.heads * self.head_dim)
             else:
                 self.keys[number, slot, :, start:start + length] = k[0]
@@ -490,6 +497,8 @@ class StaticDecoder:
         position max_len-1 is idle). Returns (rows, vocab) float logits."""
         rows = len(tokens)
         batch = self.bucket(rows)
+        furthest = max((p for p in positions if p < self.max_len - 1), default=0)
+        span = next(n for n in self.attention_spans if n > furthest)
         if self._staged is not None:
             self._staged.synchronize()
         self._staging[0, :rows, 0] = torch.tensor(list(tokens))
@@ -499,19 +508,20 @@ class StaticDecoder:
         if self._staged is not None:
             self._staged.record()
         if not self.use_graphs:
-            return self._forward(self._ids[:batch], self._positions[:batch], None)[:rows]
-        if batch not in self._graphs:
-            self._capture(batch)
-        graph, logits = self._graphs[batch]
+            return self._forward(self._ids[:batch], self._positions[:batch], None, span=span)[:rows]
+        if (batch, span) not in self._graphs:
+            self._capture(batch, span)
+        graph, logits = self._graphs[(batch, span)]
         graph.replay()
         return logits[:rows]
 
-    def _capture(self, batch: int) -> None:
-        """Warm up on a side stream, then capture one decode step for this batch size.
+    def _capture(self, batch: int, span: int) -> None:
+        """Warm up on a side stream, then capture one decode step for this batch size and span.
         Warm-up rows write at position max_len-1, which no request reaches."""
         saved = self._positions[:batch].clone()
         self._positions[:batch] = self.max_len - 1
-        self._graphs[batch] = self._graph(lambda: self._forward(self._ids[:batch], self._positions[:batch], None))
+        self._graphs[(batch, span)] = self._graph(
+            lambda: self._forward(self._ids[:batch], self._positions[:batch], None, span=span))
         self._positions[:batch] = saved
 
 

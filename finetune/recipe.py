@@ -433,7 +433,10 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     prompts = [tokenizer(render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for case in cases]
     stop = stop_token_ids(tokenizer, model)
-    decoder = StaticDecoder(model, max_batch=min(8, 2 * len(cases)),
+    # all answers in one batch where memory allows: on CPU a step costs about the weights' read,
+    # so 16 rows take ~1.3x the time of 8 (the 14B KV cache of 16 rows would crowd a 24 GB GPU)
+    rows = 8 if next(model.parameters()).is_cuda else 16
+    decoder = StaticDecoder(model, max_batch=min(rows, 2 * len(cases)),
                             max_len=max(len(p) for p in prompts) + cfg.eval_max_new_tokens + 2)
     engine = BatchingEngine(decoder)
     token_bytes = TokenBytes(tokenizer)

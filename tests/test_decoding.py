@@ -73,6 +73,19 @@ def test_batched_rows_with_different_adapters_match_generate(two_adapter_model):
     assert all(r.finish_reason == "length" for r in requests)
 
 
+def test_steps_attend_over_the_cache_span_they_need_and_give_the_same_tokens(two_adapter_model):
+    """A step attends over the cache up to the next span past its furthest row (here 8, 16, then
+    all 96): rows of different lengths cross spans mid-answer and must still see every earlier
+    token, and nothing after it."""
+    model = two_adapter_model
+    decoder = StaticDecoder(model, max_batch=4, max_len=96, attention_spans=(8, 16))
+    assert decoder.attention_spans == [8, 16, 96]
+    prompts = [[5, 17, 42, 8, 99, 3], [11, 23, 5, 6, 2, 90, 33], [9, 100]]
+    adapters = ["finance", "hr", None]
+    outputs = serve(decoder, prompts, adapters, 14)  # the longest row reaches position 20
+    assert outputs == [reference(model, p, a, 14) for p, a in zip(prompts, adapters)]
+
+
 def test_a_shared_prompt_start_is_reused_per_adapter_and_gives_the_same_tokens(two_adapter_model):
     """A department's system prompt and tool schemas, computed once per adapter: later prompts
     copy that start from the slot that has it, and their answers are generate()'s."""
