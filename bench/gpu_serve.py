@@ -69,7 +69,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--skip-generate", action="store_true", help="leave out generate() on this model")
-    parser.add_argument("--variants", type=int, default=6, help="how many of hangjia's variants to run (1: the default only)")
+    parser.add_argument("--variants", type=int, default=8, help="how many of hangjia's variants to run (1: the default only)")
+    parser.add_argument("--only", nargs="*", help="run the variants whose label contains one of these words")
+    parser.add_argument("--max-len", type=int, help="tokens per KV-cache slot (default: prompt + answer + 64)")
     args = parser.parse_args()
 
     import torch
@@ -90,31 +92,28 @@ def main() -> int:
             fh.write(json.dumps(row) + "\n")
         print("RESULT", json.dumps(row), flush=True)
 
-    max_len = args.prompt_len + args.new_tokens + 64
+    # the app's slots hold --decode-max-len tokens (8,192 by default); --max-len 8192 serves as it does
+    max_len = args.max_len or args.prompt_len + args.new_tokens + 64
     greedy_ours: list[int] = []
     first_user: dict[str, list[int]] = {}
-    # (label, decode steps as graphs, compiled norms/rope, 4-bit kernel of joined layers, prefill as graphs)
-    # (label, decode steps as graphs, compiled elementwise, 4-bit kernel of joined layers, prefill as graphs,
-    #  a joined product's LoRA as one pair of matmuls)
+    # (label, the decoder's options): hangjia's default first, then each lever taken away
     eager_prefill = "hangjia before: q/k/v and gate/up joined (bitsandbytes kernels), eager prefill"
-    variants = [("hangjia: + a joined product's LoRA in one pair of matmuls, residual add in the norm",
-                 True, True, "bitsandbytes", True, True),
-                ("hangjia before: LoRA per layer, prefill as a CUDA graph", True, True, "bitsandbytes", True, False),
-                (eager_prefill, True, True, "bitsandbytes", False, False),
-                ("joined, hangjia's Triton NF4 kernel for decode steps", True, True, "triton", True, True),
-                ("static cache + CUDA graphs + compiled norms/rope", True, True, None, False, False),
-                ("static cache + CUDA graphs", True, False, None, False, False),
-                ("static cache, eager", False, False, None, False, False)]
-    for label, graphs, compiled, kernel, graph_prefill, join_lora in (
-            variants[:args.variants] if cuda else variants[-1:]):
+    before = dict(graph_prefill=False, join_lora=False)
+    variants = [("hangjia: + a joined product's LoRA in one pair of matmuls, residual add in the norm", {}),
+                ("the same, attention over the whole cache (no spans)", dict(attention_spans=())),
+                ("hangjia before: LoRA per layer, prefill as a CUDA graph", dict(join_lora=False)),
+                (eager_prefill, before),
+                ("joined, hangjia's Triton NF4 kernel for decode steps", dict(nf4_kernel="triton")),
+                ("static cache + CUDA graphs + compiled norms/rope", dict(before, fused_nf4=False)),
+                ("static cache + CUDA graphs", dict(before, fused_nf4=False, compile_elementwise=False)),
+                ("static cache, eager", dict(before, fused_nf4=False, compile_elementwise=False, use_graphs=False))]
+    chosen = [v for v in variants if not args.only or any(word in v[0] for word in args.only)]
+    for label, options in (chosen[:args.variants] if cuda else variants[-1:]):
         decoder = engine = None
         try:
             # every prompt computed in full here (the warm-up saw the same prompts); the reuse of a
             # shared prompt start is measured on its own below
-            decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, use_graphs=graphs,
-                                    compile_elementwise=compiled, fused_nf4=kernel is not None,
-                                    nf4_kernel=kernel or "bitsandbytes", reuse_prefixes=False,
-                                    graph_prefill=graph_prefill, join_lora=join_lora)
+            decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, reuse_prefixes=False, **options)
             engine = BatchingEngine(decoder)
             run_requests(engine, prompts[:1], ["finance"], 16)  # warm-up: kernels, graph capture bs 1
             run_requests(engine, prompts, ["finance"] * args.batch, 16)  # and the batch's graph
