@@ -142,6 +142,7 @@ class StaticDecoder:
         self.decoder, self.head = decoder_and_head(model)
         config = self.decoder.config
         self.layers = list(self.decoder.layers)
+        self._layer_groups = [layer_groups(layer) for layer in self.layers]
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -219,8 +220,7 @@ class StaticDecoder:
             b = torch.cat([module.lora_B[n].weight * module.scaling[n] for n in present], dim=1).to(self.dtype)
             signature = tuple((n, module.lora_A[n].weight.shape[0]) for n in present)
             self._stacks[module] = (a.contiguous(), b.contiguous(), signature)
-            self._masks.setdefault(signature, torch.zeros(self.max_batch, 1, a.shape[0], dtype=self.dtype,
-                                                          device=self.device))
+            self._add_mask(signature, a.shape[0])
         self._stack_groups()
         self.adapter_index = {name: i for i, name in enumerate(sorted(names))}
         self._slot_prompts = [None] * self.max_batch  # cached prompts were computed with the old weights
@@ -237,8 +237,10 @@ class StaticDecoder:
         gate/up): the layers' A stacks on top of each other and their B stacks as one block
         diagonal, so the group's LoRA is two matmuls added to the joined output, not two per
         layer (8 fewer kernels per layer in a decode step with q/k/v adapted)."""
-        for (number, group), fused in self._fused.items() if self.join_lora else ():
-            modules = layer_groups(self.layers[number])[group]
+        if not self.join_lora:
+            return
+        for (number, group), fused in self._fused.items():
+            modules = self._layer_groups[number][group]
             stacks = [self._stacks.get(m) for m in modules]
             if sum(stack is not None for stack in stacks) < 2:
                 continue
@@ -252,10 +254,14 @@ class StaticDecoder:
                 row, column = row + size, column + rank
             signature = tuple(entry for stack in stacks if stack for entry in stack[2])
             self._group_stacks[(number, group)] = (a, b, signature)
-            self._masks.setdefault(signature, torch.zeros(self.max_batch, 1, a.shape[0], dtype=self.dtype,
-                                                          device=self.device))
+            self._add_mask(signature, a.shape[0])
             for module in modules:  # the group's stack replaces theirs
                 self._stacks.pop(module, None)
+
+    def _add_mask(self, signature: tuple, ranks: int) -> None:
+        """A 0/1 mask per row over the rank blocks of `signature` (set by set_row_adapter)."""
+        if signature not in self._masks:
+            self._masks[signature] = torch.zeros(self.max_batch, 1, ranks, dtype=self.dtype, device=self.device)
 
     def set_row_adapter(self, row: int, adapter: str | None) -> None:
         self._row_adapter[row] = adapter
@@ -280,7 +286,7 @@ class StaticDecoder:
     def _project(self, number: int, group: str, x: torch.Tensor) -> list[torch.Tensor]:
         """The layers of one input (q/k/v; gate/up; o; down): one fused 4-bit product, then the
         LoRA (the group's, or each layer's); without fused weights, layer by layer."""
-        modules = layer_groups(self.layers[number])[group]
+        modules = self._layer_groups[number][group]
         fused = self._fused.get((number, group))
         if fused is None:
             return [self._linear(module, x) for module in modules]
@@ -317,13 +323,13 @@ class StaticDecoder:
             # as an additive mask once per step: attention turns a boolean one into this in every layer
             visible = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
                 ~visible, torch.finfo(self.dtype).min)
+        # decode steps run the compiled elementwise kernels; a prefill's shapes vary
+        norm, rope, add_norm, gated, norm_rope = (
+            (self._norm, self._rope, self._add_norm, self._gated, self._norm_rope) if slot is None
+            else (_rms_norm, _rope, _add_norm, _gated, _norm_rope))
         update = None  # the last MLP output, not yet added to hidden
         for number, layer in enumerate(self.layers):
             attention = layer.self_attn
-            # decode steps run the compiled elementwise kernels; a prefill's shapes vary
-            norm, rope, add_norm, gated, norm_rope = (
-                (self._norm, self._rope, self._add_norm, self._gated, self._norm_rope) if slot is None
-                else (_rms_norm, _rope, _add_norm, _gated, _norm_rope))
             # the previous layer's MLP output is added here, with this layer's norm
             if update is not None:
                 hidden, x = add_norm(hidden, update, layer.input_layernorm.weight, self._eps(layer.input_layernorm))

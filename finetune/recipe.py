@@ -209,7 +209,7 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     from finetune.qlora import decoder_and_head
 
     # the prefix's keys and values only: the decoder stack without the vocabulary projection,
-    # whose logits for every prompt token nobody reads (a fifth of a small model's forward)
+    # whose logits for every prompt token nobody reads (~10% of the embedded model's prompt forward)
     decoder, _ = decoder_and_head(model)
     with torch.set_grad_enabled(not detach_prefix):
         head = decoder(input_ids=torch.tensor([examples[0]["input_ids"][:prefix]], device=device), use_cache=True)
