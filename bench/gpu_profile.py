@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes, at Qwen3-14B scale in 4 bits: hangjia's decoder
-(fused NF4 layers, two LoRA adapters) profiled over eager steps at batch 1 and 8, kernel
-time summed per kind. A CUDA graph replays the same kernels without the launch gaps, so
+(fused NF4 layers, two LoRA adapters) profiled over eager steps at batch 1 and 8, with the
+tensor-core NF4 kernel and with bitsandbytes', kernel time summed per kind. A CUDA graph replays the same kernels without the launch gaps, so
 these sums are what the graphed step costs.
 
     python bench/gpu_profile.py --model Qwen/Qwen3-14B
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_train import add_model_arguments, model_path  # noqa: E402 (bench/ on the path first)
 
 KINDS = (  # first match wins: kernel name fragment -> kind
-    ("gemv_4bit", "4-bit GEMV (bitsandbytes)"), ("kgemm_4bit", "4-bit GEMV (bitsandbytes)"),
+    ("nf4_small_m", "4-bit product (hangjia's tensor-core kernel)"), ("gemv_4bit", "4-bit GEMV (bitsandbytes)"), ("kgemm_4bit", "4-bit GEMV (bitsandbytes)"),
     ("dequantize", "4-bit dequantize (bitsandbytes)"), ("flash", "attention"), ("fmha", "attention"),
     ("attention", "attention"), ("gemm", "bf16 GEMM (LoRA, head, dequantized weights)"),
     ("gemv", "bf16 GEMM (LoRA, head, dequantized weights)"), ("cutlass", "bf16 GEMM (LoRA, head, dequantized weights)"),
@@ -52,8 +52,8 @@ def main() -> int:
 
     model = add_adapters(load_4bit(model_path(args)), 64)
     out = Path(os.environ.get("OUT", "/tmp")) / "gpu_profile.jsonl"
-    for join_lora, batch in ((True, 1), (True, 8), (False, 1)):
-        decoder = StaticDecoder(model, max_batch=8, max_len=1024, use_graphs=False, join_lora=join_lora)
+    for nf4_kernel, batch in (("mma", 1), ("mma", 8), ("bitsandbytes", 1), ("bitsandbytes", 8)):
+        decoder = StaticDecoder(model, max_batch=8, max_len=1024, use_graphs=False, nf4_kernel=nf4_kernel)
         for row in range(batch):
             decoder.set_row_adapter(row, ["finance", "hr", None][row % 3])
         tokens, positions = [11] * batch, [600 + row for row in range(batch)]
@@ -71,7 +71,7 @@ def main() -> int:
             if cuda_us:
                 totals[kind_of(event.key)] += cuda_us / args.steps / 1000
                 kernels += event.count
-        row = {"batch": batch, "join_lora": join_lora, "kernels_per_step": round(kernels / args.steps),
+        row = {"batch": batch, "nf4_kernel": nf4_kernel, "kernels_per_step": round(kernels / args.steps),
                "gpu_ms_per_step": round(sum(totals.values()), 2),
                "by_kind_ms": {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
                "top_kernels": [(e.key[:80], round((getattr(e, "self_device_time_total", 0) or 0) / args.steps / 1000, 3))

@@ -98,10 +98,12 @@ def main() -> int:
     first_user: dict[str, list[int]] = {}
     # (label, the decoder's options): hangjia's default first, then each lever taken away
     eager_prefill = "hangjia before: q/k/v and gate/up joined (bitsandbytes kernels), eager prefill"
-    before = dict(graph_prefill=False, join_lora=False)
-    variants = [("hangjia: + a joined product's LoRA in one pair of matmuls, residual add in the norm", {}),
-                ("the same, attention over the whole cache (no spans)", dict(attention_spans=())),
-                ("hangjia before: LoRA per layer, prefill as a CUDA graph", dict(join_lora=False)),
+    before = dict(graph_prefill=False, join_lora=False, nf4_kernel="bitsandbytes")
+    variants = [("hangjia: decode steps on the tensor-core NF4 kernel", {}),
+                ("hangjia before: bitsandbytes' GEMV / dequantize + matmul for decode steps",
+                 dict(nf4_kernel="bitsandbytes")),
+                ("the same, attention over the whole cache (no spans)", dict(attention_spans=(), nf4_kernel="bitsandbytes")),
+                ("hangjia before: LoRA per layer, prefill as a CUDA graph", dict(join_lora=False, nf4_kernel="bitsandbytes")),
                 (eager_prefill, before),
                 ("joined, hangjia's Triton NF4 kernel for decode steps", dict(nf4_kernel="triton")),
                 ("static cache + CUDA graphs + compiled norms/rope", dict(before, fused_nf4=False)),

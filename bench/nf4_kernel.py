@@ -1,7 +1,10 @@
 """The NF4 product of a decode step at Qwen3-14B's shapes: bitsandbytes (what Linear4bit runs:
-its GEMV for one row, dequantize + matmul for more) against hangjia's kernel (finetune/nf4.py),
-for 1..16 rows, in the same process. Prints microseconds, the weight bytes read per second,
-and the largest difference from the dequantized product.
+its GEMV for one row, dequantize + matmul for more) against hangjia's kernels (finetune/nf4.py:
+the tensor-core kernel `mma`, up to 8 rows, and the older Triton one), for 1..16 rows, in the same
+process. Prints microseconds, the weight bytes read per second, and the largest difference from
+the dequantized product. Each kernel is timed as a CUDA graph (a decode step is one: no Python
+launch cost) over enough copies of the weight to overflow the 50 MB L2 cache, so every weight is
+read from memory as in a decode step, where 40 layers do not fit in L2.
 
     python bench/nf4_kernel.py            # needs CUDA, bitsandbytes, triton
 """
@@ -23,42 +26,64 @@ def main() -> int:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     import torch
-    from triton.testing import do_bench
 
-    from finetune.nf4 import nf4_matmul, nibble_tables
+    from finetune import nf4
 
     torch.manual_seed(0)
     out = Path(os.environ.get("OUT", "/tmp")) / "nf4_kernel.jsonl"
-    print("| layer | rows | bitsandbytes µs | hangjia µs | × | hangjia GB/s | max rel. error |")
-    print("|---|---|---|---|---|---|---|")
-    totals: dict[int, list[float]] = {}
+    kernels = [k for k in os.environ.get("NF4_KERNELS", "mma,triton").split(",") if k]
+    print("| layer | rows | bitsandbytes µs | " + " | ".join(f"{k} µs | {k} ×" for k in kernels)
+          + " | mma GB/s | max rel. error |")
+    print("|---|---|---|" + "---|---|" * len(kernels) + "---|---|")
+    totals: dict[int, dict[str, float]] = {}
     for name, (n, k) in SHAPES.items():
-        weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        packed, state = F.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=False)
+        copies = []
+        for _ in range(max(2, -(-256 * 2**20 // (n * k // 2)))):  # > 256 MB of weights in all
+            weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+            packed, state = F.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=False)
+            copies.append((packed, state, state.absmax.float().contiguous()))
+        packed, state, absmax = copies[0]
         reference_weight = F.dequantize_4bit(packed, state).float()
         weight_bytes = packed.numel() + state.absmax.numel() * 4
-        tables = nibble_tables(state.code)
+        tables, byte_table = nf4.nibble_tables(state.code), nf4.nf4_byte_table(state.code)
+        if "mma" in kernels:
+            nf4.tune_mma(packed.view(-1), absmax, byte_table, n, k)
+            for rows in (1, 8):
+                timings = nf4._mma_timings[(rows, n, k)]
+                print(f"RESULT {name} rows={rows} mma configurations (tiles, split, unroll) µs, L2-warm: "
+                      + ", ".join(f"{c}: {us:.1f}" for c, us in sorted(timings.items(), key=lambda kv: kv[1])))
         for rows in (1, 2, 4, 8, 16):
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-            ours = nf4_matmul(x, packed.view(-1), state.absmax, tables, n)  # tunes on first call
             reference = x.float() @ reference_weight.t()
-            error = ((ours.float() - reference).abs().max() / reference.abs().max()).item()
-            stock_us = 1000 * do_bench(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), warmup=25, rep=100)
-            ours_us = 1000 * do_bench(lambda: nf4_matmul(x, packed.view(-1), state.absmax, tables, n),
-                                      warmup=25, rep=100)
-            totals.setdefault(rows, [0.0, 0.0])
-            totals[rows][0] += stock_us
-            totals[rows][1] += ours_us
-            row = dict(layer=name, n=n, k=k, rows=rows, bnb_us=round(stock_us, 1), ours_us=round(ours_us, 1),
-                       gb_s=round(weight_bytes / ours_us / 1000, 1), max_rel_error=round(error, 5))
+            one = {"bitsandbytes": lambda p, s, a: bnb.matmul_4bit(x, p.t(), quant_state=s),
+                   "triton": lambda p, s, a: nf4.nf4_matmul(x, p.view(-1), s.absmax, tables, n),
+                   "mma": lambda p, s, a: nf4.nf4_matmul_mma(x, p.view(-1), a, byte_table, n)}
+            row = dict(layer=name, n=n, k=k, rows=rows)
+            errors = {}
+            for kernel in ["bitsandbytes"] + kernels:
+                if kernel == "mma" and rows > nf4.MMA_ROWS:
+                    continue
+                result = one[kernel](*copies[0])
+                errors[kernel] = ((result.float() - reference).abs().max() / reference.abs().max()).item()
+                every_copy = lambda run=one[kernel]: [run(*c) for c in copies]  # noqa: E731
+                row[f"{kernel}_us"] = round(nf4.graph_time_us(every_copy, repeats=3) / len(copies), 1)
+                totals.setdefault(rows, {}).setdefault(kernel, 0.0)
+                totals[rows][kernel] += row[f"{kernel}_us"]
+            if "mma_us" in row:
+                row["mma_config"] = nf4._mma_choice[(nf4._rows_bucket(rows), n, k)]
+                row["mma_gb_s"] = round(weight_bytes / row["mma_us"] / 1000, 1)
+            row["max_rel_error"] = {kernel: round(e, 5) for kernel, e in errors.items()}
             with open(out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(f"| {name} | {rows} | {stock_us:.1f} | {ours_us:.1f} | {stock_us / ours_us:.2f} | "
-                  f"{row['gb_s']} | {error:.1e} |", flush=True)
-    print("\nOne layer of each (×40 for the model's 4-bit products per decode step):")
-    for rows, (stock, ours) in totals.items():
-        print(f"RESULT rows={rows}: bitsandbytes {stock:.0f} µs, hangjia {ours:.0f} µs per layer "
-              f"-> {40 * stock / 1000:.1f} vs {40 * ours / 1000:.1f} ms per step")
+            cells = " | ".join(f"{row.get(f'{k}_us', '')} | "
+                               + (f"{row['bitsandbytes_us'] / row[f'{k}_us']:.2f}" if f"{k}_us" in row else "")
+                               for k in kernels)
+            print(f"| {name} | {rows} | {row['bitsandbytes_us']} | {cells} | {row.get('mma_gb_s', '')} | "
+                  f"{max(errors.values()):.1e} |", flush=True)
+    print("\nOne layer of each (x40 for the model's 4-bit products per decode step):")
+    for rows, by_kernel in totals.items():
+        print(f"RESULT rows={rows}: " + ", ".join(f"{k} {us:.0f} µs per layer -> {40 * us / 1000:.2f} ms per step"
+                                                  for k, us in by_kernel.items()))
     return 0
 
 

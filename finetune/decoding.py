@@ -133,7 +133,7 @@ class StaticDecoder:
     def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
                  batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
                  flatten_double_quant: bool | None = None, fused_nf4: bool | None = None,
-                 nf4_kernel: str = "bitsandbytes", reuse_prefixes: bool = True, graph_prefill: bool | None = None,
+                 nf4_kernel: str = "mma", reuse_prefixes: bool = True, graph_prefill: bool | None = None,
                  join_lora: bool = True, attention_spans: Sequence[int] = (256, 512, 1024, 2048, 4096),
                  prefill_lengths: Sequence[int] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)):
         from finetune.qlora import decoder_and_head
@@ -189,8 +189,9 @@ class StaticDecoder:
         if cuda if flatten_double_quant is None else flatten_double_quant:
             self.flattened_scales = flatten_nested_scales(self.decoder)
         # 4-bit layers with one input joined (q/k/v, gate/up): 4 products per layer, not 7.
-        # nf4_kernel="triton" multiplies decode steps with finetune/nf4.py's kernel (opt-in:
-        # slower than bitsandbytes so far, see README Performance)
+        # Decode steps (up to 8 rows) multiply on the tensor cores with finetune/nf4_mma.cu
+        # (nf4_kernel="mma"); "bitsandbytes" keeps its GEMV, "triton" the older Triton kernel
+        # (README, Performance). Prefills use bitsandbytes' dequantize + matmul.
         self._fused: dict[tuple[int, str], Any] = {}
         self.join_lora = join_lora  # a joined product's LoRA as one pair of matmuls (see _stack_groups)
         if cuda if fused_nf4 is None else fused_nf4:

@@ -115,12 +115,104 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, tabl
     return out.reshape(*shape[:-1], out_features)
 
 
+MMA_ROWS = 8  # the tensor-core kernel's B operand is 8 rows wide
+# (16-row tiles per warp, warps per block splitting K, 64-value blocks per load round): the
+# shapes the kernel is compiled in; each product's shape and row count keeps its fastest (tune_mma)
+MMA_CONFIGS = ((1, 4, 2), (1, 8, 2), (2, 4, 2), (2, 8, 2), (4, 4, 2), (1, 4, 4), (2, 4, 4), (1, 8, 4),
+               (1, 16, 2), (2, 16, 2))
+_mma_kernels: dict[tuple[int, int, int], object] = {}
+_mma_choice: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+_mma_timings: dict[tuple[int, int, int], dict[tuple[int, int, int], float]] = {}  # what tune_mma measured (µs)
+
+
+def _mma_kernel(config: tuple[int, int, int]):
+    """finetune/nf4_mma.cu compiled by NVRTC for this GPU (torch's own runtime compiler: no
+    nvcc, no build step), once per configuration."""
+    if config not in _mma_kernels:
+        from pathlib import Path
+
+        tiles, split, unroll = config
+        source = Path(__file__).with_name("nf4_mma.cu").read_text()
+        _mma_kernels[config] = torch.cuda._compile_kernel(
+            source, "nf4_small_m", nvcc_options=["-std=c++17", f"-DTILES={tiles}", f"-DSPLIT={split}",
+                                                 f"-DUNROLL={unroll}"])
+    return _mma_kernels[config]
+
+
+def nf4_byte_table(code: torch.Tensor) -> torch.Tensor:
+    """For each of the 256 bytes, its two code values as one bf16x2 word (the high nibble's, the
+    lower k, in the low half): what the tensor-core kernel decodes a byte with."""
+    import numpy as np
+
+    bits = code.float().cpu().to(torch.bfloat16).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+    byte = np.arange(256)
+    words = (bits[byte >> 4] | (bits[byte & 15] << 16)).astype(np.uint32)
+    return torch.from_numpy(words.view(np.int32)).to(code.device)
+
+
+def nf4_matmul_mma(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, byte_table: torch.Tensor,
+                   out_features: int, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x (..., K) @ W.T for a flat NF4 weight W (out_features, K) on the tensor cores: up to
+    MMA_ROWS rows of bf16 x, K a multiple of 64, absmax fp32, byte_table from nf4_byte_table.
+    The configuration is the one tune_mma chose for this shape, or `config`."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    rows, k = x2.shape
+    if rows > MMA_ROWS or k % GROUP or x2.dtype != torch.bfloat16:
+        raise ValueError(f"nf4_matmul_mma takes up to {MMA_ROWS} bf16 rows and K a multiple of {GROUP}")
+    config = config or _mma_choice.get((_rows_bucket(rows), out_features, k), MMA_CONFIGS[0])
+    tiles, split, _ = config
+    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    _mma_kernel(config)(grid=(-(-out_features // (16 * tiles)), 1, 1), block=(32 * split, 1, 1),
+                        args=[x2, packed, absmax, byte_table, out, rows, out_features, k])
+    return out.reshape(*shape[:-1], out_features)
+
+
+def _rows_bucket(rows: int) -> int:
+    return 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8
+
+
+def graph_time_us(run, repeats: int = 20) -> float:
+    """Microseconds per call of `run`, replayed as a CUDA graph: the GPU's time, not the
+    Python launch's (a decode step is a graph too)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up outside the capture (compiles, allocates)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            run()
+    graph.replay()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    stop.record()
+    stop.synchronize()
+    return 1000 * start.elapsed_time(stop) / repeats
+
+
+def tune_mma(packed: torch.Tensor, absmax: torch.Tensor, byte_table: torch.Tensor, out_features: int, k: int) -> None:
+    """Keeps the fastest configuration per shape and row count (1, 2, 4, 8), timed once at load
+    (eagerly, before any decode step is captured)."""
+    for rows in (1, 2, 4, 8):
+        if (rows, out_features, k) in _mma_choice:
+            continue
+        x = torch.randn(rows, k, dtype=torch.bfloat16, device=packed.device)
+        timings = {config: graph_time_us(lambda c=config: nf4_matmul_mma(x, packed, absmax, byte_table,
+                                                                         out_features, c))
+                   for config in MMA_CONFIGS}
+        _mma_choice[(rows, out_features, k)] = min(timings, key=timings.get)
+        _mma_timings[(rows, out_features, k)] = timings
+
+
 class FusedNF4:
     """Several bitsandbytes 4-bit layers with the same input, as one weight (their storage)."""
 
     def __init__(self, layers: Sequence[torch.nn.Module], kernel: str = "bitsandbytes"):
-        if kernel not in ("bitsandbytes", "triton"):
-            raise ValueError(f"unknown NF4 kernel {kernel!r}: bitsandbytes or triton")
+        if kernel not in ("bitsandbytes", "triton", "mma"):
+            raise ValueError(f"unknown NF4 kernel {kernel!r}: bitsandbytes, triton or mma")
         self.kernel = kernel
         states = [layer.weight.quant_state for layer in layers]
         first = states[0]
@@ -149,6 +241,9 @@ class FusedNF4:
         self._state = bnb_functional.QuantState(
             absmax=self.absmax, shape=torch.Size([sum(self.sizes), self.in_features]), code=self.code,
             blocksize=GROUP, quant_type="nf4", dtype=self.dtype)
+        if kernel == "mma" and self.packed.is_cuda:
+            self.byte_table = nf4_byte_table(self.code)
+            tune_mma(self.packed, self.absmax, self.byte_table, sum(self.sizes), self.in_features)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.joined(x).split(self.sizes, dim=-1))
@@ -156,7 +251,9 @@ class FusedNF4:
     def joined(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs side by side (in the order they were given)."""
         rows = x.numel() // x.shape[-1]
-        if x.is_cuda and self.kernel == "triton" and rows <= MAX_ROWS:
+        if x.is_cuda and self.kernel == "mma" and rows <= MMA_ROWS and x.dtype == torch.bfloat16:
+            y = nf4_matmul_mma(x, self.packed, self.absmax, self.byte_table, sum(self.sizes))
+        elif x.is_cuda and self.kernel == "triton" and rows <= MAX_ROWS:
             y = nf4_matmul(x, self.packed, self.absmax, self.tables, sum(self.sizes))
         elif x.is_cuda:  # bitsandbytes' GEMV for one row, dequantize + matmul for more
             import bitsandbytes as bnb

@@ -90,3 +90,55 @@ def test_nf4_kernel_matches_dequantised_product():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "refused: nf4_matmul takes up to 16 rows" in result.stdout
     assert "kernel ok" in result.stdout
+
+
+@pytest.mark.gpu
+def test_tensor_core_kernel_matches_the_dequantised_product_on_gpu():
+    """finetune/nf4_mma.cu for 1..8 rows and every configuration it is compiled in: the lane
+    order of k, the nibble order, a scale per 64 values, K split over warps unevenly (18 blocks
+    of 64 over 4, 8 or 16 warps, in rounds of 2 or 4 with a short last one) and a last tile
+    partly past N (80 rows; 8,208 rows: many blocks) must give W's product."""
+    from finetune import nf4
+
+    for n, row_counts in ((80, range(1, 9)), (8208, (1, 8))):
+        weight = (torch.randn(n, 1152) * 0.02).to(torch.bfloat16).cuda()
+        packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", blocksize=64,
+                                                     compress_statistics=False)
+        dequantised = bnb.functional.dequantize_4bit(packed, state).float()
+        absmax, table = state.absmax.float().contiguous(), nf4.nf4_byte_table(state.code)
+        for rows in row_counts:
+            x = torch.randn(rows, 1152, dtype=torch.bfloat16, device="cuda")
+            want = x.float() @ dequantised.t()
+            for config in nf4.MMA_CONFIGS:
+                got = nf4.nf4_matmul_mma(x, packed.view(-1), absmax, table, n, config).float()
+                # code values rounded to bf16 (2^-9 at most), the output to bf16
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item(),
+                                           msg=f"n={n} rows={rows} config={config}")
+    with pytest.raises(ValueError, match="up to 8 bf16 rows"):
+        nf4.nf4_matmul_mma(torch.randn(9, 1152, dtype=torch.bfloat16, device="cuda"), packed.view(-1), absmax,
+                           table, n)
+
+
+@pytest.mark.gpu
+def test_joined_layers_on_the_tensor_core_kernel_give_bitsandbytes_outputs_on_gpu():
+    """FusedNF4(kernel="mma") for decode-sized batches, bitsandbytes' path for a prefill."""
+    from finetune.nf4 import FusedNF4
+
+    def layers(seed):
+        torch.manual_seed(seed)
+        made = []
+        for out_features in (256, 64, 64):
+            layer = bnb.nn.Linear4bit(256, out_features, bias=False, quant_type="nf4", compress_statistics=False,
+                                      compute_dtype=torch.bfloat16)
+            layer.weight = bnb.nn.Params4bit((torch.randn(out_features, 256) * 0.05).to(torch.bfloat16),
+                                             requires_grad=False, quant_type="nf4", compress_statistics=False)
+            made.append(layer.cuda())
+        return made
+
+    plain = layers(7)
+    fused = FusedNF4(layers(7), kernel="mma")
+    for rows in (1, 5, 8, 40):
+        x = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
+        for got, layer in zip(fused(x), plain):
+            want = layer(x).float()
+            torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
