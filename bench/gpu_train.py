@@ -25,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GiB = 1024**3
 VARIANTS = {
@@ -41,6 +42,14 @@ VARIANTS = {
     "lean": dict(per_forward=1, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit"),
     "lean-4": dict(per_forward=4, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit"),
     "lean-8": dict(per_forward=8, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit"),
+    # the lean recipe with every decoder layer compiled (norms, rotation, activation and LoRA fused);
+    # compiling cannot be undone, so these run last. "module": nn.Module.compile() under transformers'
+    # own checkpointing (which the compiled layer escapes: nothing is recomputed, memory grows);
+    # "checkpointed": the checkpoint inside the compiled function, so the compiler recomputes
+    "lean-compiled": dict(per_forward=1, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit",
+                          compile_layers="module"),
+    "lean-compiled-checkpointed": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                       optimizer="adamw8bit", compile_layers="checkpointed"),
 }
 
 
@@ -144,6 +153,17 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
     else:
         base.gradient_checkpointing_disable()
     freed = keep_embedding_on_host(model, device) if spec["host_embedding"] else 0
+    if spec.get("compile_layers") == "module":
+        for layer in base.model.layers:
+            layer.compile()
+    elif spec.get("compile_layers") == "checkpointed":
+        import torch.utils.checkpoint
+
+        for layer in base.model.layers:
+            def checkpointed(*args, _forward=layer.forward, **kwargs):
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = torch.compile(checkpointed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in initial_lora:
@@ -187,9 +207,36 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
         return {"variant": name, **spec, "error": f"out of memory: {str(exc)[:200]}", **memory()}
     elapsed = times[-1] - started
     tokens = steps * per_step * len(data[0]["input_ids"])
+    by_kind = profile_step(model, spec, data[:per_step], device) if os.environ.get("PROFILE_TRAIN") and cuda else None
     del optimizer
     return {"variant": name, **spec, "tok_s": round(tokens / elapsed, 1), "s_per_step": round(elapsed / steps, 3),
-            "losses": losses, "embedding_freed_gib": round(freed / GiB, 3), **memory()}
+            "losses": losses, "embedding_freed_gib": round(freed / GiB, 3), **memory(),
+            **({"profile": by_kind} if by_kind else {})}
+
+
+def profile_step(model, spec: dict, samples, device) -> dict:
+    """One optimizer step's forwards and backwards (no update) under the profiler: GPU time
+    per kind of kernel, and the largest kernels."""
+    import collections
+
+    import torch
+    from gpu_profile import kind_of
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for first in range(0, len(samples), spec["per_forward"]):
+            micro_batch_loss(model, samples[first:first + spec["per_forward"]], spec["loss"], device).backward()
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    totals: dict[str, float] = collections.defaultdict(float)
+    events = prof.key_averages()
+    for event in events:
+        totals[kind_of(event.key)] += (getattr(event, "self_device_time_total", 0) or 0) / 1000
+    top = sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:12]
+    return {"gpu_ms_per_step": round(sum(totals.values()), 1),
+            "by_kind_ms": {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [(e.key[:70], round((getattr(e, "self_device_time_total", 0) or 0) / 1000, 1), e.count)
+                            for e in top]}
 
 
 def main() -> int:
