@@ -51,17 +51,29 @@ def test_api_keys_are_stored_only_as_hashes(running_app):
     assert api_keys.user_of_key(services.db, api_key_hash(key)).username == "finance-employee"
 
 
-@pytest.fixture
-def short_sessions(tmp_path, tiny_model, embedder):
+def serve_with(tmp_path, tiny_model, embedder, **settings):
     from webapp.app import build_app
     from webapp.server import BackgroundServer, build_server
     from webapp.services import open_services
 
-    services = open_services(make_settings(tmp_path, session_hours=3 / 3600, knowledge=False), model=tiny_model,
-                             embedder=embedder)
+    services = open_services(make_settings(tmp_path, knowledge=False, **settings), model=tiny_model, embedder=embedder)
     server = BackgroundServer(build_server(services, build_app(services)), "127.0.0.1", services.settings.port)
     server.start()
-    yield f"http://127.0.0.1:{services.settings.port}/"
+    return f"http://127.0.0.1:{services.settings.port}/", server, services
+
+
+@pytest.fixture
+def short_sessions(tmp_path, tiny_model, embedder):
+    url, server, services = serve_with(tmp_path, tiny_model, embedder, session_hours=3 / 3600)
+    yield url
+    server.stop()
+    services.close()
+
+
+@pytest.fixture
+def idle_sessions(tmp_path, tiny_model, embedder):
+    url, server, services = serve_with(tmp_path, tiny_model, embedder, session_idle_minutes=3 / 60)
+    yield url
     server.stop()
     services.close()
 
@@ -75,3 +87,18 @@ def test_a_session_ends_after_session_hours(short_sessions):
     assert client.get("config").status_code == 401, "the session has ended"
     assert client.post("login", data={"username": "finance-employee", "password": "hangjia-demo"}).status_code == 200
     assert client.get("config").status_code == 200, "logging in again starts a new one"
+
+
+def test_a_session_ends_after_the_idle_limit_and_an_open_tab_alone_does_not_keep_it(idle_sessions):
+    client = httpx.Client(base_url=idle_sessions, timeout=30)
+    assert client.post("login", data={"username": "finance-employee", "password": "hangjia-demo"}).status_code == 200
+    for _ in range(2):  # 4 s in all, past the 3 s limit, with a request every 2 s
+        time.sleep(2)
+        assert client.get("config").status_code == 200, "a user making requests stays logged in"
+    time.sleep(2)
+    # what an open page keeps sending: its heartbeat stream (closed again at once here); counted
+    # as activity, it would keep the session for 3 s more
+    with client.stream("GET", "gradio_api/heartbeat/some-page") as heartbeat:
+        assert heartbeat.status_code == 200
+    time.sleep(1.5)
+    assert client.get("config").status_code == 401, "3.5 s without a request of the user's: logged out"

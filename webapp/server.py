@@ -40,17 +40,24 @@ def build_server(services: Services, blocks: gr.Blocks) -> FastAPI:
     options = {k: v for k, v in launch_options(services).items() if k != "max_threads"}
     server = gr.mount_gradio_app(api, blocks.queue(default_concurrency_limit=8), path="/", **options)
     gradio_app = next(route.app for route in server.routes if isinstance(route, Mount))
-    server.middleware("http")(SessionExpiry(gradio_app, services.settings.session_hours * 3600).middleware)
+    expiry = SessionExpiry(gradio_app, services.settings.session_hours * 3600,
+                           idle_s=services.settings.session_idle_minutes * 60 or None)
+    server.middleware("http")(expiry.middleware)
     return server
 
 
 class SessionExpiry:
     """Gradio's login sessions never end on their own; these end `max_age_s` after the
-    login (a restart ends them all: Gradio keeps them in memory)."""
+    login, or `idle_s` after the session's last request (a restart ends them all: Gradio
+    keeps them in memory). The heartbeat stream an open page keeps is not a request of the
+    user's: a tab left open on an unattended screen still ends."""
 
-    def __init__(self, gradio_app, max_age_s: float, clock=time.monotonic):
-        self.gradio_app, self.max_age_s, self.clock = gradio_app, max_age_s, clock
+    PASSIVE = ("/gradio_api/heartbeat/",)  # requests that do not show a person is there
+
+    def __init__(self, gradio_app, max_age_s: float, idle_s: float | None = None, clock=time.monotonic):
+        self.gradio_app, self.max_age_s, self.idle_s, self.clock = gradio_app, max_age_s, idle_s, clock
         self.started: dict[str, float] = {}
+        self.last_seen: dict[str, float] = {}
 
     def _token(self, request: Request) -> str | None:
         cookie_id = self.gradio_app.cookie_id
@@ -61,18 +68,25 @@ class SessionExpiry:
         now = self.clock()
         token = self._token(request)
         if token and token in self.gradio_app.tokens:
-            if now - self.started.setdefault(token, now) > self.max_age_s:
+            too_old = now - self.started.setdefault(token, now) > self.max_age_s
+            idle = self.idle_s is not None and now - self.last_seen.setdefault(token, now) > self.idle_s
+            if too_old or idle:
                 self.gradio_app.tokens.pop(token, None)  # Gradio now sees no login: back to the login page
                 self.started.pop(token, None)
+                self.last_seen.pop(token, None)
+            elif not request.url.path.startswith(self.PASSIVE):
+                self.last_seen[token] = now
         response = await call_next(request)
         if request.method == "POST" and request.url.path.rstrip("/").endswith("/login") \
                 and response.status_code == 200:
             prefix = f"access-token-{self.gradio_app.cookie_id}="
             for name, value in response.raw_headers:
                 if name == b"set-cookie" and value.decode("latin-1").startswith(prefix):
-                    self.started[value.decode("latin-1")[len(prefix):].split(";", 1)[0]] = now
+                    token = value.decode("latin-1")[len(prefix):].split(";", 1)[0]
+                    self.started[token] = self.last_seen[token] = now
         if len(self.started) > 4 * len(self.gradio_app.tokens) + 100:  # forget logged-out sessions
             self.started = {t: at for t, at in self.started.items() if t in self.gradio_app.tokens}
+            self.last_seen = {t: at for t, at in self.last_seen.items() if t in self.gradio_app.tokens}
         return response
 
 

@@ -98,6 +98,9 @@ class Settings:
         "", "The engine's name for the base model (vLLM's --served-model-name); default: --model.")
     backend_api_key: str = _setting("", "API key the engine at --backend-url expects (sent as a Bearer token).")
     session_hours: float = _setting(12.0, "A browser login lasts this long; then the user logs in again.")
+    session_idle_minutes: float = _setting(
+        60.0, "A browser login also ends after this long without a request from the user (an open tab alone "
+              "does not count); 0: only --session-hours ends it.")
     metrics_token: str = _setting(
         "", "Bearer token Prometheus scrapes /metrics with; admins' API keys work too. Empty: keys only.")
     tools_file: Path | None = _setting(
@@ -257,6 +260,9 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     if s.session_hours <= 0:
         problems.append(f"session_hours={s.session_hours}: must be more than 0 (--session-hours).")
+    if s.session_idle_minutes < 0:
+        problems.append(f"session_idle_minutes={s.session_idle_minutes}: must be 0 (off) or more "
+                        "(--session-idle-minutes).")
     if s.backend == "openai" and not s.backend_url.startswith(("http://", "https://")):
         problems.append(f"backend_url={s.backend_url!r}: --backend openai needs the engine's URL, e.g. "
                         "http://127.0.0.1:8000 (--backend-url).")
