@@ -59,6 +59,25 @@ def record_lookup(db: Database, department_id: str, outcome: str, entry_id: int 
              " VALUES (?, ?, ?, ?, ?)", [department_id, outcome, entry_id, similarity, lookup_ms])
 
 
+def prune_lookups(db: Database, before: dt.datetime) -> int:
+    """Folds the lookups made before `before` into daily totals (cache_lookup_days) and deletes
+    them, in one transaction; returns how many were folded. What stats, the monitoring and the
+    /metrics counters report does not change."""
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO cache_lookup_days"
+            " SELECT CAST(l.created_at AS DATE), l.department_id, l.outcome, count(*), sum(l.lookup_ms),"
+            "  coalesce(sum(e.generation_ms) FILTER (WHERE l.outcome IN ('exact', 'semantic')), 0),"
+            "  coalesce(sum(e.completion_tokens) FILTER (WHERE l.outcome IN ('exact', 'semantic')), 0)"
+            " FROM cache_lookups l LEFT JOIN cache_entries e ON e.id = l.entry_id"
+            " WHERE l.created_at < ? GROUP BY ALL"
+            " ON CONFLICT (day, department_id, outcome) DO UPDATE SET lookups = lookups + excluded.lookups,"
+            "  lookup_ms_sum = lookup_ms_sum + excluded.lookup_ms_sum, saved_ms = saved_ms + excluded.saved_ms,"
+            "  saved_tokens = saved_tokens + excluded.saved_tokens", [before])
+        cur.execute("DELETE FROM cache_lookups WHERE created_at < ?", [before])
+        return cur.fetchone()[0]
+
+
 def evict(db: Database, reason: str, *, entry_ids: Sequence[int] = (), source_message_id: int | None = None,
           department_id: str | None = None, everything: bool = False) -> list[int]:
     """Evict entries by id, by the answer they replay, by department, or all; returns their ids."""
@@ -94,14 +113,19 @@ def evict_beyond(db: Database, scope: str, keep: int) -> list[int]:
 def stats(db: Database, now: dt.datetime) -> list[dict[str, Any]]:
     """Per department: live entries, lookups, hits by layer, hit rate, generation time saved."""
     return db.query(
-        "WITH l AS (SELECT department_id, count(*) AS lookups,"
-        "  count(*) FILTER (WHERE outcome = 'exact') AS exact_hits,"
-        "  count(*) FILTER (WHERE outcome = 'semantic') AS semantic_hits,"
-        "  count(*) FILTER (WHERE outcome = 'guarded') AS guarded,"
-        "  avg(lookup_ms) AS avg_lookup_ms FROM cache_lookups GROUP BY ALL),"
-        " s AS (SELECT l.department_id, sum(e.generation_ms) / 1000 AS saved_s,"
-        "  sum(e.completion_tokens) AS saved_tokens FROM cache_lookups l JOIN cache_entries e ON e.id = l.entry_id"
-        "  WHERE l.outcome IN ('exact', 'semantic') GROUP BY ALL),"
+        # the lookups one by one, and those folded into daily totals by prune_lookups
+        "WITH every AS (SELECT department_id, outcome, count(*) AS lookups, sum(lookup_ms) AS lookup_ms_sum"
+        "  FROM cache_lookups GROUP BY ALL UNION ALL"
+        "  SELECT department_id, outcome, lookups, lookup_ms_sum FROM cache_lookup_days),"
+        " l AS (SELECT department_id, sum(lookups) AS lookups,"
+        "  coalesce(sum(lookups) FILTER (WHERE outcome = 'exact'), 0) AS exact_hits,"
+        "  coalesce(sum(lookups) FILTER (WHERE outcome = 'semantic'), 0) AS semantic_hits,"
+        "  coalesce(sum(lookups) FILTER (WHERE outcome = 'guarded'), 0) AS guarded,"
+        "  sum(lookup_ms_sum) / sum(lookups) AS avg_lookup_ms FROM every GROUP BY ALL),"
+        " s AS (SELECT department_id, sum(saved_ms) / 1000 AS saved_s, sum(saved_tokens) AS saved_tokens FROM ("
+        "  SELECT l.department_id, e.generation_ms AS saved_ms, e.completion_tokens AS saved_tokens"
+        "  FROM cache_lookups l JOIN cache_entries e ON e.id = l.entry_id WHERE l.outcome IN ('exact', 'semantic')"
+        "  UNION ALL SELECT department_id, saved_ms, saved_tokens FROM cache_lookup_days) GROUP BY ALL),"
         " e AS (SELECT department_id, count(*) AS entries FROM cache_entries WHERE evicted_at IS NULL"
         "  AND expires_at > ? GROUP BY ALL)"
         " SELECT coalesce(l.department_id, e.department_id) AS department_id, coalesce(e.entries, 0) AS entries,"

@@ -360,6 +360,23 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX audit_events_action_idx ON audit_events(action);
         """,
     ),
+    Migration(
+        "0009_cache_lookup_days",
+        """
+        -- cache lookups older than --cache-lookups-kept-days, as daily totals: the monitoring
+        -- figures and the /metrics counters stay what they were when the rows are pruned
+        CREATE TABLE cache_lookup_days (
+            day             DATE NOT NULL,
+            department_id   VARCHAR NOT NULL,
+            outcome         VARCHAR NOT NULL,
+            lookups         BIGINT NOT NULL,
+            lookup_ms_sum   DOUBLE NOT NULL,
+            saved_ms        DOUBLE NOT NULL,          -- generation time the hits saved
+            saved_tokens    BIGINT NOT NULL,
+            PRIMARY KEY (day, department_id, outcome)
+        );
+        """,
+    ),
 )
 
 

@@ -32,10 +32,14 @@ WITH convs AS (
            count(*) FILTER (WHERE f.rating = 1) AS thumbs_up, count(*) FILTER (WHERE f.rating = -1) AS thumbs_down
     FROM feedback f JOIN messages m ON m.id = f.message_id JOIN conversations c ON c.id = m.conversation_id
     WHERE f.created_at >= ? GROUP BY ALL
-), lookups AS (
-    SELECT CAST(created_at AS DATE) AS day, department_id, count(*) AS cache_lookups,
-           count(*) FILTER (WHERE outcome IN ('exact', 'semantic')) AS cache_hits
-    FROM cache_lookups WHERE created_at >= ? GROUP BY ALL
+), lookups AS (  -- one by one, and the days storage.cache.prune_lookups folded into totals
+    SELECT day, department_id, sum(n) AS cache_lookups,
+           coalesce(sum(n) FILTER (WHERE outcome IN ('exact', 'semantic')), 0) AS cache_hits
+    FROM (SELECT CAST(created_at AS DATE) AS day, department_id, outcome, count(*) AS n
+          FROM cache_lookups WHERE created_at >= ? GROUP BY ALL
+          UNION ALL
+          SELECT day, department_id, outcome, lookups FROM cache_lookup_days WHERE day >= CAST(? AS DATE))
+    GROUP BY ALL
 ), keys AS (
     SELECT day, department_id FROM convs UNION SELECT day, department_id FROM asks
     UNION SELECT day, department_id FROM answers UNION SELECT day, department_id FROM votes
@@ -62,7 +66,7 @@ ORDER BY k.day, k.department_id
 def daily(db: Database, since: dt.date, department_id: str | None = None) -> list[dict[str, Any]]:
     """Conversations, messages, active users, latency p50/p95, tokens, errors, votes and
     cache hit rate per day and department."""
-    return db.query(_DAILY_SQL, [since] * 5 + [department_id, department_id])
+    return db.query(_DAILY_SQL, [since] * 6 + [department_id, department_id])
 
 
 def daily_by_version(db: Database, since: dt.date, department_id: str | None = None) -> list[dict[str, Any]]:
@@ -128,8 +132,9 @@ def totals(db: Database) -> dict[str, Any]:
                (SELECT count(*) FROM feedback WHERE rating = 1) AS thumbs_up,
                (SELECT count(*) FROM feedback WHERE rating = -1) AS thumbs_down
         """)
-    row["cache_lookups"] = {r["outcome"]: r["n"] for r in db.query(
-        "SELECT outcome, count(*) AS n FROM cache_lookups GROUP BY outcome")}
+    row["cache_lookups"] = {r["outcome"]: int(r["n"]) for r in db.query(
+        "SELECT outcome, sum(n) AS n FROM (SELECT outcome, count(*) AS n FROM cache_lookups GROUP BY outcome"
+        " UNION ALL SELECT outcome, lookups FROM cache_lookup_days) GROUP BY outcome")}
     row["training_runs"] = {r["status"]: r["n"] for r in db.query(
         "SELECT status, count(*) AS n FROM training_runs GROUP BY status")}
     row["tool_calls"] = {r["status"]: r["n"] for r in db.query(

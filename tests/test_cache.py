@@ -135,3 +135,41 @@ def test_clearing_and_the_admin_api(running_app):
         Client(url, auth=("finance-employee", DEMO_PASSWORD), verbose=False).predict(api_name="/cache_stats")
     assert admin.predict("", api_name="/cache_clear") == 1
     assert cache_store.get_entry(services.db, entry)["evicted_at"] is not None
+
+
+def test_old_lookups_become_daily_totals_at_night_and_no_figure_changes(services, ask):
+    """The log of every lookup is pruned nightly after --cache-lookups-kept-days: the days before
+    are kept as totals, so the cache stats, the monitoring's days and the /metrics counters read
+    the same before and after, and new lookups keep adding to them."""
+    from storage import monitoring
+
+    for question in ("上季度华东区销售额是多少？", "上季度华东区销售额是多少", "上季度华东区的销售额有多少？",
+                     "去年华东区销售额是多少？"):
+        ask(question)
+    ask("上季度华南区销售额是多少？", username="hr-employee")
+    # the first four lookups were made 100 and 120 days ago (the cache keeps 90 by default)
+    now = dt.datetime.now()
+    for offset, days in enumerate((100, 100, 120, 120)):
+        services.db.write("UPDATE cache_lookups SET created_at = ? WHERE rowid = (SELECT min(rowid) + ? FROM"
+                          " cache_lookups)", [now - dt.timedelta(days=days), offset])
+    since = (now - dt.timedelta(days=200)).date()
+
+    def figures():
+        return (sorted(services.cache.stats(), key=lambda r: r["department_id"]),
+                [{k: r[k] for k in ("day", "department_id", "cache_lookups", "cache_hits", "cache_hit_rate")}
+                 for r in monitoring.daily(services.db, since) if r["cache_lookups"]],
+                monitoring.totals(services.db)["cache_lookups"])
+
+    before = figures()
+    assert sum(r["lookups"] for r in before[0]) == 5 and before[0][0]["saved_s"] >= 0
+    assert len(before[1]) == 3  # 120 and 100 days ago (finance), today (hr)
+    outcomes = services.nightly.run_nightly()  # the refreshes skip (no samples), then the chores run
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    assert services.db.query_one("SELECT count(*) AS n FROM cache_lookups")["n"] == 1  # today's only
+    assert services.db.query_one("SELECT sum(lookups) AS n FROM cache_lookup_days")["n"] == 4
+    assert figures() == before
+    assert services.cache.prune_lookups() == 0  # nothing left to fold; running again changes nothing
+    assert figures() == before
+    ask("上季度华东区销售额是多少？")  # a hit today adds to the totals as before
+    after = figures()
+    assert after[2]["exact"] == before[2]["exact"] + 1

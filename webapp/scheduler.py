@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -25,9 +25,10 @@ MISFIRE_GRACE = dt.timedelta(hours=6)
 
 class NightlyRefresh:
     def __init__(self, db: Database, runner: RefreshRunner, cron: str,
-                 now: Callable[[], dt.datetime] = dt.datetime.now):
+                 now: Callable[[], dt.datetime] = dt.datetime.now, housekeeping: Sequence[Callable[[], object]] = ()):
         self.db = db
         self.runner = runner
+        self.housekeeping = list(housekeeping)  # nightly chores after the refreshes (pruning logs)
         self.trigger = CronTrigger.from_crontab(cron)
         self.now = now
         self.scheduler: BackgroundScheduler | None = None
@@ -42,6 +43,11 @@ class NightlyRefresh:
                 log.info("nightly refresh of %s: %s", department.id, exc)
             except Exception:
                 log.exception("nightly refresh of %s failed", department.id)
+        for chore in self.housekeeping:
+            try:
+                chore()
+            except Exception:  # a chore that fails must not stop the next night
+                log.exception("nightly housekeeping %s failed", getattr(chore, "__name__", chore))
         return outcomes
 
     def previous_fire_time(self, now: dt.datetime) -> dt.datetime | None:

@@ -88,7 +88,7 @@ def knowledge_settings(settings: Settings) -> KnowledgeSettings:
 def cache_settings(settings: Settings) -> CacheSettings:
     return CacheSettings(enabled=settings.cache, semantic=settings.cache_semantic, threshold=settings.cache_threshold,
                          ttl_s=int(settings.cache_ttl_hours * 3600), live_ttl_s=settings.cache_live_ttl_s,
-                         max_entries=settings.cache_max_entries)
+                         max_entries=settings.cache_max_entries, lookups_kept_days=settings.cache_lookups_kept_days)
 
 
 def open_knowledge(db: Database, settings: Settings, embedder: Embedder | None = None) -> KnowledgeBase:
@@ -144,7 +144,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),
             adapters.activate, lambda department: department_vocabulary(tools, department))
-        nightly = NightlyRefresh(db, runner, settings.refresh_cron)
+        nightly = NightlyRefresh(db, runner, settings.refresh_cron,
+                                 housekeeping=[cache.prune_lookups] if cache is not None else [])
     except BaseException:
         db.close()
         raise

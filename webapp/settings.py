@@ -132,6 +132,9 @@ class Settings:
     cache_live_ttl_s: int = _setting(
         0, "How long an answer that used live-data tools (sales ...) lives; 0 = never cached.")
     cache_max_entries: int = _setting(5000, "Entries kept per department scope; the least recently used go first.")
+    cache_lookups_kept_days: int = _setting(
+        90, "Every cache lookup is logged; after this many days they are kept as daily totals per department "
+            "(nightly, with the refresh). The monitoring and /metrics figures stay the same.")
     scrub_pii: bool = _setting(
         True, "Replace phone numbers, emails and ID numbers (Chinese formats included) in training samples."
     )
@@ -249,9 +252,9 @@ def _validate(s: Settings) -> list[str]:
     if s.retrieval_top_k < 1 or s.ann_threshold < 1:
         problems.append("retrieval_top_k and ann_threshold must be at least 1.")
     if not 0.5 <= s.cache_threshold <= 1 or s.cache_ttl_hours <= 0 or s.cache_live_ttl_s < 0 \
-            or s.cache_max_entries < 1:
+            or s.cache_max_entries < 1 or s.cache_lookups_kept_days < 1:
         problems.append("cache_threshold must be in [0.5, 1]; cache_ttl_hours > 0; cache_live_ttl_s >= 0; "
-                        "cache_max_entries >= 1.")
+                        "cache_max_entries >= 1; cache_lookups_kept_days >= 1.")
     if s.decoding not in ("auto", "batched", "generate"):
         problems.append(f"decoding={s.decoding!r}: choose auto, batched or generate.")
     if s.decode_batch < 1 or s.decode_max_len < 64:

@@ -39,6 +39,7 @@ class CacheSettings:
     ttl_s: int = 7 * 24 * 3600
     live_ttl_s: int = 0  # answers that used live-data tools: 0 = never cached
     max_entries: int = 5000  # per scope
+    lookups_kept_days: int = 90  # then as daily totals (prune_lookups)
 
 
 @dataclass(frozen=True)
@@ -216,3 +217,10 @@ class ResponseCache:
 
     def stats(self) -> list[dict[str, Any]]:
         return cache_store.stats(self.db, self._clock())
+
+    def prune_lookups(self) -> int:
+        """Lookups older than lookups_kept_days become daily totals (run nightly): the log of
+        every lookup would otherwise grow without end. Cut at a day's start, so a day is kept
+        either one by one or as totals."""
+        start_of_today = self._clock().replace(hour=0, minute=0, second=0, microsecond=0)
+        return cache_store.prune_lookups(self.db, start_of_today - dt.timedelta(days=self.defaults.lookups_kept_days))
