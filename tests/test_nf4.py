@@ -142,3 +142,16 @@ def test_joined_layers_on_the_tensor_core_kernel_give_bitsandbytes_outputs_on_gp
         for got, layer in zip(fused(x), plain):
             want = layer(x).float()
             torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_the_tensor_core_kernel_says_why_it_cannot_run_where_it_cannot(monkeypatch):
+    """Older GPUs (a T4 is 7.5) and CPUs get bitsandbytes' kernels, with the reason logged."""
+    from finetune import nf4
+
+    assert nf4.mma_unavailable(torch.device("cpu")) == "not a CUDA device"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "7.5 has no bf16 tensor-core mma" in nf4.mma_unavailable(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert nf4.mma_unavailable(torch.device("cuda", 0)) is None
+    monkeypatch.delattr(torch.cuda, "_compile_kernel")
+    assert "no runtime CUDA compiler" in nf4.mma_unavailable(torch.device("cuda", 0))
