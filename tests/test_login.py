@@ -1,6 +1,7 @@
 """Login over HTTP: one answer for every wrong login, in the same time; a slow hash;
 guessing throttled; sessions that end; API keys that are never stored."""
 
+import contextlib
 import statistics
 import time
 
@@ -51,7 +52,9 @@ def test_api_keys_are_stored_only_as_hashes(running_app):
     assert api_keys.user_of_key(services.db, api_key_hash(key)).username == "finance-employee"
 
 
-def serve_with(tmp_path, tiny_model, embedder, **settings):
+@contextlib.contextmanager
+def served_with(tmp_path, tiny_model, embedder, **settings):
+    """The app behind a real HTTP server with these settings; its URL."""
     from webapp.app import build_app
     from webapp.server import BackgroundServer, build_server
     from webapp.services import open_services
@@ -59,23 +62,23 @@ def serve_with(tmp_path, tiny_model, embedder, **settings):
     services = open_services(make_settings(tmp_path, knowledge=False, **settings), model=tiny_model, embedder=embedder)
     server = BackgroundServer(build_server(services, build_app(services)), "127.0.0.1", services.settings.port)
     server.start()
-    return f"http://127.0.0.1:{services.settings.port}/", server, services
+    try:
+        yield f"http://127.0.0.1:{services.settings.port}/"
+    finally:
+        server.stop()
+        services.close()
 
 
 @pytest.fixture
 def short_sessions(tmp_path, tiny_model, embedder):
-    url, server, services = serve_with(tmp_path, tiny_model, embedder, session_hours=3 / 3600)
-    yield url
-    server.stop()
-    services.close()
+    with served_with(tmp_path, tiny_model, embedder, session_hours=3 / 3600) as url:
+        yield url
 
 
 @pytest.fixture
 def idle_sessions(tmp_path, tiny_model, embedder):
-    url, server, services = serve_with(tmp_path, tiny_model, embedder, session_idle_minutes=3 / 60)
-    yield url
-    server.stop()
-    services.close()
+    with served_with(tmp_path, tiny_model, embedder, session_idle_minutes=3 / 60) as url:
+        yield url
 
 
 def test_a_session_ends_after_session_hours(short_sessions):
