@@ -184,3 +184,62 @@ def test_prometheus_endpoint_parses_and_counts(running_app):
     answers = {s.labels["outcome"]: s.value for s in families["hangjia_answers"].samples}
     assert answers["ok"] == chats.usage_summary(services.db)["messages"] / 2
     assert "hangjia_generation_duration_seconds" in families
+
+
+def test_documents_attached_over_the_api_reach_the_model_as_in_the_browser(running_app, script):
+    """OpenAI's file content parts: the document goes in whole (it fits), is stored with the
+    message, and the response says so; broken parts get a clear 400 and store nothing."""
+    import base64
+
+    url, services = running_app
+    scripted = script("The notice period is 45 days.")
+    client, key = client_for(running_app, "finance-employee")
+    document = "# Supplier contract\n\nEither party may end this contract with a notice period of 45 days.\n"
+    data_url = "data:text/markdown;base64," + base64.b64encode(document.encode()).decode()
+    reply = client.chat.completions.create(model="hangjia-finance", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What notice period does the attached contract set?"},
+        {"type": "file", "file": {"filename": "contract.md", "file_data": data_url}}]}])
+    assert reply.choices[0].message.content == "The notice period is 45 days."
+    assert "notice period of 45 days" in scripted.prompts[-1]
+    extra = reply.model_extra["hangjia"]
+    assert any("contract.md" in notice for notice in extra["notices"])
+    stored = services.db.query("SELECT filename, mode FROM message_attachments")
+    assert [(r["filename"], r["mode"]) for r in stored] == [("contract.md", "whole")]
+
+    headers = {"Authorization": f"Bearer {key}"}
+    before = services.db.query_one("SELECT count(*) AS n FROM messages")["n"]
+    for part, says in [
+        ({"type": "file", "file": {"filename": "x.md", "file_data": "not base64!"}}, "not valid base64"),
+        ({"type": "file", "file": {"file_id": "file-abc"}}, "Uploaded-file ids are not supported"),
+        ({"type": "file", "file": {"filename": "tool.exe", "file_data": base64.b64encode(b"MZ").decode()}}, "exe"),
+    ]:
+        response = httpx.post(url + "v1/chat/completions", headers=headers, json={
+            "model": "hangjia", "messages": [{"role": "user", "content": [{"type": "text", "text": "Read it"}, part]}]})
+        assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+    assert services.db.query_one("SELECT count(*) AS n FROM messages")["n"] == before
+
+
+def test_an_endless_body_is_refused_at_the_limit_not_read_into_memory(running_app):
+    """A body 4x the limit without a Content-Length: the server keeps at most about the limit
+    in memory (it used to read the whole body, then refuse it), and answers 413."""
+    import tracemalloc
+
+    from webapp.openai_api import MAX_BODY_BYTES
+
+    url, _ = running_app
+    _, key = client_for(running_app, "finance-employee")
+
+    def endless():  # no Content-Length: the server must count as it reads
+        chunk = b" " * (1 << 20)
+        for _ in range(4 * MAX_BODY_BYTES // len(chunk)):
+            yield chunk
+
+    tracemalloc.start()  # the server runs in this process: its allocations are traced too
+    try:
+        response = httpx.post(url + "v1/chat/completions", content=endless(), timeout=120,
+                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]["message"]
+    assert peak < 2 * MAX_BODY_BYTES, f"{peak / 2**20:.0f} MiB held for a {4 * MAX_BODY_BYTES / 2**20:.0f} MiB body"

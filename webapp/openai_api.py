@@ -12,6 +12,9 @@ because hangjia keeps the conversation and runs the company's tools itself:
   action waiting for the user is listed in `hangjia.pending`; approve or decline it with
   POST /v1/actions/{call_id} {"approve": true|false}.
 - Sampling settings (temperature, max_tokens) are the server's, set by the admin.
+- Documents: file content parts of the last user message ({"type": "file", "file":
+  {"filename", "file_data"}}, base64 or a data: URL) are attached as the browser's 📎 does:
+  whole when they fit, the most related passages when not; `hangjia.notices` says which.
 
 Errors are OpenAI's shape: {"error": {"message", "type", "code"}} with the HTTP status.
 POST /v1/completions (raw prompt in, text out, no retrieval or tools) is for admins: it
@@ -20,6 +23,8 @@ is what another hangjia uses when this one serves as its generation backend.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import threading
 import time
@@ -36,7 +41,8 @@ from webapp.engine import ConversationNotFound, GenerationFailed, TurnUpdate, Us
 from webapp.metrics import CONTENT_TYPE
 from webapp.models import GenerationParams, GenerationResult
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES = 48 * 1024 * 1024  # attachments travel inside the JSON, base64-encoded (the browser's limit is 50 MB)
+MAX_ATTACHMENTS = 10
 
 
 class ApiError(Exception):
@@ -70,6 +76,37 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
+def _files_of(content: Any) -> list[tuple[str, bytes]]:
+    """The documents attached to a message as OpenAI sends them: content parts
+    {"type": "file", "file": {"filename": ..., "file_data": "data:...;base64,..." or bare base64}}.
+    They go where the browser's 📎 goes: whole when they fit, as passages when they do not."""
+    if not isinstance(content, list):
+        return []
+    files = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "file":
+            continue
+        file = part.get("file")
+        if not isinstance(file, dict):
+            raise ApiError(400, "A file part needs a `file` object with `filename` and `file_data`.")
+        if file.get("file_id") is not None and file.get("file_data") is None:
+            raise ApiError(400, "Uploaded-file ids are not supported: send the document itself as `file_data` "
+                                "(base64, or a data: URL).")
+        name, data = file.get("filename"), file.get("file_data")
+        if not isinstance(name, str) or not name.strip() or not isinstance(data, str):
+            raise ApiError(400, "A file part needs `filename` (with its extension: .pdf, .docx, .md, .txt ...) "
+                                "and `file_data`.")
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        try:
+            files.append((name.strip(), base64.b64decode(data, validate=True)))
+        except (ValueError, binascii.Error):
+            raise ApiError(400, f"The file_data of {name.strip()!r} is not valid base64.")
+    if len(files) > MAX_ATTACHMENTS:
+        raise ApiError(400, f"{len(files)} files in one message; at most {MAX_ATTACHMENTS}.")
+    return files
+
+
 def _sse(payload: Any) -> str:
     """One server-sent event as OpenAI streams them."""
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -93,6 +130,7 @@ def _extras(update: TurnUpdate) -> dict[str, Any]:
         "actions": [i for i in update.items if i.get("type") == "tool"],
         "sources": [s for i in update.items if i.get("type") == "sources" for s in i.get("sources", [])],
         "pending": update.pending,
+        "notices": [i["content"] for i in update.items if i.get("type") == "notice"],
     }
 
 
@@ -109,9 +147,18 @@ def build_openai_router(services) -> APIRouter:
             raise ApiError(401, str(exc), "authentication_error", "invalid_api_key")
 
     async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"The request body is {len(raw):,} bytes; the limit is {MAX_BODY_BYTES:,}.")
+        # read up to the limit and no further: a client streaming gigabytes is refused, not buffered
+        too_big = ApiError(413, f"The request body is over the limit of {MAX_BODY_BYTES:,} bytes.")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > MAX_BODY_BYTES:
+                raise too_big
+            parts.append(part)
+        raw = b"".join(parts)
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
@@ -152,6 +199,9 @@ def build_openai_router(services) -> APIRouter:
                  if m.get("role") != "system"]
         if not turns or turns[-1]["role"] != "user" or turns[-1]["content"] is None:
             raise ApiError(400, "The last message must be the user's, with text content.")
+        # documents count in the last message only: earlier ones were answered already (send the
+        # conversation_id to keep what the model was given then)
+        attachments = _files_of(messages[-1].get("content"))
         conversation_id = body.get("conversation_id")
         if conversation_id is not None and (isinstance(conversation_id, bool) or not isinstance(conversation_id, int)):
             raise ApiError(400, "`conversation_id` must be an integer.")
@@ -161,7 +211,7 @@ def build_openai_router(services) -> APIRouter:
             if conversation_id is None and len(turns) > 1:
                 conversation_id = services.engine.import_history(user, turns[:-1])
             return services.engine.stream_turn(user, turns[-1]["content"], conversation_id,
-                                               fresh=bool(body.get("fresh")))
+                                               attachments=attachments or None, fresh=bool(body.get("fresh")))
 
         return await _respond(start, bool(body.get("stream")), model)
 
