@@ -164,6 +164,8 @@ def nf4_matmul_mma(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
     The configuration is the one tune_mma chose for this shape, or `config`."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
+    if x2.data_ptr() % 16:  # the kernel reads x 16 bytes at a time: a view may start mid-way
+        x2 = x2.clone()
     rows, k = x2.shape
     if rows > MMA_ROWS or k % GROUP or x2.dtype != torch.bfloat16:
         raise ValueError(f"nf4_matmul_mma takes up to {MMA_ROWS} bf16 rows and K a multiple of {GROUP}")
