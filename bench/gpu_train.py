@@ -157,13 +157,9 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
         for layer in base.model.layers:
             layer.compile()
     elif spec.get("compile_layers") == "checkpointed":
-        import torch.utils.checkpoint
+        from finetune.qlora import compile_decoder_layers
 
-        for layer in base.model.layers:
-            def checkpointed(*args, _forward=layer.forward, **kwargs):
-                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-            layer.forward = torch.compile(checkpointed)
+        compile_decoder_layers(model)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in initial_lora:

@@ -206,3 +206,41 @@ def test_packed_samples_do_not_see_each_other_and_the_chunked_loss_is_the_plain_
     groups = qlora.group_by_tokens(examples, max_tokens=budget)
     assert len(groups[0]) == 2 and sum(groups, []) == examples
     assert all(sum(len(e["input_ids"]) for e in g) <= budget for g in groups)
+
+
+def test_compiled_layers_with_the_checkpoint_inside_give_the_eager_loss_and_gradients(tiny_model_dir):
+    """finetune.qlora.compile_decoder_layers: each layer compiled with its activation checkpoint
+    inside (the lever measured in bench/gpu_train.py) must train exactly as the eager,
+    checkpointed layers do: same loss, same LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import qlora
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    packed = qlora.pack([tokenize_sample(tokenizer, s, 2048) for s in samples()])
+
+    def loss_and_grads(compiled: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        with torch.no_grad():  # B starts at zero: give the adapter something to say
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1)
+        qlora.prepare_for_lora_training(model, checkpointing=True)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+        model.train()
+        if compiled:
+            assert qlora.compile_decoder_layers(model) == len(model.get_base_model().model.layers)
+        loss = qlora.packed_loss(model, packed, "cpu")
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = loss_and_grads(False)
+    compiled_loss, compiled_grads = loss_and_grads(True)
+    assert abs(compiled_loss - eager_loss) < 1e-4 * abs(eager_loss)
+    assert eager_grads.keys() == compiled_grads.keys() and eager_grads
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
