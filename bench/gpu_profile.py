@@ -1,7 +1,7 @@
 """Where a decode step's GPU time goes, at Qwen3-14B scale in 4 bits: hangjia's decoder
 (fused NF4 layers, two LoRA adapters) profiled over eager steps at batch 1 and 8, with the
-tensor-core NF4 kernel and with bitsandbytes', kernel time summed per kind. A CUDA graph replays the same kernels without the launch gaps, so
-these sums are what the graphed step costs.
+tensor-core NF4 kernel and with bitsandbytes', kernel time summed per kind. A CUDA graph
+replays the same kernels without the launch gaps, so these sums are what the graphed step costs.
 
     python bench/gpu_profile.py --model Qwen/Qwen3-14B
     python bench/gpu_profile.py --random-weights --ckpt /mnt/q14b
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_train import add_model_arguments, model_path  # noqa: E402 (bench/ on the path first)
 
 KINDS = (  # first match wins: kernel name fragment -> kind
-    ("nf4_small_m", "4-bit product (hangjia's tensor-core kernel)"), ("gemv_4bit", "4-bit GEMV (bitsandbytes)"), ("kgemm_4bit", "4-bit GEMV (bitsandbytes)"),
+    ("nf4_small_m", "4-bit product (hangjia's tensor-core kernel)"),
+    ("gemv_4bit", "4-bit GEMV (bitsandbytes)"), ("kgemm_4bit", "4-bit GEMV (bitsandbytes)"),
     ("dequantize", "4-bit dequantize (bitsandbytes)"), ("flash", "attention"), ("fmha", "attention"),
     ("attention", "attention"), ("gemm", "bf16 GEMM (LoRA, head, dequantized weights)"),
     ("gemv", "bf16 GEMM (LoRA, head, dequantized weights)"), ("cutlass", "bf16 GEMM (LoRA, head, dequantized weights)"),

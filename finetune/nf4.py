@@ -112,7 +112,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, tabl
     def grid(meta):
         return (-(-out_features // meta["BLOCK_N"]),)
 
-    padded = 1 << (rows - 1).bit_length()
+    padded = _rows_bucket(rows)
     if config:
         _kernels["fixed"][grid(config)](x2, packed, absmax, high, low, out, out_features, k, M=rows, M_PAD=padded,
                                         **config)
@@ -192,7 +192,8 @@ def mma_unavailable(device: torch.device) -> str | None:
 
 
 def _rows_bucket(rows: int) -> int:
-    return 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8
+    """Rows rounded up to a power of two: the Triton kernel's padding, the mma kernel's tuning key."""
+    return 1 << (rows - 1).bit_length()
 
 
 def graph_time_us(run, repeats: int = 20) -> float:

@@ -24,7 +24,6 @@ is what another hangjia uses when this one serves as its generation backend.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import threading
 import time
@@ -100,7 +99,7 @@ def _files_of(content: Any) -> list[tuple[str, bytes]]:
             data = data.partition(",")[2]
         try:
             files.append((name.strip(), base64.b64decode(data, validate=True)))
-        except (ValueError, binascii.Error):
+        except ValueError:  # binascii.Error is one
             raise ApiError(400, f"The file_data of {name.strip()!r} is not valid base64.")
     if len(files) > MAX_ATTACHMENTS:
         raise ApiError(400, f"{len(files)} files in one message; at most {MAX_ATTACHMENTS}.")
