@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU benchmarks in one device call, hangjia beside the stock baseline on the same
 # random-weight Qwen3-14B checkpoint (kept on a tmpfs between calls on a warm machine).
-#   bash bench/gpu_run.sh train serve          # phases: stocktrain train stockserve serve nf4 profile multi
+#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve nf4 profile multi
 # Wheels in .whl/ are installed first (bitsandbytes, transformers, peft the image lacks);
 # the stock scripts are expected in .baseline/ (a copy of ../shared/gpu-baseline).
 set -u
@@ -32,6 +32,7 @@ for P in "$@"; do
     train)      for SEQ in ${TRAIN_SEQS:-2048}; do  # TRAIN_VARIANTS_<seq> picks the variants per length
                   V=TRAIN_VARIANTS_$SEQ; phase train 120 python3 bench/gpu_train.py --model $CKPT --seq $SEQ ${!V:+--variants ${!V}}
                 done ;;
+    trainb)     phase trainb 120 python3 bench/gpu_train.py --model $CKPT --seq 2048 --variants $TRAINB_VARIANTS ;;  # a second process: compiled layers cannot be undone
     stockserve) phase stockserve 100 python3 .baseline/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
     serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
     nf4)        phase nf4 60 python3 bench/nf4_kernel.py ;;

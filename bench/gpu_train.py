@@ -45,11 +45,28 @@ VARIANTS = {
     # the lean recipe with every decoder layer compiled (norms, rotation, activation and LoRA fused);
     # compiling cannot be undone, so these run last. "module": nn.Module.compile() under transformers'
     # own checkpointing (which the compiled layer escapes: nothing is recomputed, memory grows);
-    # "checkpointed": the checkpoint inside the compiled function, so the compiler recomputes
+    # "inside"/"outside": finetune.qlora.compile_decoder_layers with the checkpoint inside the
+    # compiled function or around it. "autocast": LoRA's products in bf16 (its weights stay fp32),
+    # as the stock Trainer's bf16=True does; "sync": "step" reads the loss once per optimizer step
+    # instead of after every forward, so the host queues the next forward while the GPU works
     "lean-compiled": dict(per_forward=1, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit",
                           compile_layers="module"),
-    "lean-compiled-checkpointed": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
-                                       optimizer="adamw8bit", compile_layers="checkpointed"),
+    "lean-compiled-inside": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                 optimizer="adamw8bit", compile_layers="inside"),
+    "lean-compiled-outside": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                  optimizer="adamw8bit", compile_layers="outside"),
+    "lean-compiled-outside-bf16": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                       optimizer="adamw8bit", compile_layers="outside", autocast=True),
+    "lean-compiled-outside-bf16-async": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                             optimizer="adamw8bit", compile_layers="outside", autocast=True,
+                                             sync="step"),
+    # ... and the 4-bit layers dequantized by torch operations the compiler fuses, not bitsandbytes' ops
+    "lean-compiled-outside-nf4": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                      optimizer="adamw8bit", compile_layers="outside", autocast=True, sync="step",
+                                      nf4="torch"),
+    "lean-compiled-inside-nf4": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                     optimizer="adamw8bit", compile_layers="inside", autocast=True, sync="step",
+                                     nf4="torch"),
 }
 
 
@@ -156,10 +173,10 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
     if spec.get("compile_layers") == "module":
         for layer in base.model.layers:
             layer.compile()
-    elif spec.get("compile_layers") == "checkpointed":
+    elif spec.get("compile_layers") in ("inside", "outside"):
         from finetune.qlora import compile_decoder_layers
 
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, checkpoint=spec["compile_layers"], nf4=spec.get("nf4", "bitsandbytes"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in initial_lora:
@@ -189,9 +206,11 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
             total = 0.0
             for first in range(0, per_step, spec["per_forward"]):
                 group = samples[first:first + spec["per_forward"]]
-                loss = micro_batch_loss(model, group, spec["loss"], device) / per_step
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
+                    loss = micro_batch_loss(model, group, spec["loss"], device) / per_step
                 loss.backward()
-                total += loss.item()
+                total += loss.detach() if spec.get("sync") == "step" else loss.item()
+            total = float(total)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -205,9 +224,15 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
     tokens = steps * per_step * len(data[0]["input_ids"])
     by_kind = profile_step(model, spec, data[:per_step], device) if os.environ.get("PROFILE_TRAIN") and cuda else None
     del optimizer
+    dynamo = {}
+    if spec.get("compile_layers"):  # a graph break or a recompile limit would quietly run layers eagerly
+        from torch._dynamo.utils import counters
+
+        dynamo = {"dynamo": {"unique_graphs": counters["stats"]["unique_graphs"],
+                             "graph_breaks": sum(counters["graph_break"].values())}}
     return {"variant": name, **spec, "tok_s": round(tokens / elapsed, 1), "s_per_step": round(elapsed / steps, 3),
             "losses": losses, "embedding_freed_gib": round(freed / GiB, 3), **memory(),
-            **({"profile": by_kind} if by_kind else {})}
+            **({"profile": by_kind} if by_kind else {}), **dynamo}
 
 
 def profile_step(model, spec: dict, samples, device) -> dict:
@@ -221,7 +246,9 @@ def profile_step(model, spec: dict, samples, device) -> dict:
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for first in range(0, len(samples), spec["per_forward"]):
-            micro_batch_loss(model, samples[first:first + spec["per_forward"]], spec["loss"], device).backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
+                loss = micro_batch_loss(model, samples[first:first + spec["per_forward"]], spec["loss"], device)
+            loss.backward()
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
     totals: dict[str, float] = collections.defaultdict(float)

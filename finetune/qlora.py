@@ -68,9 +68,11 @@ def group_by_tokens(examples: Sequence[dict[str, list[int]]], max_tokens: int) -
     return groups
 
 
-def chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens: int = 1024):
+def chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens: int = 512):
     """sum_t weights[t] * cross_entropy(lm_head(hidden[t]), labels[t]), computed chunk by
-    chunk with each chunk's logits recomputed in backward instead of stored."""
+    chunk with each chunk's logits recomputed in backward instead of stored. At Qwen3's
+    151,936-token vocabulary a 512-token chunk's fp32 logits are 0.3 GB, and the loss is where
+    a 14B step peaks: with 1,024 the compiled recipe reserved 12.03 GiB."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -90,26 +92,93 @@ def chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens: int = 1024):
     return total
 
 
-def compile_decoder_layers(model) -> int:
-    """Compile every decoder layer with its activation checkpoint inside the compiled function,
-    so the compiler does the recompute; returns the layers compiled. Eager, a 2,048-token
-    step at 14B spends 1.3 of its 3.7 s of GPU time in small elementwise kernels (norms in
-    fp32, the rotation, SiLU x up, LoRA's dropout and scaling); compiled, 0.27 s. Compiling a
-    layer under transformers' own checkpointing instead escapes it: nothing is recomputed and
-    the memory grows (README, Performance). Not yet used by the recipe: its speed and memory
-    at 14B are still to be measured (bench/gpu_train.py, lean-compiled-checkpointed)."""
+def dequantize_nf4(packed, quant_state):
+    """bitsandbytes' NF4 weight as a bf16 (or its own dtype) matrix, in plain torch operations
+    so torch.compile fuses it into one kernel; equal bit for bit to bitsandbytes'
+    dequantize_4bit (tests). Double-quantized absmax (8-bit, one fp32 scale per 256, plus an
+    offset) is decoded on the way."""
+    import torch
+
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        second = quant_state.state2
+        block = torch.arange(absmax.numel(), device=absmax.device) // second.blocksize
+        absmax = second.code[absmax.int()] * second.absmax[block] + quant_state.offset
+    byte = packed.reshape(-1).int()
+    code = quant_state.code  # the even element of a pair sits in the high nibble
+    values = torch.stack((code[byte >> 4], code[byte & 15]), dim=-1).view(-1, quant_state.blocksize)
+    return (values * absmax.view(-1, 1)).to(quant_state.dtype).view(quant_state.shape)
+
+
+def _compilable_4bit_forward(linear):
+    """A forward for a bitsandbytes Linear4bit that torch.compile can see into: the NF4
+    dequantization fused into one generated kernel and a plain matmul, instead of
+    bitsandbytes' ops, each a Python call into its library (a compiled 14B step's wall time
+    exceeded its GPU time by 0.8 s with them, by 0.3 s without)."""
+    import torch.nn.functional as F
+
+    def forward(x):
+        weight = linear.weight
+        out = F.linear(x.to(weight.quant_state.dtype), dequantize_nf4(weight.data, weight.quant_state), linear.bias)
+        return out.to(x.dtype)
+
+    return forward
+
+
+def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes") -> int:
+    """Compile every decoder layer and keep its activation checkpoint; returns the layers
+    compiled. Eager, a 2,048-token step at 14B spends 1.3 of its 3.7 s of GPU time in small
+    elementwise kernels (norms in fp32, the rotation, SiLU x up, LoRA's dropout and scaling);
+    compiled, 0.27 s. checkpoint="outside": an eager checkpoint around the compiled layer,
+    which drops what the compiled forward saves and runs it again in backward.
+    checkpoint="inside": the checkpoint inside the compiled function, for the compiler to
+    recompute (on CPU it does; on an H200 with torch 2.11 and bitsandbytes' ops it saved
+    everything). nf4="torch": 4-bit layers dequantize in torch operations the compiler fuses
+    (dequantize_nf4) instead of calling bitsandbytes. A layer compiled under transformers'
+    own checkpointing escapes it: nothing is recomputed and the memory grows (README,
+    Performance)."""
     import torch
     import torch.utils.checkpoint
 
+    if checkpoint not in ("outside", "inside") or nf4 not in ("bitsandbytes", "torch"):
+        raise ValueError(f"checkpoint 'outside' or 'inside', nf4 'bitsandbytes' or 'torch'; not {checkpoint!r}, {nf4!r}")
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    causal_lm.gradient_checkpointing_disable()  # the checkpoint moves inside the compiled function
+    causal_lm.gradient_checkpointing_disable()  # ours replaces transformers' checkpoint
     layers = list(causal_lm.model.layers)
     for layer in layers:
-        def checkpointed(*args, _forward=layer.forward, **kwargs):
+        if getattr(layer, "_compiled_with_checkpoint", False):  # compiling twice would nest checkpoints
+            continue
+        layer._compiled_with_checkpoint = True
+        if nf4 == "torch":
+            import bitsandbytes as bnb
+
+            for module in layer.modules():  # (peft's LoRA wrapper shows its base layer's weight: not it)
+                if isinstance(module, bnb.nn.Linear4bit):
+                    module.forward = _compilable_4bit_forward(module)
+        forward = torch.compile(layer.forward) if checkpoint == "outside" else layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-        layer.forward = torch.compile(checkpointed)
+        layer.forward = checkpointed if checkpoint == "outside" else torch.compile(checkpointed)
     return len(layers)
+
+
+def uncompile_decoder_layers(model) -> None:
+    """Undo compile_decoder_layers (before decoding with the trained model: its layers then run
+    with a KV cache, in shapes the compiled training graphs were not made for)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in causal_lm.model.layers:
+        if layer.__dict__.pop("_compiled_with_checkpoint", False):
+            for module in layer.modules():
+                module.__dict__.pop("forward", None)  # the class's own forward shows again
+
+
+def layers_checkpointed(model) -> bool:
+    """Whether the decoder layers recompute their activations in backward (transformers'
+    checkpointing, or compile_decoder_layers)."""
+    return any(getattr(m, "gradient_checkpointing", False) or getattr(m, "_compiled_with_checkpoint", False)
+               for m in model.modules())
 
 
 def decoder_and_head(model):
@@ -118,7 +187,7 @@ def decoder_and_head(model):
     return causal_lm.model, causal_lm.lm_head
 
 
-def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 1024, loss=None):
+def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss=None):
     """The micro-batch's weighted loss (each sample's mean over its learned tokens, summed).
     `loss(hidden, head, labels, weights)` replaces the chunked loss (the GPU benchmark
     compares others)."""

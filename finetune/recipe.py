@@ -42,6 +42,9 @@ class Hyperparameters:
     # values are computed with the current weights, but not trained through).
     detach_shared_prefix: bool = True
     cpu_bf16: bool = True  # bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); weights stay fp32
+    # QLoRA on CUDA: every decoder layer compiled (torch.compile), its 4-bit weights dequantized
+    # by generated kernels, checkpointed around it; LoRA's products in bf16 (README, Performance)
+    compile_layers: bool = True
     eval_max_new_tokens: int = 96
     guided_tool_calls: bool = True  # evaluation decodes tool calls as serving does (finetune/guided.py)
     seed: int = 0
@@ -169,10 +172,10 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     tokens before its ~60 learned ones)."""
     import torch
 
-    from finetune.qlora import group_by_tokens, pack, packed_loss
+    from finetune.qlora import group_by_tokens, layers_checkpointed, pack, packed_loss
 
     # A checkpointed model keeps no cache, so the shared prefix needs one without.
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    checkpointed = layers_checkpointed(model)
     sharing = [] if checkpointed or len(examples) < 2 else prefix_group(examples)
     prefix = shared_prefix_length([examples[i] for i in sharing])
     if not prefix:
@@ -310,9 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         model.to(f"cuda:{gpu}" if cuda else "cpu")
         mode = f"plain LoRA on a {'bf16' if cuda else 'fp32'} base ({'CUDA' if cuda else 'CPU: no 4-bit training here'})"
     cpu_bf16 = not cuda and cfg.cpu_bf16 and cpu_has_bf16()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+    compiled = quantized and cfg.compile_layers
+    # bf16 products for LoRA too (its weights stay fp32), as the stock Trainer's bf16=True does
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cpu_bf16 or compiled)
     if cpu_bf16:
         mode += ", bf16 autocast (the CPU has native bf16)"
+    if compiled:
+        mode += ", decoder layers compiled, bf16 autocast"
     if cuda:
         from finetune.qlora import prepare_for_lora_training
 
@@ -339,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         # the frozen input embedding in host memory: 1.45 GiB less on the GPU at 14B, at no
         # measured cost (bench/gpu_train.py, variant "lean"); back on the GPU for evaluation
         keep_embedding_on_host(model, device)
+    if compiled:
+        from finetune.qlora import compile_decoder_layers
+
+        # the step's many small kernels fused, and no Python call per 4-bit product
+        # (bench/gpu_train.py, variant "lean-compiled-outside-nf4"); compiled at the first steps
+        compile_decoder_layers(model, checkpoint="outside", nf4="torch")
 
     # 5. Optimizer and schedule over optimizer steps (not micro-batches).
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -413,10 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     #    and the adapter serving now answer the same prompts, greedily.
     if cfg.eval_cases:
         if cuda:
-            from finetune.qlora import restore_embedding
+            from finetune.qlora import restore_embedding, uncompile_decoder_layers
 
             del optimizer
             restore_embedding(model, device)
+            uncompile_decoder_layers(model)
         evaluate(cfg, model, tokenizer)
     report(cfg, "done", steps=step, final_loss=losses[-1], seconds=round(time.monotonic() - started, 2),
            output_dir=str(target),

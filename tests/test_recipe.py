@@ -60,6 +60,12 @@ def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, g
     return [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
 
 
+def run_mode(folder) -> str:
+    """The training mode a recipe run in `folder` reported."""
+    events = [json.loads(line) for line in (folder / "progress.jsonl").read_text().splitlines()]
+    return next(e["mode"] for e in events if e["event"] == "mode")
+
+
 def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_path):
     events = run_recipe(tiny_model_dir, tmp_path)
     assert [e["event"] for e in events][:2] == ["start", "mode"] and events[-1]["event"] == "done"
@@ -115,12 +121,19 @@ def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     host, 8-bit optimizer states), adapter written, then candidate and base evaluated."""
     cases = [{"messages": s["messages"][:2], "tools": s.get("tools")} for s in samples()[:2]]
     events = run_recipe(tiny_model_dir, tmp_path, eval_cases=cases)
-    assert "QLoRA: 4-bit NF4" in events[1]["mode"]
-    evaluation = next(e for e in events if e["event"] == "eval")
+    assert "QLoRA: 4-bit NF4" in events[1]["mode"] and "decoder layers compiled" in events[1]["mode"]
+    evaluation = next(e for e in events if e["event"] == "eval")  # decoding after compiled training
     assert len(evaluation["candidate"]) == len(evaluation["active"]) == 2
     steps = [e for e in events if e["event"] == "step"]
     assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
     assert all("lora_" in key for key in load_file(str(tmp_path / "v1" / "adapter_model.safetensors")))
+    # the compiled layers train as the eager ones do: the first step's loss (before any update)
+    # agrees, and so does the trend
+    eager = [e["loss"] for e in run_recipe(tiny_model_dir, tmp_path / "eager", compile_layers=False)
+             if e["event"] == "step"]
+    assert "decoder layers compiled" not in run_mode(tmp_path / "eager")
+    assert eager[0] == pytest.approx(steps[0]["loss"], rel=2e-3)
+    assert eager[-1] == pytest.approx(steps[-1]["loss"], rel=0.05)
 
 
 def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
@@ -244,3 +257,44 @@ def test_compiled_layers_with_the_checkpoint_inside_give_the_eager_loss_and_grad
     assert eager_grads.keys() == compiled_grads.keys() and eager_grads
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_nf4_dequantized_by_torch_operations_equals_bitsandbytes():
+    """compile_decoder_layers(nf4="torch") trains on qlora.dequantize_nf4's weights: they must be
+    bitsandbytes' own, bit for bit, with and without double quantization, eager and compiled,
+    for a last absmax group that does not fill its 256-block."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from finetune.qlora import dequantize_nf4
+
+    torch.manual_seed(0)
+    for nested in (False, True):
+        weight = torch.randn(320, 448, dtype=torch.bfloat16) * 3  # 2,240 groups of 64: not a multiple of 256
+        packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=nested)
+        assert state.nested == nested
+        expected = dequantize_4bit(packed, state)
+        assert torch.equal(dequantize_nf4(packed, state), expected)
+        assert torch.equal(torch.compile(dequantize_nf4)(packed, state), expected)
+
+
+def test_compiled_layers_restore_their_eager_forward(tiny_model_dir):
+    """After training, evaluation decodes with a KV cache: uncompile_decoder_layers must give
+    every layer (and its 4-bit or LoRA modules) back its class's forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune import qlora
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    qlora.prepare_for_lora_training(model, checkpointing=True)
+    assert qlora.layers_checkpointed(model)
+    qlora.compile_decoder_layers(model)
+    assert qlora.layers_checkpointed(model)  # transformers' is off, ours is on
+    layers = model.get_base_model().model.layers
+    assert all("forward" in layer.__dict__ for layer in layers)
+    qlora.uncompile_decoder_layers(model)
+    assert not any("forward" in m.__dict__ for layer in layers for m in layer.modules())
+    assert not qlora.layers_checkpointed(model)
+    with pytest.raises(ValueError, match="outside"):
+        qlora.compile_decoder_layers(model, checkpoint="around")
