@@ -157,13 +157,14 @@ def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]
 def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 0.02,
          tolerance: float = 0.02) -> dict[str, Any]:
     """Promote only when the candidate is better on the domain metrics by `margin` (their
-    mean) and no guard metric fell by more than `tolerance`."""
+    mean) and no metric, domain or guard, fell by more than `tolerance`: a gain in tool calls
+    must not pay for facts the department's answers lost."""
     domain_gain = (sum(candidate[m] for m in DOMAIN_METRICS) - sum(active[m] for m in DOMAIN_METRICS)) / len(
         DOMAIN_METRICS)
     reasons = []
     if domain_gain < margin:
         reasons.append(f"domain metrics improved by {domain_gain:+.3f}, less than the margin {margin:.3f}")
-    for metric in GUARD_METRICS:
+    for metric in (*DOMAIN_METRICS, *GUARD_METRICS):
         drop = active[metric] - candidate[metric]
         if drop > tolerance:
             reasons.append(f"{metric} fell by {drop:.3f}, more than the tolerance {tolerance:.3f}")

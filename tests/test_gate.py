@@ -74,6 +74,9 @@ BASE = {"tool_exact": 0.2, "keyword_recall": 0.5, "tool_format_valid": 1.0, "no_
         ({**BASE, "tool_exact": 0.9, "no_false_tool_calls": 0.6}, False, "no_false_tool_calls fell by 0.300"),
         ({**BASE, "tool_exact": 0.9, "general_recall": 0.7}, False, "general_recall fell"),
         ({**BASE, "tool_exact": 0.9, "general_recall": 0.79}, True, None),  # within tolerance
+        # the domain mean rises by 0.3, but the answers' facts fell: not a better adapter
+        ({**BASE, "tool_exact": 0.9, "keyword_recall": 0.4}, False, "keyword_recall fell by 0.100"),
+        ({**BASE, "tool_exact": 0.9, "keyword_recall": 0.49}, True, None),
     ],
 )
 def test_gate_promotes_only_a_better_adapter_without_regressions(candidate, passed, reason):

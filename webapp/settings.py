@@ -159,7 +159,8 @@ class Settings:
         True, "Promote a candidate that passes the evaluation gate; --no-auto-promote waits for an admin."
     )
     gate_margin: float = _setting(0.02, "How much better the candidate must be on tool-call and fact metrics.")
-    gate_tolerance: float = _setting(0.02, "How much worse it may be on format, false tool calls and general answers.")
+    gate_tolerance: float = _setting(0.02, "How much worse it may be on any one metric: tool calls, facts, format, "
+                                           "false tool calls, general answers.")
     lora_r: int = _setting(64, "LoRA rank.")
     lora_alpha: int = _setting(16, "LoRA alpha.")
     lora_dropout: float = _setting(0.05, "LoRA dropout.")
