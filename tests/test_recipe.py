@@ -120,7 +120,7 @@ def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     """The production recipe: NF4 base on CUDA, LoRA trained on top (embedding kept on the
     host, 8-bit optimizer states), adapter written, then candidate and base evaluated."""
     cases = [{"messages": s["messages"][:2], "tools": s.get("tools")} for s in samples()[:2]]
-    events = run_recipe(tiny_model_dir, tmp_path, eval_cases=cases)
+    events = run_recipe(tiny_model_dir, tmp_path, eval_cases=cases, compile_min_tokens=0)
     assert "QLoRA: 4-bit NF4" in events[1]["mode"] and "decoder layers compiled" in events[1]["mode"]
     evaluation = next(e for e in events if e["event"] == "eval")  # decoding after compiled training
     assert len(evaluation["candidate"]) == len(evaluation["active"]) == 2
@@ -257,6 +257,20 @@ def test_compiled_layers_with_the_checkpoint_inside_give_the_eager_loss_and_grad
     assert eager_grads.keys() == compiled_grads.keys() and eager_grads
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_only_runs_long_enough_to_pay_for_it_compile_their_layers():
+    """Compiling the layers costs about a minute; a nightly refresh of a few corrections must
+    not wait for it, a long run must get it, and only QLoRA on CUDA compiles at all."""
+    from finetune.recipe import Hyperparameters, compiles_layers
+
+    examples = [{"input_ids": [1] * 1_000}] * 200  # 200,000 tokens an epoch
+    defaults = Hyperparameters()  # 2 epochs, from 500,000 tokens
+    assert not compiles_layers(defaults, True, examples[:50], world=1)
+    assert compiles_layers(defaults, True, examples * 2, world=1)  # 800,000 tokens
+    assert not compiles_layers(defaults, True, examples * 2, world=2)  # 400,000 per process
+    assert not compiles_layers(defaults, False, examples * 2, world=1)  # CPU or plain LoRA
+    assert not compiles_layers(Hyperparameters(compile_layers=False), True, examples * 2, world=1)
 
 
 def test_nf4_dequantized_by_torch_operations_equals_bitsandbytes():
