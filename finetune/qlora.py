@@ -125,7 +125,7 @@ def _compilable_4bit_forward(linear):
     return forward
 
 
-def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes") -> int:
+def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes", backend="inductor") -> int:
     """Compile every decoder layer and keep its activation checkpoint; returns the layers
     compiled. Eager, a 2,048-token step at 14B spends 1.3 of its 3.7 s of GPU time in small
     elementwise kernels (norms in fp32, the rotation, SiLU x up, LoRA's dropout and scaling);
@@ -136,14 +136,17 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     everything). nf4="torch": 4-bit layers dequantize in torch operations the compiler fuses
     (dequantize_nf4) instead of calling bitsandbytes. A layer compiled under transformers'
     own checkpointing escapes it: nothing is recomputed and the memory grows (README,
-    Performance)."""
+    Performance). A layer the compiler fails on (an old GPU, no working Triton) runs eagerly,
+    with torch's warning: a nightly refresh must not fail for want of a faster path."""
     import torch
+    import torch._dynamo
     import torch.utils.checkpoint
 
     if checkpoint not in ("outside", "inside") or nf4 not in ("bitsandbytes", "torch"):
         raise ValueError(f"checkpoint 'outside' or 'inside', nf4 'bitsandbytes' or 'torch'; not {checkpoint!r}, {nf4!r}")
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     causal_lm.gradient_checkpointing_disable()  # ours replaces transformers' checkpoint
+    torch._dynamo.config.suppress_errors = True  # compile errors: the eager layer instead
     layers = list(causal_lm.model.layers)
     for layer in layers:
         if getattr(layer, "_compiled_with_checkpoint", False):  # compiling twice would nest checkpoints
@@ -155,12 +158,12 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
             for module in layer.modules():  # (peft's LoRA wrapper shows its base layer's weight: not it)
                 if isinstance(module, bnb.nn.Linear4bit):
                     module.forward = _compilable_4bit_forward(module)
-        forward = torch.compile(layer.forward) if checkpoint == "outside" else layer.forward
+        forward = torch.compile(layer.forward, backend=backend) if checkpoint == "outside" else layer.forward
 
         def checkpointed(*args, _forward=forward, **kwargs):
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-        layer.forward = checkpointed if checkpoint == "outside" else torch.compile(checkpointed)
+        layer.forward = checkpointed if checkpoint == "outside" else torch.compile(checkpointed, backend=backend)
     return len(layers)
 
 

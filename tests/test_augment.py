@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from finetune.augment import slot_variants, slot_vocabulary
 from finetune.samples import normalize_question, tool_call_message
