@@ -18,21 +18,61 @@ KNOWLEDGE_HEADER = (
     "them by number, like [1]. If they do not answer it, say so instead of guessing.")
 
 
-def system_message(system_prompt: str, passages: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
-    """The system message of a turn: the prompt, then the passages retrieved for its question
-    (title, optional location, text), numbered as the answer cites them."""
-    parts = [system_prompt]
-    if passages:
-        parts.append(KNOWLEDGE_HEADER)
+def system_message(system_prompt: str) -> dict[str, str]:
+    """The system message of every turn: the prompt alone. The passages retrieved for a
+    question go with the question (with_passages), so that everything before it (prompt, tool
+    schemas, earlier turns) reads the same whatever was retrieved, and the decoder reuses it."""
+    return {"role": "system", "content": system_prompt}
+
+
+def knowledge_block(passages: Sequence[dict[str, Any]]) -> str:
+    """The passages (title, optional location, text) numbered as the answer cites them."""
+    parts = [KNOWLEDGE_HEADER]
     for number, passage in enumerate(passages, 1):
         where = f" ({passage['location']})" if passage.get("location") else ""
         parts.append(f"[{number}] {passage['title']}{where}\n{passage['text']}")
-    return {"role": "system", "content": "\n\n".join(parts)}
+    return "\n\n".join(parts)
+
+
+def with_passages(messages: Sequence[dict[str, Any]], passages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with `passages` on the last user message; render_chat writes them before
+    its text."""
+    out = list(messages)
+    last_user = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
+    if passages and last_user is not None:
+        out[last_user] = {**out[last_user], "passages": list(passages)}
+    return out
+
+
+def passages_in_text(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each one's passages written into its text, as the model reads them."""
+    out = []
+    for message in messages:
+        passages = message.get("passages")
+        message = {k: v for k, v in message.items() if k != "passages"}
+        if passages:
+            message["content"] = knowledge_block(passages) + "\n\n" + (message.get("content") or "")
+        out.append(message)
+    return out
+
+
+def passages_moved_to_the_question(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A sample stored before the passages moved (they were in the system message, after the
+    prompt) with them where they are served now: before its last question."""
+    out = [dict(m) for m in messages]
+    marker = "\n\n" + KNOWLEDGE_HEADER
+    last_user = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
+    if not out or out[0].get("role") != "system" or marker not in (out[0].get("content") or "") or last_user is None:
+        return out
+    prompt, block = out[0]["content"].split(marker, 1)
+    out[0]["content"] = prompt
+    out[last_user]["content"] = KNOWLEDGE_HEADER + block + "\n\n" + (out[last_user].get("content") or "")
+    return out
 
 
 def render_chat(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
                 add_generation_prompt: bool = True, thinking: bool = False) -> str:
-    messages = list(messages)
+    messages = passages_in_text(messages)
     if not template_knows_tools(tokenizer):
         messages, tools = hermes_messages(messages, tools or []), None
     kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}

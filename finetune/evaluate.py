@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune.chat_format import system_message
+from finetune.chat_format import passages_moved_to_the_question, system_message, with_passages
 from finetune.samples import last_question
 
 FUNCTIONAL_SET = Path(__file__).with_name("data") / "functional.jsonl"
@@ -56,8 +56,8 @@ def case_from_sample(sample: dict[str, Any]) -> EvalCase | None:
     if last_user is None or last_user + 1 >= len(messages):
         return None
     target = messages[last_user + 1]
-    prompt = messages[: last_user + 1]
     name = last_question(messages)[:60]
+    prompt = passages_moved_to_the_question(messages[: last_user + 1])
     if target.get("tool_calls"):
         function = target["tool_calls"][0]["function"]
         arguments = function.get("arguments") or {}
@@ -81,7 +81,8 @@ def load_functional_set(tools: Sequence[dict] | None, system_prompt: str, path: 
         if raw["kind"] == "tool" and raw["expected_call"]["name"] not in names:
             continue
         # a case may carry document passages: served with them, as the engine serves retrieved ones
-        messages = [system_message(system_prompt, raw.get("passages", ())), {"role": "user", "content": raw["question"]}]
+        messages = [system_message(system_prompt),
+                    *with_passages([{"role": "user", "content": raw["question"]}], raw.get("passages", ()))]
         cases.append(EvalCase(messages, list(tools) if tools else None, raw["kind"], raw.get("expected_call"),
                               raw.get("keywords", []), raw["name"]))
     return cases

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.augment import Vocabulary, slot_variants
-from finetune.chat_format import system_message
+from finetune.chat_format import passages_moved_to_the_question, system_message, with_passages
 from finetune.evaluate import case_from_sample, gate, load_functional_set, score
 from finetune.recipe import Hyperparameters, RecipeConfig, recipe_command
 from finetune.samples import last_question, normalize_question
@@ -141,8 +141,8 @@ class RefreshRunner:
 
         # The dataset: every approved train sample of the adapter (earlier ones replay) plus
         # general samples against forgetting.
-        reviewed = [{"messages": json.loads(r["messages"]), **({"tools": json.loads(r["tools"])} if r["tools"] else {})}
-                    for r in train]
+        reviewed = [{"messages": passages_moved_to_the_question(json.loads(r["messages"])),
+                     **({"tools": json.loads(r["tools"])} if r["tools"] else {})} for r in train]
         eval_rows = reviews.list_samples(self.db, department_id, "eval")
         variants = self._variants(department_id, reviewed, eval_rows)
         if variants:
@@ -155,7 +155,8 @@ class RefreshRunner:
         # the adapter called tools for greetings and definitions.
         # Some carry document passages, rendered as the engine renders retrieved ones: questions
         # with numbers in them ("how many days ...") answered from a policy, not by a tool.
-        replay = [json.dumps({"messages": [system_message(s.system_prompt, g.get("passages", ())), *g["messages"]],
+        replay = [json.dumps({"messages": [system_message(s.system_prompt),
+                                           *with_passages(g["messages"], g.get("passages", ()))],
                               **({"tools": tools} if tools else {})}, ensure_ascii=False)
                   for g in general[: s.general_replay]]
         if replay and s.replay_share > 0:  # cycled: many tool-call samples against few replay ones taught calling always

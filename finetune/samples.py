@@ -10,6 +10,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from finetune.chat_format import passages_in_text, passages_moved_to_the_question
+
 REASONS = {
     "wrong_fact": "Wrong fact 事实错误",
     "should_call_tool": "Should have called a tool 应调用工具",
@@ -97,7 +99,7 @@ def scrub_pii(text: str) -> str:
 
 
 def scrub_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """PII replaced in every content and tool-call argument string."""
+    """PII replaced in every content, passage and tool-call argument string."""
     def scrub(value: Any) -> Any:
         if isinstance(value, str):
             return scrub_pii(value)
@@ -112,6 +114,8 @@ def scrub_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         message = dict(message)
         if isinstance(message.get("content"), str):
             message["content"] = scrub_pii(message["content"])
+        if message.get("passages"):  # documents' text is rendered into the prompt as content is
+            message["passages"] = scrub(message["passages"])
         if message.get("tool_calls"):
             calls = []
             for call in message["tool_calls"]:
@@ -136,10 +140,12 @@ def tool_call_message(name: str, arguments: dict[str, Any], call_id: str, conten
 
 
 def to_openai(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as OpenAI chat format: tool-call arguments as JSON strings."""
+    """Messages as OpenAI chat format: tool-call arguments as JSON strings. A question keeps the
+    document passages it was served with ("passages": hangjia's one addition to the format)."""
     out = []
     for message in messages:
-        message = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+        message = {k: v for k, v in message.items()
+                   if k in ("role", "content", "tool_calls", "tool_call_id", "name", "passages")}
         if message.get("tool_calls"):
             message["tool_calls"] = [
                 {"id": call.get("id", f"call_{i}"), "type": "function", "function": {
@@ -200,6 +206,11 @@ def sample_problems(sample: Any) -> list[str]:
                         problems.append(f"{where}.tool_calls[{j}].function.arguments must be an object")
         elif role in ("user", "assistant") and not content:
             problems.append(f"{where} ({role}) has no content")
+        passages = message.get("passages")
+        if passages is not None and not (role == "user" and isinstance(passages, list) and all(
+                isinstance(p, dict) and isinstance(p.get("title"), str) and isinstance(p.get("text"), str)
+                for p in passages)):
+            problems.append(f"{where}.passages must be a list of {{\"title\", \"text\"}} objects on a user message")
     if not any(isinstance(m, dict) and m.get("role") == "user" for m in messages):
         problems.append("no user message")
     if isinstance(messages[-1], dict) and messages[-1].get("role") != "assistant":
@@ -239,8 +250,11 @@ def parse_jsonl(text: str, max_errors: int = 50) -> ParsedFile:
 
 
 def export_line(row: dict[str, Any]) -> str:
-    """One JSONL line that TRL's SFTTrainer and LLaMA-Factory (openai format) read as is."""
-    record: dict[str, Any] = {"messages": json.loads(row["messages"])}
+    """One JSONL line that TRL's SFTTrainer and LLaMA-Factory (openai format) read as is: a
+    question's passages written into its text, where the app serves them (those trainers
+    would drop a "passages" key)."""
+    messages = passages_in_text(passages_moved_to_the_question(json.loads(row["messages"])))
+    record: dict[str, Any] = {"messages": messages}
     if row.get("tools"):
         record["tools"] = json.loads(row["tools"])
     record["metadata"] = {"id": row["id"], "department": row["department_id"], "split": row["split"],

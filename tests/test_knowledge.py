@@ -3,6 +3,7 @@ every path (chat, tool, API), index upkeep, and long attachments. Real embedding
 (all-MiniLM-L6-v2 from PyPI), real FAISS and DuckDB files."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,24 @@ def test_a_question_gets_cited_passages_logged_and_shown_with_the_answer(service
     script("你好！")
     hello = list(services.engine.stream_turn(user, "你好"))[-1]
     assert not [i for i in hello.items if i["type"] == "sources"]
+
+
+def test_grounded_questions_share_the_prompt_start_up_to_their_passages(services, script):
+    """The passages go with the question, after the system prompt and the tool schemas: two
+    questions answered from different documents read the same up to their passages, so the
+    decoder reuses that start (a 14B prefill of the demo's ~1,000 tool-schema tokens) instead
+    of computing it again."""
+    model = script("按制度处理 [1]。", "按公式计算 [1]。")
+    user = services.auth.current_user("finance-employee")
+    for question in ("报销需要在多少天内提交？", "应收账款周转率怎么计算？"):
+        list(services.engine.stream_turn(user, question))
+    first, second = model.prompts
+    assert "[1] 费用报销制度" in first and "[1] 财务指标说明" in second
+    shared = len(os.path.commonprefix([first, second]))
+    header = first.index("Passages from")
+    assert "</tools>" in first[:shared] or "query_sales" in first[:shared]  # the tool schemas are shared
+    assert shared >= header > first.index("query_sales")  # everything before the passages is
+    assert first.rindex("报销需要在多少天内提交？") > first.index("[1] 费用报销制度")  # the question follows them
 
 
 def test_chinese_questions_find_the_passage_that_answers_them_in_the_demo_documents(services):

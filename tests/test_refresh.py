@@ -188,9 +188,9 @@ def test_headless_refresh_from_the_command_line(refresh_services, tiny_model_dir
 
 def test_the_general_replay_default_is_the_whole_shipped_file_and_renders_its_passages():
     """The default mixes in every shipped replay sample (a sample added to the file and not to
-    the default would never be trained), and a sample with passages gets them in its system
-    message as the engine serves retrieved ones."""
-    from finetune.chat_format import system_message
+    the default would never be trained), and a sample with passages gets them before its
+    question, as the engine serves retrieved ones."""
+    from finetune.chat_format import knowledge_block, with_passages
     from finetune.refresh import GENERAL_REPLAY, RefreshSettings
 
     lines = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -200,5 +200,7 @@ def test_the_general_replay_default_is_the_whole_shipped_file_and_renders_its_pa
     # each answers from its passage and cites it, or says the passage does not answer
     assert grounded and all("[1]" in g["messages"][-1]["content"] or "没有" in g["messages"][-1]["content"]
                             for g in grounded)
-    rendered = system_message("sys", grounded[0]["passages"])["content"]
-    assert rendered.startswith("sys\n\nPassages from") and f"[1] {grounded[0]['passages'][0]['title']}" in rendered
+    question = with_passages(grounded[0]["messages"], grounded[0]["passages"])[-2]
+    assert question["role"] == "user" and question["passages"] == grounded[0]["passages"]
+    block = knowledge_block(grounded[0]["passages"])
+    assert block.startswith("Passages from") and f"[1] {grounded[0]['passages'][0]['title']}" in block

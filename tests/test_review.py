@@ -101,12 +101,14 @@ def test_a_sample_keeps_the_passages_its_question_was_served_with(services, scri
     script("Within 30 days.")
     message_id = ask(services, "finance-employee", "报销需要在多少天内提交？", -1)
     conversation_id = chats.get_message_owner(services.db, message_id)["conversation_id"]
-    served = services.engine.system_for(chats.last_user_message_id(services.db, conversation_id))
-    assert "[1] 费用报销制度" in served["content"] and served["content"].startswith(services.settings.system_prompt)
+    served = services.engine.passages_for(chats.last_user_message_id(services.db, conversation_id))
+    assert served and served[0]["title"].startswith("费用报销制度")
     services.reviews.decide(reviewer(services, "finance-reviewer"), message_id, "approved", "wrong_fact",
                             answer="费用须在发生后 30 天内提交报销 [1]。")
     (sample,) = reviews.list_samples(services.db)
-    assert json.loads(sample["messages"])[0] == served
+    messages = json.loads(sample["messages"])
+    assert messages[0] == {"role": "system", "content": services.settings.system_prompt}
+    assert messages[-2]["role"] == "user" and messages[-2]["passages"] == served
 
 
 def test_period_words_are_aliases_of_the_canonical_periods(services):

@@ -5,12 +5,14 @@ import pytest
 from finetune.samples import (
     Existing,
     assign_split,
+    export_line,
     find_near_duplicate,
     normalize_question,
     parse_jsonl,
     scrub_messages,
     scrub_pii,
     similarity,
+    to_openai,
     tool_call_message,
 )
 
@@ -68,3 +70,53 @@ def test_jsonl_errors_name_every_bad_line():
     assert [e.split(":")[0] for e in parsed.errors] == ["line 2", "line 3", "line 5", "line 6", "line 7"]
     assert "last message must be the assistant's" in parsed.errors[1]
     assert "'wizard'" in parsed.errors[2] and "not valid JSON" in parsed.errors[3]
+
+
+def test_passages_travel_with_the_question_scrubbed_and_checked():
+    """A question keeps the document passages it was served with (in exports and imports too):
+    their text is scrubbed like any content, and a malformed "passages" names its line."""
+    passages = [{"title": "通讯录", "text": "财务部 电话 13912345678"}]
+    messages = to_openai(scrub_messages([{"role": "user", "content": "财务部电话？", "passages": passages},
+                                         {"role": "assistant", "content": "见 [1]。"}]))
+    assert messages[0]["passages"] == [{"title": "通讯录", "text": "财务部 电话 [PHONE]"}]
+    good = {"messages": messages}
+    bad_shape = {"messages": [{"role": "user", "content": "q", "passages": "a document"},
+                              {"role": "assistant", "content": "a"}]}
+    on_assistant = {"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "a", "passages": passages}]}
+    parsed = parse_jsonl("\n".join(json.dumps(s, ensure_ascii=False) for s in (good, bad_shape, on_assistant)))
+    assert len(parsed.samples) == 1 and [e.split(":")[0] for e in parsed.errors] == ["line 2", "line 3"]
+    assert all("passages must be a list" in e for e in parsed.errors)
+    # exported for TRL or LLaMA-Factory, which would drop the key: written into the question
+    exported = json.loads(export_line({"id": 1, "department_id": "finance", "split": "train", "origin": "correction",
+                                       "reason": "wrong_fact", "tools": None, "messages": json.dumps(messages)}))
+    question = exported["messages"][0]
+    assert "passages" not in question and question["content"].startswith("Passages from")
+    assert question["content"].endswith("[1] 通讯录\n财务部 电话 [PHONE]\n\n财务部电话？")
+
+
+def test_samples_stored_with_passages_in_the_system_message_train_on_the_served_layout(test_tokenizer_dir):
+    """Before the passages moved next to the question they sat in the system message; such a
+    stored sample must render exactly as the same question is served now."""
+    from transformers import AutoTokenizer
+
+    from finetune.chat_format import (
+        knowledge_block,
+        passages_moved_to_the_question,
+        render_chat,
+        system_message,
+        with_passages,
+    )
+
+    passages = [{"title": "Handbook", "location": "5.3", "text": "10 days of sick leave."}]
+    old_system = {"role": "system", "content": "sys\n\n" + knowledge_block(passages)}
+    stored = [old_system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Sick days?"}, {"role": "assistant", "content": "10 [1]."}]
+    served = [system_message("sys"), *with_passages(stored[1:], passages)]
+    moved = passages_moved_to_the_question(stored)
+    assert moved[0] == {"role": "system", "content": "sys"} and stored[0] == old_system  # a copy
+    tokenizer = AutoTokenizer.from_pretrained(test_tokenizer_dir)
+    assert render_chat(tokenizer, moved, add_generation_prompt=False) == \
+        render_chat(tokenizer, served, add_generation_prompt=False)
+    assert passages_moved_to_the_question(served) == served  # the new layout is left alone
+

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from finetune.chat_format import system_message
+from finetune.chat_format import system_message, with_passages
 from finetune.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
@@ -137,22 +137,20 @@ class ChatEngine:
             )
         return text
 
-    def _system(self, passages: list[dict[str, Any]]) -> dict[str, str]:
-        return system_message(self.settings.system_prompt, passages)
+    def system(self) -> dict[str, str]:
+        """The system message of every turn (the passages go with the question)."""
+        return system_message(self.settings.system_prompt)
 
-    def _system_of(self, conversation_id: int) -> dict[str, str]:
-        """The system message of the turn in progress: with the passages retrieved for its question."""
-        return self.system_for(chats.last_user_message_id(self.db, conversation_id))
+    def passages_for(self, user_message_id: int | None) -> list[dict[str, Any]]:
+        """The passages a question was answered with (a reviewer's sample trains on the prompt
+        as it was served)."""
+        return knowledge_store.retrievals_of(self.db, user_message_id, via="auto") if user_message_id else []
 
-    def system_for(self, user_message_id: int | None) -> dict[str, str]:
-        """The system message a question was answered with: the prompt and the passages
-        retrieved for it (a reviewer's sample trains on the prompt as it was served)."""
-        passages = knowledge_store.retrievals_of(self.db, user_message_id, via="auto") if user_message_id else []
-        return self._system(passages)
-
-    def _fit_prompt(self, history: list[dict], text: str, tools: list[dict], system: dict[str, str]) -> str:
-        """System + as much recent history as fits + the new message; oldest turns drop first."""
-        user_message = {"role": "user", "content": text}
+    def _fit_prompt(self, history: list[dict], text: str, tools: list[dict], system: dict[str, str],
+                    passages: list[dict[str, Any]]) -> str:
+        """System + as much recent history as fits + the new message with its passages; oldest
+        turns drop first."""
+        user_message = with_passages([{"role": "user", "content": text}], passages)[0]
         budget = self.model.max_context - self.settings.generation.max_new_tokens
         past = list(history)
         while True:
@@ -248,9 +246,10 @@ class ChatEngine:
         is stored; once the user message is stored, every assistant message is stored too,
         even when the listener leaves early or generation fails.
 
-        Passages the user's department may read are retrieved for the question and put in
-        the system message; attachments (name, bytes) go in whole when they fit the
-        context, as their most relevant passages when they do not (the user is told).
+        Passages the user's department may read are retrieved for the question and put
+        before it, after the system prompt and tool schemas that every turn shares;
+        attachments (name, bytes) go in whole when they fit the context, as their most
+        relevant passages when they do not (the user is told).
 
         The first message of a conversation (no attachments) may be answered from the
         response cache; `fresh` asks the model even so."""
@@ -272,10 +271,10 @@ class ChatEngine:
         started = time.perf_counter()
         hits = self.knowledge.relevant(user.department_id, text) if self.knowledge is not None else []
         passages = [h.as_dict() for h in hits]
-        system = self._system(passages)
-        prepared = self._prepare_attachments(attachments or [], text, tools, system)
+        system = self.system()
+        prepared = self._prepare_attachments(attachments or [], text, tools, system, passages)
         content = "\n\n".join([text, *(a["prompt_text"] for a in prepared)])
-        self._fit_prompt(history, content, tools, system)
+        self._fit_prompt(history, content, tools, system, passages)
 
         if conversation_id is None:
             conversation_id, (user_message_id,) = chats.start_conversation(
@@ -363,13 +362,14 @@ class ChatEngine:
         return update.snapshot()
 
     def _prepare_attachments(self, attachments: list[tuple[str, bytes]], text: str, tools: list[dict],
-                             system: dict[str, str]) -> list[dict[str, Any]]:
+                             system: dict[str, str], passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each attachment as the model will get it: whole, or passages within what is left
         of the context window after the question (history is dropped before an attachment is cut)."""
         if not attachments:
             return []
         budget = self.model.max_context - self.settings.generation.max_new_tokens
-        question = self.model.render_prompt([system, {"role": "user", "content": text}], tools, self.settings.thinking)
+        question = self.model.render_prompt([system, *with_passages([{"role": "user", "content": text}], passages)],
+                                            tools, self.settings.thinking)
         left = budget - self.model.count_tokens(question) - 8  # the blank lines joining the blocks
         prepared = []
         for name, data in attachments:
@@ -421,10 +421,11 @@ class ChatEngine:
         """Generate; run the tool calls; feed results back; until an answer without calls,
         a pending approval, or the round limit."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
-        system = self._system_of(update.conversation_id)
+        system = self.system()
+        passages = self.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
         guide = self._guide(tools)
         for round_index in range(self.settings.max_tool_rounds + 1):
-            history = self.history_messages(update.conversation_id)
+            history = with_passages(self.history_messages(update.conversation_id), passages)
             prompt = self.model.render_prompt([system, *self._trim(history, tools, system)], tools,
                                               self.settings.thinking)
             update.items.append({"type": "text", "content": ""})

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from finetune.chat_format import with_passages
 from finetune.dataset import (
     ImportResult,
     existing_questions,
@@ -132,7 +133,7 @@ class ReviewService:
             raise ReviewInputError("This answer has no question before it.")
         # the passages the question was served with belong to the sample: trained without them, the
         # adapter never saw a question with passages and called tools for policy questions (#8)
-        system = self.engine.system_for(question_id)
+        system, passages = self.engine.system(), self.engine.passages_for(question_id)
         tools = [spec.function_schema() for spec in self.tools.tools_for(owner)]
         if reason is None:
             raise ReviewInputError("Pick a reason for the approval.")
@@ -149,8 +150,9 @@ class ReviewService:
             target = self._target(owner, header, answer, tool_name, tool_arguments)
             origin = "correction"
         existing = existing_questions(self.db, header["department_id"])
-        return make_sample(header["department_id"], [system, *context, *target], tools, origin, reason,
-                           existing, self.settings.scrub_pii, self.settings.eval_fraction)
+        messages = [system, *with_passages(context, passages), *target]
+        return make_sample(header["department_id"], messages, tools, origin, reason, existing, self.settings.scrub_pii,
+                           self.settings.eval_fraction)
 
     def _target(self, owner: User, header: dict[str, Any], answer: str | None, tool_name: str | None,
                 tool_arguments: Any) -> list[dict[str, Any]]:
