@@ -144,7 +144,8 @@ class ChatEngine:
     def passages_for(self, user_message_id: int | None) -> list[dict[str, Any]]:
         """The passages a question was answered with (a reviewer's sample trains on the prompt
         as it was served)."""
-        return knowledge_store.retrievals_of(self.db, user_message_id, via="auto") if user_message_id else []
+        rows = knowledge_store.retrievals_of(self.db, user_message_id, via="auto") if user_message_id else []
+        return [{k: row[k] for k in ("title", "location", "text") if row.get(k)} for row in rows]  # what is rendered
 
     def _fit_prompt(self, history: list[dict], text: str, tools: list[dict], system: dict[str, str],
                     passages: list[dict[str, Any]]) -> str:
