@@ -44,14 +44,28 @@ def with_passages(messages: Sequence[dict[str, Any]], passages: Sequence[dict[st
     return out
 
 
-def passages_in_text(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with each one's passages written into its text, as the model reads them."""
+def passages_in_text(messages: Sequence[dict[str, Any]], keep: bool = False) -> list[dict[str, Any]]:
+    """The messages with each one's passages written into its text, as the model reads them;
+    `keep` leaves the "passages" key too (an export: passages_out_of_text undoes it)."""
     out = []
     for message in messages:
         passages = message.get("passages")
-        message = {k: v for k, v in message.items() if k != "passages"}
+        message = {k: v for k, v in message.items() if keep or k != "passages"}
         if passages:
             message["content"] = knowledge_block(passages) + "\n\n" + (message.get("content") or "")
+        out.append(message)
+    return out
+
+
+def passages_out_of_text(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """passages_in_text(keep=True) undone: a message whose text starts with its own passages
+    keeps only the text after them."""
+    out = []
+    for message in messages:
+        if message.get("passages") and isinstance(message.get("content"), str):
+            written = knowledge_block(message["passages"]) + "\n\n"
+            if message["content"].startswith(written):
+                message = {**message, "content": message["content"][len(written):]}
         out.append(message)
     return out
 

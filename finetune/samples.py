@@ -10,7 +10,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from finetune.chat_format import passages_in_text, passages_moved_to_the_question
+from finetune.chat_format import passages_in_text, passages_moved_to_the_question, passages_out_of_text
 
 REASONS = {
     "wrong_fact": "Wrong fact 事实错误",
@@ -241,8 +241,8 @@ def parse_jsonl(text: str, max_errors: int = 50) -> ParsedFile:
         problems = sample_problems(obj)
         if problems:
             parsed.errors.append(f"line {number}: " + "; ".join(problems))
-        else:
-            parsed.samples.append(obj)
+        else:  # an exported question carries its passages twice: as text (for other trainers) and as a key
+            parsed.samples.append({**obj, "messages": passages_out_of_text(obj["messages"])})
     if len(parsed.errors) > max_errors:
         extra = len(parsed.errors) - max_errors
         parsed.errors = parsed.errors[:max_errors] + [f"... and {extra} more bad lines"]
@@ -252,8 +252,8 @@ def parse_jsonl(text: str, max_errors: int = 50) -> ParsedFile:
 def export_line(row: dict[str, Any]) -> str:
     """One JSONL line that TRL's SFTTrainer and LLaMA-Factory (openai format) read as is: a
     question's passages written into its text, where the app serves them (those trainers
-    would drop a "passages" key)."""
-    messages = passages_in_text(passages_moved_to_the_question(json.loads(row["messages"])))
+    drop the "passages" key, which stays for hangjia's own import: parse_jsonl)."""
+    messages = passages_in_text(passages_moved_to_the_question(json.loads(row["messages"])), keep=True)
     record: dict[str, Any] = {"messages": messages}
     if row.get("tools"):
         record["tools"] = json.loads(row["tools"])

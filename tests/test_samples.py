@@ -91,8 +91,10 @@ def test_passages_travel_with_the_question_scrubbed_and_checked():
     exported = json.loads(export_line({"id": 1, "department_id": "finance", "split": "train", "origin": "correction",
                                        "reason": "wrong_fact", "tools": None, "messages": json.dumps(messages)}))
     question = exported["messages"][0]
-    assert "passages" not in question and question["content"].startswith("Passages from")
+    assert question["content"].startswith("Passages from")
     assert question["content"].endswith("[1] 通讯录\n财务部 电话 [PHONE]\n\n财务部电话？")
+    # ... and imported back into hangjia, the question is the question again, its passages kept
+    assert parse_jsonl(json.dumps(exported, ensure_ascii=False)).samples[0]["messages"] == messages
 
 
 def test_samples_stored_with_passages_in_the_system_message_train_on_the_served_layout(test_tokenizer_dir):
