@@ -92,6 +92,11 @@ def chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens: int = 512):
     return total
 
 
+def causal_lm_of(model):
+    """The causal LM itself under a peft wrapper (or the model, unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def dequantize_nf4(packed, quant_state):
     """bitsandbytes' NF4 weight as a bf16 (or its own dtype) matrix, in plain torch operations
     so torch.compile fuses it into one kernel; equal bit for bit to bitsandbytes'
@@ -144,7 +149,7 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
 
     if checkpoint not in ("outside", "inside") or nf4 not in ("bitsandbytes", "torch"):
         raise ValueError(f"checkpoint 'outside' or 'inside', nf4 'bitsandbytes' or 'torch'; not {checkpoint!r}, {nf4!r}")
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     causal_lm.gradient_checkpointing_disable()  # ours replaces transformers' checkpoint
     torch._dynamo.config.suppress_errors = True  # compile errors: the eager layer instead
     layers = list(causal_lm.model.layers)
@@ -170,7 +175,7 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
 def uncompile_decoder_layers(model) -> None:
     """Undo compile_decoder_layers (before decoding with the trained model: its layers then run
     with a KV cache, in shapes the compiled training graphs were not made for)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     for layer in causal_lm.model.layers:
         if layer.__dict__.pop("_compiled_with_checkpoint", False):
             for module in layer.modules():
@@ -186,7 +191,7 @@ def layers_checkpointed(model) -> bool:
 
 def decoder_and_head(model):
     """The decoder stack and the output projection under a (peft-wrapped) causal LM."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     return causal_lm.model, causal_lm.lm_head
 
 
