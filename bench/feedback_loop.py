@@ -219,9 +219,11 @@ def main() -> int:
         services.close()
     b, a = result["before"], result["after"]
     gate = (result["outcome"].gate or {}) if result["outcome"] else {}
-    print(f"\nmachine: {os.cpu_count()} CPUs; model {settings.model}; data {settings.data_dir}; LoRA r={settings.lora_r}"
-          f" alpha={settings.lora_alpha} on {settings.lora_target_modules}, lr {settings.learning_rate},"
+    lora = (f"LoRA r={settings.lora_r} alpha={settings.lora_alpha} on {settings.lora_target_modules}, "
+            f"lr {settings.learning_rate}").replace("None", "(by model size)")
+    print(f"\nmachine: {os.cpu_count()} CPUs; model {settings.model}; data {settings.data_dir}; {lora},"
           f" {settings.epochs} epochs; overrides {overrides or 'none'}")
+    print(f"refresh mode: {(result['run'] or {}).get('mode')}")
     print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
           f"{'passed' if gate.get('passed') else 'failed: ' + '; '.join(gate.get('reasons', []))}; "
           f"serving after: {result['adapter_after'] or 'base'}\n")

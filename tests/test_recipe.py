@@ -51,6 +51,7 @@ def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, g
     cfg = RecipeConfig(**{**dict(
         base_model=str(tiny_model_dir), dataset=str(dataset), output_dir=str(tmp_path / "v1"),
         progress_file=str(tmp_path / "progress.jsonl"), lora_r=4, lora_alpha=8, epochs=2, gradient_accumulation=2,
+        target_modules=["q_proj", "k_proj", "v_proj"],
         learning_rate=1e-2, load_in_4bit=True, eval_max_new_tokens=8, eval_cases=str(cases) if cases else None),
         **overrides})
     config = tmp_path / "run.json"
@@ -58,6 +59,27 @@ def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, g
     done = subprocess.run(recipe_command(config, gpus), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+
+
+def test_unset_lora_settings_follow_the_base_model_size_and_set_ones_win(tiny_model_dir, tmp_path):
+    """The app's defaults leave LoRA's shape and learning rate unset: a small base (the embedded
+    model) gets the wide, fast recipe that learns a night's corrections, a 14B base the QLoRA
+    paper's. A setting the admin gave is kept, and the run says what it trained."""
+    from finetune.recipe import ALL_LINEAR, lora_defaults_for
+
+    assert lora_defaults_for(135_000_000) == {"lora_r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR,
+                                              "learning_rate": 1e-3}
+    assert lora_defaults_for(14_800_000_000) == {"lora_r": 64, "lora_alpha": 16,
+                                                 "target_modules": ["q_proj", "k_proj", "v_proj"],
+                                                 "learning_rate": 2e-4}
+    events = run_recipe(tiny_model_dir, tmp_path, lora_r=4, lora_alpha=None, target_modules=None,
+                        learning_rate=None, epochs=1)
+    mode = next(e for e in events if e["event"] == "mode")
+    assert mode["lora"] == {"r": 4, "alpha": 32, "target_modules": sorted(ALL_LINEAR), "learning_rate": 1e-3}
+    assert "LoRA r=4 alpha=32 on down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj, lr 0.001" in mode["mode"]
+    adapter = json.loads((tmp_path / "v1" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], sorted(adapter["target_modules"])) == (4, 32, sorted(ALL_LINEAR))
+    assert max(e["lr"] for e in events if e["event"] == "step") == pytest.approx(1e-3)
 
 
 def run_mode(folder) -> str:

@@ -174,7 +174,8 @@ def refresh_settings(settings: Settings) -> RefreshSettings:
         start_from_active=settings.start_from_active, auto_promote=settings.auto_promote,
         gate_margin=settings.gate_margin, gate_tolerance=settings.gate_tolerance, lora_r=settings.lora_r,
         lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules=[m.strip() for m in settings.lora_target_modules.split(",") if m.strip()],
+        target_modules=[m.strip() for m in settings.lora_target_modules.split(",") if m.strip()]
+        if settings.lora_target_modules else None,
         epochs=settings.epochs, learning_rate=settings.learning_rate,
         gradient_accumulation=settings.gradient_accumulation, max_seq_len=settings.max_seq_len,
         load_in_4bit=True, eval_max_new_tokens=settings.eval_max_new_tokens, system_prompt=settings.system_prompt,

@@ -161,12 +161,16 @@ class Settings:
     gate_margin: float = _setting(0.02, "How much better the candidate must be on tool-call and fact metrics.")
     gate_tolerance: float = _setting(0.02, "How much worse it may be on any one metric: tool calls, facts, format, "
                                            "false tool calls, general answers.")
-    lora_r: int = _setting(64, "LoRA rank.")
-    lora_alpha: int = _setting(16, "LoRA alpha.")
+    lora_r: int | None = _setting(None, "LoRA rank. Unset: by the base model's size, 16 below 1B parameters "
+                                        "(the embedded model), 64 from 1B (the QLoRA paper's).")
+    lora_alpha: int | None = _setting(None, "LoRA alpha. Unset: 32 below 1B parameters, 16 from 1B.")
     lora_dropout: float = _setting(0.05, "LoRA dropout.")
-    lora_target_modules: str = _setting("q_proj,k_proj,v_proj", "Comma-separated module names LoRA adapts.")
+    lora_target_modules: str | None = _setting(
+        None, "Comma-separated module names LoRA adapts. Unset: every linear layer below 1B parameters, "
+              "q_proj,k_proj,v_proj from 1B.")
     epochs: int = _setting(2, "Passes over the training samples per refresh.")
-    learning_rate: float = _setting(2e-4, "Peak learning rate (warmup, then linear decay).")
+    learning_rate: float | None = _setting(
+        None, "Peak learning rate (warmup, then linear decay). Unset: 1e-3 below 1B parameters, 2e-4 from 1B.")
     gradient_accumulation: int = _setting(8, "Samples per optimizer step (batch size 1 each).")
     max_seq_len: int = _setting(2048, "Longest training sample in tokens; longer ones are left out.")
     detach_shared_prefix: bool = _setting(
@@ -243,7 +247,7 @@ def _validate(s: Settings) -> list[str]:
     except ValueError as exc:
         problems.append(f"refresh_cron={s.refresh_cron!r}: not a crontab line ({exc}); e.g. '0 2 * * *' (--refresh-cron).")
     for name in ("lora_r", "lora_alpha", "epochs", "gradient_accumulation", "max_seq_len", "eval_max_new_tokens"):
-        if getattr(s, name) < 1:
+        if getattr(s, name) is not None and getattr(s, name) < 1:
             problems.append(f"{name}={getattr(s, name)}: must be at least 1 ({_flag(name)}).")
     if not 0 <= s.replay_share < 1:
         problems.append("replay_share must be at least 0 and below 1.")
@@ -287,7 +291,7 @@ def _env_name(name: str) -> str:
 
 def _base_type(f: dataclasses.Field) -> str:
     """The field's type as a plain name: bool, int, float, str or path."""
-    t = str(f.type)
+    t = str(f.type).removesuffix(" | None")
     for name in ("bool", "int", "float"):
         if t == name:
             return name
