@@ -64,6 +64,11 @@ VARIANTS = {
     "lean-compiled-outside-nf4": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
                                       optimizer="adamw8bit", compile_layers="outside", autocast=True, sync="step",
                                       nf4="torch"),
+    # ... and the frozen down projection after the checkpointed part, so backward does not compute it again
+    # (the eager checkpoint's early stop already skips it; a compiled layer is one node to recompute)
+    "lean-compiled-outside-nf4-down": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                           optimizer="adamw8bit", compile_layers="outside", autocast=True,
+                                           sync="step", nf4="torch", down_outside=True),
     "lean-compiled-inside-nf4": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
                                      optimizer="adamw8bit", compile_layers="inside", autocast=True, sync="step",
                                      nf4="torch"),
@@ -176,7 +181,8 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
     elif spec.get("compile_layers") in ("inside", "outside"):
         from finetune.qlora import compile_decoder_layers
 
-        compile_decoder_layers(model, checkpoint=spec["compile_layers"], nf4=spec.get("nf4", "bitsandbytes"))
+        compile_decoder_layers(model, checkpoint=spec["compile_layers"], nf4=spec.get("nf4", "bitsandbytes"),
+                               down_outside=spec.get("down_outside", False))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in initial_lora:

@@ -130,7 +130,27 @@ def _compilable_4bit_forward(linear):
     return forward
 
 
-def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes", backend="inductor") -> int:
+def _hand_out_down_projection(layer) -> dict | None:
+    """Make the layer's MLP hand its down projection's input out instead of projecting it:
+    down_proj returns zeros (so the layer returns its residual stream without the MLP) and
+    puts its input in the returned dict ("x") for the caller to project. Only for a frozen
+    down_proj (no LoRA on it): its backward then needs no saved activation, so it can run
+    outside the activation checkpoint and is not computed a second time in backward."""
+    down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if down is None or not hasattr(down, "out_features") or any(p.requires_grad for p in down.parameters()):
+        return None
+    handed: dict = {}
+
+    def hand_out(x):
+        handed["x"] = x
+        return x.new_zeros(*x.shape[:-1], down.out_features)
+
+    down.forward = hand_out
+    return handed
+
+
+def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes", backend="inductor",
+                           down_outside: bool = False) -> int:
     """Compile every decoder layer and keep its activation checkpoint; returns the layers
     compiled. Eager, a 2,048-token step at 14B spends 1.3 of its 3.7 s of GPU time in small
     elementwise kernels (norms in fp32, the rotation, SiLU x up, LoRA's dropout and scaling);
@@ -141,7 +161,9 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     everything). nf4="torch": 4-bit layers dequantize in torch operations the compiler fuses
     (dequantize_nf4) instead of calling bitsandbytes. A layer compiled under transformers'
     own checkpointing escapes it: nothing is recomputed and the memory grows (README,
-    Performance). A layer the compiler fails on (an old GPU, no working Triton) runs eagerly,
+    Performance). down_outside (with checkpoint="outside"): a frozen down_proj runs after the
+    checkpointed part, in bitsandbytes' op, which saves only the 4-bit weight; backward then
+    recomputes the layer without it, a quarter of its products. A layer the compiler fails on (an old GPU, no working Triton) runs eagerly,
     with torch's warning: a nightly refresh must not fail for want of a faster path."""
     import torch
     import torch._dynamo
@@ -163,6 +185,22 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
             for module in layer.modules():  # (peft's LoRA wrapper shows its base layer's weight: not it)
                 if isinstance(module, bnb.nn.Linear4bit):
                     module.forward = _compilable_4bit_forward(module)
+        handed = _hand_out_down_projection(layer) if checkpoint == "outside" and down_outside else None
+        if handed is not None:
+            down = layer.mlp.down_proj
+
+            def front(*args, _forward=layer.forward, _handed=handed, **kwargs):  # the layer up to down_proj's input
+                residual = _forward(*args, **kwargs)
+                return residual, _handed.pop("x")
+
+            compiled_front = torch.compile(front, backend=backend)
+
+            def checkpointed_then_down(*args, _front=compiled_front, _down=down, **kwargs):
+                residual, product = torch.utils.checkpoint.checkpoint(_front, *args, use_reentrant=False, **kwargs)
+                return residual + type(_down).forward(_down, product)  # the class's own forward
+
+            layer.forward = checkpointed_then_down
+            continue
         forward = torch.compile(layer.forward, backend=backend) if checkpoint == "outside" else layer.forward
 
         def checkpointed(*args, _forward=forward, **kwargs):
@@ -202,7 +240,7 @@ def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss
     import torch
 
     decoder, head = decoder_and_head(model)
-    ids = torch.tensor([batch.input_ids], device=device)
+    ids = token_ids(model, [batch.input_ids], device)
     positions = torch.tensor([batch.position_ids], device=device)
     # use_cache=False matters: with a cache transformers does not look for packed samples
     hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
@@ -211,6 +249,17 @@ def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss
     if loss is not None:
         return loss(hidden, head, labels, weights)
     return chunked_lm_loss(hidden, head, labels, weights, chunk_tokens)
+
+
+def token_ids(model, rows: list[list[int]], device):
+    """Token ids as the model's input embedding wants them: on the host where the embedding is
+    kept there (keep_embedding_on_host). Ids on the GPU would be copied back for the lookup,
+    and that copy waits for every queued kernel: the GPU then idles while the host queues the
+    next forward (0.37 s of a 3.0 s step at 14B, before this)."""
+    import torch
+
+    decoder, _ = decoder_and_head(model)
+    return torch.tensor(rows, device="cpu" if hasattr(decoder.embed_tokens, "host") else device)
 
 
 class HostEmbedding:
@@ -225,7 +274,13 @@ class HostEmbedding:
         self.device = device
 
     def __call__(self, input_ids):
-        rows = self.weight[input_ids.to("cpu")]
+        import torch
+
+        ids = input_ids.to("cpu")  # (from the GPU this waits for its queue: pass host ids, token_ids)
+        # looked up into pinned memory, so the copy to the GPU is queued, not waited for
+        rows = torch.empty((*ids.shape, self.weight.shape[1]), dtype=self.weight.dtype,
+                           pin_memory=self.weight.is_pinned())
+        torch.index_select(self.weight, 0, ids.reshape(-1), out=rows.view(-1, self.weight.shape[1]))
         return rows.to(self.device, non_blocking=True)
 
 

@@ -192,7 +192,7 @@ def prefix_group(examples: list[dict[str, list[int]]]) -> list[int]:
 def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, max_tokens: int = 4096,
                          detach_prefix: bool = False) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
-    sample's mean loss on learned tokens) and returns that loss; NaN if it is not finite.
+    sample's mean loss on learned tokens) and returns that loss; not finite if a part was not.
     The samples that share a prefix: the prefix once, then their suffixes packed in one row
     (no padding), each attending to the prefix's keys and values and to itself; gradients flow
     back through both, or only through the suffixes with `detach_prefix`. The others: packed
@@ -224,13 +224,13 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
             shared = _suffixes_loss(model, [examples[i] for i in sharing], prefix, device, detach_prefix)
             yield shared * (len(sharing) / len(examples))
 
-    total = 0.0
+    # the loss is read once, at the end: reading it after each forward would make the host wait
+    # for the GPU there, and the GPU then wait for the host to queue the backward
+    total = torch.zeros((), device=device)
     for loss in losses():
-        if not torch.isfinite(loss):
-            return float("nan")
         loss.backward()
-        total += loss.item()
-    return total
+        total += loss.detach()
+    return total.item()  # NaN or inf when a part was not finite: the caller stops the run
 
 
 def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, device, detach_prefix: bool):
@@ -238,16 +238,16 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     import torch
     import torch.nn.functional as F
 
-    from finetune.qlora import decoder_and_head
+    from finetune.qlora import decoder_and_head, token_ids
 
     # the prefix's keys and values only: the decoder stack without the vocabulary projection,
     # whose logits for every prompt token nobody reads (~10% of the embedded model's prompt forward)
     decoder, _ = decoder_and_head(model)
     with torch.set_grad_enabled(not detach_prefix):
-        head = decoder(input_ids=torch.tensor([examples[0]["input_ids"][:prefix]], device=device), use_cache=True)
+        head = decoder(input_ids=token_ids(model, [examples[0]["input_ids"][:prefix]], device), use_cache=True)
     # The suffixes side by side in one row, without padding: each sees the prefix and itself.
     tails = [example["input_ids"][prefix:] for example in examples]
-    ids = torch.tensor([[token for tail in tails for token in tail]], device=device)
+    ids = token_ids(model, [[token for tail in tails for token in tail]], device)
     total = ids.shape[1]
     segment = torch.cat([torch.full((len(tail),), number, device=device) for number, tail in enumerate(tails)])
     positions = torch.cat([torch.arange(prefix, prefix + len(tail), device=device) for tail in tails])[None]
@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.qlora import compile_decoder_layers
 
         # the step's many small kernels fused, and no Python call per 4-bit product
-        # (bench/gpu_train.py, variant "lean-compiled-outside-nf4"); compiled at the first steps
+        # (bench/gpu_train.py, variant "lean-compiled-outside-nf4"); compiled at the first steps.
+        # (down_outside=True measured 5% faster at 14B, but gave a NaN loss at the second step of
+        # the tiny model's GPU test: not used until that is understood; README, Performance)
         compile_decoder_layers(model, checkpoint="outside", nf4="torch")
 
     # 5. Optimizer and schedule over optimizer steps (not micro-batches).
