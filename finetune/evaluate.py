@@ -122,6 +122,17 @@ def _same_arguments(a: dict, b: dict, defaults: dict[str, Any] | None = None) ->
     return norm(a) == norm(b)
 
 
+def mentions(output: str, keyword: str) -> bool:
+    """Whether `output` says `keyword`, ignoring case. A keyword starting with a Latin letter or
+    digit must start a word there ("Li" is not in "client"); a number must stand whole ("5"
+    is not in "2025", "1.5" or "52"). Words may go on ("week" is in "weeks"); Chinese matches as is."""
+    before = "(?<![0-9a-z])" if re.match(r"[0-9a-z]", keyword, re.I) else ""
+    after = r"(?![0-9]|\.[0-9])" if keyword[-1:].isdigit() else ""
+    if keyword[:1].isdigit():
+        before = r"(?<![0-9])(?<![0-9]\.)"
+    return re.search(before + re.escape(keyword.casefold()) + after, output.casefold()) is not None
+
+
 def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]:
     """Metrics in [0, 1], higher is better for every one of them."""
     tool_hits, tool_total = 0, 0
@@ -142,7 +153,7 @@ def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]
             no_tool_total += 1
             false_calls += bool(calls or bad)
             if case.keywords:
-                found = sum(k.casefold() in output.casefold() for k in case.keywords)
+                found = sum(mentions(output, k) for k in case.keywords)
                 recall[case.kind].append(found / len(case.keywords))
     mean = lambda xs, empty: sum(xs) / len(xs) if xs else empty  # noqa: E731
     return {

@@ -157,7 +157,7 @@ class RefreshRunner:
         # with numbers in them ("how many days ...") answered from a policy, not by a tool.
         replay = [json.dumps({"messages": [system_message(s.system_prompt),
                                            *with_passages(g["messages"], g.get("passages", ()))],
-                              **({"tools": tools} if tools else {})}, ensure_ascii=False)
+                              **({"tools": tools} if tools else {}), "replay": True}, ensure_ascii=False)
                   for g in general[: s.general_replay]]
         if replay and s.replay_share > 0:  # cycled: many tool-call samples against few replay ones taught calling always
             wanted = math.ceil(s.replay_share * len(lines) / (1 - s.replay_share))

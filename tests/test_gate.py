@@ -30,6 +30,28 @@ def test_metrics_reward_the_right_call_and_punish_false_or_broken_ones():
     assert score([SALES], ["I don't know"])["tool_exact"] == 0.0
 
 
+@pytest.mark.parametrize("output, keyword, said", [
+    ("一周有 5 个工作日", "5", True),
+    ("1. 2022-01-01 12:30:52.232: The company has", "5", False),  # a base model's babble scored as a right answer
+    ("工作日加班按 1.5 倍计算，休息日加班按 2 倍计算", "5", False),
+    ("工作日加班按 1.5 倍计算，休息日加班按 2 倍计算", "2", True),
+    ("12 * 12 = 1440", "144", False),
+    ("12 times 12 is 144.", "144", True),
+    ("Wang to book the client visit", "Li", False),
+    ("Li will send the report", "li", True),
+    ("a repair within two weeks", "week", True),
+    ("The machine must be repaired", "repair", True),
+    ("婚假一共 3 天", "婚假", True),
+])
+def test_keywords_count_only_where_the_answer_says_them(output, keyword, said):
+    """Keyword recall guards the gate: a digit inside a date or a name inside another word must
+    not make a wrong answer count as right (session 11: the base model's '2022-01-01 12:30:52'
+    scored '5 working days', and the candidate that said 3 was refused for it)."""
+    from finetune.evaluate import mentions
+
+    assert mentions(output, keyword) is said
+
+
 def test_a_parameter_written_out_at_its_default_is_the_same_call():
     """The gate counted metric="revenue" written out as wrong against an expected call that
     leaves metric out (its schema default): every right sales answer of a candidate that

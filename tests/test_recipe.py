@@ -398,3 +398,31 @@ def test_an_embedding_kept_on_the_host_trains_as_on_the_device(tiny_model_dir):
     qlora.restore_embedding(model, "cpu")
     assert qlora.token_ids(model, [[1, 2]], "meta").device.type == "meta"
     assert qlora.packed_loss(model, packed, "cpu").item() == pytest.approx(on_device, rel=1e-6)
+
+
+def test_replay_trains_on_the_models_own_answers_where_they_end_without_a_tool(embedded_model_dir):
+    """replay_own_answers: a replay sample's answer becomes the model's own greedy answer to its
+    prompt, so replay keeps the answers where they were; an answer that does not end in time
+    keeps the file's, and samples that are not replay are never touched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.recipe import with_own_replay_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).train()
+    question = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+    written = {"role": "assistant", "content": "Paris."}
+    essay = [SYSTEM, {"role": "user", "content": "Write a long essay on the history of accounting."}]
+    samples = [{"messages": [*question, written], "replay": True},
+               {"messages": [*question, written], "replay": True},  # the replay file is cycled
+               {"messages": [*question, written]},  # a correction: its answer is the reviewer's
+               {"messages": [*essay, written], "replay": True}]
+    cfg = RecipeConfig(base_model=str(embedded_model_dir), dataset="", output_dir="", progress_file="/dev/null",
+                       replay_own_answers=True, replay_answer_tokens=48)
+    out = with_own_replay_answers(cfg, model, tokenizer, samples)
+    own = out[0]["messages"][-1]["content"]
+    assert own != "Paris." and "Paris" in own and out[1] == out[0]
+    assert out[0]["messages"][:-1] == question and out[0]["replay"]
+    assert out[2] == samples[2]
+    assert out[3] == samples[3]  # 48 tokens are not enough for an essay: the file's answer stays
+    assert model.training  # given back as it came

@@ -143,6 +143,9 @@ def build_admin_tab(services, i18n) -> None:
                 text = (f"step {event['step']}/{event['total_steps']} · loss {event['loss']:.4f} · "
                         f"lr {event['lr']:.2e} · ETA {event['eta_s']:.0f} s")
                 yield text, pd.DataFrame(losses), *[gr.skip()] * 4
+            elif kind == "replay_answers":
+                progress((event["prompt"], event["prompts"]), desc="replay: the model's own answers")
+                yield f"replay answers {event['prompt']}/{event['prompts']}", gr.skip(), *[gr.skip()] * 4
             elif kind == "eval_progress":
                 progress((event["case"], event["cases"]), desc="evaluating")
                 yield f"evaluating {event['case']}/{event['cases']}", gr.skip(), *[gr.skip()] * 4
