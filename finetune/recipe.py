@@ -55,7 +55,7 @@ class Hyperparameters:
     # as it stands before training, instead of the answer written in the replay file: replay
     # then holds the answers where they are instead of pulling them toward the file's style.
     # Kept from the file: an answer that calls a tool or does not end within replay_answer_tokens.
-    replay_own_answers: bool = False
+    replay_own_answers: bool = True
     replay_answer_tokens: int = 160
     seed: int = 0
 
@@ -514,7 +514,8 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in replay]
     was_training = model.training
     model.eval()
-    decoder = StaticDecoder(model, max_batch=min(16, len(prompts)),
+    rows = 8 if next(model.parameters()).is_cuda else 16  # as evaluate(): the 14B cache of 16 rows is large
+    decoder = StaticDecoder(model, max_batch=min(rows, len(prompts)),
                             max_len=max(len(p) for p in prompts) + cfg.replay_answer_tokens + 2)
     engine = BatchingEngine(decoder)
     stop = stop_token_ids(tokenizer, model)

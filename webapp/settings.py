@@ -183,8 +183,8 @@ class Settings:
         500_000, "Compile only runs that train at least this many tokens per GPU (compiling takes about a minute).")
     eval_max_new_tokens: int = _setting(96, "Tokens each evaluation answer may have.")
     replay_own_answers: bool = _setting(
-        False, "Train the general replay on the model's own answers to its prompts (decoded before training), "
-               "not the answers written in the replay file.")
+        True, "Train the general replay on the model's own answers to its prompts (decoded before training, "
+              "where they end without a tool call), not the answers written in the replay file: less forgetting.")
     config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
 
     def __post_init__(self) -> None:
