@@ -38,12 +38,15 @@ def test_labels_cover_only_the_assistant_turns(tiny_model_dir):
 
 
 def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, gpus: int = 1,
-               **overrides) -> list[dict]:
+               replay: bool = False, **overrides) -> list[dict]:
     """The recipe as the app runs it: a subprocess with a config file (`gpus` processes, as
-    --train-gpus starts them); its progress events."""
+    --train-gpus starts them); its progress events. `replay`: the last sample is general replay."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     dataset = tmp_path / "train.jsonl"
-    dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples()))
+    rows = samples()
+    if replay:
+        rows[-1]["replay"] = True
+    dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in rows))
     cases = None
     if eval_cases:
         cases = tmp_path / "eval.jsonl"
@@ -142,8 +145,10 @@ def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     """The production recipe: NF4 base on CUDA, LoRA trained on top (embedding kept on the
     host, 8-bit optimizer states), adapter written, then candidate and base evaluated."""
     cases = [{"messages": s["messages"][:2], "tools": s.get("tools")} for s in samples()[:2]]
-    events = run_recipe(tiny_model_dir, tmp_path, eval_cases=cases, compile_min_tokens=0)
+    events = run_recipe(tiny_model_dir, tmp_path, eval_cases=cases, compile_min_tokens=0, replay=True)
     assert "QLoRA: 4-bit NF4" in events[1]["mode"] and "decoder layers compiled" in events[1]["mode"]
+    # the replay sample's own answer decoded on the 4-bit base before training
+    assert next(e for e in events if e["event"] == "replay_answers_done")["prompts"] == 1
     evaluation = next(e for e in events if e["event"] == "eval")  # decoding after compiled training
     assert len(evaluation["candidate"]) == len(evaluation["active"]) == 2
     steps = [e for e in events if e["event"] == "step"]
