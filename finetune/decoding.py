@@ -159,7 +159,9 @@ class StaticDecoder:
         self._step_inputs = torch.full((2, max_batch, 1), max_len - 1, dtype=torch.long, device=self.device)
         self._ids, self._positions = self._step_inputs[0], self._step_inputs[1]
         self._ids.zero_()
-        self._staging = torch.empty(2, max_batch, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        # zeros, not torch.empty: a batch bucket's idle rows are embedded too, and an uninitialised id
+        # there is out of the vocabulary (an IndexError on CPU, a device assert on CUDA)
+        self._staging = torch.zeros(2, max_batch, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
         # recorded after each transfer: the staging buffer is written again only once it is done
         self._staged = torch.cuda.Event() if self.device.type == "cuda" else None
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
@@ -510,6 +512,7 @@ class StaticDecoder:
             self._staged.synchronize()
         self._staging[0, :rows, 0] = torch.tensor(list(tokens))
         self._staging[1, :rows, 0] = torch.tensor(list(positions))
+        self._staging[0, rows:batch, 0] = 0  # idle rows: a valid id at the never-read position
         self._staging[1, rows:batch, 0] = self.max_len - 1
         self._step_inputs[:, :batch].copy_(self._staging[:, :batch], non_blocking=True)
         if self._staged is not None:

@@ -252,3 +252,13 @@ def test_graphed_prefill_and_decode_on_gpu_give_the_tokens_of_generate(tiny_mode
 
     assert outputs == [reference(model, p, a, 10, "cuda") for p, a in zip(prompts, adapters)]
     assert sorted(decoder._prefill_runs) == [8, 16]  # the 40-token prompt ran eagerly; nothing needed 32
+
+
+def test_idle_rows_of_a_batch_bucket_never_embed_garbage(two_adapter_model):
+    """Three rows run in the bucket of four: the fourth is idle, but it is embedded too. Its token
+    id must be a valid one whatever the staging buffer held before (it was torch.empty: the
+    fresh-clone CI hit an out-of-vocabulary id there once)."""
+    decoder = StaticDecoder(two_adapter_model, max_batch=4, max_len=32)
+    decoder._staging.fill_(10**9)  # what uninitialised memory may hold
+    logits = decoder.decode([5, 17, 42], [0, 0, 0])
+    assert logits.shape[0] == 3 and torch.isfinite(logits).all()
