@@ -163,8 +163,9 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     own checkpointing escapes it: nothing is recomputed and the memory grows (README,
     Performance). down_outside (with checkpoint="outside"): a frozen down_proj runs after the
     checkpointed part, in bitsandbytes' op, which saves only the 4-bit weight; backward then
-    recomputes the layer without it, a quarter of its products. A layer the compiler fails on (an old GPU, no working Triton) runs eagerly,
-    with torch's warning: a nightly refresh must not fail for want of a faster path."""
+    recomputes the layer without it, a quarter of its products. A layer the compiler fails on
+    (an old GPU, no working Triton) runs eagerly, with torch's warning: a nightly refresh must
+    not fail for want of a faster path."""
     import torch
     import torch._dynamo
     import torch.utils.checkpoint

@@ -326,12 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     samples = [json.loads(line) for line in Path(cfg.dataset).read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    def tokenized(samples):
-        return [tokenize_sample(tokenizer, s, cfg.max_seq_len) for s in samples]
+    def trainable(samples) -> tuple[list[dict], int]:
+        """The samples that fit and have a labelled token, and how many were too long."""
+        examples = [tokenize_sample(tokenizer, s, cfg.max_seq_len) for s in samples]
+        return [e for e in examples if e is not None and any(t != -100 for t in e["labels"])], examples.count(None)
 
-    examples = tokenized(samples)
-    skipped = sum(e is None for e in examples)
-    examples = [e for e in examples if e is not None and any(t != -100 for t in e["labels"])]
+    examples, skipped = trainable(samples)
     if not examples:
         report(cfg, "failed", error="no trainable samples (all too long or without an assistant turn)")
         return 2
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     report(cfg, "mode", mode=mode, samples=len(examples), skipped=skipped, parameters=parameters, lora=lora_shape)
     if cfg.replay_own_answers and any(s.get("replay") for s in samples):
         samples = with_own_replay_answers(cfg, model, tokenizer, samples)
-        examples = [e for e in tokenized(samples) if e is not None and any(t != -100 for t in e["labels"])]
+        examples, _ = trainable(samples)
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     if cuda:
@@ -498,13 +498,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: int):
+    """A batching engine over a static-cache decoder sized for `requests` answers of up to
+    `new_tokens` after the longest of `prompts`, with the model's stop ids. All answers share
+    one batch where memory allows: on CPU a step costs about the weights' read, so 16 rows take
+    ~1.3x the time of 8; the 14B KV cache of 16 rows would crowd a 24 GB GPU."""
+    from finetune.decoding import BatchingEngine, StaticDecoder
+
+    rows = 8 if next(model.parameters()).is_cuda else 16
+    decoder = StaticDecoder(model, max_batch=min(rows, requests), max_len=max(len(p) for p in prompts) + new_tokens + 2)
+    return BatchingEngine(decoder)
+
+
 def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[dict]) -> list[dict]:
     """`samples` with each replay sample's last answer replaced by the model's own greedy answer
     to the same prompt (the adapter as it starts: the active one, or none). Replay written by
     hand pulls the answers toward its own, shorter style (the gate's keyword recall fell from
     0.67 to 0.36 in session 11's run Q); the model's own answers keep them where they were."""
     from finetune.chat_format import render_chat
-    from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder, stop_token_ids
+    from finetune.decoding import DecodeRequest, stop_token_ids
 
     replay = {}  # distinct prompt -> the samples that ask it (the replay file is cycled)
     for number, sample in enumerate(samples):
@@ -514,10 +526,7 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in replay]
     was_training = model.training
     model.eval()
-    rows = 8 if next(model.parameters()).is_cuda else 16  # as evaluate(): the 14B cache of 16 rows is large
-    decoder = StaticDecoder(model, max_batch=min(rows, len(prompts)),
-                            max_len=max(len(p) for p in prompts) + cfg.replay_answer_tokens + 2)
-    engine = BatchingEngine(decoder)
+    engine = greedy_engine(model, prompts, cfg.replay_answer_tokens, len(prompts))
     stop = stop_token_ids(tokenizer, model)
     kept = 0
     out = list(samples)
@@ -544,7 +553,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     """Candidate and active adapter answer every case greedily, all in one batch through the
     static-cache decoder (each row with its own adapter): the cases share their decode steps."""
     from finetune.chat_format import render_chat
-    from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder, stop_token_ids
+    from finetune.decoding import DecodeRequest, stop_token_ids
     from finetune.guided import TokenBytes, ToolCallGuide
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -554,12 +563,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     prompts = [tokenizer(render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for case in cases]
     stop = stop_token_ids(tokenizer, model)
-    # all answers in one batch where memory allows: on CPU a step costs about the weights' read,
-    # so 16 rows take ~1.3x the time of 8 (the 14B KV cache of 16 rows would crowd a 24 GB GPU)
-    rows = 8 if next(model.parameters()).is_cuda else 16
-    decoder = StaticDecoder(model, max_batch=min(rows, 2 * len(cases)),
-                            max_len=max(len(p) for p in prompts) + cfg.eval_max_new_tokens + 2)
-    engine = BatchingEngine(decoder)
+    engine = greedy_engine(model, prompts, cfg.eval_max_new_tokens, 2 * len(cases))
     token_bytes = TokenBytes(tokenizer)
     guides = [ToolCallGuide.from_tools(case["tools"]) if cfg.guided_tool_calls and case.get("tools") else None
               for case in cases]
