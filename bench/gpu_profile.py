@@ -38,6 +38,83 @@ def kind_of(name: str) -> str:
     return next((kind for fragment, kind in KINDS if fragment in lowered), "other elementwise")
 
 
+def _on_gpu(event) -> bool:
+    return str(event.device_type()).endswith("CUDA")
+
+
+def _innermost(intervals: list, starts: list[int], t: int):
+    """The innermost of nested (start, end, name) intervals containing t: the latest start."""
+    import bisect
+
+    for index in range(bisect.bisect_right(starts, t) - 1, max(-1, bisect.bisect_right(starts, t) - 4000), -1):
+        if intervals[index][1] >= t:
+            return intervals[index][2]
+    return None
+
+
+def host_gaps(events, min_gap_us: float = 20.0, top: int = 12) -> dict:
+    """Where the GPU waited, from a profile with CPU and CUDA activities (kineto events:
+    `prof.profiler.kineto_results.events()`). A gap is time between one GPU operation's end
+    and the next one's start. It is the host's when the next one was launched after the gap
+    began (the GPU had nothing queued); each such gap is put on the innermost CPU operation
+    that launched it and the innermost record_function label around that moment. Host time
+    blocked in synchronizing calls is summed the same way."""
+    gpu = sorted((e for e in events if _on_gpu(e) and e.duration_ns() > 0 and not e.is_user_annotation()),
+                 key=lambda e: e.start_ns())
+    if not gpu:
+        return {}
+    runtime = {e.correlation_id(): e for e in events
+               if not _on_gpu(e) and e.correlation_id() and e.name().startswith(("cuda", "cu"))}
+    per_thread: dict[int, list] = collections.defaultdict(list)
+    labels = []
+    for e in events:
+        if _on_gpu(e) or e.name().startswith(("cuda", "cu")):
+            continue
+        interval = (e.start_ns(), e.end_ns(), e.name())
+        (labels if e.is_user_annotation() else per_thread[e.start_thread_id()]).append(interval)
+    for intervals in per_thread.values():
+        intervals.sort()
+    labels.sort()
+    starts = {thread: [i[0] for i in intervals] for thread, intervals in per_thread.items()}
+    label_starts = [i[0] for i in labels]
+
+    def site(launch) -> tuple[str, str]:
+        thread = launch.start_thread_id()
+        op = _innermost(per_thread.get(thread, []), starts.get(thread, []), launch.start_ns()) or launch.name()
+        return _innermost(labels, label_starts, launch.start_ns()) or "-", op[:60]
+
+    by_site: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    largest = []
+    busy_end = gpu[0].start_ns()
+    total = host = 0.0
+    for event in gpu:
+        gap_us = (event.start_ns() - busy_end) / 1000
+        if gap_us >= min_gap_us:
+            total += gap_us
+            launch = runtime.get(event.correlation_id()) or runtime.get(event.linked_correlation_id())
+            if launch is not None and launch.start_ns() > busy_end:  # nothing was queued: the host's
+                host += gap_us
+                where = site(launch)
+                by_site[where][0] += 1
+                by_site[where][1] += gap_us
+                largest.append((round(gap_us), *where, event.name()[:50]))
+        busy_end = max(busy_end, event.end_ns())
+    syncs: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for launch in runtime.values():
+        if "Synchronize" in launch.name() or launch.name() in ("cudaMemcpy", "cudaStreamWaitEvent"):
+            where = site(launch)
+            syncs[where][0] += 1
+            syncs[where][1] += launch.duration_ns() / 1000
+    ranked = sorted(by_site.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"gpu_span_ms": round((busy_end - gpu[0].start_ns()) / 1e6, 1), "gaps_ms": round(total / 1000, 1),
+            "host_gaps_ms": round(host / 1000, 1),
+            "host_gaps_by_site": [{"label": k[0], "op": k[1], "gaps": n, "ms": round(us / 1000, 2)}
+                                  for k, (n, us) in ranked],
+            "largest_host_gaps_us": sorted(largest, reverse=True)[:top],
+            "syncs": [{"label": k[0], "op": k[1], "calls": n, "ms": round(us / 1000, 2)}
+                      for k, (n, us) in sorted(syncs.items(), key=lambda kv: -kv[1][1])[:top]]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)

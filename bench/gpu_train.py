@@ -69,6 +69,22 @@ VARIANTS = {
     "lean-compiled-outside-nf4-down": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
                                            optimizer="adamw8bit", compile_layers="outside", autocast=True,
                                            sync="step", nf4="torch", down_outside=True),
+    # ... and one sample per row (padded; no mask, so SDPA's flash kernel) with no host waits for
+    # the GPU in building a forward's tensors (the recipe on CUDA now); "rows2": two rows per forward
+    "lean-compiled-outside-nf4-rows": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
+                                           optimizer="adamw8bit", compile_layers="outside", autocast=True,
+                                           sync="step", nf4="torch", layout="rows"),
+    "lean-compiled-outside-nf4-rows2": dict(per_forward=2, checkpointing=False, loss="chunked", host_embedding=True,
+                                            optimizer="adamw8bit", compile_layers="outside", autocast=True,
+                                            sync="step", nf4="torch", layout="rows"),
+    "lean-compiled-outside-nf4-down-rows": dict(per_forward=1, checkpointing=False, loss="chunked",
+                                                host_embedding=True, optimizer="adamw8bit", compile_layers="outside",
+                                                autocast=True, sync="step", nf4="torch", down_outside=True,
+                                                layout="rows"),
+    "lean-compiled-outside-nf4-down-rows2": dict(per_forward=2, checkpointing=False, loss="chunked",
+                                                 host_embedding=True, optimizer="adamw8bit",
+                                                 compile_layers="outside", autocast=True, sync="step", nf4="torch",
+                                                 down_outside=True, layout="rows"),
     "lean-compiled-inside-nf4": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
                                      optimizer="adamw8bit", compile_layers="inside", autocast=True, sync="step",
                                      nf4="torch"),
@@ -156,11 +172,14 @@ def liger_loss(hidden, head, labels, weights):
     return LigerFusedLinearCrossEntropyLoss(reduction="mean")(head.weight, hidden, labels) * samples
 
 
-def micro_batch_loss(model, group, loss_kind: str, device):
-    """One forward over the group's samples packed in a row; the sum of their mean losses."""
-    from finetune.qlora import pack, packed_loss
+def micro_batch_loss(model, group, spec: dict, device):
+    """One forward over the group's samples, packed in a row (or one per row with
+    layout="rows", as the recipe on CUDA); the sum of their mean losses."""
+    from finetune.qlora import pack, packed_loss, rows_loss
 
-    loss = {"chunked": None, "full": full_logits_loss, "liger": liger_loss}[loss_kind]
+    if spec.get("layout") == "rows":
+        return rows_loss(model, group, device)
+    loss = {"chunked": None, "full": full_logits_loss, "liger": liger_loss}[spec["loss"]]
     return packed_loss(model, pack(group), device, loss=loss)
 
 
@@ -199,8 +218,29 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
     per_step = 8
+
+    def train_step(samples) -> float:
+        from torch.profiler import record_function
+
+        total = 0.0
+        for first in range(0, per_step, spec["per_forward"]):
+            group = samples[first:first + spec["per_forward"]]
+            with record_function("forward and loss"), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                                      enabled=spec.get("autocast", False)):
+                loss = micro_batch_loss(model, group, spec, device) / per_step
+            with record_function("backward"):
+                loss.backward()
+            total += loss.detach() if spec.get("sync") == "step" else loss.item()
+        with record_function("read the loss"):
+            total = float(total)
+        with record_function("clip and optimizer step"):
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return total
+
+    losses, times = [], []
     started = None
     try:
         for step in range(warmup + steps):
@@ -208,28 +248,19 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
                 if cuda:
                     torch.cuda.synchronize()
                 started = time.perf_counter()
-            samples = data[step * per_step:(step + 1) * per_step]
-            total = 0.0
-            for first in range(0, per_step, spec["per_forward"]):
-                group = samples[first:first + spec["per_forward"]]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
-                    loss = micro_batch_loss(model, group, spec["loss"], device) / per_step
-                loss.backward()
-                total += loss.detach() if spec.get("sync") == "step" else loss.item()
-            total = float(total)
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(train_step(data[step * per_step:(step + 1) * per_step]), 4))
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
-            losses.append(round(total, 4))
     except torch.OutOfMemoryError as exc:
         return {"variant": name, **spec, "error": f"out of memory: {str(exc)[:200]}", **memory()}
     elapsed = times[-1] - started
     tokens = steps * per_step * len(data[0]["input_ids"])
-    by_kind = profile_step(model, spec, data[:per_step], device) if os.environ.get("PROFILE_TRAIN") and cuda else None
-    del optimizer
+    by_kind = gaps = syncs = None
+    if os.environ.get("PROFILE_TRAIN") and cuda:
+        by_kind = profile_step(model, spec, data[:per_step], device)
+        gaps = gap_profile(train_step, data[:per_step])
+        syncs = sync_sites(train_step, data[:per_step])
     dynamo = {}
     if spec.get("compile_layers"):  # a graph break or a recompile limit would quietly run layers eagerly
         from torch._dynamo.utils import counters
@@ -238,7 +269,41 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
                              "graph_breaks": sum(counters["graph_break"].values())}}
     return {"variant": name, **spec, "tok_s": round(tokens / elapsed, 1), "s_per_step": round(elapsed / steps, 3),
             "losses": losses, "embedding_freed_gib": round(freed / GiB, 3), **memory(),
-            **({"profile": by_kind} if by_kind else {}), **dynamo}
+            **({"profile": by_kind} if by_kind else {}), **({"host_gaps": gaps} if gaps else {}),
+            **({"sync_sites": syncs} if syncs is not None else {}), **dynamo}
+
+
+def gap_profile(train_step, samples) -> dict:
+    """One whole step (forwards, backwards, the update) under the profiler with CPU
+    activities: where the GPU waited for the host (gpu_profile.host_gaps)."""
+    import torch
+    from gpu_profile import host_gaps
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_step(samples)
+        torch.cuda.synchronize()
+    return host_gaps(prof.profiler.kineto_results.events())
+
+
+def sync_sites(train_step, samples) -> list:
+    """One step with torch's sync debug mode: the Python lines whose operation made the host
+    wait for the GPU (those on the autograd thread have no Python line and are not seen)."""
+    import collections
+    import warnings
+
+    import torch
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(samples)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno} {str(w.message)[:40]}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return sites.most_common(15)
 
 
 def profile_step(model, spec: dict, samples, device) -> dict:
@@ -253,7 +318,7 @@ def profile_step(model, spec: dict, samples, device) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for first in range(0, len(samples), spec["per_forward"]):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
-                loss = micro_batch_loss(model, samples[first:first + spec["per_forward"]], spec["loss"], device)
+                loss = micro_batch_loss(model, samples[first:first + spec["per_forward"]], spec, device)
             loss.backward()
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)

@@ -68,11 +68,59 @@ def group_by_tokens(examples: Sequence[dict[str, list[int]]], max_tokens: int) -
     return groups
 
 
-def chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens: int = 512):
+def group_as_rows(examples: Sequence[dict[str, list[int]]], max_tokens: int) -> list[list[dict[str, list[int]]]]:
+    """Examples grouped for `rows_loss`: longest first, a group's rows padded to its longest,
+    at most max_tokens with the padding; a row at least half the longest (padding is compute
+    spent on nothing). A longer example goes alone."""
+    groups: list[list[dict[str, list[int]]]] = []
+    for example in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        length = len(example["input_ids"])
+        if groups:
+            longest = len(groups[-1][0]["input_ids"])
+            if (len(groups[-1]) + 1) * longest <= max_tokens and 2 * length >= longest:
+                groups[-1].append(example)
+                continue
+        groups.append([example])
+    return groups
+
+
+def rows_loss(model, examples: Sequence[dict[str, list[int]]], device, chunk_tokens: int = 512):
+    """The weighted loss of `examples` (each sample's mean over its learned tokens, summed),
+    one sample per row, padded on the right, with plain causal attention and no mask: a real
+    token never sees the padding after it, and padding learns nothing. Unlike samples packed in
+    one row, whose block-diagonal mask keeps SDPA off its flash kernel (5x slower attention at
+    two 2,048-token samples on an H200), this runs the flash kernel; the price is the padding."""
+    decoder, head = decoder_and_head(model)
+    width = max(len(e["input_ids"]) for e in examples)
+    rows = [pack([e]) for e in examples]  # per row: labels shifted, weights 1 / learned tokens
+    ids = token_ids(model, [r.input_ids + [0] * (width - len(r.input_ids)) for r in rows], device)
+    # no position ids: transformers then counts 0, 1, ... itself. Given ids, it looks for packed
+    # samples in them, and that check reads a GPU tensor, so the host would wait for the queue
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+    labels = [label for r in rows for label in r.labels + [-100] * (width - len(r.labels))]
+    weights = [weight for r in rows for weight in r.weights + [0.0] * (width - len(r.weights))]
+    return chunked_lm_loss(hidden.reshape(-1, hidden.shape[-1]), head, labels, weights, chunk_tokens)
+
+
+def queued_tensor(values, device, dtype=None):
+    """`values` as a tensor on `device` without making the host wait: copied from pageable
+    memory, a tensor reaches a GPU only after every queued kernel has run (torch synchronizes
+    the stream), and the GPU then idles while the host queues the next work; from pinned
+    memory the copy is queued like a kernel."""
+    import torch
+
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def chunked_lm_loss(hidden, lm_head, labels: list[int], weights: list[float], chunk_tokens: int = 512):
     """sum_t weights[t] * cross_entropy(lm_head(hidden[t]), labels[t]), computed chunk by
     chunk with each chunk's logits recomputed in backward instead of stored. At Qwen3's
     151,936-token vocabulary a 512-token chunk's fp32 logits are 0.3 GB, and the loss is where
-    a 14B step peaks: with 1,024 the compiled recipe reserved 12.03 GiB."""
+    a 14B step peaks: with 1,024 the compiled recipe reserved 12.03 GiB. Labels and weights
+    come as lists: which chunks learn nothing is known on the host, without asking the GPU."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -82,12 +130,13 @@ def chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens: int = 512):
         return (F.cross_entropy(logits, y, ignore_index=-100, reduction="none") * w).sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
-    learned = (weights > 0).tolist()
+    targets = queued_tensor(labels, hidden.device)
+    weighting = queued_tensor(weights, hidden.device, torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens
-        if not any(learned[start:end]):
+        if not any(weight > 0 for weight in weights[start:end]):
             continue  # no learned token here: skip the vocabulary projection entirely
-        total = total + checkpoint(chunk_loss, hidden[start:end], labels[start:end], weights[start:end],
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], weighting[start:end],
                                    use_reentrant=False)
     return total
 
@@ -242,14 +291,12 @@ def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss
 
     decoder, head = decoder_and_head(model)
     ids = token_ids(model, [batch.input_ids], device)
-    positions = torch.tensor([batch.position_ids], device=device)
+    positions = queued_tensor([batch.position_ids], device)
     # use_cache=False matters: with a cache transformers does not look for packed samples
     hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
-    labels = torch.tensor(batch.labels, device=device)
-    weights = torch.tensor(batch.weights, device=device, dtype=torch.float32)
     if loss is not None:
-        return loss(hidden, head, labels, weights)
-    return chunked_lm_loss(hidden, head, labels, weights, chunk_tokens)
+        return loss(hidden, head, queued_tensor(batch.labels, device), queued_tensor(batch.weights, device, torch.float32))
+    return chunked_lm_loss(hidden, head, batch.labels, batch.weights, chunk_tokens)
 
 
 def token_ids(model, rows: list[list[int]], device):
@@ -260,7 +307,7 @@ def token_ids(model, rows: list[list[int]], device):
     import torch
 
     decoder, _ = decoder_and_head(model)
-    return torch.tensor(rows, device="cpu" if hasattr(decoder.embed_tokens, "host") else device)
+    return torch.tensor(rows) if hasattr(decoder.embed_tokens, "host") else queued_tensor(rows, device)
 
 
 class HostEmbedding:

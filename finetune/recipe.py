@@ -196,7 +196,7 @@ def prefix_group(examples: list[dict[str, list[int]]]) -> list[int]:
 
 
 def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, max_tokens: int = 4096,
-                         detach_prefix: bool = False) -> float:
+                         detach_prefix: bool = False, rows: bool = False) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
     sample's mean loss on learned tokens) and returns that loss; not finite if a part was not.
     The samples that share a prefix: the prefix once, then their suffixes packed in one row
@@ -204,10 +204,11 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     back through both, or only through the suffixes with `detach_prefix`. The others: packed
     side by side, up to max_tokens per forward; with `detach_prefix`, one with a long prompt
     runs that prompt without gradient too (a sample served with passages: ~1,100 prompt
-    tokens before its ~60 learned ones)."""
+    tokens before its ~60 learned ones). With `rows`, the others go one per row, padded
+    (qlora.rows_loss): SDPA's flash kernel instead of a block-diagonal mask, as on CUDA."""
     import torch
 
-    from finetune.qlora import group_by_tokens, layers_checkpointed, pack, packed_loss
+    from finetune.qlora import group_as_rows, group_by_tokens, layers_checkpointed, pack, packed_loss, rows_loss
 
     # A checkpointed model keeps no cache, so the shared prefix needs one without.
     checkpointed = layers_checkpointed(model)
@@ -224,8 +225,12 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     def losses():  # each part's share of the micro-batch's loss, computed when its turn comes (memory)
         for example in alone:
             yield _suffixes_loss(model, [example], _first_learned(example) - 1, device, True) / len(examples)
-        for group in group_by_tokens(others, max_tokens):
-            yield packed_loss(model, pack(group), device) / len(examples)
+        if rows:
+            for group in group_as_rows(others, max_tokens):
+                yield rows_loss(model, group, device) / len(examples)
+        else:
+            for group in group_by_tokens(others, max_tokens):
+                yield packed_loss(model, pack(group), device) / len(examples)
         if sharing:
             shared = _suffixes_loss(model, [examples[i] for i in sharing], prefix, device, detach_prefix)
             yield shared * (len(sharing) / len(examples))
@@ -244,7 +249,7 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     import torch
     import torch.nn.functional as F
 
-    from finetune.qlora import decoder_and_head, token_ids
+    from finetune.qlora import decoder_and_head, queued_tensor, token_ids
 
     # the prefix's keys and values only: the decoder stack without the vocabulary projection,
     # whose logits for every prompt token nobody reads (~10% of the embedded model's prompt forward)
@@ -258,8 +263,8 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     segment = torch.cat([torch.full((len(tail),), number, device=device) for number, tail in enumerate(tails)])
     positions = torch.cat([torch.arange(prefix, prefix + len(tail), device=device) for tail in tails])[None]
     # position prefix + j predicts token prefix + j + 1; a suffix's last token predicts nothing
-    targets = torch.tensor([[label for example in examples for label in example["labels"][prefix + 1:] + [-100]]],
-                           device=device)
+    targets = queued_tensor([[label for example in examples for label in example["labels"][prefix + 1:] + [-100]]],
+                            device)
     index = torch.arange(total, device=device)
     visible = torch.cat([torch.ones(total, prefix, dtype=torch.bool, device=device),
                          (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])], dim=1)
@@ -450,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             if share:
                 with autocast:
                     loss = backward_micro_batch(model, share, device, max_tokens=tokens_per_forward,
-                                                detach_prefix=cfg.detach_shared_prefix)
+                                                detach_prefix=cfg.detach_shared_prefix, rows=cuda)
             if world > 1:
                 loss = average_across_processes(trainable, loss, len(share) / len(batch), device)
             if not math.isfinite(loss):

@@ -248,6 +248,50 @@ def test_packed_samples_do_not_see_each_other_and_the_chunked_loss_is_the_plain_
     assert all(sum(len(e["input_ids"]) for e in g) <= budget for g in groups)
 
 
+def test_samples_in_padded_rows_train_as_samples_packed_in_one_row(tiny_model_dir):
+    """The CUDA layout: one sample per row, padded on the right, no attention mask (SDPA's
+    flash kernel). Padding must change no sample's loss or any gradient."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import qlora, recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [tokenize_sample(tokenizer, s, 2048) for s in samples()]
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    assert lengths[0] < lengths[-1]  # the rows need padding
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A gets gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    alone = sum(model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
+                for e in examples)
+    assert qlora.rows_loss(model, examples, "cpu", chunk_tokens=7).item() == pytest.approx(alone, rel=1e-5)
+
+    def gradients(rows):
+        for p in trainable.values():
+            p.grad = None
+        loss = recipe.backward_micro_batch(model, examples, "cpu", max_tokens=4 * lengths[-1], rows=rows)
+        return loss, {n: p.grad.clone() for n, p in trainable.items()}
+
+    packed_loss, packed_grads = gradients(rows=False)
+    rows_loss, rows_grads = gradients(rows=True)
+    assert rows_loss == pytest.approx(packed_loss, rel=1e-5) and packed_loss == pytest.approx(alone / 4, rel=1e-5)
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(rows_grads[name], grad, rtol=1e-4, atol=1e-7)
+
+    # groups: longest first, padded size within the budget, a row at least half the longest
+    groups = qlora.group_as_rows(examples, max_tokens=2 * lengths[-1])
+    assert sorted(len(e["input_ids"]) for g in groups for e in g) == lengths
+    assert all(len(g) * len(g[0]["input_ids"]) <= 2 * lengths[-1] for g in groups)
+    assert all(2 * len(e["input_ids"]) >= len(g[0]["input_ids"]) for g in groups for e in g)
+    assert len(qlora.group_as_rows(examples, max_tokens=4 * lengths[-1])) < len(examples)
+    assert [len(g) for g in qlora.group_as_rows(examples, max_tokens=lengths[0])] == [1, 1, 1, 1]  # too long: alone
+
+
 @pytest.fixture
 def dynamo_config_restored():
     """compile_decoder_layers switches dynamo's suppress_errors on for the process (the
