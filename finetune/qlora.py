@@ -84,12 +84,14 @@ def group_as_rows(examples: Sequence[dict[str, list[int]]], max_tokens: int) -> 
     return groups
 
 
-def rows_loss(model, examples: Sequence[dict[str, list[int]]], device, chunk_tokens: int = 512):
+def rows_loss(model, examples: Sequence[dict[str, list[int]]], device, chunk_tokens: int = 512,
+              fused: bool = True):
     """The weighted loss of `examples` (each sample's mean over its learned tokens, summed),
     one sample per row, padded on the right, with plain causal attention and no mask: a real
     token never sees the padding after it, and padding learns nothing. Unlike samples packed in
     one row, whose block-diagonal mask keeps SDPA off its flash kernel (5x slower attention at
-    two 2,048-token samples on an H200), this runs the flash kernel; the price is the padding."""
+    two 2,048-token samples on an H200), this runs the flash kernel; the price is the padding.
+    `fused`: the loss and its gradient in one pass (fused_lm_loss), else chunked_lm_loss."""
     decoder, head = decoder_and_head(model)
     width = max(len(e["input_ids"]) for e in examples)
     rows = [pack([e]) for e in examples]  # per row: labels shifted, weights 1 / learned tokens
@@ -99,7 +101,8 @@ def rows_loss(model, examples: Sequence[dict[str, list[int]]], device, chunk_tok
     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
     labels = [label for r in rows for label in r.labels + [-100] * (width - len(r.labels))]
     weights = [weight for r in rows for weight in r.weights + [0.0] * (width - len(r.weights))]
-    return chunked_lm_loss(hidden.reshape(-1, hidden.shape[-1]), head, labels, weights, chunk_tokens)
+    loss = fused_lm_loss if fused else chunked_lm_loss
+    return loss(hidden.reshape(-1, hidden.shape[-1]), head, labels, weights, chunk_tokens)
 
 
 def queued_tensor(values, device, dtype=None):
@@ -111,7 +114,7 @@ def queued_tensor(values, device, dtype=None):
 
     tensor = torch.tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
-        return tensor
+        return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
@@ -139,6 +142,106 @@ def chunked_lm_loss(hidden, lm_head, labels: list[int], weights: list[float], ch
         total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], weighting[start:end],
                                    use_reentrant=False)
     return total
+
+
+def fused_lm_loss(hidden, lm_head, labels: list[int], weights: list[float], chunk_tokens: int = 512):
+    """What chunked_lm_loss computes, for a frozen lm_head, with its gradient taken in the same
+    pass: each chunk's logits exist once, in forward, where the gradient for its hidden states
+    is computed and kept (tokens x hidden, 42 MB at 4,096 tokens of Qwen3-14B); backward only
+    scales it. The chunked loss runs the vocabulary projection again in backward: a third of
+    the head's products. This is what liger-kernel's fused linear cross-entropy does; it has no
+    per-token weights, which the recipe's per-sample means need."""
+    import torch
+
+    if lm_head.weight.requires_grad or getattr(lm_head, "bias", None) is not None:
+        return chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens)
+    learned = [any(weight > 0 for weight in weights[start:start + chunk_tokens])
+               for start in range(0, len(weights), chunk_tokens)]
+    return _LossWithGradient.apply(hidden, lm_head.weight, queued_tensor(labels, hidden.device),
+                                   queued_tensor(weights, hidden.device, torch.float32), chunk_tokens, learned)
+
+
+def _loss_with_gradient():
+    import torch
+
+    class LossWithGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, weights, chunk_tokens, learned):
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            gradient = torch.zeros_like(hidden)
+            for number, start in enumerate(range(0, hidden.shape[0], chunk_tokens)):
+                if not learned[number]:
+                    continue  # no learned token here: no vocabulary projection at all
+                h, y, w = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens], \
+                    weights[start:start + chunk_tokens]
+                logits = (h @ weight.t().to(h.dtype)).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = y.clamp(min=0)  # -100 rows have weight 0: any column will do
+                rows = torch.arange(len(y), device=y.device)
+                total += ((lse - logits[rows, picked]) * w).sum()
+                # d/dlogits of w * cross-entropy: w * (softmax - one-hot), in place on the logits
+                probabilities = logits.sub_(lse[:, None]).exp_()
+                probabilities[rows, picked] -= 1
+                probabilities.mul_(w[:, None])
+                gradient[start:start + chunk_tokens] = probabilities.to(h.dtype) @ weight.to(h.dtype)
+            ctx.save_for_backward(gradient)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (gradient,) = ctx.saved_tensors
+            return gradient * grad_output.to(gradient.dtype), None, None, None, None, None
+
+    return LossWithGradient
+
+
+class _Lazy:
+    """A class made at first use: torch is imported then, not when this module is."""
+
+    def __init__(self, make):
+        self.make, self.made = make, None
+
+    def apply(self, *args):
+        if self.made is None:
+            self.made = self.make()
+        return self.made.apply(*args)
+
+
+_LossWithGradient = _Lazy(_loss_with_gradient)
+
+
+def adamw_8bit(params, lr: float, weight_decay: float = 0.0):
+    """bitsandbytes' AdamW with 8-bit states, without the device synchronization its step makes
+    after every parameter (for paged states, which these are not): r=64 on q/k/v of Qwen3-14B
+    has 240 LoRA tensors, and each wait left the GPU idle while the host queued the next update
+    (21-23 ms a step, bench/gpu_train.py's host gaps). The update itself is bitsandbytes'."""
+    import bitsandbytes as bnb
+    import torch
+
+    class AdamW8bitUnsynchronized(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if self.is_paged:
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for group_index, group in enumerate(self.param_groups):
+                for param_index, param in enumerate(group["params"]):
+                    if param.grad is None:
+                        continue
+                    if not self.state[param]:
+                        self.init_state(group, param, group_index, param_index)
+                    self.prefetch_state(param)
+                    self.update_step(group, param, group_index, param_index)
+            return loss
+
+    return AdamW8bitUnsynchronized(params, lr=lr, weight_decay=weight_decay)
 
 
 def causal_lm_of(model):
@@ -283,10 +386,10 @@ def decoder_and_head(model):
     return causal_lm.model, causal_lm.lm_head
 
 
-def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss=None):
-    """The micro-batch's weighted loss (each sample's mean over its learned tokens, summed).
-    `loss(hidden, head, labels, weights)` replaces the chunked loss (the GPU benchmark
-    compares others)."""
+def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss=None, fused: bool = True):
+    """The micro-batch's weighted loss (each sample's mean over its learned tokens, summed):
+    fused_lm_loss, or with `fused=False` chunked_lm_loss. `loss(hidden, head, labels, weights)`
+    replaces both (the GPU benchmark compares others)."""
     import torch
 
     decoder, head = decoder_and_head(model)
@@ -296,7 +399,7 @@ def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss
     hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]
     if loss is not None:
         return loss(hidden, head, queued_tensor(batch.labels, device), queued_tensor(batch.weights, device, torch.float32))
-    return chunked_lm_loss(hidden, head, batch.labels, batch.weights, chunk_tokens)
+    return (fused_lm_loss if fused else chunked_lm_loss)(hidden, head, batch.labels, batch.weights, chunk_tokens)
 
 
 def token_ids(model, rows: list[list[int]], device):
