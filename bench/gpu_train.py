@@ -85,15 +85,12 @@ VARIANTS = {
                                                  host_embedding=True, optimizer="adamw8bit",
                                                  compile_layers="outside", autocast=True, sync="step", nf4="torch",
                                                  down_outside=True, layout="rows"),
-    # ... and the loss's gradient computed in its forward (no vocabulary projection in backward),
-    # and no device sync per LoRA tensor in the optimizer step: the recipe on CUDA now
+    # ... and the loss's gradient computed in its forward (no vocabulary projection in backward):
+    # the recipe on CUDA now
     "lean-compiled-outside-nf4-down-rows2-fused": dict(per_forward=2, checkpointing=False, loss="fused",
                                                        host_embedding=True, optimizer="adamw8bit",
                                                        compile_layers="outside", autocast=True, sync="step",
                                                        nf4="torch", down_outside=True, layout="rows"),
-    "recipe": dict(per_forward=2, checkpointing=False, loss="fused", host_embedding=True,
-                   optimizer="adamw8bit-unsynchronized", compile_layers="outside", autocast=True, sync="step",
-                   nf4="torch", down_outside=True, layout="rows"),
     "lean-compiled-inside-nf4": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
                                      optimizer="adamw8bit", compile_layers="inside", autocast=True, sync="step",
                                      nf4="torch"),
@@ -222,10 +219,7 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
-    elif spec.get("optimizer") == "adamw8bit-unsynchronized":  # the recipe's: no device sync per tensor
-        from finetune.qlora import adamw_8bit
 
-        optimizer = adamw_8bit(trainable, lr=2e-4, weight_decay=0.0)
     else:
         optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=cuda)
     gc.collect()

@@ -210,40 +210,6 @@ class _Lazy:
 _LossWithGradient = _Lazy(_loss_with_gradient)
 
 
-def adamw_8bit(params, lr: float, weight_decay: float = 0.0):
-    """bitsandbytes' AdamW with 8-bit states, without the device synchronization its step makes
-    after every parameter (for paged states, which these are not): r=64 on q/k/v of Qwen3-14B
-    has 240 LoRA tensors, and each wait left the GPU idle while the host queued the next update
-    (21-23 ms a step, bench/gpu_train.py's host gaps). The update itself is bitsandbytes'."""
-    import bitsandbytes as bnb
-    import torch
-
-    class AdamW8bitUnsynchronized(bnb.optim.AdamW8bit):
-        @torch.no_grad()
-        def step(self, closure=None):
-            if self.is_paged:
-                return super().step(closure)
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            if not self.initialized:
-                self.check_overrides()
-                self.to_gpu()
-                self.initialized = True
-            for group_index, group in enumerate(self.param_groups):
-                for param_index, param in enumerate(group["params"]):
-                    if param.grad is None:
-                        continue
-                    if not self.state[param]:
-                        self.init_state(group, param, group_index, param_index)
-                    self.prefetch_state(param)
-                    self.update_step(group, param, group_index, param_index)
-            return loss
-
-    return AdamW8bitUnsynchronized(params, lr=lr, weight_decay=weight_decay)
-
-
 def causal_lm_of(model):
     """The causal LM itself under a peft wrapper (or the model, unwrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

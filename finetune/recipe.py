@@ -423,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         for param in trainable:
             torch.distributed.broadcast(param.data, src=0)
     if quantized:  # 8-bit optimizer states (bitsandbytes is there): 0.35 GiB less at r=64 on 14B
-        from finetune.qlora import adamw_8bit
+        import bitsandbytes as bnb
 
-        optimizer = adamw_8bit(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     else:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     # tokens per forward: more is faster, but on a GPU each forward's activations count toward

@@ -320,29 +320,6 @@ def test_the_loss_with_its_gradient_in_one_pass_is_the_chunked_loss():
     assert torch.all(fused_grad[:7] == 0) and fused_grad[8:].abs().sum() > 0
 
 
-def test_the_8bit_optimizer_without_device_syncs_updates_as_bitsandbytes_does():
-    """The recipe's AdamW8bit skips bitsandbytes' device sync after every tensor; the update
-    must stay bitsandbytes' own, bit for bit."""
-    import bitsandbytes as bnb
-
-    from finetune.qlora import adamw_8bit
-
-    def train(make):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(64, 4096)), torch.nn.Parameter(torch.randn(4096, 64))]
-        optimizer = make(params)
-        for step in range(3):
-            for param in params:
-                param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step))
-            optimizer.step()
-        return params
-
-    ours = train(lambda params: adamw_8bit(params, lr=1e-2))
-    theirs = train(lambda params: bnb.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.0))
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
-    assert not torch.equal(ours[0], train(lambda params: torch.optim.SGD(params, lr=0.0))[0])  # it moved them
-
-
 @pytest.fixture
 def dynamo_config_restored():
     """compile_decoder_layers switches dynamo's suppress_errors on for the process (the
