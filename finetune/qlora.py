@@ -4,10 +4,12 @@ the recipe and the GPU benchmark (bench/gpu_train.py) run the same code:
 - no fp32 upcast: peft's prepare_model_for_kbit_training turns embeddings, lm_head and
   norms into fp32 (+2.9 GiB at 14B) for no gain under bf16 autocast-free training;
 - non-reentrant activation checkpointing on every decoder layer;
-- several samples per forward, packed into one row with positions restarting at 0, so
-  transformers builds a block-diagonal causal mask (no attention across samples);
-- the loss from hidden states in chunks, each chunk's logits recomputed in backward, so the
-  151,936-wide logits of a long micro-batch never exist at once (fp32: 2.4 GiB per 4k tokens);
+- several samples per forward: one per row, padded, with plain causal attention (rows_loss:
+  SDPA's flash kernel, as on CUDA), or packed into one row with positions restarting at 0,
+  so transformers builds a block-diagonal causal mask (no attention across samples);
+- the loss from hidden states in chunks, so the 151,936-wide logits of a long micro-batch
+  never exist at once (fp32: 2.4 GiB per 4k tokens), each chunk's gradient computed in
+  forward (fused_lm_loss) or its logits recomputed in backward (chunked_lm_loss);
 - optionally the frozen input embedding kept in host memory (1.45 GiB at 14B): a lookup of
   a few thousand rows is cheap, and only those rows travel to the GPU.
 """
