@@ -52,9 +52,18 @@ def test_unknown_keys_fail_with_a_hint_and_all_problems_are_reported_at_once(tmp
 
 def test_invalid_values_name_the_flag_and_the_choices():
     with pytest.raises(SettingsError) as info:
-        Settings(port=70000, dtype="int3", top_p=0)
+        Settings(port=70000, dtype="int3", top_p=0, replay_answer_tokens=0)
     message = str(info.value)
     assert "--port" in message and "float32, bfloat16" in message and "--top-p" in message
+    assert "--replay-answer-tokens" in message
+
+
+def test_the_refresh_trains_with_the_replay_answer_length_set():
+    """--replay-answer-tokens reaches the recipe the nightly refresh runs."""
+    from webapp.services import refresh_settings
+
+    assert refresh_settings(Settings(replay_answer_tokens=320)).replay_answer_tokens == 320
+    assert refresh_settings(Settings()).replay_answer_tokens == 160
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

@@ -182,7 +182,7 @@ def refresh_settings(settings: Settings) -> RefreshSettings:
         guided_tool_calls=settings.guided_tool_calls, detach_shared_prefix=settings.detach_shared_prefix,
         cpu_bf16=settings.cpu_bf16, compile_layers=settings.compile_layers,
         compile_min_tokens=settings.compile_min_tokens, train_gpus=settings.train_gpus,
-        replay_own_answers=settings.replay_own_answers)
+        replay_own_answers=settings.replay_own_answers, replay_answer_tokens=settings.replay_answer_tokens)
 
 
 def _employee_of(department_id: str):

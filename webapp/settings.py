@@ -185,6 +185,9 @@ class Settings:
     replay_own_answers: bool = _setting(
         True, "Train the general replay on the model's own answers to its prompts (decoded before training, "
               "where they end without a tool call), not the answers written in the replay file: less forgetting.")
+    replay_answer_tokens: int = _setting(
+        160, "With replay_own_answers: the longest own answer in tokens; a prompt whose answer runs longer keeps "
+             "the replay file's answer.")
     config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
 
     def __post_init__(self) -> None:
@@ -241,6 +244,8 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"max_tool_rounds={s.max_tool_rounds}: must be 0 (no tools) or more (--max-tool-rounds).")
     if s.tool_result_max_chars < 100:
         problems.append(f"tool_result_max_chars={s.tool_result_max_chars}: must be at least 100.")
+    if s.replay_answer_tokens < 1:
+        problems.append(f"replay_answer_tokens={s.replay_answer_tokens}: must be at least 1 (--replay-answer-tokens).")
     if not 0 <= s.eval_fraction < 1:
         problems.append(f"eval_fraction={s.eval_fraction}: must be from 0 up to (not including) 1.")
     try:
