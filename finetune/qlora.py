@@ -16,6 +16,7 @@ the recipe and the GPU benchmark (bench/gpu_train.py) run the same code:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -159,10 +160,11 @@ def fused_lm_loss(hidden, lm_head, labels: list[int], weights: list[float], chun
         return chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens)
     learned = [any(weight > 0 for weight in weights[start:start + chunk_tokens])
                for start in range(0, len(weights), chunk_tokens)]
-    return _LossWithGradient.apply(hidden, lm_head.weight, queued_tensor(labels, hidden.device),
+    return _loss_with_gradient().apply(hidden, lm_head.weight, queued_tensor(labels, hidden.device),
                                    queued_tensor(weights, hidden.device, torch.float32), chunk_tokens, learned)
 
 
+@functools.cache  # the class is made at first use: torch is imported then, not with this module
 def _loss_with_gradient():
     import torch
 
@@ -195,21 +197,6 @@ def _loss_with_gradient():
             return gradient * grad_output.to(gradient.dtype), None, None, None, None, None
 
     return LossWithGradient
-
-
-class _Lazy:
-    """A class made at first use: torch is imported then, not when this module is."""
-
-    def __init__(self, make):
-        self.make, self.made = make, None
-
-    def apply(self, *args):
-        if self.made is None:
-            self.made = self.make()
-        return self.made.apply(*args)
-
-
-_LossWithGradient = _Lazy(_loss_with_gradient)
 
 
 def causal_lm_of(model):

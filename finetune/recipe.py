@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # the step's many small kernels fused, and no Python call per 4-bit product
         # (bench/gpu_train.py, variant "lean-compiled-outside-nf4"); compiled at the first steps.
-        # The frozen down projection runs outside the recomputed part: 5% faster at 14B.
+        # The frozen down projection runs outside the recomputed part: +10% at 14B (README,
+        # Performance, session 12).
         compile_decoder_layers(model, checkpoint="outside", nf4="torch", down_outside=True)
 
     # 5. Optimizer and schedule over optimizer steps (not micro-batches).
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: int):
     """A batching engine over a static-cache decoder sized for `requests` answers of up to
-    `new_tokens` after the longest of `prompts`, with the model's stop ids. All answers share
+    `new_tokens` after the longest of `prompts`. All answers share
     one batch where memory allows: on CPU a step costs about the weights' read, so 16 rows take
     ~1.3x the time of 8; the 14B KV cache of 16 rows would crowd a 24 GB GPU."""
     from finetune.decoding import BatchingEngine, StaticDecoder
