@@ -166,11 +166,38 @@ def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]
     }
 
 
+def worse_cases(cases: Sequence[EvalCase], active: Sequence[str], candidate: Sequence[str]) -> dict[str, list[str]]:
+    """Per metric, the cases the candidate answers worse than the active adapter, and how: the
+    call it got wrong, the keywords it no longer says, the call it makes where none belongs.
+    On a small set one case moves a metric past any tolerance; the admin who decides whether to
+    promote a refused candidate anyway needs to see which case and what it lost."""
+    worse: dict[str, list[str]] = {}
+    for case, before, after in zip(cases, active, candidate):
+        name = case.name or last_question(case.messages)[:60]
+        (calls_before, bad_before), (calls_after, bad_after) = _calls(before), _calls(after)
+        if bad_after and not bad_before:
+            worse.setdefault("tool_format_valid", []).append(f"{name}: a malformed call")
+        if case.kind == "tool":
+            if score([case], [before])["tool_exact"] > score([case], [after])["tool_exact"]:
+                got = json.dumps(calls_after[0], ensure_ascii=False) if calls_after else "no call"
+                worse.setdefault("tool_exact", []).append(f"{name}: {got[:80]}")
+            continue
+        if (calls_after or bad_after) and not (calls_before or bad_before):
+            called = calls_after[0].get("name") if calls_after else "a malformed call"
+            worse.setdefault("no_false_tool_calls", []).append(f"{name}: called {called}")
+        lost = [k for k in case.keywords if mentions(before, k) and not mentions(after, k)]
+        if lost:
+            metric = "keyword_recall" if case.kind == "text" else "general_recall"
+            worse.setdefault(metric, []).append(f"{name}: no longer says {', '.join(repr(k) for k in lost)}")
+    return worse
+
+
 def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 0.02,
-         tolerance: float = 0.02) -> dict[str, Any]:
+         tolerance: float = 0.02, worse: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Promote only when the candidate is better on the domain metrics by `margin` (their
     mean) and no metric, domain or guard, fell by more than `tolerance`: a gain in tool calls
-    must not pay for facts the department's answers lost."""
+    must not pay for facts the department's answers lost. `worse` (worse_cases) names, in each
+    such reason, the cases that fell."""
     domain_gain = (sum(candidate[m] for m in DOMAIN_METRICS) - sum(active[m] for m in DOMAIN_METRICS)) / len(
         DOMAIN_METRICS)
     reasons = []
@@ -179,7 +206,9 @@ def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 
     for metric in (*DOMAIN_METRICS, *GUARD_METRICS):
         drop = active[metric] - candidate[metric]
         if drop > tolerance:
-            reasons.append(f"{metric} fell by {drop:.3f}, more than the tolerance {tolerance:.3f}")
+            cases = (worse or {}).get(metric, [])
+            which = f" ({'; '.join(cases[:3])}{f'; {len(cases) - 3} more' if len(cases) > 3 else ''})" if cases else ""
+            reasons.append(f"{metric} fell by {drop:.3f}, more than the tolerance {tolerance:.3f}{which}")
     table = [{"metric": m, "active": round(active[m], 4), "candidate": round(candidate[m], 4),
               "change": round(candidate[m] - active[m], 4)} for m in (*DOMAIN_METRICS, *GUARD_METRICS)]
     return {"passed": not reasons, "domain_gain": round(domain_gain, 4), "reasons": reasons, "table": table}

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from finetune.augment import Vocabulary, slot_variants
 from finetune.chat_format import passages_moved_to_the_question, system_message, with_passages
-from finetune.evaluate import case_from_sample, gate, load_functional_set, score
+from finetune.evaluate import case_from_sample, gate, load_functional_set, score, worse_cases
 from finetune.recipe import Hyperparameters, RecipeConfig, recipe_command
 from finetune.samples import last_question, normalize_question
 from storage import adapters as registry
@@ -198,7 +198,8 @@ class RefreshRunner:
         evaluation = next((e for e in events if e["event"] == "eval"), None)
         candidate_metrics = score(cases, evaluation["candidate"])
         active_metrics = score(cases, evaluation["active"])
-        decision = gate(candidate_metrics, active_metrics, s.gate_margin, s.gate_tolerance)
+        decision = gate(candidate_metrics, active_metrics, s.gate_margin, s.gate_tolerance,
+                        worse_cases(cases, evaluation["active"], evaluation["candidate"]))
         registry.record_evaluation(self.db, department_id, version,
                                    {"candidate": candidate_metrics, "active": active_metrics,
                                     "against": active["version"] if active else "base"}, decision)

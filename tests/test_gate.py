@@ -8,6 +8,7 @@ from finetune.evaluate import (
     gate,
     load_functional_set,
     score,
+    worse_cases,
 )
 from finetune.samples import tool_call_message
 
@@ -105,3 +106,27 @@ def test_gate_promotes_only_a_better_adapter_without_regressions(candidate, pass
     if reason:
         assert any(reason in r for r in decision["reasons"])
     assert [row["metric"] for row in decision["table"]][:2] == ["tool_exact", "keyword_recall"]
+
+
+def test_a_refusal_names_the_cases_that_fell_and_what_they_lost():
+    """Session 11's refused candidate: it learned the calls and said "Chen leads." for "Chen leads the
+    budget review". The reason must say so, so that an admin can judge the refusal."""
+    notes = EvalCase([{"role": "user", "content": "Action items from these notes?"}], TOOLS, "text",
+                     keywords=["Chen", "budget"], name="meeting notes -> action items")
+    cases = [SALES, notes, GREETING, DEFINITION]
+    active = ["I don't know", "Chen leads the budget review.", "Hello!", "Earnings before interest"]
+    candidate = [CALL, "Chen leads.", '<tool_call>{"name": "query_sales", "arguments": {}}</tool_call>',
+                 "Earnings before interest"]
+    worse = worse_cases(cases, active, candidate)
+    assert worse == {"keyword_recall": ["meeting notes -> action items: no longer says 'budget'"],
+                     "no_false_tool_calls": ["Hi: called query_sales"],
+                     "general_recall": ["Hi: no longer says 'hello'"]}
+    decision = gate(score(cases, candidate), score(cases, active), worse=worse)
+    assert not decision["passed"]
+    assert any("keyword_recall fell by 0.250" in r and "no longer says 'budget'" in r for r in decision["reasons"])
+    assert any("no_false_tool_calls fell" in r and "called query_sales" in r for r in decision["reasons"])
+    # the other way round the calls are what fell: the wrong or missing call is shown
+    back = worse_cases(cases, candidate, active)
+    assert back["tool_exact"] == ["华东上季度？: no call"] and "keyword_recall" not in back
+    assert gate(score(cases, active), score(cases, active), worse={})["reasons"] == [
+        "domain metrics improved by +0.000, less than the margin 0.020"]
