@@ -138,9 +138,9 @@ def chunked_lm_loss(hidden, lm_head, labels: list[int], weights: list[float], ch
     total = hidden.new_zeros((), dtype=torch.float32)
     targets = queued_tensor(labels, hidden.device)
     weighting = queued_tensor(weights, hidden.device, torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
+    for start, learned in zip(range(0, hidden.shape[0], chunk_tokens), learned_chunks(weights, chunk_tokens)):
         end = start + chunk_tokens
-        if not any(weight > 0 for weight in weights[start:end]):
+        if not learned:
             continue  # no learned token here: skip the vocabulary projection entirely
         total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], weighting[start:end],
                                    use_reentrant=False)
@@ -158,10 +158,16 @@ def fused_lm_loss(hidden, lm_head, labels: list[int], weights: list[float], chun
 
     if lm_head.weight.requires_grad or getattr(lm_head, "bias", None) is not None:
         return chunked_lm_loss(hidden, lm_head, labels, weights, chunk_tokens)
-    learned = [any(weight > 0 for weight in weights[start:start + chunk_tokens])
-               for start in range(0, len(weights), chunk_tokens)]
     return _loss_with_gradient().apply(hidden, lm_head.weight, queued_tensor(labels, hidden.device),
-                                   queued_tensor(weights, hidden.device, torch.float32), chunk_tokens, learned)
+                                       queued_tensor(weights, hidden.device, torch.float32), chunk_tokens,
+                                       learned_chunks(weights, chunk_tokens))
+
+
+def learned_chunks(weights: list[float], chunk_tokens: int) -> list[bool]:
+    """Per chunk of `chunk_tokens` positions, whether any token in it is learned (weight > 0),
+    read from the host's list: a chunk that learns nothing needs no vocabulary projection."""
+    return [any(weight > 0 for weight in weights[start:start + chunk_tokens])
+            for start in range(0, len(weights), chunk_tokens)]
 
 
 @functools.cache  # the class is made at first use: torch is imported then, not with this module
