@@ -207,7 +207,8 @@ def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 
         drop = active[metric] - candidate[metric]
         if drop > tolerance:
             cases = (worse or {}).get(metric, [])
-            which = f" ({'; '.join(cases[:3])}{f'; {len(cases) - 3} more' if len(cases) > 3 else ''})" if cases else ""
+            shown = cases[:3] + ([f"{len(cases) - 3} more"] if len(cases) > 3 else [])
+            which = f" ({'; '.join(shown)})" if shown else ""
             reasons.append(f"{metric} fell by {drop:.3f}, more than the tolerance {tolerance:.3f}{which}")
     table = [{"metric": m, "active": round(active[m], 4), "candidate": round(candidate[m], 4),
               "change": round(candidate[m] - active[m], 4)} for m in (*DOMAIN_METRICS, *GUARD_METRICS)]
