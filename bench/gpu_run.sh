@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU benchmarks in one device call, hangjia beside the stock baseline on the same
 # random-weight Qwen3-14B checkpoint (kept on a tmpfs between calls on a warm machine).
-#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve nf4 profile multi
+#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve nf4 fp8 profile multi
 # Wheels in .whl/ are installed first (bitsandbytes, transformers, peft the image lacks);
 # the stock scripts are expected in .baseline/ (a copy of ../shared/gpu-baseline).
 set -u
@@ -36,6 +36,7 @@ for P in "$@"; do
     stockserve) phase stockserve 100 python3 .baseline/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
     serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
     nf4)        phase nf4 60 python3 bench/nf4_kernel.py ;;
+    fp8)        phase fp8 60 python3 bench/fp8_weights.py ;;
     profile)    phase profile 60 python3 bench/gpu_profile.py --model $CKPT ;;
     multi)      cp -n .gpu-tok/* $CKPT/ 2>/dev/null  # the recipe loads the tokenizer from the model folder
                 phase multi 120 python3 bench/gpu_multi.py --model $CKPT --gpus ${GPUS:-2} ;;

@@ -363,6 +363,10 @@ def main() -> int:
 
     from finetune.qlora import prepare_for_lora_training
 
+    if os.environ.get("INDUCTOR_COMBO_KERNELS") == "1":  # independent small kernels launched as one
+        import torch._inductor.config
+
+        torch._inductor.config.combo_kernels = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     model = load_4bit(model_path(args))
@@ -409,6 +413,8 @@ def main() -> int:
                 traceback.print_exc()
                 row = {"variant": name, **spec, "error": f"{type(exc).__name__}: {str(exc)[:300]}", **memory()}
                 model.zero_grad(set_to_none=True)
+            row["inductor_env"] = {k: os.environ[k] for k in ("INDUCTOR_COMBO_KERNELS", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM")
+                                   if k in os.environ}
             rows.append(row)
             fh.write(json.dumps(row) + "\n")
             fh.flush()

@@ -1,0 +1,117 @@
+"""What the refresh recipe's fp8 backward costs beside what it saves, per Qwen3-14B weight:
+the NF4 weight decoded to bf16 (the forward's dequantization) against decoded straight to fp8
+(the recompute's), and to fp8 transposed (the input gradient's; two ways); a gradient's rows
+scaled to fp8; and the products themselves, bf16 against fp8, at 4,096 tokens. Each is
+torch.compile'd as the recipe's layers are, timed with CUDA events over 20 runs.
+
+    python bench/fp8_weights.py        # needs CUDA (compute capability 8.9+) and bitsandbytes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Qwen3-14B's 4-bit products inside the recomputed part of a layer (out x in)
+SHAPES = {"q, o": (5120, 5120), "k, v": (1024, 5120), "gate, up": (17408, 5120)}
+TOKENS = 4096  # the recipe's tokens per forward
+
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def fp8_rows(x):
+    """x (rows x k) as float8_e4m3fn with one fp32 scale per row (x ~ x8 * scale)."""
+    import torch
+
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-30) / FP8_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = True):
+    """bitsandbytes' NF4 weight (out x in) straight to float8_e4m3fn, one scale for the whole
+    weight (its largest absmax: NF4 code values are at most 1 in size) repeated per channel as
+    torch._scaled_mm's row-wise scaling wants it. `transposed`: (in x out), for the input's
+    gradient, whose fp8 product needs the weight K-major; `transpose_after`: decode in the
+    weight's order and transpose the fp8 bytes, else decode in the transposed order."""
+    import torch
+    from bitsandbytes.functional import dequantize_blockwise
+
+    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    scale = absmax.max() / FP8_MAX
+    byte = packed.reshape(-1).int()
+    codes = torch.stack((state.code[byte >> 4], state.code[byte & 15]), dim=-1).view(-1, state.blocksize)
+    weight = (codes * (absmax / scale).view(-1, 1)).view(state.shape)
+    if not transposed:
+        return weight.to(torch.float8_e4m3fn), scale.expand(1, state.shape[0])
+    if transpose_after:
+        return weight.to(torch.float8_e4m3fn).t().contiguous(), scale.expand(1, state.shape[1])
+    return weight.t().contiguous().to(torch.float8_e4m3fn), scale.expand(1, state.shape[1])
+
+
+def timed_ms(fn, runs: int = 20) -> float:
+    import torch
+
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / runs
+
+
+def main() -> int:
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    from finetune.qlora import dequantize_nf4
+
+    out = Path(os.environ.get("OUT", "/tmp")) / "fp8_weights.jsonl"
+    torch.manual_seed(0)
+    decode_bf16 = torch.compile(dequantize_nf4)
+    decode_fp8 = torch.compile(nf4_as_fp8)
+    rows_fp8 = torch.compile(fp8_rows)
+    print("| weight | bf16 decode ms | fp8 decode | fp8 transposed, decode then transpose | fp8 transposed, "
+          "decode transposed | gradient rows to fp8 | bf16 product | fp8 product | fp8 input-gradient product |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        x = torch.randn(TOKENS, k, dtype=torch.bfloat16, device="cuda")
+        grad = torch.randn(TOKENS, n, dtype=torch.bfloat16, device="cuda")
+        w8, ws = decode_fp8(packed, state)
+        wt8, wts = decode_fp8(packed, state, transposed=True)
+        x8, xs = rows_fp8(x)
+        g8, gs = rows_fp8(grad)
+        dense = decode_bf16(packed, state)
+        row = {"weight": name, "shape": [n, k], "tokens": TOKENS,
+               "bf16_decode_ms": timed_ms(lambda: decode_bf16(packed, state)),
+               "fp8_decode_ms": timed_ms(lambda: decode_fp8(packed, state)),
+               "fp8_transposed_after_ms": timed_ms(lambda: decode_fp8(packed, state, transposed=True)),
+               "fp8_transposed_decode_ms": timed_ms(lambda: decode_fp8(packed, state, True, False)),
+               "gradient_rows_fp8_ms": timed_ms(lambda: rows_fp8(grad)),
+               "bf16_product_ms": timed_ms(lambda: x @ dense.t()),
+               "fp8_product_ms": timed_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.contiguous(),
+                                                                   out_dtype=torch.bfloat16)),
+               "fp8_input_gradient_ms": timed_ms(lambda: torch._scaled_mm(
+                   g8, wt8.t(), scale_a=gs, scale_b=wts.contiguous(), out_dtype=torch.bfloat16))}
+        exact = x.float() @ dense.float().t()
+        fp8 = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.contiguous(), out_dtype=torch.bfloat16)
+        row["fp8_product_rel_error"] = ((fp8.float() - exact).norm() / exact.norm()).item()
+        print(f"| {name} {n}x{k} | " + " | ".join(f"{row[key]:.3f}" for key in (
+            "bf16_decode_ms", "fp8_decode_ms", "fp8_transposed_after_ms", "fp8_transposed_decode_ms",
+            "gradient_rows_fp8_ms", "bf16_product_ms", "fp8_product_ms", "fp8_input_gradient_ms")) + " |")
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
