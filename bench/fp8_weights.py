@@ -1,8 +1,9 @@
-"""What the refresh recipe's fp8 backward costs beside what it saves, per Qwen3-14B weight:
-the NF4 weight decoded to bf16 (the forward's dequantization) against decoded straight to fp8
-(the recompute's), and to fp8 transposed (the input gradient's; two ways); a gradient's rows
-scaled to fp8; and the products themselves, bf16 against fp8, at 4,096 tokens. Each is
-torch.compile'd as the recipe's layers are, timed with CUDA events over 20 runs.
+"""What the refresh recipe's fp8 backward (tried in session 13, not kept) costs beside what it
+saves, per Qwen3-14B weight: the NF4 weight decoded to bf16 (the forward's dequantization, and
+bitsandbytes' own kernel) against decoded straight to fp8 (the recompute's) and to fp8 transposed
+(the input gradient's; two ways); a gradient's rows scaled to fp8; and the products themselves,
+bf16 against fp8, at 4,096 tokens. Each is torch.compile'd as the recipe's layers are; the time
+is the kernels' own, from a profile over 20 runs.
 
     python bench/fp8_weights.py        # needs CUDA (compute capability 8.9+) and bitsandbytes
 """
@@ -54,22 +55,25 @@ def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = 
 
 
 def timed_ms(fn, runs: int = 20) -> float:
+    """GPU milliseconds per call: the kernels' own time, summed from a profile. Wall time would
+    measure the host instead for a small weight, whose kernels run shorter than a compiled
+    function's call from Python (about 0.07 ms)."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        fn()
-    end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / runs
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    return sum(getattr(e, "self_device_time_total", 0) or 0 for e in prof.key_averages()) / 1000 / runs
 
 
 def main() -> int:
     import torch
-    from bitsandbytes.functional import quantize_4bit
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     from finetune.qlora import dequantize_nf4
 
@@ -78,9 +82,9 @@ def main() -> int:
     decode_bf16 = torch.compile(dequantize_nf4)
     decode_fp8 = torch.compile(nf4_as_fp8)
     rows_fp8 = torch.compile(fp8_rows)
-    print("| weight | bf16 decode ms | fp8 decode | fp8 transposed, decode then transpose | fp8 transposed, "
+    print("| weight | bf16 decode ms | bitsandbytes' bf16 decode | fp8 decode | fp8 transposed, decode then transpose | fp8 transposed, "
           "decode transposed | gradient rows to fp8 | bf16 product | fp8 product | fp8 input-gradient product |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
         packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -93,6 +97,7 @@ def main() -> int:
         dense = decode_bf16(packed, state)
         row = {"weight": name, "shape": [n, k], "tokens": TOKENS,
                "bf16_decode_ms": timed_ms(lambda: decode_bf16(packed, state)),
+               "bitsandbytes_decode_ms": timed_ms(lambda: dequantize_4bit(packed, state)),
                "fp8_decode_ms": timed_ms(lambda: decode_fp8(packed, state)),
                "fp8_transposed_after_ms": timed_ms(lambda: decode_fp8(packed, state, transposed=True)),
                "fp8_transposed_decode_ms": timed_ms(lambda: decode_fp8(packed, state, True, False)),
@@ -106,7 +111,7 @@ def main() -> int:
         fp8 = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.contiguous(), out_dtype=torch.bfloat16)
         row["fp8_product_rel_error"] = ((fp8.float() - exact).norm() / exact.norm()).item()
         print(f"| {name} {n}x{k} | " + " | ".join(f"{row[key]:.3f}" for key in (
-            "bf16_decode_ms", "fp8_decode_ms", "fp8_transposed_after_ms", "fp8_transposed_decode_ms",
+            "bf16_decode_ms", "bitsandbytes_decode_ms", "fp8_decode_ms", "fp8_transposed_after_ms", "fp8_transposed_decode_ms",
             "gradient_rows_fp8_ms", "bf16_product_ms", "fp8_product_ms", "fp8_input_gradient_ms")) + " |")
         with open(out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
