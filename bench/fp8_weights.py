@@ -54,6 +54,60 @@ def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = 
     return weight.t().contiguous().to(torch.float8_e4m3fn), scale.expand(1, state.shape[1])
 
 
+_decode_kernel = []
+
+
+def triton_nf4_decode(packed, state, fp8: bool = False, transposed: bool = False, block_n: int = 32,
+                      block_k: int = 256):
+    """The NF4 weight decoded by one Triton kernel: each program reads a tile of packed bytes
+    with contiguous loads, turns each byte into its two values through 256-entry tables (as
+    finetune/nf4.py's product kernel does), scales them by their block's absmax (decoded first:
+    one value per 64) and stores the tile as bf16, or as fp8 with the whole weight's scale;
+    `transposed` stores it (in x out) through Triton's own transposition of the tile. Returns
+    (weight, scale): scale is None for bf16."""
+    import torch
+    import triton
+    import triton.language as tl
+    from bitsandbytes.functional import dequantize_blockwise
+
+    if not _decode_kernel:
+        @triton.jit
+        def nf4_decode(w_ptr, absmax_ptr, high_ptr, low_ptr, inverse_scale_ptr, out_ptr, N, K,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr, SCALED: tl.constexpr):
+            HALF: tl.constexpr = BLOCK_K // 2
+            GROUPS: tl.constexpr = BLOCK_K // 64
+            rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            k0 = tl.program_id(1) * BLOCK_K
+            packed = tl.load(w_ptr + rows[:, None] * (K // 2) + k0 // 2 + tl.arange(0, HALF)[None, :]).to(tl.int32)
+            scales = tl.load(absmax_ptr + rows[:, None] * (K // 64) + k0 // 64 + tl.arange(0, GROUPS)[None, :])
+            if SCALED:
+                scales = scales * tl.load(inverse_scale_ptr)
+            high = tl.reshape(tl.load(high_ptr + packed), (BLOCK_N, GROUPS, 32)) * scales[:, :, None]
+            low = tl.reshape(tl.load(low_ptr + packed), (BLOCK_N, GROUPS, 32)) * scales[:, :, None]
+            values = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K)).to(out_ptr.dtype.element_ty)
+            cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            if TRANSPOSED:
+                tl.store(out_ptr + cols[:, None] * N + rows[None, :], tl.trans(values))
+            else:
+                tl.store(out_ptr + rows[:, None] * K + cols[None, :], values)
+
+        _decode_kernel.append(nf4_decode)
+    n, k = state.shape
+    if n % block_n or k % block_k:
+        raise ValueError(f"{n}x{k} is not a whole number of {block_n}x{block_k} tiles")
+    absmax = (dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested else state.absmax
+    absmax = absmax.float().contiguous()
+    byte = torch.arange(256, device=packed.device)
+    high, low = state.code.float()[byte >> 4].contiguous(), state.code.float()[byte & 15].contiguous()
+    scale = absmax.max().reshape(1) / FP8_MAX if fp8 else None
+    out = torch.empty((k, n) if transposed else (n, k), device=packed.device,
+                      dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+    _decode_kernel[0][(n // block_n, k // block_k)](
+        packed, absmax, high, low, 1 / scale if fp8 else absmax, out, n, k,
+        BLOCK_N=block_n, BLOCK_K=block_k, TRANSPOSED=transposed, SCALED=fp8)
+    return out, scale
+
+
 def timed_ms(fn, runs: int = 20) -> float:
     """GPU milliseconds per call: the kernels' own time, summed from a profile. Wall time would
     measure the host instead for a small weight, whose kernels run shorter than a compiled
@@ -82,9 +136,10 @@ def main() -> int:
     decode_bf16 = torch.compile(dequantize_nf4)
     decode_fp8 = torch.compile(nf4_as_fp8)
     rows_fp8 = torch.compile(fp8_rows)
-    print("| weight | bf16 decode ms | bitsandbytes' bf16 decode | fp8 decode | fp8 transposed, decode then transpose | fp8 transposed, "
+    print("| weight | bf16 decode ms | bitsandbytes' bf16 decode | Triton bf16 decode | Triton fp8 decode | "
+          "Triton fp8 transposed | fp8 decode | fp8 transposed, decode then transpose | fp8 transposed, "
           "decode transposed | gradient rows to fp8 | bf16 product | fp8 product | fp8 input-gradient product |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
         packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -101,6 +156,9 @@ def main() -> int:
                "fp8_decode_ms": timed_ms(lambda: decode_fp8(packed, state)),
                "fp8_transposed_after_ms": timed_ms(lambda: decode_fp8(packed, state, transposed=True)),
                "fp8_transposed_decode_ms": timed_ms(lambda: decode_fp8(packed, state, True, False)),
+               "triton_bf16_decode_ms": timed_ms(lambda: triton_nf4_decode(packed, state)),
+               "triton_fp8_decode_ms": timed_ms(lambda: triton_nf4_decode(packed, state, fp8=True)),
+               "triton_fp8_transposed_ms": timed_ms(lambda: triton_nf4_decode(packed, state, True, True)),
                "gradient_rows_fp8_ms": timed_ms(lambda: rows_fp8(grad)),
                "bf16_product_ms": timed_ms(lambda: x @ dense.t()),
                "fp8_product_ms": timed_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.contiguous(),
@@ -110,9 +168,19 @@ def main() -> int:
         exact = x.float() @ dense.float().t()
         fp8 = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.contiguous(), out_dtype=torch.bfloat16)
         row["fp8_product_rel_error"] = ((fp8.float() - exact).norm() / exact.norm()).item()
+        # the Triton decodes against bitsandbytes' (bf16: bit for bit) and the compiled fp8 decodes
+        # (a multiply by 1/scale instead of a division may move a value by one fp8 step)
+        row["triton_bf16_equal"] = torch.equal(triton_nf4_decode(packed, state)[0], dequantize_4bit(packed, state))
+        row["triton_fp8_differing"] = (triton_nf4_decode(packed, state, fp8=True)[0].float() != w8.float()
+                                       ).float().mean().item()
+        row["triton_fp8_transposed_differing"] = (triton_nf4_decode(packed, state, True, True)[0].float()
+                                                  != wt8.float()).float().mean().item()
         print(f"| {name} {n}x{k} | " + " | ".join(f"{row[key]:.3f}" for key in (
-            "bf16_decode_ms", "bitsandbytes_decode_ms", "fp8_decode_ms", "fp8_transposed_after_ms", "fp8_transposed_decode_ms",
+            "bf16_decode_ms", "bitsandbytes_decode_ms", "triton_bf16_decode_ms", "triton_fp8_decode_ms",
+            "triton_fp8_transposed_ms", "fp8_decode_ms", "fp8_transposed_after_ms", "fp8_transposed_decode_ms",
             "gradient_rows_fp8_ms", "bf16_product_ms", "fp8_product_ms", "fp8_input_gradient_ms")) + " |")
+        print(f"  Triton bf16 decode equal to bitsandbytes': {row['triton_bf16_equal']}; fp8 values differing from the "
+              f"compiled decode: {row['triton_fp8_differing']:.2e}, transposed {row['triton_fp8_transposed_differing']:.2e}")
         with open(out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
     return 0
