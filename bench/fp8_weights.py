@@ -1,8 +1,8 @@
-"""What the refresh recipe's fp8 backward (tried in session 13, not kept) costs beside what it
-saves, per Qwen3-14B weight: the NF4 weight decoded to bf16 (the forward's dequantization, and
-bitsandbytes' own kernel) against decoded straight to fp8 (the recompute's) and to fp8 transposed
-(the input gradient's; two ways); a gradient's rows scaled to fp8; and the products themselves,
-bf16 against fp8, at 4,096 tokens. Each is torch.compile'd as the recipe's layers are; the time
+"""What fp8 products in the refresh recipe's backward cost beside what they save, per Qwen3-14B
+weight: the NF4 weight decoded to bf16 (the forward's dequantization; bitsandbytes' own kernel;
+finetune.nf4.decode_nf4) against decoded straight to fp8 (a recompute's) and to fp8 transposed
+(the input gradient's; in torch operations two ways, and decode_nf4); a gradient's rows scaled to
+fp8; and the products themselves, bf16 against fp8, at 4,096 tokens. Each is torch.compile'd as the recipe's layers are; the time
 is the kernels' own, from a profile over 20 runs.
 
     python bench/fp8_weights.py        # needs CUDA (compute capability 8.9+) and bitsandbytes
@@ -17,20 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from finetune.qlora import FP8_MAX  # noqa: E402
+
 # Qwen3-14B's 4-bit products inside the recomputed part of a layer (out x in)
 SHAPES = {"q, o": (5120, 5120), "k, v": (1024, 5120), "gate, up": (17408, 5120)}
 TOKENS = 4096  # the recipe's tokens per forward
-
-
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
-
-
-def fp8_rows(x):
-    """x (rows x k) as float8_e4m3fn with one fp32 scale per row (x ~ x8 * scale)."""
-    import torch
-
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-30) / FP8_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
 def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = True):
@@ -54,58 +45,16 @@ def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = 
     return weight.t().contiguous().to(torch.float8_e4m3fn), scale.expand(1, state.shape[1])
 
 
-_decode_kernel = []
+def triton_nf4_decode(packed, state, fp8: bool = False, transposed: bool = False):
+    """finetune.nf4.decode_nf4 with what it takes computed here (absmax, tables, scale), so its
+    time counts them; returns (weight, scale), scale None for bf16."""
+    from finetune import nf4
+    from finetune.qlora import nf4_absmax
 
-
-def triton_nf4_decode(packed, state, fp8: bool = False, transposed: bool = False, block_n: int = 32,
-                      block_k: int = 256):
-    """The NF4 weight decoded by one Triton kernel: each program reads a tile of packed bytes
-    with contiguous loads, turns each byte into its two values through 256-entry tables (as
-    finetune/nf4.py's product kernel does), scales them by their block's absmax (decoded first:
-    one value per 64) and stores the tile as bf16, or as fp8 with the whole weight's scale;
-    `transposed` stores it (in x out) through Triton's own transposition of the tile. Returns
-    (weight, scale): scale is None for bf16."""
-    import torch
-    import triton
-    import triton.language as tl
-    from bitsandbytes.functional import dequantize_blockwise
-
-    if not _decode_kernel:
-        @triton.jit
-        def nf4_decode(w_ptr, absmax_ptr, high_ptr, low_ptr, inverse_scale_ptr, out_ptr, N, K,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr, SCALED: tl.constexpr):
-            HALF: tl.constexpr = BLOCK_K // 2
-            GROUPS: tl.constexpr = BLOCK_K // 64
-            rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-            k0 = tl.program_id(1) * BLOCK_K
-            packed = tl.load(w_ptr + rows[:, None] * (K // 2) + k0 // 2 + tl.arange(0, HALF)[None, :]).to(tl.int32)
-            scales = tl.load(absmax_ptr + rows[:, None] * (K // 64) + k0 // 64 + tl.arange(0, GROUPS)[None, :])
-            if SCALED:
-                scales = scales * tl.load(inverse_scale_ptr)
-            high = tl.reshape(tl.load(high_ptr + packed), (BLOCK_N, GROUPS, 32)) * scales[:, :, None]
-            low = tl.reshape(tl.load(low_ptr + packed), (BLOCK_N, GROUPS, 32)) * scales[:, :, None]
-            values = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K)).to(out_ptr.dtype.element_ty)
-            cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            if TRANSPOSED:
-                tl.store(out_ptr + cols[:, None] * N + rows[None, :], tl.trans(values))
-            else:
-                tl.store(out_ptr + rows[:, None] * K + cols[None, :], values)
-
-        _decode_kernel.append(nf4_decode)
-    n, k = state.shape
-    if n % block_n or k % block_k:
-        raise ValueError(f"{n}x{k} is not a whole number of {block_n}x{block_k} tiles")
-    absmax = (dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested else state.absmax
-    absmax = absmax.float().contiguous()
-    byte = torch.arange(256, device=packed.device)
-    high, low = state.code.float()[byte >> 4].contiguous(), state.code.float()[byte & 15].contiguous()
+    absmax = nf4_absmax(state).contiguous()
     scale = absmax.max().reshape(1) / FP8_MAX if fp8 else None
-    out = torch.empty((k, n) if transposed else (n, k), device=packed.device,
-                      dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
-    _decode_kernel[0][(n // block_n, k // block_k)](
-        packed, absmax, high, low, 1 / scale if fp8 else absmax, out, n, k,
-        BLOCK_N=block_n, BLOCK_K=block_k, TRANSPOSED=transposed, SCALED=fp8)
-    return out, scale
+    return nf4.decode_nf4(packed, absmax, nf4.nibble_tables(state.code), tuple(state.shape),
+                          fp8_inverse_scale=1 / scale if fp8 else None, transposed=transposed), scale
 
 
 def timed_ms(fn, runs: int = 20) -> float:
@@ -129,7 +78,7 @@ def main() -> int:
     import torch
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    from finetune.qlora import dequantize_nf4
+    from finetune.qlora import dequantize_nf4, fp8_rows
 
     out = Path(os.environ.get("OUT", "/tmp")) / "fp8_weights.jsonl"
     torch.manual_seed(0)

@@ -91,6 +91,14 @@ VARIANTS = {
                                                        host_embedding=True, optimizer="adamw8bit",
                                                        compile_layers="outside", autocast=True, sync="step",
                                                        nf4="torch", down_outside=True, layout="rows"),
+    # ... and the 4-bit products' input gradients from fp8 products (the forward and the recompute
+    # stay bf16; qlora._fp8_input_gradient). Not in the recipe: session 13's run failed to compile
+    # (the Triton launch inside the backward), and the fix (an operator) ran on CPU only
+    "lean-compiled-outside-nf4-down-rows2-fused-fp8grad": dict(per_forward=2, checkpointing=False, loss="fused",
+                                                               host_embedding=True, optimizer="adamw8bit",
+                                                               compile_layers="outside", autocast=True, sync="step",
+                                                               nf4="torch", down_outside=True, layout="rows",
+                                                               fp8_input_gradients=True),
     # the recipe's 4,096 tokens per forward at 512-token samples: eight rows
     "lean-compiled-outside-nf4-down-rows8-fused": dict(per_forward=8, checkpointing=False, loss="fused",
                                                        host_embedding=True, optimizer="adamw8bit",
@@ -213,7 +221,8 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
         from finetune.qlora import compile_decoder_layers
 
         compile_decoder_layers(model, checkpoint=spec["compile_layers"], nf4=spec.get("nf4", "bitsandbytes"),
-                               down_outside=spec.get("down_outside", False))
+                               down_outside=spec.get("down_outside", False),
+                               fp8_input_gradients=spec.get("fp8_input_gradients", False))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in initial_lora:

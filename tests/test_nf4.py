@@ -92,6 +92,74 @@ def test_nf4_kernel_matches_dequantised_product():
     assert "kernel ok" in result.stdout
 
 
+DECODE_CHECK = """
+import sys, torch, bitsandbytes.functional as F
+sys.path.insert(0, {root!r})
+from finetune import nf4, qlora
+for nested in (False, True):
+    weight = torch.randn(64, 512, dtype=torch.bfloat16) * 3
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    absmax, tables = qlora.nf4_absmax(state).contiguous(), nf4.nibble_tables(state.code)
+    want = F.dequantize_4bit(packed, state).float()
+    # the interpreter rounds to bf16 and fp8 toward zero (numpy), a GPU to nearest: one step apart
+    got = nf4.decode_nf4(packed, absmax, tables, (64, 512)).float()
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
+    assert torch.equal(nf4.decode_nf4(packed, absmax, tables, (64, 512), transposed=True).float(), got.t())
+    weight8, per_channel = qlora.nf4_as_fp8_transposed(packed, state)  # on CPU: torch operations
+    got8 = nf4.decode_nf4(packed, absmax, tables, (64, 512), fp8_inverse_scale=1 / per_channel[:, :1].reshape(1),
+                          transposed=True).float()
+    # the interpreter's fp8 rounding is its own: at most one fp8 step off, or, losing the carry
+    # into the exponent, half a power of two (64 for a value just under 128); the GPU test
+    # checks every value for equality
+    want8 = weight8.float()
+    one_step = (got8 - want8).abs() <= 2 ** (torch.log2(want8.abs().clamp(min=2 ** -6)).floor() - 3)
+    carry_lost = (want8.abs() == 2 ** torch.log2(want8.abs()).round()) & (got8 == want8 / 2)
+    assert bool((one_step | carry_lost).all()) and (got8 != want8).float().mean() < 0.05
+# as compiled code calls it (a layer's backward): one operator, no graph break
+compiled = torch.compile(lambda *args: nf4.decode_op()(*args, 64, 512, True, True), fullgraph=True)
+assert torch.equal(compiled(packed, absmax, *tables, 1 / per_channel[:, :1].reshape(1)).float(), got8)
+try:
+    nf4.decode_nf4(packed, absmax, tables, (80, 512))
+except ValueError as exc:
+    print("refused:", exc)
+print("decode ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install -e .[dev])")
+def test_nf4_decode_kernel_gives_bitsandbytes_weights_in_bf16_and_fp8_and_transposed():
+    """finetune.nf4.decode_nf4 (the fp8 input gradients' weight decode on CUDA) under Triton's
+    interpreter: the nibble order, a scale per 64 values, the transposed store and the fp8 scale
+    must give bitsandbytes' weight (to the interpreter's rounding); shapes that are not whole
+    tiles are refused. A process of its own: the interpreter must be on before triton loads."""
+    root = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-c", DECODE_CHECK.format(root=root)], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused: decode_nf4 takes whole 32x256 tiles, not 80x512" in result.stdout
+    assert "decode ok" in result.stdout
+
+
+@pytest.mark.gpu
+def test_nf4_decode_kernel_is_bitsandbytes_bit_for_bit_on_gpu():
+    """On the GPU, decode_nf4 rounds to nearest: bitsandbytes' bf16 weight exactly, and the fp8
+    weight of the torch decode exactly, at Qwen3-14B's gate/up shape."""
+    from finetune import nf4, qlora
+
+    weight = (torch.randn(17408, 5120) * 0.02).to(torch.bfloat16).cuda()
+    packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=True)
+    absmax, tables = qlora.nf4_absmax(state).contiguous(), nf4.nibble_tables(state.code)
+    assert torch.equal(nf4.decode_nf4(packed, absmax, tables, (17408, 5120)), bnb.functional.dequantize_4bit(
+        packed, state))
+    weight8, per_channel = qlora.nf4_as_fp8_transposed(packed, state)  # the kernel on CUDA
+    scale = absmax.max().reshape(1) / qlora.FP8_MAX
+    assert torch.equal(per_channel, scale.expand(1, 5120))
+    byte = packed.reshape(-1).int()
+    code = state.code.float()
+    values = torch.stack((code[byte >> 4], code[byte & 15]), dim=-1).view(-1, 64) * (absmax / scale).view(-1, 1)
+    assert torch.equal(weight8.float(), values.view(17408, 5120).t().to(torch.float8_e4m3fn).float())
+
+
 @pytest.mark.gpu
 def test_tensor_core_kernel_matches_the_dequantised_product_on_gpu():
     """finetune/nf4_mma.cu for 1..8 rows and every configuration it is compiled in: the lane
