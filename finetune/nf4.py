@@ -17,6 +17,9 @@ for all rows. At 14B on an H200 it reaches up to 740 GB/s against bitsandbytes' 
 0.5-0.66x bitsandbytes per layer for one row and 0.51-0.62x for 8 (no tensor cores), so it stays
 opt-in (README, Performance).
 
+`decode_nf4` decodes a whole weight in one Triton kernel, to bf16 or fp8, transposed or not, at
+about memory speed (the fp8 input gradients of qlora._fp8_input_gradient; not in the recipe yet).
+
 bitsandbytes' layout: weight (out, in) row-major, two values per byte (the even index in the
 high nibble), one absmax per 64 consecutive values, values from a 16-entry code (NF4).
 """
