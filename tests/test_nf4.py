@@ -78,16 +78,23 @@ print("kernel ok")
 """
 
 
+def interpreted(script: str) -> subprocess.CompletedProcess:
+    """`script` (a format string taking {root}) run by a Python with Triton's interpreter on,
+    which must be set before triton is imported: a process of its own. It must succeed."""
+    root = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-c", script.format(root=root)], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install -e .[dev])")
 def test_nf4_kernel_matches_dequantised_product():
     """Triton's interpreter runs the kernel on CPU (fp32 here: numpy has no bf16): the nibble
     order, scales per 64 values, tiles over K, rows padded to a power of two and the column mask
     must give W's product exactly. The
     interpreter must be on before triton is imported, hence a process of its own."""
-    root = str(Path(__file__).resolve().parent.parent)
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK.format(root=root)], capture_output=True, text=True,
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = interpreted(KERNEL_CHECK)
     assert "refused: nf4_matmul takes up to 16 rows" in result.stdout
     assert "kernel ok" in result.stdout
 
@@ -132,10 +139,7 @@ def test_nf4_decode_kernel_gives_bitsandbytes_weights_in_bf16_and_fp8_and_transp
     interpreter: the nibble order, a scale per 64 values, the transposed store and the fp8 scale
     must give bitsandbytes' weight (to the interpreter's rounding); shapes that are not whole
     tiles are refused. A process of its own: the interpreter must be on before triton loads."""
-    root = str(Path(__file__).resolve().parent.parent)
-    result = subprocess.run([sys.executable, "-c", DECODE_CHECK.format(root=root)], capture_output=True, text=True,
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = interpreted(DECODE_CHECK)
     assert "refused: decode_nf4 takes whole 32x256 tiles, not 80x512" in result.stdout
     assert "decode ok" in result.stdout
 
