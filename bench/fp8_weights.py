@@ -2,8 +2,8 @@
 weight: the NF4 weight decoded to bf16 (the forward's dequantization; bitsandbytes' own kernel;
 finetune.nf4.decode_nf4) against decoded straight to fp8 (a recompute's) and to fp8 transposed
 (the input gradient's; in torch operations two ways, and decode_nf4); a gradient's rows scaled to
-fp8; and the products themselves, bf16 against fp8, at 4,096 tokens. Each is torch.compile'd as the recipe's layers are; the time
-is the kernels' own, from a profile over 20 runs.
+fp8; and the products themselves, bf16 against fp8, at 4,096 tokens. Each is torch.compile'd as
+the recipe's layers are; the time is the kernels' own, from a profile over 20 runs.
 
     python bench/fp8_weights.py        # needs CUDA (compute capability 8.9+) and bitsandbytes
 """
@@ -31,13 +31,12 @@ def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = 
     gradient, whose fp8 product needs the weight K-major; `transpose_after`: decode in the
     weight's order and transpose the fp8 bytes, else decode in the transposed order."""
     import torch
-    from bitsandbytes.functional import dequantize_blockwise
 
-    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    from finetune.qlora import nf4_absmax, nf4_codes
+
+    absmax = nf4_absmax(state)
     scale = absmax.max() / FP8_MAX
-    byte = packed.reshape(-1).int()
-    codes = torch.stack((state.code[byte >> 4], state.code[byte & 15]), dim=-1).view(-1, state.blocksize)
-    weight = (codes * (absmax / scale).view(-1, 1)).view(state.shape)
+    weight = (nf4_codes(packed, state) * (absmax / scale).view(-1, 1)).view(state.shape)
     if not transposed:
         return weight.to(torch.float8_e4m3fn), scale.expand(1, state.shape[0])
     if transpose_after:

@@ -215,12 +215,17 @@ def dequantize_nf4(packed, quant_state):
     so torch.compile fuses it into one kernel; equal bit for bit to bitsandbytes'
     dequantize_4bit (tests). Double-quantized absmax (8-bit, one fp32 scale per 256, plus an
     offset) is decoded on the way."""
+    values = nf4_codes(packed, quant_state)
+    return (values * nf4_absmax(quant_state).view(-1, 1)).to(quant_state.dtype).view(quant_state.shape)
+
+
+def nf4_codes(packed, quant_state):
+    """The NF4 weight's code values (in [-1, 1]), one row per block of `blocksize` values."""
     import torch
 
     byte = packed.reshape(-1).int()
     code = quant_state.code  # the even element of a pair sits in the high nibble
-    values = torch.stack((code[byte >> 4], code[byte & 15]), dim=-1).view(-1, quant_state.blocksize)
-    return (values * nf4_absmax(quant_state).view(-1, 1)).to(quant_state.dtype).view(quant_state.shape)
+    return torch.stack((code[byte >> 4], code[byte & 15]), dim=-1).view(-1, quant_state.blocksize)
 
 
 def nf4_absmax(quant_state):
@@ -267,10 +272,7 @@ def nf4_as_fp8_transposed(packed, quant_state):
         weight8 = nf4.decode_nf4(packed, absmax.contiguous(), nf4.nibble_tables(quant_state.code),
                                  (out_features, in_features), fp8_inverse_scale=1 / scale, transposed=True)
         return weight8, per_channel
-    byte = packed.reshape(-1).int()
-    code = quant_state.code.float()
-    values = torch.stack((code[byte >> 4], code[byte & 15]), dim=-1).view(-1, quant_state.blocksize)
-    weight = (values * (absmax / scale).view(-1, 1)).view(out_features, in_features)
+    weight = (nf4_codes(packed, quant_state) * (absmax / scale).view(-1, 1)).view(out_features, in_features)
     return weight.t().contiguous().to(torch.float8_e4m3fn), per_channel
 
 
@@ -357,8 +359,8 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     recompute (on CPU it does; on an H200 with torch 2.11 and bitsandbytes' ops it saved
     everything). nf4="torch": 4-bit layers dequantize in torch operations the compiler fuses
     (dequantize_nf4) instead of calling bitsandbytes; with `fp8_input_gradients` too, those
-    layers' input gradients come from fp8 products (_fp8_input_gradient). A layer compiled under transformers'
-    own checkpointing escapes it: nothing is recomputed and the memory grows (README,
+    layers' input gradients come from fp8 products (_fp8_input_gradient). A layer compiled
+    under transformers' own checkpointing escapes it: nothing is recomputed and the memory grows (README,
     Performance). down_outside (with checkpoint="outside"): a frozen down_proj runs after the
     checkpointed part, in bitsandbytes' op, which saves only the 4-bit weight; backward then
     recomputes the layer without it, a quarter of its products. A layer the compiler fails on
