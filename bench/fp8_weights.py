@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.qlora import FP8_MAX  # noqa: E402
+from finetune.nf4 import FP8_MAX  # noqa: E402
 
 # Qwen3-14B's 4-bit products inside the recomputed part of a layer (out x in)
 SHAPES = {"q, o": (5120, 5120), "k, v": (1024, 5120), "gate, up": (17408, 5120)}
@@ -77,7 +77,8 @@ def main() -> int:
     import torch
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    from finetune.qlora import dequantize_nf4, fp8_rows
+    from finetune.nf4 import fp8_rows
+    from finetune.qlora import dequantize_nf4
 
     out = Path(os.environ.get("OUT", "/tmp")) / "fp8_weights.jsonl"
     torch.manual_seed(0)

@@ -32,7 +32,8 @@ for P in "$@"; do
     train)      for SEQ in ${TRAIN_SEQS:-2048}; do  # TRAIN_VARIANTS_<seq> picks the variants per length
                   V=TRAIN_VARIANTS_$SEQ; phase train 120 python3 bench/gpu_train.py --model $CKPT --seq $SEQ ${!V:+--variants ${!V}}
                 done ;;
-    trainb)     phase trainb 120 python3 bench/gpu_train.py --model $CKPT --seq 2048 --variants $TRAINB_VARIANTS ;;  # a second process: compiled layers cannot be undone
+    trainb)     for V in ${TRAINB_VARIANTS//,/ }; do  # a process each: compiled layers cannot be undone
+                  phase trainb 100 python3 bench/gpu_train.py --model $CKPT --seq 2048 --variants $V; done ;;
     stockserve) phase stockserve 100 python3 .baseline/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
     serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
     nf4)        phase nf4 60 python3 bench/nf4_kernel.py ;;

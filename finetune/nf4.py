@@ -18,7 +18,9 @@ for all rows. At 14B on an H200 it reaches up to 740 GB/s against bitsandbytes' 
 opt-in (README, Performance).
 
 `decode_nf4` decodes a whole weight in one Triton kernel, to bf16 or fp8, transposed or not, at
-about memory speed (the fp8 input gradients of qlora._fp8_input_gradient; not in the recipe yet).
+about memory speed. `linear_op` (the torch operator hangjia::nf4_linear) is a 4-bit product that
+compiled training layers call: bf16 in the forward, and, asked to, fp8 when an activation
+checkpoint recomputes it in backward (qlora._nf4_product).
 
 bitsandbytes' layout: weight (out, in) row-major, two values per byte (the even index in the
 high nibble), one absmax per 64 consecutive values, values from a 16-entry code (NF4).
@@ -151,16 +153,16 @@ def decode_nf4(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.T
                        fp8, transposed)
 
 
-_decode_ops: dict[str, object] = {}
+_ops: dict[str, object] = {}
 
 
 def decode_op():
     """decode_nf4's kernel as a torch operator (hangjia::nf4_decode), registered at first call:
     torch.compile then calls it as it is, instead of tracing into Triton's launcher (which it
     cannot, inside a compiled layer's backward). Call it once outside compiled code first."""
-    if "decode" not in _decode_ops:
-        _decode_ops["decode"] = _register_decode_op()
-    return _decode_ops["decode"]
+    if "decode" not in _ops:
+        _ops["decode"] = _register_decode_op()
+    return _ops["decode"]
 
 
 def _register_decode_op():
@@ -176,6 +178,7 @@ def _register_decode_op():
         if not _decode_kernels:
             _decode_kernels.append(_build_decode_kernel())
         out = output(packed, out_features, in_features, fp8, transposed)
+        packed, absmax = packed.contiguous(), absmax.contiguous()  # (as compiled code hands them: no copy)
         _decode_kernels[0][(out_features // DECODE_TILE[0], in_features // DECODE_TILE[1])](
             packed, absmax, high, low, inverse_scale, out, out_features, in_features,
             BLOCK_N=DECODE_TILE[0], BLOCK_K=DECODE_TILE[1], TRANSPOSED=transposed, SCALED=fp8)
@@ -186,6 +189,123 @@ def _register_decode_op():
         return output(packed, out_features, in_features, fp8, transposed)
 
     return nf4_decode
+
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows x k) as float8_e4m3fn with one fp32 scale per row (x ~ x8 * scale): each row
+    uses the whole fp8 range, so one large row does not flatten the others. In torch
+    operations (compiled code fuses them); fp8_rows_now for eager calls on CUDA."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-30) / FP8_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def _build_fp8_rows_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, BLOCK: tl.constexpr):
+        # one program per row: its largest magnitude, then the row over it, in fp8 (fp8_rows'
+        # arithmetic, the division rounded as IEEE's)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30) / 448.0
+        tl.store(scale_ptr + row, scale)
+        tl.store(out_ptr + row * K + cols, tl.math.div_rn(x, scale).to(out_ptr.dtype.element_ty), mask=cols < K)
+
+    return fp8_rows_kernel
+
+
+FP8_ROWS_MAX_K = 32768  # a row is one program's block
+
+
+def fp8_rows_now(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_rows in one Triton kernel on CUDA (eager code: the operator below, where nothing
+    fuses the torch operations' five passes over x); elsewhere fp8_rows."""
+    if not x.is_cuda or x.shape[-1] > FP8_ROWS_MAX_K:
+        return fp8_rows(x)
+    import triton
+
+    if "fp8_rows" not in _ops:
+        _ops["fp8_rows"] = _build_fp8_rows_kernel()
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    _ops["fp8_rows"][(x.shape[0],)](x, out, scale, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
+    return out, scale
+
+
+def fp8_weight_scale(absmax: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fp8 scale for a whole NF4 weight, its largest absmax over fp8's largest value (code
+    values are at most 1 in size), repeated per output row (1 x out) as torch._scaled_mm's
+    row-wise scaling wants it, and its reciprocal (1 element) for the decode."""
+    scale = absmax.max().reshape(1) / FP8_MAX
+    return scale.expand(1, out_features).contiguous(), 1 / scale
+
+
+def decode_nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                         shape: tuple[int, int], fp8_inverse_scale: torch.Tensor | None = None,
+                         transposed: bool = False) -> torch.Tensor:
+    """decode_nf4 in torch operations, value for value (the scales multiplied in the kernel's
+    order): for CPUs and for shapes the kernel does not take."""
+    byte = packed.reshape(-1).int()
+    high, low = tables
+    scales = absmax.view(-1, 1) if fp8_inverse_scale is None else absmax.view(-1, 1) * fp8_inverse_scale
+    values = (torch.stack((high[byte], low[byte]), dim=-1).view(-1, GROUP) * scales).view(shape)
+    values = values.to(torch.bfloat16 if fp8_inverse_scale is None else torch.float8_e4m3fn)
+    return values.t().contiguous() if transposed else values
+
+
+def decode_nf4_any(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+                   shape: tuple[int, int], fp8_inverse_scale: torch.Tensor | None = None,
+                   transposed: bool = False) -> torch.Tensor:
+    """decode_nf4 where the kernel takes it (CUDA, whole tiles), else decode_nf4_reference."""
+    decode = decode_nf4 if packed.is_cuda and decode_tiles(*shape) else decode_nf4_reference
+    return decode(packed, absmax, tables, shape, fp8_inverse_scale=fp8_inverse_scale, transposed=transposed)
+
+
+def linear_op():
+    """x @ W.t() for an NF4 weight W as the torch operator hangjia::nf4_linear, registered at
+    first call (call it once outside compiled code first). Arguments: x (..., in; bf16), the
+    packed weight, its absmax decoded to fp32 (qlora.nf4_absmax), nibble_tables(code), W's fp8
+    scale (fp8_weight_scale), out_features, fp8_in_backward. In a forward it decodes W to bf16 (one kernel at memory
+    speed, decode_nf4) and multiplies. With fp8_in_backward, when autograd's engine runs it (an
+    activation checkpoint recomputing the layer in backward) it multiplies in fp8 instead: x
+    scaled per row, W decoded straight to fp8, scaled as a whole, on the tensor cores at about
+    twice bf16's rate (H100/H200). Being one operator to the compiler, the forward and the
+    recompute are one compiled graph, so the checkpoint finds the same saved tensors in both;
+    the choice is made when it runs."""
+    if "linear" not in _ops:
+        decode_op()
+        _ops["linear"] = _register_linear_op()
+    return _ops["linear"]
+
+
+def _register_linear_op():
+    schema = ("(Tensor x, Tensor packed, Tensor absmax, Tensor high, Tensor low, Tensor fp8_scale, "
+              "Tensor fp8_inverse_scale, int out_features, bool fp8_in_backward) -> Tensor")
+
+    @torch.library.custom_op("hangjia::nf4_linear", mutates_args=(), schema=schema)
+    def nf4_linear(x, packed, absmax, high, low, fp8_scale, fp8_inverse_scale, out_features, fp8_in_backward):
+        rows = x.reshape(-1, x.shape[-1])
+        shape = (out_features, x.shape[-1])
+        if fp8_in_backward and torch._C._current_graph_task_id() != -1:  # recomputed in backward
+            rows8, row_scale = fp8_rows_now(rows)
+            weight8 = decode_nf4_any(packed, absmax, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale)
+            out = torch._scaled_mm(rows8, weight8.t(), scale_a=row_scale, scale_b=fp8_scale, out_dtype=x.dtype)
+        else:
+            out = rows @ decode_nf4_any(packed, absmax, (high, low), shape).to(x.dtype).t()
+        return out.view(*x.shape[:-1], out_features)
+
+    @nf4_linear.register_fake
+    def _(x, packed, absmax, high, low, fp8_scale, fp8_inverse_scale, out_features, fp8_in_backward):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    return nf4_linear
 
 
 def nibble_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -241,18 +241,6 @@ def nf4_absmax(quant_state):
     return absmax.float()
 
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
-
-
-def fp8_rows(x):
-    """x (rows x k) as float8_e4m3fn with one fp32 scale per row (x ~ x8 * scale): each row
-    uses the whole fp8 range, so one large row does not flatten the others."""
-    import torch
-
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-30) / FP8_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
-
-
 def nf4_as_fp8_transposed(packed, quant_state):
     """An NF4 weight (out x in) as float8_e4m3fn (in x out), the K-major layout of the input
     gradient's fp8 product, and its scale repeated per input channel (1 x in), as
@@ -260,69 +248,80 @@ def nf4_as_fp8_transposed(packed, quant_state):
     absmax (code values are at most 1 in size): a scale per channel would cost a reduction over
     the decoded weight, and e4m3's 2^17 of range holds a weight's spread of block scales. On
     CUDA one Triton kernel (finetune.nf4.decode_nf4); elsewhere torch operations."""
-    import torch
-
     from finetune import nf4
 
     out_features, in_features = quant_state.shape
     absmax = nf4_absmax(quant_state)
-    scale = absmax.max().reshape(1) / FP8_MAX
-    per_channel = scale.expand(1, in_features).contiguous()
-    if packed.is_cuda and nf4.decode_tiles(out_features, in_features):
-        weight8 = nf4.decode_nf4(packed, absmax.contiguous(), nf4.nibble_tables(quant_state.code),
-                                 (out_features, in_features), fp8_inverse_scale=1 / scale, transposed=True)
-        return weight8, per_channel
-    weight = (nf4_codes(packed, quant_state) * (absmax / scale).view(-1, 1)).view(out_features, in_features)
-    return weight.t().contiguous().to(torch.float8_e4m3fn), per_channel
+    per_channel, inverse_scale = nf4.fp8_weight_scale(absmax, in_features)
+    weight8 = nf4.decode_nf4_any(packed, absmax, nf4.nibble_tables(quant_state.code), (out_features, in_features),
+                                 fp8_inverse_scale=inverse_scale, transposed=True)
+    return weight8, per_channel
 
 
 @functools.cache  # the class is made at first use: torch is imported then, not with this module
-def _fp8_input_gradient():
+def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool):
     import torch
 
     from finetune import nf4
 
-    nf4.decode_op()  # registered here, outside compiled code, for the compiled backward to call
+    nf4.linear_op()  # the operators registered here, outside compiled code, for compiled code to call
 
-    class Nf4ProductFp8Gradient(torch.autograd.Function):
-        """x @ W.t() for a frozen NF4 weight: the forward in bf16, as without it; x's gradient
-        from an fp8 product on the tensor cores (the gradient scaled per row, the weight as a
-        whole), about twice bf16's rate on an H100/H200, each value about 4% off. Only the
-        packed weight is saved for backward, which decodes it again."""
+    class Nf4Product(torch.autograd.Function):
+        """x @ W.t() for a frozen NF4 weight, the forward in bf16. With `operator`, the product
+        is one operator (nf4.linear_op: decoded by a kernel at memory speed, not by the
+        compiler's fusion), which with fp8_recompute runs in fp8 when an activation checkpoint
+        recomputes it in backward. With fp8_input_gradients, x's gradient
+        comes from an fp8 product (the gradient scaled per row, the weight as a whole). fp8 runs
+        on the tensor cores at about twice bf16's rate on an H100/H200, each value about 4% off.
+        Only the packed weight is saved for backward, which decodes it again."""
 
         @staticmethod
         def forward(ctx, x, packed, quant_state):
             ctx.save_for_backward(packed)
             ctx.quant_state = quant_state
-            return x.to(quant_state.dtype) @ dequantize_nf4(packed, quant_state).t()
+            x = x.to(quant_state.dtype)
+            if operator:  # (the scales computed here, in the compiled graph, fused)
+                absmax, out_features = nf4_absmax(quant_state), quant_state.shape[0]
+                return nf4.linear_op()(x, packed, absmax, *nf4.nibble_tables(quant_state.code),
+                                       *nf4.fp8_weight_scale(absmax, out_features), out_features, fp8_recompute)
+            return x @ dequantize_nf4(packed, quant_state).t()
 
         @staticmethod
         def backward(ctx, grad_output):
             (packed,) = ctx.saved_tensors
-            grad8, grad_scale = fp8_rows(grad_output.reshape(-1, grad_output.shape[-1]))
-            weight8, weight_scale = nf4_as_fp8_transposed(packed, ctx.quant_state)
+            state = ctx.quant_state
+            if not fp8_input_gradients:
+                weight = (nf4.decode_nf4_any(packed, nf4_absmax(state), nf4.nibble_tables(state.code),
+                                             tuple(state.shape)) if operator else dequantize_nf4(packed, state))
+                return grad_output.to(state.dtype) @ weight.to(state.dtype), None, None
+            grad8, grad_scale = nf4.fp8_rows(grad_output.reshape(-1, grad_output.shape[-1]))
+            weight8, weight_scale = nf4_as_fp8_transposed(packed, state)
             grad = torch._scaled_mm(grad8, weight8.t(), scale_a=grad_scale, scale_b=weight_scale,
                                     out_dtype=torch.bfloat16)
             return grad.view(*grad_output.shape[:-1], -1), None, None
 
-    return Nf4ProductFp8Gradient
+    return Nf4Product
 
 
-def _compilable_4bit_forward(linear, fp8_input_gradients: bool = False):
+def _compilable_4bit_forward(linear, operator: bool = False, fp8_input_gradients: bool = False,
+                             fp8_recompute: bool = False):
     """A forward for a bitsandbytes Linear4bit that torch.compile can see into: the NF4
     dequantization fused into one generated kernel and a plain matmul, instead of
     bitsandbytes' ops, each a Python call into its library (a compiled 14B step's wall time
-    exceeded its GPU time by 0.8 s with them, by 0.3 s without). `fp8_input_gradients`: x's
-    gradient from an fp8 product (_fp8_input_gradient); the forward, and so the loss and the
-    activation checkpoint's recompute, stay exactly as without."""
+    exceeded its GPU time by 0.8 s with them, by 0.3 s without). `operator`: the product as one
+    operator that decodes with a kernel of its own; `fp8_input_gradients`, `fp8_recompute`: those
+    parts of backward in fp8 (_nf4_product). The forward, and so the loss, stay as without."""
     import torch.nn.functional as F
 
-    fp8_product = _fp8_input_gradient() if fp8_input_gradients and linear.bias is None else None  # (not traced)
+    if linear.in_features % 16 or linear.out_features % 16:  # fp8 products take multiples of 16 only
+        fp8_input_gradients = fp8_recompute = False
+    own = (operator or fp8_input_gradients) and linear.bias is None
+    product = _nf4_product(operator, fp8_recompute, fp8_input_gradients) if own else None  # (made here: not traced)
 
     def forward(x):
         weight = linear.weight
-        if fp8_product is not None:
-            return fp8_product.apply(x, weight.data, weight.quant_state).to(x.dtype)
+        if product is not None:
+            return product.apply(x, weight.data, weight.quant_state).to(x.dtype)
         out = F.linear(x.to(weight.quant_state.dtype), dequantize_nf4(weight.data, weight.quant_state), linear.bias)
         return out.to(x.dtype)
 
@@ -349,7 +348,8 @@ def _hand_out_down_projection(layer) -> dict | None:
 
 
 def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes", backend="inductor",
-                           down_outside: bool = False, fp8_input_gradients: bool = False) -> int:
+                           down_outside: bool = False, fp8_input_gradients: bool = False,
+                           fp8_recompute: bool = False) -> int:
     """Compile every decoder layer and keep its activation checkpoint; returns the layers
     compiled. Eager, a 2,048-token step at 14B spends 1.3 of its 3.7 s of GPU time in small
     elementwise kernels (norms in fp32, the rotation, SiLU x up, LoRA's dropout and scaling);
@@ -358,8 +358,10 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     checkpoint="inside": the checkpoint inside the compiled function, for the compiler to
     recompute (on CPU it does; on an H200 with torch 2.11 and bitsandbytes' ops it saved
     everything). nf4="torch": 4-bit layers dequantize in torch operations the compiler fuses
-    (dequantize_nf4) instead of calling bitsandbytes; with `fp8_input_gradients` too, those
-    layers' input gradients come from fp8 products (_fp8_input_gradient). A layer compiled
+    (dequantize_nf4) instead of calling bitsandbytes; nf4="kernel": each 4-bit product is one
+    operator that decodes in a Triton kernel (nf4.linear_op). With `fp8_input_gradients` too,
+    those layers' input gradients come from fp8 products; with nf4="kernel" and `fp8_recompute`
+    the checkpoint's recompute runs them in fp8 (_nf4_product). A layer compiled
     under transformers' own checkpointing escapes it: nothing is recomputed and the memory grows (README,
     Performance). down_outside (with checkpoint="outside"): a frozen down_proj runs after the
     checkpointed part, in bitsandbytes' op, which saves only the 4-bit weight; backward then
@@ -370,10 +372,14 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     import torch._dynamo
     import torch.utils.checkpoint
 
-    if checkpoint not in ("outside", "inside") or nf4 not in ("bitsandbytes", "torch"):
-        raise ValueError(f"checkpoint 'outside' or 'inside', nf4 'bitsandbytes' or 'torch'; not {checkpoint!r}, {nf4!r}")
-    if fp8_input_gradients and nf4 != "torch":
-        raise ValueError("fp8_input_gradients needs nf4='torch'")
+    if checkpoint not in ("outside", "inside") or nf4 not in ("bitsandbytes", "torch", "kernel"):
+        raise ValueError(f"checkpoint 'outside' or 'inside', nf4 'bitsandbytes', 'torch' or 'kernel'; "
+                         f"not {checkpoint!r}, {nf4!r}")
+    if fp8_input_gradients and nf4 == "bitsandbytes":
+        raise ValueError("fp8_input_gradients needs nf4='torch' or 'kernel'")
+    if fp8_recompute and (nf4 != "kernel" or checkpoint != "outside"):
+        raise ValueError("fp8_recompute needs nf4='kernel' and checkpoint='outside' (an eager checkpoint that "
+                         "recomputes in backward)")
     causal_lm = causal_lm_of(model)
     causal_lm.gradient_checkpointing_disable()  # ours replaces transformers' checkpoint
     torch._dynamo.config.suppress_errors = True  # compile errors: the eager layer instead
@@ -382,12 +388,12 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
         if getattr(layer, "_compiled_with_checkpoint", False):  # compiling twice would nest checkpoints
             continue
         layer._compiled_with_checkpoint = True
-        if nf4 == "torch":
+        if nf4 != "bitsandbytes":
             import bitsandbytes as bnb
 
             for module in layer.modules():  # (peft's LoRA wrapper shows its base layer's weight: not it)
                 if isinstance(module, bnb.nn.Linear4bit):
-                    module.forward = _compilable_4bit_forward(module, fp8_input_gradients)
+                    module.forward = _compilable_4bit_forward(module, nf4 == "kernel", fp8_input_gradients, fp8_recompute)
         handed = _hand_out_down_projection(layer) if checkpoint == "outside" and down_outside else None
         if handed is not None:
             down = layer.mlp.down_proj
@@ -411,6 +417,14 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
 
         layer.forward = checkpointed if checkpoint == "outside" else torch.compile(checkpointed, backend=backend)
     return len(layers)
+
+
+def has_fp8_tensor_cores(device) -> bool:
+    """Whether this CUDA device multiplies fp8 on its tensor cores (compute capability 8.9 and
+    up: Ada, Hopper, Blackwell), as the fp8 products of compile_decoder_layers need."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def uncompile_decoder_layers(model) -> None:

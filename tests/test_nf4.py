@@ -56,6 +56,70 @@ def test_double_quantised_layers_are_refused_not_misread():
         FusedNF4([layer])
 
 
+def product_operator_check(device: str, out_features: int, in_features: int):
+    """nf4.linear_op against bitsandbytes: in a forward the bf16 product of the dequantized
+    weight, bit for bit; run by autograd's engine (as an activation checkpoint recomputes it in
+    backward) the fp8 product, near and not equal; without fp8_in_backward, bf16 there too."""
+    import bitsandbytes.functional as F
+
+    from finetune import nf4, qlora
+
+    torch.manual_seed(0)
+    weight = (torch.randn(out_features, in_features) * 0.02).to(torch.bfloat16).to(device)
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    absmax, tables = qlora.nf4_absmax(state), nf4.nibble_tables(state.code)
+    weight = F.dequantize_4bit(packed, state)
+    x = torch.randn(3, 5, in_features, dtype=torch.bfloat16, device=device)
+    want = x @ weight.t()
+
+    def product(fp8_in_backward):
+        return nf4.linear_op()(x, packed, absmax, *tables, *nf4.fp8_weight_scale(absmax, out_features), out_features,
+                               fp8_in_backward)
+
+    assert torch.equal(product(True), want) and torch.equal(product(False), want)
+    in_backward = {}
+
+    class Probe(torch.autograd.Function):  # its backward runs inside autograd's engine
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            in_backward["fp8"], in_backward["bf16"] = product(True), product(False)
+            return grad
+
+    Probe.apply(torch.zeros(1, requires_grad=True, device=device)).sum().backward()
+    assert torch.equal(in_backward["bf16"], want)
+    error = ((in_backward["fp8"].float() - want.float()).norm() / want.float().norm()).item()
+    assert 1e-3 < error < 0.1, error
+    return packed, state, weight
+
+
+def test_product_operator_is_bf16_in_a_forward_and_fp8_when_autograd_recomputes_it():
+    """The refresh's 4-bit product with fp8_recompute (product_operator_check), in the torch
+    decode CPUs use, which must be bitsandbytes' weight exactly, transposed too."""
+    from finetune import nf4, qlora
+
+    packed, state, weight = product_operator_check("cpu", 96, 256)
+    absmax, tables = qlora.nf4_absmax(state), nf4.nibble_tables(state.code)
+    assert torch.equal(nf4.decode_nf4_reference(packed, absmax, tables, (96, 256)), weight)
+    assert torch.equal(nf4.decode_nf4_reference(packed, absmax, tables, (96, 256), transposed=True), weight.t())
+
+
+@pytest.mark.gpu
+def test_product_operator_on_gpu_is_bitsandbytes_in_a_forward_and_fp8_when_recomputed():
+    """The same on the GPU (the Triton decode and row scaling, cuBLAS, _scaled_mm), at Qwen3-14B's
+    q shape; the row-scaling kernel gives fp8_rows' values (rows of 5,120 and of 17,408 x 2)."""
+    from finetune import nf4
+
+    product_operator_check("cuda", 5120, 5120)
+    for k in (5120, 34816):
+        x = torch.randn(64, k, dtype=torch.bfloat16, device="cuda") * torch.logspace(-3, 3, 64, device="cuda")[:, None]
+        (want, want_scale), (got, got_scale) = nf4.fp8_rows(x), nf4.fp8_rows_now(x)
+        assert torch.equal(got_scale, want_scale) and torch.equal(got.float(), want.float())
+
+
 KERNEL_CHECK = """
 import sys, torch, bitsandbytes.functional as F
 sys.path.insert(0, {root!r})
@@ -118,10 +182,17 @@ for nested in (False, True):
     # the interpreter's fp8 rounding is its own: at most one fp8 step off, or, losing the carry
     # into the exponent, half a power of two (64 for a value just under 128); the GPU test
     # checks every value for equality
-    want8 = weight8.float()
-    one_step = (got8 - want8).abs() <= 2 ** (torch.log2(want8.abs().clamp(min=2 ** -6)).floor() - 3)
-    carry_lost = (want8.abs() == 2 ** torch.log2(want8.abs()).round()) & (got8 == want8 / 2)
-    assert bool((one_step | carry_lost).all()) and (got8 != want8).float().mean() < 0.05
+    def near(got8, want8):
+        one_step = (got8 - want8).abs() <= 2 ** (torch.log2(want8.abs().clamp(min=2 ** -6)).floor() - 3)
+        carry_lost = (want8.abs() == 2 ** torch.log2(want8.abs()).round()) & (got8 == want8 / 2)
+        return bool((one_step | carry_lost).all()) and (got8 != want8).float().mean() < 0.05
+    assert near(got8, weight8.float())
+# the row-scaling kernel of the fp8 recompute (fp8_rows_now on CUDA): fp8_rows' scales and values
+x = torch.randn(6, 300, dtype=torch.bfloat16) * torch.logspace(-3, 3, 6)[:, None]
+rows8, row_scale = torch.empty(6, 300, dtype=torch.float8_e4m3fn), torch.empty(6, 1)
+nf4._build_fp8_rows_kernel()[(6,)](x, rows8, row_scale, 300, BLOCK=512)
+want8, want_scale = nf4.fp8_rows(x)
+assert torch.equal(row_scale, want_scale) and near(rows8.float(), want8.float())
 # as compiled code calls it (a layer's backward): one operator, no graph break
 compiled = torch.compile(lambda *args: nf4.decode_op()(*args, 64, 512, True, True), fullgraph=True)
 assert torch.equal(compiled(packed, absmax, *tables, 1 / per_channel[:, :1].reshape(1)).float(), got8)
@@ -156,12 +227,11 @@ def test_nf4_decode_kernel_is_bitsandbytes_bit_for_bit_on_gpu():
     assert torch.equal(nf4.decode_nf4(packed, absmax, tables, (17408, 5120)), bnb.functional.dequantize_4bit(
         packed, state))
     weight8, per_channel = qlora.nf4_as_fp8_transposed(packed, state)  # the kernel on CUDA
-    scale = absmax.max().reshape(1) / qlora.FP8_MAX
+    scale = absmax.max().reshape(1) / nf4.FP8_MAX
     assert torch.equal(per_channel, scale.expand(1, 5120))
-    byte = packed.reshape(-1).int()
-    code = state.code.float()
-    values = torch.stack((code[byte >> 4], code[byte & 15]), dim=-1).view(-1, 64) * (absmax / scale).view(-1, 1)
-    assert torch.equal(weight8.float(), values.view(17408, 5120).t().to(torch.float8_e4m3fn).float())
+    want8 = nf4.decode_nf4_reference(packed, absmax, tables, (17408, 5120), fp8_inverse_scale=1 / scale,
+                                     transposed=True)
+    assert torch.equal(weight8.float(), want8.float())
 
 
 @pytest.mark.gpu
