@@ -150,6 +150,7 @@ def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     cases = [{"messages": s["messages"][:2], "tools": s.get("tools")} for s in samples()[:2]]
     events = run_recipe(tiny_model_dir, tmp_path, eval_cases=cases, compile_min_tokens=0, replay=True)
     assert "QLoRA: 4-bit NF4" in events[1]["mode"] and "decoder layers compiled" in events[1]["mode"]
+    assert ("fp8 in backward" in events[1]["mode"]) == (torch.cuda.get_device_capability() >= (8, 9))
     # the replay sample's own answer decoded on the 4-bit base before training
     assert next(e for e in events if e["event"] == "replay_answers_done")["prompts"] == 1
     evaluation = next(e for e in events if e["event"] == "eval")  # decoding after compiled training

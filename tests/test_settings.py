@@ -66,6 +66,14 @@ def test_the_refresh_trains_with_the_replay_answer_length_set():
     assert refresh_settings(Settings()).replay_answer_tokens == 160
 
 
+def test_the_refresh_can_keep_its_backward_in_bf16():
+    """--no-fp8-backward (or HANGJIA_FP8_BACKWARD=0) reaches the recipe; on by default."""
+    from webapp.services import refresh_settings
+
+    assert refresh_settings(Settings()).fp8_backward is True
+    assert refresh_settings(Settings(fp8_backward=False)).fp8_backward is False
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(["--config", str(tmp_path / "nope.toml")], environ={})

@@ -181,7 +181,8 @@ def refresh_settings(settings: Settings) -> RefreshSettings:
         load_in_4bit=True, eval_max_new_tokens=settings.eval_max_new_tokens, system_prompt=settings.system_prompt,
         guided_tool_calls=settings.guided_tool_calls, detach_shared_prefix=settings.detach_shared_prefix,
         cpu_bf16=settings.cpu_bf16, compile_layers=settings.compile_layers,
-        compile_min_tokens=settings.compile_min_tokens, train_gpus=settings.train_gpus,
+        compile_min_tokens=settings.compile_min_tokens, fp8_backward=settings.fp8_backward,
+        train_gpus=settings.train_gpus,
         replay_own_answers=settings.replay_own_answers, replay_answer_tokens=settings.replay_answer_tokens)
 
 
