@@ -347,6 +347,17 @@ def _hand_out_down_projection(layer) -> dict | None:
     return handed
 
 
+def _decode_absmax_once(quant_state) -> None:
+    """Replace a double-quantized absmax by its fp32 values (4 bytes per block of 64 instead of
+    about 1). Compiled on CPU, nf4_absmax's `arange(n) // 256` indexing loses its last partial
+    block (inductor's C++ code of torch 2.13 loops over 256 of 300 values and leaves the rest
+    unwritten), so a CPU model with such a weight (SmolLM2-135M: 5,184 blocks) trained on
+    garbage scales; CUDA's code is right, and keeps the 8-bit absmax."""
+    if quant_state.nested:
+        quant_state.absmax = nf4_absmax(quant_state)
+        quant_state.nested, quant_state.state2, quant_state.offset = False, None, None
+
+
 def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes", backend="inductor",
                            down_outside: bool = False, fp8_input_gradients: bool = False,
                            fp8_recompute: bool = False) -> int:
@@ -393,6 +404,8 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
 
             for module in layer.modules():  # (peft's LoRA wrapper shows its base layer's weight: not it)
                 if isinstance(module, bnb.nn.Linear4bit):
+                    if module.weight.device.type == "cpu":
+                        _decode_absmax_once(module.weight.quant_state)
                     module.forward = _compilable_4bit_forward(module, nf4 == "kernel", fp8_input_gradients, fp8_recompute)
         handed = _hand_out_down_projection(layer) if checkpoint == "outside" and down_outside else None
         if handed is not None:

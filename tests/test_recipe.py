@@ -564,3 +564,37 @@ def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding
         qlora.compile_decoder_layers(torch.nn.Module(), nf4="bitsandbytes", fp8_input_gradients=True)
     with pytest.raises(ValueError, match="fp8_recompute needs nf4='kernel' and checkpoint='outside'"):
         qlora.compile_decoder_layers(torch.nn.Module(), nf4="kernel", checkpoint="inside", fp8_recompute=True)
+
+
+def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_config_restored):
+    """A weight whose double-quantized scales end in a partial block of 256 (320 x 320: 1,600
+    scales), compiled on CPU: inductor's C++ code for nf4_absmax's indexing leaves that block's
+    scales unwritten (torch 2.13), so compile_decoder_layers decodes them once instead. The
+    compiled layers must then give the same loss every call, the compiler's decode and the
+    product operator alike, near the eager model's."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen3Config
+
+    from finetune import qlora
+
+    config = Qwen3Config(vocab_size=512, hidden_size=320, intermediate_size=640, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=80, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    batch = qlora.pack([{"input_ids": list(range(1, 200)), "labels": list(range(2, 201))}])
+
+    def losses(nf4):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=(
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)))
+        assert model.model.layers[0].self_attn.q_proj.weight.quant_state.nested
+        torch._dynamo.reset()
+        if nf4:
+            qlora.compile_decoder_layers(model, nf4=nf4, down_outside=True)
+        model.train()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return [qlora.packed_loss(model, batch, "cpu").item() for _ in range(2)]
+
+    eager = losses(None)
+    for nf4 in ("torch", "kernel"):
+        compiled = losses(nf4)
+        assert compiled[0] == compiled[1] == pytest.approx(eager[0], rel=0.01), (nf4, compiled, eager)
