@@ -86,7 +86,7 @@ VARIANTS = {
                                                  compile_layers="outside", autocast=True, sync="step", nf4="torch",
                                                  down_outside=True, layout="rows"),
     # ... and the loss's gradient computed in its forward (no vocabulary projection in backward):
-    # the recipe on CUDA now
+    # the recipe on CUDA without fp8 tensor cores (before compute capability 8.9), or with --no-fp8-backward
     "lean-compiled-outside-nf4-down-rows2-fused": dict(per_forward=2, checkpointing=False, loss="fused",
                                                        host_embedding=True, optimizer="adamw8bit",
                                                        compile_layers="outside", autocast=True, sync="step",
@@ -110,7 +110,8 @@ VARIANTS = {
         per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
         fp8_recompute=True),
-    # ... and the input gradients in fp8 too: all of backward's 4-bit products in fp8
+    # ... and the input gradients in fp8 too: all of backward's 4-bit products in fp8. The recipe on
+    # CUDA with fp8 tensor cores (H100, H200, Ada) since session 14
     "lean-compiled-outside-kernel-down-rows2-fused-fp8": dict(
         per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
