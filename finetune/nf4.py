@@ -272,13 +272,13 @@ def linear_op():
     """x @ W.t() for an NF4 weight W as the torch operator hangjia::nf4_linear, registered at
     first call (call it once outside compiled code first). Arguments: x (..., in; bf16), the
     packed weight, its absmax decoded to fp32 (qlora.nf4_absmax), nibble_tables(code), W's fp8
-    scale (fp8_weight_scale), out_features, fp8_in_backward. In a forward it decodes W to bf16 (one kernel at memory
-    speed, decode_nf4) and multiplies. With fp8_in_backward, when autograd's engine runs it (an
-    activation checkpoint recomputing the layer in backward) it multiplies in fp8 instead: x
-    scaled per row, W decoded straight to fp8, scaled as a whole, on the tensor cores at about
-    twice bf16's rate (H100/H200). Being one operator to the compiler, the forward and the
-    recompute are one compiled graph, so the checkpoint finds the same saved tensors in both;
-    the choice is made when it runs."""
+    scales (fp8_weight_scale), out_features, fp8_in_backward. In a forward it decodes W to
+    bf16 (one kernel at memory speed, decode_nf4) and multiplies. With fp8_in_backward, when
+    autograd's engine runs it (an activation checkpoint recomputing the layer in backward) it
+    multiplies in fp8 instead: x scaled per row, W decoded straight to fp8, scaled as a whole,
+    on the tensor cores at about twice bf16's rate (H100/H200). Being one operator to the
+    compiler, the forward and the recompute are one compiled graph, so the checkpoint finds the
+    same saved tensors in both; the choice is made when it runs."""
     if "linear" not in _ops:
         decode_op()
         _ops["linear"] = _register_linear_op()

@@ -270,10 +270,10 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool)
         """x @ W.t() for a frozen NF4 weight, the forward in bf16. With `operator`, the product
         is one operator (nf4.linear_op: decoded by a kernel at memory speed, not by the
         compiler's fusion), which with fp8_recompute runs in fp8 when an activation checkpoint
-        recomputes it in backward. With fp8_input_gradients, x's gradient
-        comes from an fp8 product (the gradient scaled per row, the weight as a whole). fp8 runs
-        on the tensor cores at about twice bf16's rate on an H100/H200, each value about 4% off.
-        Only the packed weight is saved for backward, which decodes it again."""
+        recomputes it in backward. With fp8_input_gradients, x's gradient comes from an fp8
+        product (the gradient scaled per row, the weight as a whole). fp8 runs on the tensor
+        cores at about twice bf16's rate on an H100/H200, each value about 4% off. Only the
+        packed weight is saved for backward, which decodes it again."""
 
         @staticmethod
         def forward(ctx, x, packed, quant_state):
@@ -406,7 +406,8 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
                 if isinstance(module, bnb.nn.Linear4bit):
                     if module.weight.device.type == "cpu":
                         _decode_absmax_once(module.weight.quant_state)
-                    module.forward = _compilable_4bit_forward(module, nf4 == "kernel", fp8_input_gradients, fp8_recompute)
+                    module.forward = _compilable_4bit_forward(module, nf4 == "kernel", fp8_input_gradients,
+                                                              fp8_recompute)
         handed = _hand_out_down_projection(layer) if checkpoint == "outside" and down_outside else None
         if handed is not None:
             down = layer.mlp.down_proj
