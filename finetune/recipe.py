@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("training mode: %s", mode)
     report(cfg, "mode", mode=mode, samples=len(examples), skipped=skipped, parameters=parameters, lora=lora_shape)
     if cfg.replay_own_answers and any(s.get("replay") for s in samples):
-        samples = with_own_replay_answers(cfg, model, tokenizer, samples)
+        samples = with_own_replay_answers(cfg, model, tokenizer, samples, rank, world)
         examples, _ = trainable(samples)
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -528,11 +528,16 @@ def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: in
     return BatchingEngine(decoder)
 
 
-def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[dict]) -> list[dict]:
+def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[dict], rank: int = 0,
+                            world: int = 1) -> list[dict]:
     """`samples` with each replay sample's last answer replaced by the model's own greedy answer
     to the same prompt (the adapter as it starts: the active one, or none). Replay written by
     hand pulls the answers toward its own, shorter style (the gate's keyword recall fell from
-    0.67 to 0.36 in session 11's run Q); the model's own answers keep them where they were."""
+    0.67 to 0.36 in session 11's run Q); the model's own answers keep them where they were.
+    Data parallel (`world` processes): each decodes every world-th prompt, and all of them get
+    all the answers."""
+    import torch
+
     from finetune.chat_format import render_chat
     from finetune.decoding import DecodeRequest, stop_token_ids
 
@@ -542,26 +547,37 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
             prompt = render_chat(tokenizer, sample["messages"][:-1], sample.get("tools"), add_generation_prompt=True)
             replay.setdefault(prompt, []).append(number)
     prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in replay]
+    mine = list(range(rank, len(prompts), world))
+    answers: dict[int, str | None] = {}  # prompt index -> the own answer, or None (the file's stays)
     was_training = model.training
     model.eval()
-    engine = greedy_engine(model, prompts, cfg.replay_answer_tokens, len(prompts))
-    stop = stop_token_ids(tokenizer, model)
-    kept = 0
-    out = list(samples)
     try:
-        requests = [engine.submit(DecodeRequest(p, cfg.replay_answer_tokens, adapter="default", stop_ids=stop))
-                    for p in prompts]
-        for done, (request, numbers) in enumerate(zip(requests, replay.values()), start=1):
-            answer = tokenizer.decode(request.collect(timeout=3600), skip_special_tokens=True).strip()
-            if request.finish_reason == "stop" and answer and "<tool_call>" not in answer:
-                kept += 1
-                for number in numbers:
-                    out[number] = {**samples[number], "messages": [*samples[number]["messages"][:-1],
-                                                                  {"role": "assistant", "content": answer}]}
-            report(cfg, "replay_answers", prompt=done, prompts=len(prompts))
+        if mine:
+            engine = greedy_engine(model, [prompts[i] for i in mine], cfg.replay_answer_tokens, len(mine))
+            stop = stop_token_ids(tokenizer, model)
+            try:
+                requests = [engine.submit(DecodeRequest(prompts[i], cfg.replay_answer_tokens, adapter="default",
+                                                        stop_ids=stop)) for i in mine]
+                for done, (index, request) in enumerate(zip(mine, requests), start=1):
+                    answer = tokenizer.decode(request.collect(timeout=3600), skip_special_tokens=True).strip()
+                    keep = request.finish_reason == "stop" and answer and "<tool_call>" not in answer
+                    answers[index] = answer if keep else None
+                    report(cfg, "replay_answers", prompt=done, prompts=len(mine))
+            finally:
+                engine.close()
     finally:
-        engine.close()
         model.train(was_training)
+    if world > 1:
+        shares: list[dict | None] = [None] * world
+        torch.distributed.all_gather_object(shares, answers)
+        answers = {index: answer for share in shares for index, answer in share.items()}
+    out = list(samples)
+    for index, numbers in enumerate(replay.values()):
+        if answers.get(index) is not None:
+            for number in numbers:
+                out[number] = {**samples[number], "messages": [*samples[number]["messages"][:-1],
+                                                              {"role": "assistant", "content": answers[index]}]}
+    kept = sum(answer is not None for answer in answers.values())
     log.info("replay: the model's own answers for %d of %d prompts (the others kept the file's)", kept, len(prompts))
     report(cfg, "replay_answers_done", own=kept, prompts=len(prompts))
     return out

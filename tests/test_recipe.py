@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -504,6 +505,55 @@ def test_replay_trains_on_the_models_own_answers_where_they_end_without_a_tool(e
     assert out[2] == samples[2]
     assert out[3] == samples[3]  # 48 tokens are not enough for an essay: the file's answer stays
     assert model.training  # given back as it came
+
+
+def replay_answers_in_process(rank: int, world: int, model_dir: str, samples: list[dict], out_dir: str) -> None:
+    """One data-parallel process of the test below (gloo): its replay samples, as JSON."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import recipe
+
+    decoded = []  # the prompts this process decoded itself
+    engine = recipe.greedy_engine
+    recipe.greedy_engine = lambda model, prompts, *args: decoded.extend(prompts) or engine(model, prompts, *args)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+        cfg = RecipeConfig(base_model=model_dir, dataset="", output_dir="", progress_file="/dev/null",
+                           replay_own_answers=True, replay_answer_tokens=32)
+        out = recipe.with_own_replay_answers(cfg, model, tokenizer, samples, rank, world)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"samples": out, "decoded": len(decoded)},
+                                                                ensure_ascii=False))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_processes_share_the_replay_answers_they_decode(embedded_model_dir, tmp_path):
+    """--train-gpus 2: each process decodes every other replay prompt's own answer and they
+    swap them, so both train on all the answers one process alone would have decoded."""
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.recipe import with_own_replay_answers
+
+    def asked(question):
+        return {"messages": [SYSTEM, {"role": "user", "content": question},
+                             {"role": "assistant", "content": "Written."}], "replay": True}
+
+    samples = [asked("What is the capital of France?"), asked("What is the capital of Italy?"),
+               asked("What is the capital of France?"), {"messages": asked("Hi")["messages"]}]
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).train()
+    cfg = RecipeConfig(base_model=str(embedded_model_dir), dataset="", output_dir="", progress_file="/dev/null",
+                       replay_own_answers=True, replay_answer_tokens=32)
+    alone = with_own_replay_answers(cfg, model, tokenizer, samples)
+    assert "Paris" in alone[0]["messages"][-1]["content"] and "Rome" in alone[1]["messages"][-1]["content"]
+    mp.spawn(replay_answers_in_process, args=(2, str(embedded_model_dir), samples, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):  # two distinct prompts: one decoded by each process, both answers in each
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text(encoding="utf-8"))
+        assert result == {"samples": alone, "decoded": 1}
 
 
 def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding(tiny_model_dir,
