@@ -297,7 +297,7 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool)
             grad8, grad_scale = nf4.fp8_rows(grad_output.reshape(-1, grad_output.shape[-1]))
             weight8, weight_scale = nf4_as_fp8_transposed(packed, state)
             grad = torch._scaled_mm(grad8, weight8.t(), scale_a=grad_scale, scale_b=weight_scale,
-                                    out_dtype=torch.bfloat16)
+                                    out_dtype=grad_output.dtype)
             return grad.view(*grad_output.shape[:-1], -1), None, None
 
     return Nf4Product
