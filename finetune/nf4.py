@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 16  # up to this many rows per product use the kernel; more use dequantize + matmul
 GROUP = 64  # values per absmax (bitsandbytes' default blocksize, required here)
 
-_kernels: dict[str, object] = {}
+_kernels: dict[str, object] = {}  # Triton kernels, each built at first use
 
 
 def _build_kernels() -> dict[str, object]:
@@ -90,9 +90,6 @@ def _build_kernels() -> dict[str, object]:
     return {"fixed": nf4_kernel,
             "tuned": triton.autotune(configs=configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": fits})(
                 nf4_kernel)}
-
-
-_decode_kernels: list = []
 
 
 def _build_decode_kernel():
@@ -153,7 +150,7 @@ def decode_nf4(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.T
                        fp8, transposed)
 
 
-_ops: dict[str, object] = {}
+_ops: dict[str, object] = {}  # torch operators, each registered at first use
 
 
 def decode_op():
@@ -175,11 +172,11 @@ def _register_decode_op():
 
     @torch.library.custom_op("hangjia::nf4_decode", mutates_args=(), schema=schema)
     def nf4_decode(packed, absmax, high, low, inverse_scale, out_features, in_features, fp8, transposed):
-        if not _decode_kernels:
-            _decode_kernels.append(_build_decode_kernel())
+        if "decode" not in _kernels:
+            _kernels["decode"] = _build_decode_kernel()
         out = output(packed, out_features, in_features, fp8, transposed)
         packed, absmax = packed.contiguous(), absmax.contiguous()  # (as compiled code hands them: no copy)
-        _decode_kernels[0][(out_features // DECODE_TILE[0], in_features // DECODE_TILE[1])](
+        _kernels["decode"][(out_features // DECODE_TILE[0], in_features // DECODE_TILE[1])](
             packed, absmax, high, low, inverse_scale, out, out_features, in_features,
             BLOCK_N=DECODE_TILE[0], BLOCK_K=DECODE_TILE[1], TRANSPOSED=transposed, SCALED=fp8)
         return out
@@ -230,12 +227,12 @@ def fp8_rows_now(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fp8_rows(x)
     import triton
 
-    if "fp8_rows" not in _ops:
-        _ops["fp8_rows"] = _build_fp8_rows_kernel()
+    if "fp8_rows" not in _kernels:
+        _kernels["fp8_rows"] = _build_fp8_rows_kernel()
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    _ops["fp8_rows"][(x.shape[0],)](x, out, scale, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
+    _kernels["fp8_rows"][(x.shape[0],)](x, out, scale, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
     return out, scale
 
 
@@ -320,7 +317,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, tabl
     at most MAX_ROWS rows, K a multiple of 128. The tile shape is tuned per (rows, N, K) on first
     use, unless `config` fixes it (BLOCK_N, BLOCK_K: as the tests do, which run Triton's
     interpreter on CPU)."""
-    if not _kernels:
+    if "tuned" not in _kernels:
         _kernels.update(_build_kernels())
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
