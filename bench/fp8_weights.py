@@ -45,14 +45,13 @@ def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = 
 
 
 def triton_nf4_decode(packed, state, fp8: bool = False, transposed: bool = False):
-    """finetune.nf4.decode_nf4 with what it takes computed here (absmax, tables, scale), so its
-    time counts them; returns (weight, scale), scale None for bf16."""
+    """finetune.nf4.decode_nf4 with what it takes computed here (tables, scale; the 8-bit absmax is
+    decoded inside the kernel), so its time counts them; returns (weight, scale), scale None for bf16."""
     from finetune import nf4
-    from finetune.qlora import nf4_absmax
 
-    absmax = nf4_absmax(state).contiguous()
-    scale = absmax.max().reshape(1) / FP8_MAX if fp8 else None
-    return nf4.decode_nf4(packed, absmax, nf4.nibble_tables(state.code), tuple(state.shape),
+    scales = nf4.BlockScales.of(state)
+    scale = scales.decoded().max().reshape(1) / FP8_MAX if fp8 else None
+    return nf4.decode_nf4(packed, scales, nf4.nibble_tables(state.code), tuple(state.shape),
                           fp8_inverse_scale=1 / scale if fp8 else None, transposed=transposed), scale
 
 

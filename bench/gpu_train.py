@@ -111,11 +111,23 @@ VARIANTS = {
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
         fp8_recompute=True),
     # ... and the input gradients in fp8 too: all of backward's 4-bit products in fp8. The recipe on
-    # CUDA with fp8 tensor cores (H100, H200, Ada) since session 14
+    # CUDA with fp8 tensor cores (H100, H200, Ada) since session 14; since session 15 the down
+    # projection after the checkpoint is the same product (so its input gradient is fp8 too)
     "lean-compiled-outside-kernel-down-rows2-fused-fp8": dict(
         per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
         fp8_recompute=True, fp8_input_gradients=True),
+    # ... session 14's recipe (the down projection after the checkpoint in bitsandbytes' op, bf16),
+    # with session 15's weight constants (block scales decoded in the kernel, fp8 scales once)
+    "lean-compiled-outside-kernel-down-rows2-fused-fp8-bnbdown": dict(
+        per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
+        compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
+        fp8_recompute=True, fp8_input_gradients=True, down_in_bitsandbytes=True),
+    # ... and the forward's products in fp8 too (opt-in: the loss moves by fp8's rounding)
+    "lean-compiled-outside-kernel-down-rows2-fused-fp8-forward": dict(
+        per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
+        compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
+        fp8_recompute=True, fp8_input_gradients=True, fp8_forward=True),
     # the recipe's 4,096 tokens per forward at 512-token samples: eight rows
     "lean-compiled-outside-nf4-down-rows8-fused": dict(per_forward=8, checkpointing=False, loss="fused",
                                                        host_embedding=True, optimizer="adamw8bit",
@@ -240,7 +252,9 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
         compile_decoder_layers(model, checkpoint=spec["compile_layers"], nf4=spec.get("nf4", "bitsandbytes"),
                                down_outside=spec.get("down_outside", False),
                                fp8_input_gradients=spec.get("fp8_input_gradients", False),
-                               fp8_recompute=spec.get("fp8_recompute", False))
+                               fp8_recompute=spec.get("fp8_recompute", False),
+                               fp8_forward=spec.get("fp8_forward", False),
+                               down_in_bitsandbytes=spec.get("down_in_bitsandbytes", False))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in initial_lora:
@@ -366,7 +380,7 @@ def profile_step(model, spec: dict, samples, device) -> dict:
     events = prof.key_averages()
     for event in events:
         totals[kind_of(event.key)] += (getattr(event, "self_device_time_total", 0) or 0) / 1000
-    top = sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:12]
+    top = sorted(events, key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:40]
     return {"gpu_ms_per_step": round(sum(totals.values()), 1),
             "by_kind_ms": {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
             "top_kernels": [(e.key[:70], round((getattr(e, "self_device_time_total", 0) or 0) / 1000, 1), e.count)

@@ -29,7 +29,8 @@ high nibble), one absmax per 64 consecutive values, values from a 16-entry code 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -97,18 +98,24 @@ def _build_decode_kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_decode(w_ptr, absmax_ptr, high_ptr, low_ptr, inverse_scale_ptr, out_ptr, N, K,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr, SCALED: tl.constexpr):
+    def nf4_decode(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, high_ptr, low_ptr, inverse_scale_ptr,
+                   out_ptr, N, K, BLOCK2, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr,
+                   SCALED: tl.constexpr, NESTED: tl.constexpr):
         # a tile of BLOCK_N weight rows x BLOCK_K values: its bytes read with contiguous loads, each
         # byte turned into its two values through the nibble tables, scaled by the block's absmax
-        # (and by 1/scale for fp8), stored in the weight's order or transposed (Triton moves the
-        # tile through shared memory, so the stores stay contiguous too)
+        # (decoded here when double-quantized; and by 1/scale for fp8), stored in the weight's order
+        # or transposed (Triton moves the tile through shared memory, so the stores stay contiguous)
         HALF: tl.constexpr = BLOCK_K // 2
         GROUPS: tl.constexpr = BLOCK_K // 64
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         k0 = tl.program_id(1) * BLOCK_K
         packed = tl.load(w_ptr + rows[:, None] * (K // 2) + k0 // 2 + tl.arange(0, HALF)[None, :]).to(tl.int32)
-        scales = tl.load(absmax_ptr + rows[:, None] * (K // 64) + k0 // 64 + tl.arange(0, GROUPS)[None, :])
+        blocks = rows[:, None] * (K // 64) + k0 // 64 + tl.arange(0, GROUPS)[None, :]
+        if NESTED:  # bitsandbytes' order: the 8-bit code times its block's scale, then the offset
+            codes = tl.load(absmax_ptr + blocks).to(tl.int32)
+            scales = tl.load(code2_ptr + codes) * tl.load(absmax2_ptr + blocks // BLOCK2) + tl.load(offset_ptr)
+        else:
+            scales = tl.load(absmax_ptr + blocks)
         if SCALED:
             scales = scales * tl.load(inverse_scale_ptr)
         high = tl.reshape(tl.load(high_ptr + packed), (BLOCK_N, GROUPS, 32)) * scales[:, :, None]
@@ -123,6 +130,32 @@ def _build_decode_kernel():
     return nf4_decode
 
 
+class BlockScales(NamedTuple):
+    """An NF4 weight's scale per block of 64 values as bitsandbytes keeps it: fp32 (`absmax`), or
+    double-quantized: `absmax` 8-bit indices into `code2`, times `absmax2` (one per `block2`
+    blocks), plus `offset` (1 byte per block instead of 4; decoded inside decode_nf4's kernel)."""
+    absmax: torch.Tensor
+    code2: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    block2: int = 256
+
+    @classmethod
+    def of(cls, quant_state) -> "BlockScales":
+        if not quant_state.nested:
+            return cls(quant_state.absmax.float())
+        second = quant_state.state2
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=quant_state.absmax.device)
+        return cls(quant_state.absmax, second.code.float(), second.absmax.float(), offset.reshape(1), second.blocksize)
+
+    def decoded(self) -> torch.Tensor:
+        """The scales as fp32 (torch operations, in bitsandbytes' order)."""
+        if self.code2 is None:
+            return self.absmax.float()
+        block = torch.arange(self.absmax.numel(), device=self.absmax.device) // self.block2
+        return self.code2[self.absmax.int()] * self.absmax2[block] + self.offset
+
+
 DECODE_TILE = (32, 256)  # weight rows x values per program
 
 
@@ -131,10 +164,10 @@ def decode_tiles(out_features: int, in_features: int) -> bool:
     return out_features % DECODE_TILE[0] == 0 and in_features % DECODE_TILE[1] == 0
 
 
-def decode_nf4(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+def decode_nf4(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Tensor, torch.Tensor],
                shape: tuple[int, int], fp8_inverse_scale: torch.Tensor | None = None,
                transposed: bool = False) -> torch.Tensor:
-    """An NF4 weight (out x in; absmax decoded to fp32, tables from nibble_tables) as bf16, or,
+    """An NF4 weight (out x in; tables from nibble_tables) as bf16, or,
     given `fp8_inverse_scale` (a 1-element tensor), as float8_e4m3fn of weight / scale; stored
     (out x in), or `transposed` (in x out), as the input gradient's fp8 product wants it.
     One kernel at about memory speed: for Qwen3-14B's gate/up weight 0.097 ms (bf16), 0.089 ms
@@ -146,7 +179,7 @@ def decode_nf4(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.T
         raise ValueError(f"decode_nf4 takes whole {DECODE_TILE[0]}x{DECODE_TILE[1]} tiles, not {out_features}x{in_features}")
     fp8 = fp8_inverse_scale is not None
     high, low = tables
-    return decode_op()(packed, absmax, high, low, fp8_inverse_scale if fp8 else absmax, out_features, in_features,
+    return decode_op()(packed, *scales, high, low, fp8_inverse_scale if fp8 else high, out_features, in_features,
                        fp8, transposed)
 
 
@@ -163,26 +196,32 @@ def decode_op():
 
 
 def _register_decode_op():
-    schema = ("(Tensor packed, Tensor absmax, Tensor high, Tensor low, Tensor inverse_scale, int out_features, "
-              "int in_features, bool fp8, bool transposed) -> Tensor")
+    schema = ("(Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, int block2, Tensor high, "
+              "Tensor low, Tensor inverse_scale, int out_features, int in_features, bool fp8, bool transposed) -> Tensor")
 
     def output(packed, out_features, in_features, fp8, transposed):
         return torch.empty((in_features, out_features) if transposed else (out_features, in_features),
                            dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=packed.device)
 
     @torch.library.custom_op("hangjia::nf4_decode", mutates_args=(), schema=schema)
-    def nf4_decode(packed, absmax, high, low, inverse_scale, out_features, in_features, fp8, transposed):
+    def nf4_decode(packed, absmax, code2, absmax2, offset, block2, high, low, inverse_scale, out_features, in_features,
+                   fp8, transposed):
         if "decode" not in _kernels:
             _kernels["decode"] = _build_decode_kernel()
         out = output(packed, out_features, in_features, fp8, transposed)
         packed, absmax = packed.contiguous(), absmax.contiguous()  # (as compiled code hands them: no copy)
+        nested = code2 is not None
+        # no fused multiply-add: the scale is rounded after its product, as bitsandbytes rounds it
         _kernels["decode"][(out_features // DECODE_TILE[0], in_features // DECODE_TILE[1])](
-            packed, absmax, high, low, inverse_scale, out, out_features, in_features,
-            BLOCK_N=DECODE_TILE[0], BLOCK_K=DECODE_TILE[1], TRANSPOSED=transposed, SCALED=fp8)
+            packed, absmax, code2 if nested else absmax, absmax2 if nested else absmax, offset if nested else absmax,
+            high, low, inverse_scale, out, out_features, in_features, block2,
+            BLOCK_N=DECODE_TILE[0], BLOCK_K=DECODE_TILE[1], TRANSPOSED=transposed, SCALED=fp8, NESTED=nested,
+            enable_fp_fusion=False)
         return out
 
     @nf4_decode.register_fake
-    def _(packed, absmax, high, low, inverse_scale, out_features, in_features, fp8, transposed):
+    def _(packed, absmax, code2, absmax2, offset, block2, high, low, inverse_scale, out_features, in_features, fp8,
+          transposed):
         return output(packed, out_features, in_features, fp8, transposed)
 
     return nf4_decode
@@ -237,43 +276,82 @@ def fp8_rows_now(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_weight_scale(absmax: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fp8 scale for a whole NF4 weight, its largest absmax over fp8's largest value (code
-    values are at most 1 in size), repeated per output row (1 x out) as torch._scaled_mm's
+    """One fp8 scale for a whole NF4 weight, its largest absmax (fp32) over fp8's largest value
+    (code values are at most 1 in size), repeated per output row (1 x out) as torch._scaled_mm's
     row-wise scaling wants it, and its reciprocal (1 element) for the decode."""
     scale = absmax.max().reshape(1) / FP8_MAX
     return scale.expand(1, out_features).contiguous(), 1 / scale
 
 
-def decode_nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+@dataclass
+class FrozenNF4:
+    """A frozen NF4 weight (out x in) with what its products need, computed once, not per
+    product: its block scales as bitsandbytes keeps them (decoded inside the kernel), the
+    nibble tables, and its fp8 scale, repeated per output row (the recompute's product) and per
+    input channel (the input gradient's), with its reciprocal. A weight never changes while
+    LoRA trains, and per product these were five small kernels more, about 800 of them per
+    forward at 14B."""
+    packed: torch.Tensor
+    scales: BlockScales
+    tables: tuple[torch.Tensor, torch.Tensor]
+    shape: tuple[int, int]
+    fp8_scale_rows: torch.Tensor
+    fp8_scale_channels: torch.Tensor
+    fp8_inverse_scale: torch.Tensor
+    dtype: torch.dtype  # the products' (bitsandbytes' compute dtype: bf16)
+    quant_state: object  # bitsandbytes' own, for decodes in torch operations (qlora.dequantize_nf4)
+
+    @classmethod
+    def of(cls, packed: torch.Tensor, quant_state) -> "FrozenNF4":
+        out_features, in_features = (int(side) for side in quant_state.shape)
+        scales = BlockScales.of(quant_state)
+        rows, inverse = fp8_weight_scale(scales.decoded(), out_features)
+        return cls(packed, scales, nibble_tables(quant_state.code), (out_features, in_features), rows,
+                   rows[:, :1].expand(1, in_features).contiguous(), inverse, quant_state.dtype, quant_state)
+
+    def decoded(self, fp8: bool = False, transposed: bool = False) -> torch.Tensor:
+        """The weight as bf16, or as fp8 over its scale; (out x in), or `transposed`."""
+        return decode_nf4_any(self.packed, self.scales, self.tables, self.shape,
+                              fp8_inverse_scale=self.fp8_inverse_scale if fp8 else None, transposed=transposed)
+
+    def product(self, x: torch.Tensor, fp8_in_backward: bool, fp8_in_forward: bool = False) -> torch.Tensor:
+        """x @ W.t() by the operator hangjia::nf4_linear (linear_op)."""
+        return linear_op()(x, self.packed, *self.scales, *self.tables, self.fp8_scale_rows, self.fp8_inverse_scale,
+                           self.shape[0], fp8_in_backward, fp8_in_forward)
+
+
+def decode_nf4_reference(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Tensor, torch.Tensor],
                          shape: tuple[int, int], fp8_inverse_scale: torch.Tensor | None = None,
                          transposed: bool = False) -> torch.Tensor:
     """decode_nf4 in torch operations, value for value (the scales multiplied in the kernel's
     order): for CPUs and for shapes the kernel does not take."""
     byte = packed.reshape(-1).int()
     high, low = tables
-    scales = absmax.view(-1, 1) if fp8_inverse_scale is None else absmax.view(-1, 1) * fp8_inverse_scale
-    values = (torch.stack((high[byte], low[byte]), dim=-1).view(-1, GROUP) * scales).view(shape)
+    absmax = scales.decoded().view(-1, 1)
+    absmax = absmax if fp8_inverse_scale is None else absmax * fp8_inverse_scale
+    values = (torch.stack((high[byte], low[byte]), dim=-1).view(-1, GROUP) * absmax).view(shape)
     values = values.to(torch.bfloat16 if fp8_inverse_scale is None else torch.float8_e4m3fn)
     return values.t().contiguous() if transposed else values
 
 
-def decode_nf4_any(packed: torch.Tensor, absmax: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+def decode_nf4_any(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Tensor, torch.Tensor],
                    shape: tuple[int, int], fp8_inverse_scale: torch.Tensor | None = None,
                    transposed: bool = False) -> torch.Tensor:
     """decode_nf4 where the kernel takes it (CUDA, whole tiles), else decode_nf4_reference."""
     decode = decode_nf4 if packed.is_cuda and decode_tiles(*shape) else decode_nf4_reference
-    return decode(packed, absmax, tables, shape, fp8_inverse_scale=fp8_inverse_scale, transposed=transposed)
+    return decode(packed, scales, tables, shape, fp8_inverse_scale=fp8_inverse_scale, transposed=transposed)
 
 
 def linear_op():
     """x @ W.t() for an NF4 weight W as the torch operator hangjia::nf4_linear, registered at
-    first call (call it once outside compiled code first). Arguments: x (..., in; bf16), the
-    packed weight, its absmax decoded to fp32 (qlora.nf4_absmax), nibble_tables(code), W's fp8
-    scales (fp8_weight_scale), out_features, fp8_in_backward. In a forward it decodes W to
-    bf16 (one kernel at memory speed, decode_nf4) and multiplies. With fp8_in_backward, when
-    autograd's engine runs it (an activation checkpoint recomputing the layer in backward) it
-    multiplies in fp8 instead: x scaled per row, W decoded straight to fp8, scaled as a whole,
-    on the tensor cores at about twice bf16's rate (H100/H200). Being one operator to the
+    first call (call it once outside compiled code first; FrozenNF4.product calls it).
+    Arguments: x (..., in; bf16), the packed weight, its BlockScales' fields, nibble_tables(code),
+    W's fp8 scales (fp8_weight_scale), out_features, fp8_in_backward, fp8_in_forward. In a forward
+    it decodes W to bf16 (one kernel at memory speed, decode_nf4) and multiplies. With
+    fp8_in_backward, when autograd's engine runs it (an activation checkpoint recomputing the
+    layer in backward) it multiplies in fp8 instead: x scaled per row, W decoded straight to fp8,
+    scaled as a whole, on the tensor cores at about twice bf16's rate (H100/H200); with
+    fp8_in_forward, always (the loss then moves by fp8's rounding). Being one operator to the
     compiler, the forward and the recompute are one compiled graph, so the checkpoint finds the
     same saved tensors in both; the choice is made when it runs."""
     if "linear" not in _ops:
@@ -283,23 +361,26 @@ def linear_op():
 
 
 def _register_linear_op():
-    schema = ("(Tensor x, Tensor packed, Tensor absmax, Tensor high, Tensor low, Tensor fp8_scale, "
-              "Tensor fp8_inverse_scale, int out_features, bool fp8_in_backward) -> Tensor")
+    schema = ("(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, int block2, "
+              "Tensor high, Tensor low, Tensor fp8_scale, Tensor fp8_inverse_scale, int out_features, "
+              "bool fp8_in_backward, bool fp8_in_forward) -> Tensor")
 
     @torch.library.custom_op("hangjia::nf4_linear", mutates_args=(), schema=schema)
-    def nf4_linear(x, packed, absmax, high, low, fp8_scale, fp8_inverse_scale, out_features, fp8_in_backward):
+    def nf4_linear(x, packed, absmax, code2, absmax2, offset, block2, high, low, fp8_scale, fp8_inverse_scale,
+                   out_features, fp8_in_backward, fp8_in_forward):
         rows = x.reshape(-1, x.shape[-1])
-        shape = (out_features, x.shape[-1])
-        if fp8_in_backward and torch._C._current_graph_task_id() != -1:  # recomputed in backward
+        shape, scales = (out_features, x.shape[-1]), BlockScales(absmax, code2, absmax2, offset, block2)
+        if fp8_in_forward or (fp8_in_backward and torch._C._current_graph_task_id() != -1):  # (-1: not in backward)
             rows8, row_scale = fp8_rows_now(rows)
-            weight8 = decode_nf4_any(packed, absmax, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale)
+            weight8 = decode_nf4_any(packed, scales, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale)
             out = torch._scaled_mm(rows8, weight8.t(), scale_a=row_scale, scale_b=fp8_scale, out_dtype=x.dtype)
         else:
-            out = rows @ decode_nf4_any(packed, absmax, (high, low), shape).to(x.dtype).t()
+            out = rows @ decode_nf4_any(packed, scales, (high, low), shape).to(x.dtype).t()
         return out.view(*x.shape[:-1], out_features)
 
     @nf4_linear.register_fake
-    def _(x, packed, absmax, high, low, fp8_scale, fp8_inverse_scale, out_features, fp8_in_backward):
+    def _(x, packed, absmax, code2, absmax2, offset, block2, high, low, fp8_scale, fp8_inverse_scale, out_features,
+          fp8_in_backward, fp8_in_forward):
         return x.new_empty(*x.shape[:-1], out_features)
 
     return nf4_linear

@@ -231,14 +231,9 @@ def nf4_codes(packed, quant_state):
 def nf4_absmax(quant_state):
     """The NF4 weight's scale per block of `blocksize` values, fp32; double-quantized absmax
     (8-bit, one fp32 scale per 256, plus an offset) decoded."""
-    import torch
+    from finetune import nf4
 
-    absmax = quant_state.absmax
-    if quant_state.nested:
-        second = quant_state.state2
-        block = torch.arange(absmax.numel(), device=absmax.device) // second.blocksize
-        absmax = second.code[absmax.int()] * second.absmax[block] + quant_state.offset
-    return absmax.float()
+    return nf4.BlockScales.of(quant_state).decoded()
 
 
 def nf4_as_fp8_transposed(packed, quant_state):
@@ -250,16 +245,12 @@ def nf4_as_fp8_transposed(packed, quant_state):
     CUDA one Triton kernel (finetune.nf4.decode_nf4); elsewhere torch operations."""
     from finetune import nf4
 
-    out_features, in_features = quant_state.shape
-    absmax = nf4_absmax(quant_state)
-    per_channel, inverse_scale = nf4.fp8_weight_scale(absmax, in_features)
-    weight8 = nf4.decode_nf4_any(packed, absmax, nf4.nibble_tables(quant_state.code), (out_features, in_features),
-                                 fp8_inverse_scale=inverse_scale, transposed=True)
-    return weight8, per_channel
+    frozen = nf4.FrozenNF4.of(packed, quant_state)
+    return frozen.decoded(fp8=True, transposed=True), frozen.fp8_scale_channels
 
 
 @functools.cache  # the class is made at first use: torch is imported then, not with this module
-def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool):
+def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool, fp8_forward: bool = False):
     import torch
 
     from finetune import nf4
@@ -267,36 +258,37 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool)
     nf4.linear_op()  # the operators registered here, outside compiled code, for compiled code to call
 
     class Nf4Product(torch.autograd.Function):
-        """x @ W.t() for a frozen NF4 weight, the forward in bf16. With `operator`, the product
-        is one operator (nf4.linear_op: decoded by a kernel at memory speed, not by the
-        compiler's fusion), which with fp8_recompute runs in fp8 when an activation checkpoint
-        recomputes it in backward. With fp8_input_gradients, x's gradient comes from an fp8
-        product (the gradient scaled per row, the weight as a whole). fp8 runs on the tensor
-        cores at about twice bf16's rate on an H100/H200, each value about 4% off. Only the
-        packed weight is saved for backward, which decodes it again."""
+        """x @ W.t() for a frozen NF4 weight (nf4.FrozenNF4), the forward in bf16. With
+        `operator`, the product is one operator (nf4.linear_op: decoded by a kernel at memory
+        speed, not by the compiler's fusion), which with fp8_recompute runs in fp8 when an
+        activation checkpoint recomputes it in backward. With fp8_input_gradients, x's gradient
+        comes from an fp8 product (the gradient scaled per row, the weight as a whole). With
+        fp8_forward (and `operator`), the forward too: the loss then moves by fp8's rounding.
+        fp8 runs on the tensor cores at about twice bf16's rate on an H100/H200, each value about
+        4% off. Only the packed weight is saved for backward, which decodes it again."""
 
         @staticmethod
-        def forward(ctx, x, packed, quant_state):
+        def forward(ctx, x, packed, frozen):
             ctx.save_for_backward(packed)
-            ctx.quant_state = quant_state
-            x = x.to(quant_state.dtype)
-            if operator:  # (the scales computed here, in the compiled graph, fused)
-                absmax, out_features = nf4_absmax(quant_state), quant_state.shape[0]
-                return nf4.linear_op()(x, packed, absmax, *nf4.nibble_tables(quant_state.code),
-                                       *nf4.fp8_weight_scale(absmax, out_features), out_features, fp8_recompute)
-            return x @ dequantize_nf4(packed, quant_state).t()
+            ctx.frozen = frozen
+            x = x.to(frozen.dtype)
+            if operator:
+                return frozen.product(x, fp8_recompute, fp8_forward)
+            return x @ dequantize_nf4(packed, frozen.quant_state).t()
 
         @staticmethod
         def backward(ctx, grad_output):
             (packed,) = ctx.saved_tensors
-            state = ctx.quant_state
+            frozen = ctx.frozen
             if not fp8_input_gradients:
-                weight = (nf4.decode_nf4_any(packed, nf4_absmax(state), nf4.nibble_tables(state.code),
-                                             tuple(state.shape)) if operator else dequantize_nf4(packed, state))
-                return grad_output.to(state.dtype) @ weight.to(state.dtype), None, None
-            grad8, grad_scale = nf4.fp8_rows(grad_output.reshape(-1, grad_output.shape[-1]))
-            weight8, weight_scale = nf4_as_fp8_transposed(packed, state)
-            grad = torch._scaled_mm(grad8, weight8.t(), scale_a=grad_scale, scale_b=weight_scale,
+                weight = frozen.decoded() if operator else dequantize_nf4(packed, frozen.quant_state)
+                return grad_output.to(frozen.dtype) @ weight.to(frozen.dtype), None, None
+            rows = grad_output.reshape(-1, grad_output.shape[-1])
+            # compiled, the torch operations fuse; eager (the down projection after the
+            # checkpoint), one Triton kernel instead of their five passes
+            grad8, grad_scale = nf4.fp8_rows(rows) if torch.compiler.is_compiling() else nf4.fp8_rows_now(rows)
+            weight8 = frozen.decoded(fp8=True, transposed=True)
+            grad = torch._scaled_mm(grad8, weight8.t(), scale_a=grad_scale, scale_b=frozen.fp8_scale_channels,
                                     out_dtype=grad_output.dtype)
             return grad.view(*grad_output.shape[:-1], -1), None, None
 
@@ -304,24 +296,28 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool)
 
 
 def _compilable_4bit_forward(linear, operator: bool = False, fp8_input_gradients: bool = False,
-                             fp8_recompute: bool = False):
+                             fp8_recompute: bool = False, fp8_forward: bool = False):
     """A forward for a bitsandbytes Linear4bit that torch.compile can see into: the NF4
     dequantization fused into one generated kernel and a plain matmul, instead of
     bitsandbytes' ops, each a Python call into its library (a compiled 14B step's wall time
     exceeded its GPU time by 0.8 s with them, by 0.3 s without). `operator`: the product as one
     operator that decodes with a kernel of its own; `fp8_input_gradients`, `fp8_recompute`: those
-    parts of backward in fp8 (_nf4_product). The forward, and so the loss, stay as without."""
+    parts of backward in fp8 (_nf4_product). The forward, and so the loss, stay as without,
+    unless `fp8_forward`."""
     import torch.nn.functional as F
 
+    from finetune import nf4
+
     if linear.in_features % 16 or linear.out_features % 16:  # fp8 products take multiples of 16 only
-        fp8_input_gradients = fp8_recompute = False
+        fp8_input_gradients = fp8_recompute = fp8_forward = False
     own = (operator or fp8_input_gradients) and linear.bias is None
-    product = _nf4_product(operator, fp8_recompute, fp8_input_gradients) if own else None  # (made here: not traced)
+    product = _nf4_product(operator, fp8_recompute, fp8_input_gradients, fp8_forward and operator) if own else None
+    frozen = nf4.FrozenNF4.of(linear.weight.data, linear.weight.quant_state) if own else None
 
     def forward(x):
         weight = linear.weight
         if product is not None:
-            return product.apply(x, weight.data, weight.quant_state).to(x.dtype)
+            return product.apply(x, weight.data, frozen).to(x.dtype)
         out = F.linear(x.to(weight.quant_state.dtype), dequantize_nf4(weight.data, weight.quant_state), linear.bias)
         return out.to(x.dtype)
 
@@ -360,7 +356,8 @@ def _decode_absmax_once(quant_state) -> None:
 
 def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes", backend="inductor",
                            down_outside: bool = False, fp8_input_gradients: bool = False,
-                           fp8_recompute: bool = False) -> int:
+                           fp8_recompute: bool = False, fp8_forward: bool = False,
+                           down_in_bitsandbytes: bool = False) -> int:
     """Compile every decoder layer and keep its activation checkpoint; returns the layers
     compiled. Eager, a 2,048-token step at 14B spends 1.3 of its 3.7 s of GPU time in small
     elementwise kernels (norms in fp32, the rotation, SiLU x up, LoRA's dropout and scaling);
@@ -372,11 +369,14 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     (dequantize_nf4) instead of calling bitsandbytes; nf4="kernel": each 4-bit product is one
     operator that decodes in a Triton kernel (nf4.linear_op). With `fp8_input_gradients` too,
     those layers' input gradients come from fp8 products; with nf4="kernel" and `fp8_recompute`
-    the checkpoint's recompute runs them in fp8 (_nf4_product). A layer compiled
-    under transformers' own checkpointing escapes it: nothing is recomputed and the memory grows (README,
-    Performance). down_outside (with checkpoint="outside"): a frozen down_proj runs after the
-    checkpointed part, in bitsandbytes' op, which saves only the 4-bit weight; backward then
-    recomputes the layer without it, a quarter of its products. A layer the compiler fails on
+    the checkpoint's recompute runs them in fp8, and with `fp8_forward` the forward too
+    (_nf4_product). A layer compiled under transformers' own checkpointing escapes it: nothing is
+    recomputed and the memory grows (README, Performance). down_outside (with
+    checkpoint="outside"): a frozen down_proj runs after the checkpointed part, eagerly, which
+    saves only the 4-bit weight; backward then recomputes the layer without it, a quarter of its
+    products. With nf4="kernel" it is the same product as the layer's others (so its input
+    gradient is fp8 too with fp8_input_gradients), else, or with `down_in_bitsandbytes`,
+    bitsandbytes' op (dequantize + matmul, bf16). A layer the compiler fails on
     (an old GPU, no working Triton) runs eagerly, with torch's warning: a nightly refresh must
     not fail for want of a faster path."""
     import torch
@@ -391,6 +391,8 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
     if fp8_recompute and (nf4 != "kernel" or checkpoint != "outside"):
         raise ValueError("fp8_recompute needs nf4='kernel' and checkpoint='outside' (an eager checkpoint that "
                          "recomputes in backward)")
+    if fp8_forward and nf4 != "kernel":
+        raise ValueError("fp8_forward needs nf4='kernel'")
     causal_lm = causal_lm_of(model)
     causal_lm.gradient_checkpointing_disable()  # ours replaces transformers' checkpoint
     torch._dynamo.config.suppress_errors = True  # compile errors: the eager layer instead
@@ -407,10 +409,13 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
                     if module.weight.device.type == "cpu":
                         _decode_absmax_once(module.weight.quant_state)
                     module.forward = _compilable_4bit_forward(module, nf4 == "kernel", fp8_input_gradients,
-                                                              fp8_recompute)
+                                                              fp8_recompute, fp8_forward)
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        own_down_forward = down.__dict__.get("forward") if down is not None and nf4 == "kernel" else None
         handed = _hand_out_down_projection(layer) if checkpoint == "outside" and down_outside else None
         if handed is not None:
-            down = layer.mlp.down_proj
+            if own_down_forward is None or down_in_bitsandbytes:
+                own_down_forward = functools.partial(type(down).forward, down)  # the class's own: bitsandbytes'
 
             def front(*args, _forward=layer.forward, _handed=handed, **kwargs):  # the layer up to down_proj's input
                 residual = _forward(*args, **kwargs)
@@ -418,9 +423,9 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
 
             compiled_front = torch.compile(front, backend=backend)
 
-            def checkpointed_then_down(*args, _front=compiled_front, _down=down, **kwargs):
+            def checkpointed_then_down(*args, _front=compiled_front, _down=own_down_forward, **kwargs):
                 residual, product = torch.utils.checkpoint.checkpoint(_front, *args, use_reentrant=False, **kwargs)
-                return residual + type(_down).forward(_down, product)  # the class's own forward
+                return residual + _down(product)
 
             layer.forward = checkpointed_then_down
             continue

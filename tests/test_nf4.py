@@ -62,19 +62,19 @@ def product_operator_check(device: str, out_features: int, in_features: int):
     backward) the fp8 product, near and not equal; without fp8_in_backward, bf16 there too."""
     import bitsandbytes.functional as F
 
-    from finetune import nf4, qlora
+    from finetune import nf4
 
     torch.manual_seed(0)
     weight = (torch.randn(out_features, in_features) * 0.02).to(torch.bfloat16).to(device)
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
-    absmax, tables = qlora.nf4_absmax(state), nf4.nibble_tables(state.code)
+    frozen = nf4.FrozenNF4.of(packed, state)  # the 8-bit absmax kept: decoded by the kernel on CUDA
+    assert frozen.scales.code2 is not None
     weight = F.dequantize_4bit(packed, state)
     x = torch.randn(3, 5, in_features, dtype=torch.bfloat16, device=device)
     want = x @ weight.t()
 
     def product(fp8_in_backward):
-        return nf4.linear_op()(x, packed, absmax, *tables, *nf4.fp8_weight_scale(absmax, out_features), out_features,
-                               fp8_in_backward)
+        return frozen.product(x, fp8_in_backward)
 
     assert torch.equal(product(True), want) and torch.equal(product(False), want)
     in_backward = {}
@@ -99,12 +99,14 @@ def product_operator_check(device: str, out_features: int, in_features: int):
 def test_product_operator_is_bf16_in_a_forward_and_fp8_when_autograd_recomputes_it():
     """The refresh's 4-bit product with fp8_recompute (product_operator_check), in the torch
     decode CPUs use, which must be bitsandbytes' weight exactly, transposed too."""
-    from finetune import nf4, qlora
+    from finetune import nf4
 
     packed, state, weight = product_operator_check("cpu", 96, 256)
-    absmax, tables = qlora.nf4_absmax(state), nf4.nibble_tables(state.code)
-    assert torch.equal(nf4.decode_nf4_reference(packed, absmax, tables, (96, 256)), weight)
-    assert torch.equal(nf4.decode_nf4_reference(packed, absmax, tables, (96, 256), transposed=True), weight.t())
+    scales, tables = nf4.BlockScales.of(state), nf4.nibble_tables(state.code)
+    bitsandbytes_absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    assert torch.equal(scales.decoded(), bitsandbytes_absmax)
+    assert torch.equal(nf4.decode_nf4_reference(packed, scales, tables, (96, 256)), weight)
+    assert torch.equal(nf4.decode_nf4_reference(packed, scales, tables, (96, 256), transposed=True), weight.t())
 
 
 @pytest.mark.gpu
@@ -168,16 +170,18 @@ import sys, torch, bitsandbytes.functional as F
 sys.path.insert(0, {root!r})
 from finetune import nf4, qlora
 for nested in (False, True):
-    weight = torch.randn(64, 512, dtype=torch.bfloat16) * 3
+    # 64 x 1,024: 1,024 blocks of 64, so a double-quantized absmax has four blocks of 256 to decode
+    weight = torch.randn(64, 1024, dtype=torch.bfloat16) * torch.logspace(-2, 1, 64)[:, None]
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=nested)
-    absmax, tables = qlora.nf4_absmax(state).contiguous(), nf4.nibble_tables(state.code)
+    scales, tables = nf4.BlockScales.of(state), nf4.nibble_tables(state.code)
+    assert (scales.code2 is not None) == nested  # the 8-bit absmax goes to the kernel as it is
     want = F.dequantize_4bit(packed, state).float()
     # the interpreter rounds to bf16 and fp8 toward zero (numpy), a GPU to nearest: one step apart
-    got = nf4.decode_nf4(packed, absmax, tables, (64, 512)).float()
+    got = nf4.decode_nf4(packed, scales, tables, (64, 1024)).float()
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
-    assert torch.equal(nf4.decode_nf4(packed, absmax, tables, (64, 512), transposed=True).float(), got.t())
+    assert torch.equal(nf4.decode_nf4(packed, scales, tables, (64, 1024), transposed=True).float(), got.t())
     weight8, per_channel = qlora.nf4_as_fp8_transposed(packed, state)  # on CPU: torch operations
-    got8 = nf4.decode_nf4(packed, absmax, tables, (64, 512), fp8_inverse_scale=1 / per_channel[:, :1].reshape(1),
+    got8 = nf4.decode_nf4(packed, scales, tables, (64, 1024), fp8_inverse_scale=1 / per_channel[:, :1].reshape(1),
                           transposed=True).float()
     # the interpreter's fp8 rounding is its own: at most one fp8 step off, or, losing the carry
     # into the exponent, half a power of two (64 for a value just under 128); the GPU test
@@ -194,10 +198,10 @@ nf4._build_fp8_rows_kernel()[(6,)](x, rows8, row_scale, 300, BLOCK=512)
 want8, want_scale = nf4.fp8_rows(x)
 assert torch.equal(row_scale, want_scale) and near(rows8.float(), want8.float())
 # as compiled code calls it (a layer's backward): one operator, no graph break
-compiled = torch.compile(lambda *args: nf4.decode_op()(*args, 64, 512, True, True), fullgraph=True)
-assert torch.equal(compiled(packed, absmax, *tables, 1 / per_channel[:, :1].reshape(1)).float(), got8)
+compiled = torch.compile(lambda *args: nf4.decode_op()(*args, 64, 1024, True, True), fullgraph=True)
+assert torch.equal(compiled(packed, *scales, *tables, 1 / per_channel[:, :1].reshape(1)).float(), got8)
 try:
-    nf4.decode_nf4(packed, absmax, tables, (80, 512))
+    nf4.decode_nf4(packed, scales, tables, (80, 1024))
 except ValueError as exc:
     print("refused:", exc)
 print("decode ok")
@@ -211,7 +215,7 @@ def test_nf4_decode_kernel_gives_bitsandbytes_weights_in_bf16_and_fp8_and_transp
     must give bitsandbytes' weight (to the interpreter's rounding); shapes that are not whole
     tiles are refused. A process of its own: the interpreter must be on before triton loads."""
     result = interpreted(DECODE_CHECK)
-    assert "refused: decode_nf4 takes whole 32x256 tiles, not 80x512" in result.stdout
+    assert "refused: decode_nf4 takes whole 32x256 tiles, not 80x1024" in result.stdout
     assert "decode ok" in result.stdout
 
 
@@ -223,13 +227,13 @@ def test_nf4_decode_kernel_is_bitsandbytes_bit_for_bit_on_gpu():
 
     weight = (torch.randn(17408, 5120) * 0.02).to(torch.bfloat16).cuda()
     packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=True)
-    absmax, tables = qlora.nf4_absmax(state).contiguous(), nf4.nibble_tables(state.code)
-    assert torch.equal(nf4.decode_nf4(packed, absmax, tables, (17408, 5120)), bnb.functional.dequantize_4bit(
+    scales, tables = nf4.BlockScales.of(state), nf4.nibble_tables(state.code)  # the absmax decoded in the kernel
+    assert torch.equal(nf4.decode_nf4(packed, scales, tables, (17408, 5120)), bnb.functional.dequantize_4bit(
         packed, state))
     weight8, per_channel = qlora.nf4_as_fp8_transposed(packed, state)  # the kernel on CUDA
-    scale = absmax.max().reshape(1) / nf4.FP8_MAX
+    scale = qlora.nf4_absmax(state).max().reshape(1) / nf4.FP8_MAX
     assert torch.equal(per_channel, scale.expand(1, 5120))
-    want8 = nf4.decode_nf4_reference(packed, absmax, tables, (17408, 5120), fp8_inverse_scale=1 / scale,
+    want8 = nf4.decode_nf4_reference(packed, scales, tables, (17408, 5120), fp8_inverse_scale=1 / scale,
                                      transposed=True)
     assert torch.equal(weight8.float(), want8.float())
 

@@ -603,6 +603,14 @@ def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding
     fp8_loss, fp8_grads = loss_and_grads(0.0, fp8_input_gradients=True)
     assert fp8_loss == loss
     assert 1e-4 < moved(grads, fp8_grads) < 0.1, moved(grads, fp8_grads)
+    # the down projection after the checkpoint is the layers' own product, so its input gradient
+    # is fp8 too: in bitsandbytes' op instead (bf16), the loss stays and the gradients move
+    bnb_down_loss, bnb_down_grads = loss_and_grads(0.0, fp8_input_gradients=True, down_in_bitsandbytes=True)
+    assert bnb_down_loss == loss
+    assert 1e-4 < moved(fp8_grads, bnb_down_grads) < 0.1, moved(fp8_grads, bnb_down_grads)
+    # fp8 in the forward too (opt-in): the loss itself moves, by fp8's rounding
+    forward_loss, _ = loss_and_grads(0.0, fp8_input_gradients=True, fp8_recompute=True, fp8_forward=True)
+    assert forward_loss != loss and abs(forward_loss - loss) / loss < 0.01, (forward_loss, loss)
     # with dropout: the recompute in fp8 too, one graph with the run before, so the same masks;
     # had the recompute drawn other masks than the forward, the gradients would move far more
     # (other masks move them by about 0.35 here; the fp8 recompute by about 0.03)
@@ -614,6 +622,8 @@ def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding
         qlora.compile_decoder_layers(torch.nn.Module(), nf4="bitsandbytes", fp8_input_gradients=True)
     with pytest.raises(ValueError, match="fp8_recompute needs nf4='kernel' and checkpoint='outside'"):
         qlora.compile_decoder_layers(torch.nn.Module(), nf4="kernel", checkpoint="inside", fp8_recompute=True)
+    with pytest.raises(ValueError, match="fp8_forward needs nf4='kernel'"):
+        qlora.compile_decoder_layers(torch.nn.Module(), nf4="torch", fp8_forward=True)
 
 
 def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_config_restored):
