@@ -199,32 +199,41 @@ def _register_decode_op():
     schema = ("(Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, int block2, Tensor high, "
               "Tensor low, Tensor inverse_scale, int out_features, int in_features, bool fp8, bool transposed) -> Tensor")
 
-    def output(packed, out_features, in_features, fp8, transposed):
-        return torch.empty((in_features, out_features) if transposed else (out_features, in_features),
-                           dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=packed.device)
-
     @torch.library.custom_op("hangjia::nf4_decode", mutates_args=(), schema=schema)
     def nf4_decode(packed, absmax, code2, absmax2, offset, block2, high, low, inverse_scale, out_features, in_features,
                    fp8, transposed):
-        if "decode" not in _kernels:
-            _kernels["decode"] = _build_decode_kernel()
-        out = output(packed, out_features, in_features, fp8, transposed)
-        packed, absmax = packed.contiguous(), absmax.contiguous()  # (as compiled code hands them: no copy)
-        nested = code2 is not None
-        # no fused multiply-add: the scale is rounded after its product, as bitsandbytes rounds it
-        _kernels["decode"][(out_features // DECODE_TILE[0], in_features // DECODE_TILE[1])](
-            packed, absmax, code2 if nested else absmax, absmax2 if nested else absmax, offset if nested else absmax,
-            high, low, inverse_scale, out, out_features, in_features, block2,
-            BLOCK_N=DECODE_TILE[0], BLOCK_K=DECODE_TILE[1], TRANSPOSED=transposed, SCALED=fp8, NESTED=nested,
-            enable_fp_fusion=False)
-        return out
+        return _decode_now(packed, BlockScales(absmax, code2, absmax2, offset, block2), (high, low),
+                           (out_features, in_features), inverse_scale if fp8 else None, transposed)
 
     @nf4_decode.register_fake
     def _(packed, absmax, code2, absmax2, offset, block2, high, low, inverse_scale, out_features, in_features, fp8,
           transposed):
-        return output(packed, out_features, in_features, fp8, transposed)
+        return torch.empty((in_features, out_features) if transposed else (out_features, in_features),
+                           dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=packed.device)
 
     return nf4_decode
+
+
+def _decode_now(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Tensor, torch.Tensor],
+                shape: tuple[int, int], fp8_inverse_scale: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """decode_nf4's kernel launched from eager code (the decode operator, and the product
+    operator, which calls it directly: an operator inside an operator costs the host a
+    dispatch)."""
+    if "decode" not in _kernels:
+        _kernels["decode"] = _build_decode_kernel()
+    out_features, in_features = shape
+    fp8, nested = fp8_inverse_scale is not None, scales.code2 is not None
+    out = torch.empty((in_features, out_features) if transposed else (out_features, in_features),
+                      dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=packed.device)
+    packed, absmax = packed.contiguous(), scales.absmax.contiguous()  # (as compiled code hands them: no copy)
+    high, low = tables
+    # no fused multiply-add: the scale is rounded after its product, as bitsandbytes rounds it
+    _kernels["decode"][(out_features // DECODE_TILE[0], in_features // DECODE_TILE[1])](
+        packed, absmax, scales.code2 if nested else absmax, scales.absmax2 if nested else absmax,
+        scales.offset if nested else absmax, high, low, fp8_inverse_scale if fp8 else high, out, out_features,
+        in_features, scales.block2, BLOCK_N=DECODE_TILE[0], BLOCK_K=DECODE_TILE[1], TRANSPOSED=transposed,
+        SCALED=fp8, NESTED=nested, enable_fp_fusion=False)
+    return out
 
 
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
@@ -244,34 +253,47 @@ def _build_fp8_rows_kernel():
 
     @triton.jit
     def fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, BLOCK: tl.constexpr):
-        # one program per row: its largest magnitude, then the row over it, in fp8 (fp8_rows'
-        # arithmetic, the division rounded as IEEE's)
+        # one program per row, BLOCK columns at a time: its largest magnitude, then the row over
+        # it, in fp8 (fp8_rows' arithmetic, the division rounded as IEEE's). The second pass
+        # reads the row again, from L2 (a row is 10-35 KB)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30) / 448.0
+        largest = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * K + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            largest = tl.maximum(largest, tl.abs(x))
+        scale = tl.maximum(tl.max(largest, axis=0), 1e-30) / 448.0
         tl.store(scale_ptr + row, scale)
-        tl.store(out_ptr + row * K + cols, tl.math.div_rn(x, scale).to(out_ptr.dtype.element_ty), mask=cols < K)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * K + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * K + k0 + cols, tl.math.div_rn(x, scale).to(out_ptr.dtype.element_ty),
+                     mask=k0 + cols < K)
 
     return fp8_rows_kernel
 
 
-FP8_ROWS_MAX_K = 32768  # a row is one program's block
+def _tuned_fp8_rows_kernel():
+    """The row kernel with its block and warps timed at first use per row width (Triton's
+    autotune: about a second, once per width; a row of 5,120 and one of 17,408 at 14B). One
+    whole row per program in 4 warps, as until now, read at about 1 TB/s on an H200."""
+    import triton
+
+    configs = [triton.Config({"BLOCK": block}, num_warps=warps)
+               for block in (1024, 2048, 4096) for warps in (4, 8, 16) if block // (32 * warps) >= 4]
+    return triton.autotune(configs=configs, key=["K"])(_build_fp8_rows_kernel())
 
 
 def fp8_rows_now(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8_rows in one Triton kernel on CUDA (eager code: the operator below, where nothing
     fuses the torch operations' five passes over x); elsewhere fp8_rows."""
-    if not x.is_cuda or x.shape[-1] > FP8_ROWS_MAX_K:
+    if not x.is_cuda:
         return fp8_rows(x)
-    import triton
-
     if "fp8_rows" not in _kernels:
-        _kernels["fp8_rows"] = _build_fp8_rows_kernel()
+        _kernels["fp8_rows"] = _tuned_fp8_rows_kernel()
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-    _kernels["fp8_rows"][(x.shape[0],)](x, out, scale, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
+    _kernels["fp8_rows"][(x.shape[0],)](x, out, scale, x.shape[1])
     return out, scale
 
 
@@ -370,12 +392,14 @@ def _register_linear_op():
                    out_features, fp8_in_backward, fp8_in_forward):
         rows = x.reshape(-1, x.shape[-1])
         shape, scales = (out_features, x.shape[-1]), BlockScales(absmax, code2, absmax2, offset, block2)
+        decode = _decode_now if packed.is_cuda and decode_tiles(*shape) else decode_nf4_reference
         if fp8_in_forward or (fp8_in_backward and torch._C._current_graph_task_id() != -1):  # (-1: not in backward)
             rows8, row_scale = fp8_rows_now(rows)
-            weight8 = decode_nf4_any(packed, scales, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale)
+            weight8 = decode(packed, scales, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale, transposed=False)
             out = torch._scaled_mm(rows8, weight8.t(), scale_a=row_scale, scale_b=fp8_scale, out_dtype=x.dtype)
         else:
-            out = rows @ decode_nf4_any(packed, scales, (high, low), shape).to(x.dtype).t()
+            out = rows @ decode(packed, scales, (high, low), shape, fp8_inverse_scale=None, transposed=False).to(
+                x.dtype).t()
         return out.view(*x.shape[:-1], out_features)
 
     @nf4_linear.register_fake
