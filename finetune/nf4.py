@@ -18,9 +18,10 @@ for all rows. At 14B on an H200 it reaches up to 740 GB/s against bitsandbytes' 
 opt-in (README, Performance).
 
 `decode_nf4` decodes a whole weight in one Triton kernel, to bf16 or fp8, transposed or not, at
-about memory speed. `linear_op` (the torch operator hangjia::nf4_linear) is a 4-bit product that
-compiled training layers call: bf16 in the forward, and, asked to, fp8 when an activation
-checkpoint recomputes it in backward (qlora._nf4_product).
+about memory speed, its 8-bit (double-quantized) block scales decoded inside it. `linear_op` (the
+torch operator hangjia::nf4_linear) is a 4-bit product that compiled training layers call: bf16
+in the forward, and, asked to, fp8 when an activation checkpoint recomputes it in backward
+(qlora._nf4_product). `FrozenNF4` holds what a frozen weight's products need, computed once.
 
 bitsandbytes' layout: weight (out, in) row-major, two values per byte (the even index in the
 high nibble), one absmax per 64 consecutive values, values from a 16-entry code (NF4).

@@ -51,7 +51,8 @@ class Hyperparameters:
     compile_min_tokens: int = 500_000  # tokens one process trains (epochs x its samples' tokens)
     # With compiled layers on a GPU with fp8 tensor cores (compute capability 8.9+): backward's
     # 4-bit products (the checkpoint's recompute, the input gradients) in fp8, the forward and
-    # so the loss in bf16. +6% at 14B, losses within 0.001 of bf16's (README, Performance).
+    # so the loss in bf16. +18% at 14B (2.3-2.5x the stock recipe), losses within 0.001 of bf16's
+    # (README, Performance, sessions 14-15).
     fp8_backward: bool = True
     eval_max_new_tokens: int = 96
     guided_tool_calls: bool = True  # evaluation decodes tool calls as serving does (finetune/guided.py)
@@ -425,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         # (bench/gpu_train.py, variant "lean-compiled-outside-nf4"); compiled at the first steps.
         # The frozen down projection runs outside the recomputed part: +10% at 14B (README,
         # Performance, session 12). fp8 in backward: each 4-bit product one operator that
-        # decodes in a kernel of its own and multiplies in fp8 when recomputed (session 14).
+        # decodes in a kernel of its own and multiplies in fp8 when recomputed (session 14), the
+        # down projection after the checkpoint too, its weights' constants computed once (session 15).
         compile_decoder_layers(model, checkpoint="outside", nf4="kernel" if fp8_backward else "torch",
                                down_outside=True, fp8_recompute=fp8_backward, fp8_input_gradients=fp8_backward)
 
