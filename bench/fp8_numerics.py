@@ -15,7 +15,7 @@ replay samples (finetune/data/general_replay.jsonl: 40 to train, 4 per step, 2 e
 
 Prints each step's loss side by side and the held-out loss after training.
 
-    python bench/fp8_numerics.py                # CPU (about 4 minutes on 2 cores) or CUDA
+    python bench/fp8_numerics.py                # CPU (about 6 minutes on 2 cores) or CUDA
 """
 
 from __future__ import annotations
