@@ -178,6 +178,9 @@ def decode_nf4(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Te
     out_features, in_features = shape
     if not decode_tiles(out_features, in_features):
         raise ValueError(f"decode_nf4 takes whole {DECODE_TILE[0]}x{DECODE_TILE[1]} tiles, not {out_features}x{in_features}")
+    if not torch.compiler.is_compiling():  # the operator is for compiled code; eager, it is one dispatch more
+        decode_op()  # (registered here all the same, outside compiled code, for compiled code to call)
+        return _decode_now(packed, scales, tables, shape, fp8_inverse_scale, transposed)
     fp8 = fp8_inverse_scale is not None
     high, low = tables
     return decode_op()(packed, *scales, high, low, fp8_inverse_scale if fp8 else high, out_features, in_features,
@@ -217,9 +220,8 @@ def _register_decode_op():
 
 def _decode_now(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Tensor, torch.Tensor],
                 shape: tuple[int, int], fp8_inverse_scale: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """decode_nf4's kernel launched from eager code (the decode operator, and the product
-    operator, which calls it directly: an operator inside an operator costs the host a
-    dispatch)."""
+    """decode_nf4's kernel launched from eager code (the decode operator's body, and decode_nf4
+    outside compiled code)."""
     if "decode" not in _kernels:
         _kernels["decode"] = _build_decode_kernel()
     out_features, in_features = shape
@@ -286,9 +288,10 @@ def _tuned_fp8_rows_kernel():
 
 
 def fp8_rows_now(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_rows in one Triton kernel on CUDA (eager code: the operator below, where nothing
-    fuses the torch operations' five passes over x); elsewhere fp8_rows."""
-    if not x.is_cuda:
+    """fp8_rows in one Triton kernel on CUDA in eager code (the product operator, the down
+    projection after the checkpoint), where nothing fuses the torch operations' five passes over
+    x; in compiled code, and on CPUs, fp8_rows (which the compiler fuses)."""
+    if not x.is_cuda or torch.compiler.is_compiling():
         return fp8_rows(x)
     if "fp8_rows" not in _kernels:
         _kernels["fp8_rows"] = _tuned_fp8_rows_kernel()
@@ -302,7 +305,9 @@ def fp8_rows_now(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fp8_weight_scale(absmax: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One fp8 scale for a whole NF4 weight, its largest absmax (fp32) over fp8's largest value
     (code values are at most 1 in size), repeated per output row (1 x out) as torch._scaled_mm's
-    row-wise scaling wants it, and its reciprocal (1 element) for the decode."""
+    row-wise scaling wants it, and its reciprocal (1 element) for the decode. A scale per channel
+    would cost a reduction over the decoded weight, and e4m3's 2^17 of range holds a weight's
+    spread of block scales."""
     scale = absmax.max().reshape(1) / FP8_MAX
     return scale.expand(1, out_features).contiguous(), 1 / scale
 
@@ -322,8 +327,12 @@ class FrozenNF4:
     fp8_scale_rows: torch.Tensor
     fp8_scale_channels: torch.Tensor
     fp8_inverse_scale: torch.Tensor
-    dtype: torch.dtype  # the products' (bitsandbytes' compute dtype: bf16)
     quant_state: object  # bitsandbytes' own, for decodes in torch operations (qlora.dequantize_nf4)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The products' dtype (bitsandbytes' compute dtype: bf16)."""
+        return self.quant_state.dtype
 
     @classmethod
     def of(cls, packed: torch.Tensor, quant_state) -> "FrozenNF4":
@@ -331,7 +340,7 @@ class FrozenNF4:
         scales = BlockScales.of(quant_state)
         rows, inverse = fp8_weight_scale(scales.decoded(), out_features)
         return cls(packed, scales, nibble_tables(quant_state.code), (out_features, in_features), rows,
-                   rows[:, :1].expand(1, in_features).contiguous(), inverse, quant_state.dtype, quant_state)
+                   rows[:, :1].expand(1, in_features).contiguous(), inverse, quant_state)
 
     def decoded(self, fp8: bool = False, transposed: bool = False) -> torch.Tensor:
         """The weight as bf16, or as fp8 over its scale; (out x in), or `transposed`."""
@@ -394,14 +403,12 @@ def _register_linear_op():
                    out_features, fp8_in_backward, fp8_in_forward):
         rows = x.reshape(-1, x.shape[-1])
         shape, scales = (out_features, x.shape[-1]), BlockScales(absmax, code2, absmax2, offset, block2)
-        decode = _decode_now if packed.is_cuda and decode_tiles(*shape) else decode_nf4_reference
         if fp8_in_forward or (fp8_in_backward and torch._C._current_graph_task_id() != -1):  # (-1: not in backward)
             rows8, row_scale = fp8_rows_now(rows)
-            weight8 = decode(packed, scales, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale, transposed=False)
+            weight8 = decode_nf4_any(packed, scales, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale)
             out = torch._scaled_mm(rows8, weight8.t(), scale_a=row_scale, scale_b=fp8_scale, out_dtype=x.dtype)
         else:
-            weight = decode(packed, scales, (high, low), shape, fp8_inverse_scale=None, transposed=False)
-            out = rows @ weight.to(x.dtype).t()
+            out = rows @ decode_nf4_any(packed, scales, (high, low), shape).to(x.dtype).t()
         return out.view(*x.shape[:-1], out_features)
 
     @nf4_linear.register_fake

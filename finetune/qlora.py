@@ -236,19 +236,6 @@ def nf4_absmax(quant_state):
     return nf4.BlockScales.of(quant_state).decoded()
 
 
-def nf4_as_fp8_transposed(packed, quant_state):
-    """An NF4 weight (out x in) as float8_e4m3fn (in x out), the K-major layout of the input
-    gradient's fp8 product, and its scale repeated per input channel (1 x in), as
-    torch._scaled_mm's row-wise scaling wants it. One scale for the whole weight, its largest
-    absmax (code values are at most 1 in size): a scale per channel would cost a reduction over
-    the decoded weight, and e4m3's 2^17 of range holds a weight's spread of block scales. On
-    CUDA one Triton kernel (finetune.nf4.decode_nf4); elsewhere torch operations."""
-    from finetune import nf4
-
-    frozen = nf4.FrozenNF4.of(packed, quant_state)
-    return frozen.decoded(fp8=True, transposed=True), frozen.fp8_scale_channels
-
-
 @functools.cache  # the class is made at first use: torch is imported then, not with this module
 def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool, fp8_forward: bool = False):
     import torch
@@ -283,10 +270,7 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool,
             if not fp8_input_gradients:
                 weight = frozen.decoded() if operator else dequantize_nf4(packed, frozen.quant_state)
                 return grad_output.to(frozen.dtype) @ weight.to(frozen.dtype), None, None
-            rows = grad_output.reshape(-1, grad_output.shape[-1])
-            # compiled, the torch operations fuse; eager (the down projection after the
-            # checkpoint), one Triton kernel instead of their five passes
-            grad8, grad_scale = nf4.fp8_rows(rows) if torch.compiler.is_compiling() else nf4.fp8_rows_now(rows)
+            grad8, grad_scale = nf4.fp8_rows_now(grad_output.reshape(-1, grad_output.shape[-1]))
             weight8 = frozen.decoded(fp8=True, transposed=True)
             grad = torch._scaled_mm(grad8, weight8.t(), scale_a=grad_scale, scale_b=frozen.fp8_scale_channels,
                                     out_dtype=grad_output.dtype)

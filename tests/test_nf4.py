@@ -180,7 +180,8 @@ for nested in (False, True):
     got = nf4.decode_nf4(packed, scales, tables, (64, 1024)).float()
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
     assert torch.equal(nf4.decode_nf4(packed, scales, tables, (64, 1024), transposed=True).float(), got.t())
-    weight8, per_channel = qlora.nf4_as_fp8_transposed(packed, state)  # on CPU: torch operations
+    frozen = nf4.FrozenNF4.of(packed, state)  # on CPU: torch operations
+    weight8, per_channel = frozen.decoded(fp8=True, transposed=True), frozen.fp8_scale_channels
     got8 = nf4.decode_nf4(packed, scales, tables, (64, 1024), fp8_inverse_scale=1 / per_channel[:, :1].reshape(1),
                           transposed=True).float()
     # the interpreter's fp8 rounding is its own: at most one fp8 step off, or, losing the carry
@@ -230,7 +231,8 @@ def test_nf4_decode_kernel_is_bitsandbytes_bit_for_bit_on_gpu():
     scales, tables = nf4.BlockScales.of(state), nf4.nibble_tables(state.code)  # the absmax decoded in the kernel
     assert torch.equal(nf4.decode_nf4(packed, scales, tables, (17408, 5120)), bnb.functional.dequantize_4bit(
         packed, state))
-    weight8, per_channel = qlora.nf4_as_fp8_transposed(packed, state)  # the kernel on CUDA
+    frozen = nf4.FrozenNF4.of(packed, state)  # the kernel on CUDA
+    weight8, per_channel = frozen.decoded(fp8=True, transposed=True), frozen.fp8_scale_channels
     scale = qlora.nf4_absmax(state).max().reshape(1) / nf4.FP8_MAX
     assert torch.equal(per_channel, scale.expand(1, 5120))
     want8 = nf4.decode_nf4_reference(packed, scales, tables, (17408, 5120), fp8_inverse_scale=1 / scale,
