@@ -112,3 +112,20 @@ def test_concurrent_users_get_their_own_answers(running_app):
         assert rows[1].content == result["answer"]
         owner = chats.get_conversation(services.db, result["conversation_id"]).user_id
         assert owner == services.auth.current_user(name).id
+
+
+def test_gradios_copies_of_uploads_are_removed_when_the_server_stops(services, tmp_path):
+    """Documents and attachments go into the knowledge base or the database; Gradio's copies
+    in its temp folder must not outlive the server (nor, running, the hour they are kept)."""
+    from webapp.app import build_app
+    from webapp.server import BackgroundServer, build_server
+
+    blocks = build_app(services)
+    upload = tmp_path / "gradio-cache" / "contract.txt"
+    upload.parent.mkdir()
+    upload.write_text("Contract 2026-17")
+    blocks.upload_file_set.add(str(upload))  # where Gradio's upload route records what it saved
+    server = BackgroundServer(build_server(services, blocks), "127.0.0.1", services.settings.port).start()
+    assert upload.exists(), "a fresh upload stays while the server runs"
+    server.stop()
+    assert not upload.exists()

@@ -2,8 +2,10 @@
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
+from gradio.utils import get_upload_folder
 
 pytestmark = pytest.mark.browser
 
@@ -202,6 +204,7 @@ def test_admin_retrains_now_and_watches_it(running_app, browser):
 
 def test_admin_uploads_a_document_and_an_employee_gets_a_cited_answer(running_app, browser, tmp_path):
     url, services = running_app
+    started = time.time() - 1
     policy = tmp_path / "remote-work.md"
     policy.write_text("# Remote work policy\n\nEmployees may work remotely up to two days per week with "
                       "their manager's approval.\n")
@@ -221,6 +224,8 @@ def test_admin_uploads_a_document_and_an_employee_gets_a_cited_answer(running_ap
     assert "remote-work.md · added" in result  # the broken file is named, the other one added
     wait_for(lambda: "Remote work policy" in admin.locator("#knowledge-documents").inner_text(), what="the listing")
     assert [d.departments for d in services.knowledge.documents() if d.source_name == "remote-work.md"] == [("finance",)]
+    # the document lives in the knowledge base now, not also in Gradio's upload folder
+    assert not [p for p in Path(get_upload_folder()).rglob("remote-work.md") if p.stat().st_mtime >= started]
 
     employee = ask_in_chat(browser, url, "finance-employee", "How many days per week may I work remotely?")
     employee.locator("#chatbot").get_by_text("Sources (1)").wait_for(timeout=60_000)

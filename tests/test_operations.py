@@ -2,7 +2,10 @@
 figures computed by hand; and the admin-only API around them."""
 
 import datetime as dt
+import os
+import stat
 import statistics
+import time
 
 import duckdb
 import pytest
@@ -133,6 +136,21 @@ def test_audit_finds_opens_and_exports_and_every_look_is_logged(services, tmp_pa
     assert actions == ["audit.export", "audit.export", "audit.open", "audit.search", "audit.search", "audit.search",
                        "audit.search", "audit.search"]
     assert all(e["username"] == "finance-admin" for e in audit.events(services.db, "audit."))
+
+
+def test_an_export_is_private_to_the_server_and_gone_an_hour_later(services):
+    """Exported conversations are sensitive: readable by the server's OS user only, and not
+    left in /tmp once the download is long done."""
+    admin = services.auth.current_user("finance-admin")
+    flt = ConversationFilter(department_id="finance")
+    first, _ = audit_export(services, admin, flt, "csv")
+    assert first.is_file() and stat.S_IMODE(first.parent.parent.stat().st_mode) == 0o700
+    later, _ = audit_export(services, admin, flt, "parquet")
+    assert first.is_file(), "a fresh export stays for its download"
+    hour_ago = time.time() - 3601
+    os.utime(first.parent, (hour_ago, hour_ago))
+    newest, _ = audit_export(services, admin, flt, "csv")
+    assert not first.parent.exists() and later.is_file() and newest.is_file()
 
 
 def test_monitoring_and_audit_apis_are_for_admins_only(running_app):

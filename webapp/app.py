@@ -22,7 +22,7 @@ from webapp.ui.chat import (
     stream_answer,
     stream_resolution,
 )
-from webapp.ui.common import caller
+from webapp.ui.common import FILES_CHECK_S, FILES_KEEP_S, caller
 from webapp.ui.knowledge import build_knowledge_section, register_knowledge_api
 from webapp.ui.operations import (
     build_api_keys_section,
@@ -44,7 +44,8 @@ def header_markdown(services: Services, user) -> str:
 
 def build_app(services: Services) -> gr.Blocks:
     i18n = build_i18n()
-    with gr.Blocks(title=EN["app_title"]) as app:
+    # Gradio's copies of uploads and downloads go an hour after they were made, and all at shutdown.
+    with gr.Blocks(title=EN["app_title"], delete_cache=(FILES_CHECK_S, FILES_KEEP_S)) as app:
         with gr.Row(equal_height=True):
             header = gr.Markdown(elem_id="header")
             gr.Button(i18n("logout"), link="/logout", size="sm", scale=0, min_width=120, elem_id="logout")

@@ -76,6 +76,10 @@ def build_knowledge_section(services, i18n) -> None:
         batch = [(Path(p).name, Path(p).read_bytes()) for p in paths]
         reports = upload(services, user, batch, chosen or [],
                          progress=lambda fraction, what: progress(fraction, desc=what))
+        # The documents now live in the knowledge base; Gradio's copies of the uploads would
+        # outlive a later delete there. The upload box is emptied, so nobody sends these paths again.
+        for p in paths:
+            Path(p).unlink(missing_ok=True)
         return reports_markdown(reports), documents_table(services), None
 
     def delete_document(value, request: gr.Request):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pandas as pd
 from storage import audit, monitoring
 from storage.audit import ConversationFilter
 from webapp.auth import NotAuthorized
-from webapp.ui.common import caller
+from webapp.ui.common import caller, download_path
 
 PERIODS = {"7 days 7天": 7, "30 days 30天": 30, "90 days 90天": 90}
 DAILY_COLUMNS = ["day", "department_id", "conversations", "user_messages", "active_users", "answers",
@@ -86,8 +85,7 @@ def audit_open(services, admin, conversation_id: int) -> dict[str, Any]:
 
 
 def audit_export(services, admin, flt: ConversationFilter, fmt: str) -> tuple[Path, int]:
-    target = Path(tempfile.mkdtemp(prefix="hangjia-export-")) / (
-        f"conversations-{admin.department_id}-{dt.datetime.now():%Y%m%d-%H%M%S}.{fmt}")
+    target = download_path(f"conversations-{admin.department_id}-{dt.datetime.now():%Y%m%d-%H%M%S}.{fmt}")
     rows = audit.export(services.db, flt, target, fmt)
     audit.record(services.db, admin.id, admin.department_id, "audit.export", filter=flt.__dict__, format=fmt,
                  rows=rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from webapp.review import (
     tool_argument_skeleton,
 )
 from webapp.ui.chat import render_items
-from webapp.ui.common import caller
+from webapp.ui.common import caller, download_path
 
 NO_TOOL = "(none)"
 QUEUE_HEADERS = ["id", "department", "rated", "question", "comment", "adapter"]
@@ -179,7 +178,7 @@ def build_review_tab(services, i18n) -> None:
         user = caller(services, request, *REVIEW_ROLES)
         with review_errors():
             text = services.reviews.export(user, department_value or None)
-        path = Path(tempfile.mkdtemp(prefix="hangjia-export-")) / "hangjia-samples.jsonl"
+        path = download_path("hangjia-samples.jsonl")
         path.write_text(text, encoding="utf-8")
         return str(path)
 
