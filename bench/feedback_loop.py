@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -194,6 +195,8 @@ def main() -> int:
                         help="do not measure the untrained model (it is deterministic: greedy decoding)")
     parser.add_argument("--compare-unguided", action="store_true",
                         help="measure the trained adapter a second time without guided tool calls")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="keep the run's data dir (DuckDB file, adapters; about 0.5 GB) instead of removing it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting for the refresh, e.g. --set learning_rate=5e-4 --set epochs=3")
     args = parser.parse_args()
@@ -217,11 +220,14 @@ def main() -> int:
                               measure_before=not args.skip_before, compare_unguided=args.compare_unguided)
     finally:
         services.close()
+        if not args.keep_data:
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
     b, a = result["before"], result["after"]
     gate = (result["outcome"].gate or {}) if result["outcome"] else {}
     lora = (f"LoRA r={settings.lora_r} alpha={settings.lora_alpha} on {settings.lora_target_modules}, "
             f"lr {settings.learning_rate}").replace("None", "(by model size)")
-    print(f"\nmachine: {os.cpu_count()} CPUs; model {settings.model}; data {settings.data_dir}; {lora},"
+    data = settings.data_dir if args.keep_data else "removed (--keep-data keeps it)"
+    print(f"\nmachine: {os.cpu_count()} CPUs; model {settings.model}; data {data}; {lora},"
           f" {settings.epochs} epochs; overrides {overrides or 'none'}")
     print(f"refresh mode: {(result['run'] or {}).get('mode')}")
     print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
