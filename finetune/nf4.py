@@ -212,10 +212,16 @@ def _register_decode_op():
     @nf4_decode.register_fake
     def _(packed, absmax, code2, absmax2, offset, block2, high, low, inverse_scale, out_features, in_features, fp8,
           transposed):
-        return torch.empty((in_features, out_features) if transposed else (out_features, in_features),
-                           dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=packed.device)
+        return _decoded_empty(packed.device, (out_features, in_features), fp8, transposed)
 
     return nf4_decode
+
+
+def _decoded_empty(device, shape: tuple[int, int], fp8: bool, transposed: bool) -> torch.Tensor:
+    """The decoded weight's tensor, before the kernel fills it: (out x in), or (in x out)."""
+    out_features, in_features = shape
+    return torch.empty((in_features, out_features) if transposed else shape,
+                       dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=device)
 
 
 def _decode_now(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Tensor, torch.Tensor],
@@ -226,8 +232,7 @@ def _decode_now(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.T
         _kernels["decode"] = _build_decode_kernel()
     out_features, in_features = shape
     fp8, nested = fp8_inverse_scale is not None, scales.code2 is not None
-    out = torch.empty((in_features, out_features) if transposed else (out_features, in_features),
-                      dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=packed.device)
+    out = _decoded_empty(packed.device, shape, fp8, transposed)
     packed, absmax = packed.contiguous(), scales.absmax.contiguous()  # (as compiled code hands them: no copy)
     high, low = tables
     # no fused multiply-add: the scale is rounded after its product, as bitsandbytes rounds it

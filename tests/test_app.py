@@ -126,6 +126,8 @@ def test_gradios_copies_of_uploads_are_removed_when_the_server_stops(services, t
     upload.write_text("Contract 2026-17")
     blocks.upload_file_set.add(str(upload))  # where Gradio's upload route records what it saved
     server = BackgroundServer(build_server(services, blocks), "127.0.0.1", services.settings.port).start()
-    assert upload.exists(), "a fresh upload stays while the server runs"
-    server.stop()
+    try:
+        assert upload.exists(), "a fresh upload stays while the server runs"
+    finally:
+        server.stop()
     assert not upload.exists()
