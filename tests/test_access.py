@@ -52,10 +52,11 @@ def session(url, username=None):
     return client
 
 
-def call(client, fn_index, data):
+def call(client, fn_index, data, session_hash=None):
     """One call the way the browser makes it: join the queue, read the result from the stream.
-    Returns (http status of the join, error message or None)."""
-    session_hash = uuid.uuid4().hex[:11]
+    Returns (http status of the join, error message or None). Calls with the same
+    session_hash share a page's state, as one open browser tab does."""
+    session_hash = session_hash or uuid.uuid4().hex[:11]
     joined = client.post("gradio_api/queue/join", json={
         "data": data, "fn_index": fn_index, "session_hash": session_hash,
         # what a browser sends with a select or like event (handlers that take gr.SelectData)

@@ -206,6 +206,8 @@ MESSAGES = {
     "pending_action": ("有操作在等待您批准，请先批准或拒绝。", "An action waits for your approval: approve or decline it first."),
     "answer_in_progress": ("回答还在生成，请稍候再评价。", "The answer is still being written; rate it when it is finished."),
     "nothing_to_rate": ("只能评价助手的回答。", "Only the assistant's answers can be rated."),
+    "file_not_yours": ("只能使用您在本次登录中上传的文件，请重新上传。",
+                       "Only files you uploaded in this login session can be used; upload the file again."),
     "attachment_unreadable": ("附件无法读取：{reason}", "The attachment cannot be read: {reason}"),
     "attachment_whole": ("📎 {name}（约 {tokens:,} 个词元）已完整提供给模型。",
                          "📎 {name} (about {tokens:,} tokens) was given to the model whole."),

@@ -4,17 +4,22 @@ Prometheus endpoint at /metrics, all in one FastAPI app served by uvicorn."""
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
+from typing import Any, Iterator
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.routing import Mount
 
 from webapp.app import launch_options
+from webapp.i18n import bilingual
 from webapp.openai_api import ApiError, build_openai_router
 from webapp.services import Services
+from webapp.ui.common import FILES_KEEP_S
 
 # Gradio runs sync handlers on anyio's thread pool; launch() would raise its size to
 # max_threads, mounting does not, so the server does it at start.
@@ -39,11 +44,82 @@ def build_server(services: Services, blocks: gr.Blocks) -> FastAPI:
     api.include_router(build_openai_router(services))
     options = {k: v for k, v in launch_options(services).items() if k != "max_threads"}
     server = gr.mount_gradio_app(api, blocks.queue(default_concurrency_limit=8), path="/", **options)
+    # Gradio checks a file path a client sends (it must be one of Gradio's own uploads, never a
+    # server path) only once the Blocks is marked launched; launch() marks it, mounting does not.
+    # Marked here, Gradio's own check runs before anything is read or copied.
+    blocks.has_launched = True
     gradio_app = next(route.app for route in server.routes if isinstance(route, Mount))
+    # ...and a file uploaded by one login session is not for another one's handlers.
+    server.middleware("http")(UploadLedger(gradio_app).middleware)
     expiry = SessionExpiry(gradio_app, services.settings.session_hours * 3600,
                            idle_s=services.settings.session_idle_minutes * 60 or None)
     server.middleware("http")(expiry.middleware)
     return server
+
+
+def session_token(gradio_app, request: Request) -> str | None:
+    """The Gradio login session's token of a request (its cookie), if it has one."""
+    cookie_id = gradio_app.cookie_id
+    return request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
+        f"access-token-unsecure-{cookie_id}")
+
+
+def file_paths(data: Any) -> Iterator[str]:
+    """Every file path in a request's JSON: what a Gradio handler would read as a file
+    (FileData dicts, with or without their meta, anywhere in the data)."""
+    if isinstance(data, dict):
+        if isinstance(data.get("path"), str):
+            yield data["path"]
+        for value in data.values():
+            yield from file_paths(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from file_paths(value)
+
+
+class UploadLedger:
+    """Which login session uploaded which file. A request to a handler may name only files
+    its own session uploaded through /gradio_api/upload: another user's upload, a file the
+    server wrote, or any other server path is refused before Gradio reads or copies it.
+    Gradio's own check (the Blocks marked launched) then also keeps every path inside its
+    upload folder."""
+
+    UPLOAD = "/gradio_api/upload"
+
+    def __init__(self, gradio_app, keep_s: float = FILES_KEEP_S, clock=time.monotonic):
+        self.gradio_app, self.keep_s, self.clock = gradio_app, keep_s, clock
+        self.owner: dict[str, tuple[str, float]] = {}  # uploaded path -> (session token, when)
+        self.lock = threading.Lock()
+
+    def _forget_old(self, now: float) -> None:
+        if len(self.owner) > 1000:
+            self.owner = {p: (t, at) for p, (t, at) in self.owner.items() if now - at < self.keep_s}
+
+    async def middleware(self, request: Request, call_next):
+        path, now = request.url.path, self.clock()
+        token = session_token(self.gradio_app, request)
+        if request.method == "POST" and path.startswith("/gradio_api/") and not path.startswith(self.UPLOAD):
+            try:
+                data = json.loads(await request.body() or b"null")
+            except (ValueError, UnicodeDecodeError):
+                data = None  # not JSON: Gradio refuses it without reading a file
+            with self.lock:
+                foreign = [p for p in file_paths(data)
+                           if token is None or self.owner.get(p, ("", 0.0))[0] != token]
+            if foreign:
+                return JSONResponse({"error": bilingual("file_not_yours")}, status_code=403)
+        response = await call_next(request)
+        if request.method == "POST" and path.startswith(self.UPLOAD) and response.status_code == 200 and token:
+            body = b"".join([chunk async for chunk in response.body_iterator])
+            try:
+                uploaded = [p for p in json.loads(body) if isinstance(p, str)]
+            except (ValueError, TypeError):
+                uploaded = []
+            with self.lock:
+                self._forget_old(now)
+                self.owner.update({p: (token, now) for p in uploaded})
+            return Response(body, status_code=response.status_code, headers=dict(response.headers))
+        return response
 
 
 class SessionExpiry:
@@ -59,14 +135,9 @@ class SessionExpiry:
         self.started: dict[str, float] = {}
         self.last_seen: dict[str, float] = {}
 
-    def _token(self, request: Request) -> str | None:
-        cookie_id = self.gradio_app.cookie_id
-        return request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
-            f"access-token-unsecure-{cookie_id}")
-
     async def middleware(self, request: Request, call_next):
         now = self.clock()
-        token = self._token(request)
+        token = session_token(self.gradio_app, request)
         if token and token in self.gradio_app.tokens:
             too_old = now - self.started.setdefault(token, now) > self.max_age_s
             idle = self.idle_s is not None and now - self.last_seen.setdefault(token, now) > self.idle_s

@@ -216,6 +216,7 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
         return gr.Group(visible=False), "", None
 
     def send(value, history, conversation_id, ids, request: gr.Request):
+        caller(services, request)  # before reading anything the caller sent
         value = value or {}
         text = value.get("text", "") if isinstance(value, dict) else str(value)
         attachments = read_attachments(value.get("files") if isinstance(value, dict) else None)
