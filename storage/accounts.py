@@ -23,6 +23,7 @@ class User:
     role: str
     department_id: str
     disabled: bool
+    owner: bool = False  # granted the company-wide owner role by configuration (webapp.auth)
 
 
 @dataclass(frozen=True)

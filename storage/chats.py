@@ -147,16 +147,20 @@ def get_feedback(db: Database, message_id: int, user_id: int) -> dict[str, Any] 
     )
 
 
-def usage_summary(db: Database) -> dict[str, int]:
-    """Counts for the admin overview."""
+def usage_summary(db: Database, department_id: str | None = None) -> dict[str, int]:
+    """Counts for the admin overview: one department's, or (None) the company's."""
     return db.query_one(
         """
-        SELECT (SELECT count(*) FROM users) AS users,
-               (SELECT count(*) FROM conversations) AS conversations,
-               (SELECT count(*) FROM messages) AS messages,
-               (SELECT count(*) FROM feedback WHERE rating = 1) AS thumbs_up,
-               (SELECT count(*) FROM feedback WHERE rating = -1) AS thumbs_down
-        """
+        SELECT (SELECT count(*) FROM users WHERE ? IS NULL OR department_id = ?) AS users,
+               (SELECT count(*) FROM conversations WHERE ? IS NULL OR department_id = ?) AS conversations,
+               (SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                WHERE ? IS NULL OR c.department_id = ?) AS messages,
+               (SELECT count(*) FILTER (WHERE f.rating = 1) FROM feedback f JOIN messages m ON m.id = f.message_id
+                JOIN conversations c ON c.id = m.conversation_id WHERE ? IS NULL OR c.department_id = ?) AS thumbs_up,
+               (SELECT count(*) FILTER (WHERE f.rating = -1) FROM feedback f JOIN messages m ON m.id = f.message_id
+                JOIN conversations c ON c.id = m.conversation_id WHERE ? IS NULL OR c.department_id = ?) AS thumbs_down
+        """,
+        [department_id] * 10,
     )
 
 

@@ -377,6 +377,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0010_tool_calls_acted_by",
+        """
+        -- a reviewer fetching a correction's real result runs the tool with the employee's
+        -- permissions: user_id is the employee it ran for, acted_by the reviewer who ran it
+        ALTER TABLE tool_calls ADD COLUMN acted_by BIGINT;
+        """,
+    ),
 )
 
 

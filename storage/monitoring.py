@@ -100,7 +100,7 @@ def daily_tool_calls(db: Database, since: dt.date, department_id: str | None = N
         """, [since, department_id, department_id])
 
 
-def review_backlog(db: Database, now: dt.datetime) -> list[dict[str, Any]]:
+def review_backlog(db: Database, now: dt.datetime, department_id: str | None = None) -> list[dict[str, Any]]:
     """Open thumbs-down cases per department, and the age of the oldest in hours."""
     return db.query(
         """
@@ -109,34 +109,40 @@ def review_backlog(db: Database, now: dt.datetime) -> list[dict[str, Any]]:
         FROM feedback f JOIN messages m ON m.id = f.message_id JOIN conversations c ON c.id = m.conversation_id
         WHERE f.rating = -1 AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.message_id = m.id
                                             AND r.decision IN ('approved', 'rejected'))
+          AND (? IS NULL OR c.department_id = ?)
         GROUP BY ALL ORDER BY ALL
-        """, [now])
+        """, [now, department_id, department_id])
 
 
-def daily_runs(db: Database, since: dt.date) -> list[dict[str, Any]]:
+def daily_runs(db: Database, since: dt.date, department_id: str | None = None) -> list[dict[str, Any]]:
     """Training runs per day, department and outcome, with their wall time."""
     return db.query(
         """
         SELECT CAST(started_at AS DATE) AS day, department_id, status, count(*) AS runs,
                sum(date_diff('millisecond', started_at, finished_at)) / 1000.0 AS seconds
-        FROM training_runs WHERE started_at >= ? GROUP BY ALL ORDER BY ALL
-        """, [since])
+        FROM training_runs WHERE started_at >= ? AND (? IS NULL OR department_id = ?) GROUP BY ALL ORDER BY ALL
+        """, [since, department_id, department_id])
 
 
-def totals(db: Database) -> dict[str, Any]:
-    """Monotonic totals for the Prometheus endpoint (counters survive restarts this way)."""
-    row = db.query_one(
+def totals(db: Database) -> list[dict[str, Any]]:
+    """Monotonic totals per department for the Prometheus endpoint (counters survive restarts
+    this way): rows of (family, department_id, label, n)."""
+    return db.query(
         """
-        SELECT (SELECT count(*) FROM messages WHERE role = 'assistant') AS answers,
-               (SELECT count(*) FROM messages WHERE role = 'assistant' AND finish_reason = 'error') AS answer_errors,
-               (SELECT count(*) FROM feedback WHERE rating = 1) AS thumbs_up,
-               (SELECT count(*) FROM feedback WHERE rating = -1) AS thumbs_down
+        SELECT 'answers' AS family, c.department_id,
+               CASE WHEN m.finish_reason = 'error' THEN 'error' ELSE 'ok' END AS label, count(*) AS n
+        FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.role = 'assistant' GROUP BY ALL
+        UNION ALL
+        SELECT 'feedback', c.department_id, CASE WHEN f.rating = 1 THEN 'up' ELSE 'down' END, count(*)
+        FROM feedback f JOIN messages m ON m.id = f.message_id JOIN conversations c ON c.id = m.conversation_id
+        GROUP BY ALL
+        UNION ALL
+        SELECT 'cache_lookups', department_id, outcome, sum(n) FROM (
+            SELECT department_id, outcome, count(*) AS n FROM cache_lookups GROUP BY ALL
+            UNION ALL SELECT department_id, outcome, lookups FROM cache_lookup_days) GROUP BY ALL
+        UNION ALL
+        SELECT 'training_runs', department_id, status, count(*) FROM training_runs GROUP BY ALL
+        UNION ALL
+        SELECT 'tool_calls', department_id, status, count(*) FROM tool_calls GROUP BY ALL
+        ORDER BY 1, 2, 3
         """)
-    row["cache_lookups"] = {r["outcome"]: int(r["n"]) for r in db.query(
-        "SELECT outcome, sum(n) AS n FROM (SELECT outcome, count(*) AS n FROM cache_lookups GROUP BY outcome"
-        " UNION ALL SELECT outcome, lookups FROM cache_lookup_days) GROUP BY outcome")}
-    row["training_runs"] = {r["status"]: r["n"] for r in db.query(
-        "SELECT status, count(*) AS n FROM training_runs GROUP BY status")}
-    row["tool_calls"] = {r["status"]: r["n"] for r in db.query(
-        "SELECT status, count(*) AS n FROM tool_calls GROUP BY status")}
-    return row

@@ -28,11 +28,12 @@ class ToolCallRow:
     result: str | None
     error: str | None
     created_at: dt.datetime
+    acted_by: int | None = None  # who ran it on user_id's behalf (a reviewer); None: the user
 
 
 _COLUMNS = (
     "id, call_id, message_id, conversation_id, user_id, department_id, tool, arguments, status,"
-    " attempt, side_effect, latency_ms, result, error, created_at"
+    " attempt, side_effect, latency_ms, result, error, created_at, acted_by"
 )
 
 

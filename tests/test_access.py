@@ -3,7 +3,8 @@
 Every server function the app registers — the browser's private event handlers as well as
 the named API — is called over HTTP the way the browser calls it, as anonymous and as each
 role of each department, and so is every /v1 route. Only what the role allows succeeds;
-a refused call changes nothing in DuckDB."""
+a refused call changes nothing in DuckDB. Roles are per department: a reviewer or admin of
+HR reaches nothing of finance through the named API, /v1 or /metrics; the owner reaches all."""
 
 import json
 import uuid
@@ -176,3 +177,96 @@ def test_another_departments_review_cases_and_samples_are_out_of_reach(running_a
     assert [c["message_id"] for c in finance_reviewer.predict(-1, "", "", "", "", False,
                                                               api_name="/review_queue")] == [final.message_id]
     assert chats.get_feedback(services.db, final.message_id, finance.id)["rating"] == -1
+
+
+# -- the department dimension ---------------------------------------------------------------
+
+def finance_world(services, script):
+    """A finance answer rated down, a finance adapter version, a training run and cache figures:
+    what another department's staff must not reach."""
+    from storage import adapters as registry
+
+    script("The East China revenue was 12,345,678 yuan.")
+    employee = services.auth.current_user("finance-employee")
+    final = list(services.engine.stream_turn(employee, "What was East China's revenue last quarter?"))[-1]
+    services.engine.rate(employee, final.message_id, -1, "did not use the sales system")
+    registry.add_version(services.db, "finance", "v1", str(services.settings.data_dir / "nowhere"), "tiny", None)
+    registry.start_run(services.db, "finance", "manual", status="failed", reason="finance-only run")
+    return final
+
+
+def client(url, username):
+    from gradio_client import Client
+
+    return Client(url, auth=(username, "hangjia-demo"), verbose=False)
+
+
+REFUSED = ("not allowed", "没有权限", "not among the departments", "not your department", "No conversation")
+
+
+def refused(fn, *args, api_name):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        fn.predict(*args, api_name=api_name)
+    assert any(word in str(info.value) for word in REFUSED), (api_name, str(info.value))
+
+
+def test_another_departments_staff_reach_nothing_of_finance(running_app, script):
+    url, services = running_app
+    final = finance_world(services, script)
+    jsonl = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    before = table_counts(services)
+    for username in ("hr-reviewer", "hr-admin"):
+        hr = client(url, username)
+        refused(hr, -1, "finance", "", "", "", False, api_name="/review_queue")
+        refused(hr, final.message_id, api_name="/review_case")
+        refused(hr, final.message_id, "approved", "should_call_tool", "The revenue was 1.", "query_sales",
+                '{"region": "华东", "period": "last_quarter"}', "", api_name="/review_decide")
+        refused(hr, "finance", "", api_name="/samples_export")
+        refused(hr, jsonl, "finance", api_name="/samples_import")
+        assert hr.predict(-1, "", "", "", "", False, api_name="/review_queue") == []
+        assert "12,345,678" not in hr.predict("", "", api_name="/samples_export")
+    hr_admin = client(url, "hr-admin")
+    refused(hr_admin, "finance", "v1", api_name="/promote")
+    refused(hr_admin, "finance", True, api_name="/retrain")
+    refused(hr_admin, "finance", api_name="/cache_clear")
+    refused(hr_admin, final.conversation_id, api_name="/audit_conversation")
+    assert table_counts(services) == before, "a refused call changed the database"
+    # what HR's admin reads names no finance figure (the audit search itself is an audit event)
+    reads = {name: hr_admin.predict(*args, api_name=name) for name, args in [
+        ("/admin_overview", ()), ("/adapters", ()), ("/monitoring", (7,)), ("/cache_stats", ()),
+        ("/knowledge_documents", ()), ("/audit_search", ("", "", "", "", "", ""))]}
+    assert "finance" not in json.dumps(reads, ensure_ascii=False), reads
+    assert reads["/admin_overview"]["users"] == 3
+
+
+def test_v1_and_metrics_show_each_admin_their_own_department_only(running_app, script):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, services = running_app
+    final = finance_world(services, script)
+    script("HR answer")
+    list(services.engine.stream_turn(services.auth.current_user("hr-employee"), "annual leave?"))
+    keys = {u: services.auth.create_api_key(services.auth.current_user(u), "t")[1]
+            for u in ("hr-admin", "finance-admin", "company-owner")}
+
+    def departments_in_metrics(who):
+        text = httpx.get(url + "metrics", headers={"Authorization": f"Bearer {keys[who]}"}, timeout=60).text
+        return {s.labels["department"] for f in text_string_to_metric_families(text) for s in f.samples
+                if "department" in s.labels}
+
+    before = table_counts(services)
+    hr = {"Authorization": f"Bearer {keys['hr-admin']}"}
+    raw = httpx.post(url + "v1/completions", json={"model": "hangjia-finance", "prompt": "hi"}, headers=hr,
+                     timeout=60)
+    assert raw.status_code == 404
+    follow = httpx.post(url + "v1/chat/completions", headers=hr, timeout=60, json={
+        "model": "hangjia", "messages": [{"role": "user", "content": "go on"}],
+        "conversation_id": final.conversation_id})
+    assert follow.status_code == 404
+    assert table_counts(services) == before
+    assert departments_in_metrics("hr-admin") == {"hr"}
+    assert departments_in_metrics("finance-admin") == {"finance"}
+    assert departments_in_metrics("company-owner") == {"finance", "hr"}
+    assert [e["action"] for e in audit.events(services.db, "owner.read.metrics")] == ["owner.read.metrics"]

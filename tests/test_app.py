@@ -25,7 +25,7 @@ def test_chat_and_feedback_land_in_duckdb_with_the_right_user_and_adapter(runnin
     url, services = running_app
     client = login(url, "finance-employee")
     me = client.predict(api_name="/whoami")
-    assert me == {"username": "finance-employee", "role": "employee", "department": "finance",
+    assert me == {"username": "finance-employee", "role": "employee", "owner": False, "department": "finance",
                   "model": "tiny-qwen3", "adapter": None, "adapter_version": None}
 
     job = client.submit("上季度华东区销售额是多少？", None, api_name="/chat")
@@ -86,7 +86,8 @@ def test_review_and_admin_handlers_refuse_other_roles_on_the_server(running_app)
     with pytest.raises(AppError, match="needs the role admin"):
         reviewer.predict(api_name="/admin_overview")
     admin = login(url, "hr-admin")
-    assert admin.predict(api_name="/admin_overview")["users"] == 6
+    assert admin.predict(api_name="/admin_overview")["users"] == 3, "an admin's overview is their department's"
+    assert login(url, "company-owner").predict(api_name="/admin_overview")["users"] == 7
 
 
 def test_bad_input_gets_a_clear_message_and_nothing_is_stored(running_app):

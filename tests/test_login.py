@@ -13,8 +13,10 @@ from tests.conftest import make_settings
 from webapp.auth import api_key_hash
 
 
-def login(url, username, password="hangjia-demo"):
-    return httpx.post(url + "login", data={"username": username, "password": password}, timeout=30)
+def login(url, username, password="hangjia-demo", address=None):
+    """A login over HTTP; `address` is the client address a trusted proxy forwards."""
+    headers = {"X-Forwarded-For": address} if address else {}
+    return httpx.post(url + "login", data={"username": username, "password": password}, headers=headers, timeout=30)
 
 
 def test_a_wrong_password_and_an_unknown_user_get_the_same_answer_in_the_same_time(running_app):
@@ -35,12 +37,23 @@ def test_a_wrong_password_and_an_unknown_user_get_the_same_answer_in_the_same_ti
     assert known > 0.02, "the password hash is deliberately slow"
 
 
-def test_guessing_is_throttled_even_with_the_right_password_then(running_app):
-    url, _ = running_app
+def test_guessing_is_slowed_per_name_and_address_with_growing_delays_and_locks_nobody_out(running_app):
+    url, services = running_app
+    now = [1000.0]
+    services.auth.clock = lambda: now[0]
+    attacker = "203.0.113.9"
     for _ in range(5):
-        assert login(url, "hr-reviewer", "guess").status_code == 400
-    assert login(url, "hr-reviewer").status_code == 400, "refused for a while, even with the right password"
-    assert login(url, "hr-admin").status_code == 200, "other names are not locked out"
+        assert login(url, "hr-reviewer", "guess", attacker).status_code == 400
+    assert login(url, "hr-reviewer", address=attacker).status_code == 400, "slowed: refused, even the right password"
+    assert login(url, "hr-reviewer").status_code == 200, "the user's own address is not slowed: no lockout"
+    assert login(url, "hr-admin", address=attacker).status_code == 200, "other names are not slowed"
+    now[0] += 2.5  # the first delay (2 s) has passed: one more guess is checked...
+    assert login(url, "hr-reviewer", "guess", attacker).status_code == 400
+    now[0] += 3.0  # ...and the next delay has doubled to 4 s
+    assert login(url, "hr-reviewer", address=attacker).status_code == 400
+    now[0] += 1.5
+    assert login(url, "hr-reviewer", address=attacker).status_code == 200
+    assert services.auth.login_wait("hr-reviewer", attacker) == 0, "a login starts afresh"
 
 
 def test_api_keys_are_stored_only_as_hashes(running_app):

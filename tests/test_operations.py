@@ -64,7 +64,7 @@ def seed(services):
 
 def test_monitoring_figures_equal_the_ones_computed_by_hand(services):
     latencies = seed(services)
-    figures = monitoring_figures(services, 7)
+    figures = monitoring_figures(services, 7, None)
     daily = {r["department_id"]: r for r in figures["daily"].to_dict(orient="records")}
     fin, hr = daily["finance"], daily["hr"]
     assert (fin["conversations"], fin["user_messages"], fin["active_users"], fin["answers"]) == (5, 5, 2, 5)
@@ -93,7 +93,7 @@ def test_monitoring_figures_equal_the_ones_computed_by_hand(services):
     runs = figures["runs"].to_dict(orient="records")
     assert [(r["department_id"], r["status"], r["runs"]) for r in runs] == [("finance", "succeeded", 1)]
     # a day outside the period is not counted
-    assert monitoring_figures(services, 1, today=dt.date.today() + dt.timedelta(days=3))["daily"].empty
+    assert monitoring_figures(services, 1, None, today=dt.date.today() + dt.timedelta(days=3))["daily"].empty
 
 
 def test_audit_finds_opens_and_exports_and_every_look_is_logged(services, tmp_path, script):

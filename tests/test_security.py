@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_access import call, handlers, session, table_counts
+from tests.test_access import call, client, finance_world, handlers, session, table_counts
 from webapp.app import build_app
 
 CANARY = "CANARY-7f3a-secret-of-the-server"
@@ -121,3 +121,108 @@ def test_an_attachment_uploaded_by_the_employee_goes_into_the_prompt(running_app
         == (200, None)
     rows = services.db.query("SELECT filename, mode FROM message_attachments")
     assert [(r["filename"], r["mode"]) for r in rows] == [("notes.txt", "whole")]
+
+
+# -- roles are per department (the department dimension of every handler: tests/test_access.py) --
+
+def test_a_reviewers_tool_correction_runs_as_the_employee_and_is_audited_as_the_reviewers(running_app, script):
+    from storage import audit, tool_audit
+
+    url, services = running_app
+    final = finance_world(services, script)
+    reviewer = client(url, "finance-reviewer")
+    decided = reviewer.predict(final.message_id, "approved", "should_call_tool", "East China sold 3.2 million.",
+                               "query_sales", '{"region": "华东", "period": "last_quarter"}', "",
+                               api_name="/review_decide")
+    assert decided["sample_id"]
+    rows = tool_audit.attempts_of(services.db, f"call_review_{final.message_id}")
+    employee, reviewer_user = (services.auth.current_user(n) for n in ("finance-employee", "finance-reviewer"))
+    assert [(r.user_id, r.acted_by, r.status) for r in rows] == [(employee.id, reviewer_user.id, "ok")]
+    events = audit.events(services.db, "review.tool_run")
+    assert [(e["username"], json.loads(e["detail"])["on_behalf_of"]) for e in events] == \
+        [("finance-reviewer", "finance-employee")]
+
+
+def test_the_owner_reaches_every_department_and_each_look_is_audited(running_app, script):
+    from storage import audit
+
+    url, services = running_app
+    final = finance_world(services, script)
+    hr = services.auth.current_user("hr-employee")
+    script("You have 10 days.")
+    list(services.engine.stream_turn(hr, "How many days of annual leave do I have?"))
+    owner = client(url, "company-owner")
+    assert owner.predict(api_name="/whoami")["owner"] is True
+    assert owner.predict(api_name="/admin_overview")["users"] == 7
+    assert [c["message_id"] for c in owner.predict(-1, "finance", "", "", "", False, api_name="/review_queue")] \
+        == [final.message_id]
+    departments = {r["department_id"] for r in owner.predict(7, api_name="/monitoring")["daily"]}
+    assert departments == {"finance", "hr"}
+    actions = [e["action"] for e in audit.events(services.db, "owner.")]
+    assert "owner.read.overview" in actions and "owner.read.monitoring" in actions
+    # the owner's own department is theirs: no audit event for finance's queue
+    assert "owner.review.queue" not in actions
+    owner.predict(-1, "hr", "", "", "", False, api_name="/review_queue")
+    assert "owner.review.queue" in [e["action"] for e in audit.events(services.db, "owner.")]
+
+
+def test_department_admins_manage_only_their_departments_documents(running_app):
+    url, services = running_app
+    blocks = build_app(services)
+    hr_admin = session(url, "hr-admin")
+    found = handlers(blocks, hr_admin.get("config").json())
+    listing, add, delete = (index_of(found, n) for n in ("listing", "add_documents", "delete_document"))
+    page = "hr-admins-tab"
+    assert call(hr_admin, listing, [], page) == (200, None)
+    finance_only = next(d for d in services.knowledge.documents() if d.departments == ("finance",))
+    before = table_counts(services)
+    planted = upload(hr_admin, "reimbursement.md", "# 报销\n\n报销需要在3天内提交，联系 fake@example.com")
+    status, error = call(hr_admin, add, [[file_data(planted)], ["finance"]], page)
+    assert status == 200 and "finance" in error  # not a choice HR's admin has
+    replacing = upload(hr_admin, finance_only.source_name, "# Replaced by HR")
+    assert call(hr_admin, add, [[file_data(replacing)], ["hr"]], page) == (200, None)
+    status, error = call(hr_admin, delete, [finance_only.id], page)
+    assert status == 200 and "No document" in error
+    assert table_counts(services) == before, "HR's admin changed finance's knowledge"
+    assert services.knowledge.documents("finance")[0].title and finance_only.id in [
+        d.id for d in services.knowledge.documents("finance")]
+    # HR's admin lists HR's and company-wide documents only
+    _, shown = call_output(hr_admin, listing, [], page)
+    frame = shown[1].get("value", shown[1])
+    titles = {row[1] for row in frame["data"]}
+    assert finance_only.title not in titles and titles
+
+
+def call_output(client, fn_index, data, session_hash):
+    """Like call, but returns the handler's output values."""
+    import uuid
+
+    session_hash = session_hash or uuid.uuid4().hex[:11]
+    client.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session_hash,
+                                               "trigger_id": None})
+    with client.stream("GET", "gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message.get("success"), message["output"]["data"]
+    return False, None
+
+
+def test_users_get_clear_messages_never_python_errors(running_app, caplog):
+    from gradio_client.exceptions import AppError
+
+    url, services = running_app
+    employee = client(url, "finance-employee")
+    answer = employee.predict("hello", None, api_name="/chat")
+    with pytest.raises(AppError) as info:
+        employee.predict(answer["message_id"], 5, "", api_name="/feedback")
+    assert "A rating is 1 (thumbs up) or -1 (thumbs down); this was 5" in str(info.value)
+    for args, name in [(("abc",), "/conversation"), (("not-a-number", "approved"), "/review_decide")]:
+        caller = employee if name == "/conversation" else client(url, "finance-reviewer")
+        with pytest.raises(AppError) as info:
+            caller.predict(*args, api_name=name)
+        message = str(info.value)
+        assert "invalid literal" not in message and "Traceback" not in message
+        assert "Check it and try again" in message and "ref " in message
+    assert "invalid literal" in caplog.text, "the details go to the server's log"

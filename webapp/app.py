@@ -8,6 +8,7 @@ import gradio as gr
 from starlette.concurrency import run_in_threadpool
 
 from storage import chats
+from webapp.auth import LOGIN_CLIENT
 from webapp.i18n import EN, build_i18n
 from webapp.review import REVIEW_ROLES
 from webapp.services import Services
@@ -22,7 +23,7 @@ from webapp.ui.chat import (
     stream_answer,
     stream_resolution,
 )
-from webapp.ui.common import FILES_CHECK_S, FILES_KEEP_S, caller
+from webapp.ui.common import FILES_CHECK_S, FILES_KEEP_S, caller, guard_handlers
 from webapp.ui.knowledge import build_knowledge_section, register_knowledge_api
 from webapp.ui.operations import (
     build_api_keys_section,
@@ -37,7 +38,7 @@ def header_markdown(services: Services, user) -> str:
     adapter = services.model.adapter_for(user.department_id)
     answering = f"{services.model.name} + {adapter.name}@{adapter.version}" if adapter else f"{services.model.name} (base)"
     return (
-        f"👤 **{user.display_name}** · 🏢 {user.department_id} · 🎫 {user.role}"
+        f"👤 **{user.display_name}** · 🏢 {user.department_id} · 🎫 {'owner 公司管理者' if user.owner else user.role}"
         f" &nbsp;&nbsp;|&nbsp;&nbsp; 🤖 {answering}"
     )
 
@@ -78,6 +79,7 @@ def build_app(services: Services) -> gr.Blocks:
         register_knowledge_api(services)
         register_cache_api(services)
         register_operations_api(services)
+    guard_handlers(app)
     return app
 
 
@@ -89,7 +91,7 @@ def _register_api(services: Services) -> None:
         user = caller(services, request)
         adapter = services.model.adapter_for(user.department_id)
         return {
-            "username": user.username, "role": user.role, "department": user.department_id,
+            "username": user.username, "role": user.role, "owner": user.owner, "department": user.department_id,
             "model": services.model.name,
             "adapter": adapter.name if adapter else None,
             "adapter_version": adapter.version if adapter else None,
@@ -117,7 +119,7 @@ def _register_api(services: Services) -> None:
     def feedback(message_id: int, rating: int, comment: str = "", request: gr.Request = None) -> dict[str, Any]:
         """rating 1 = thumbs up, -1 = thumbs down (comment optional)."""
         user = caller(services, request)
-        feedback_id = rate(services, user, message_id, int(rating), comment or None)
+        feedback_id = rate(services, user, message_id, rating, comment or None)
         return {"feedback_id": feedback_id, "message_id": int(message_id), "rating": int(rating)}
 
     def conversations(request: gr.Request) -> list[dict[str, Any]]:
@@ -161,7 +163,7 @@ def launch_options(services: Services) -> dict[str, Any]:
     """Keyword arguments for Blocks.launch shared by launch.py and the tests."""
     async def check_login(username: str, password: str) -> bool:
         # scrypt takes ~40 ms: on a worker thread, so logins never stall the server's event loop
-        return await run_in_threadpool(services.auth.check_login, username, password)
+        return await run_in_threadpool(services.auth.check_login, username, password, LOGIN_CLIENT.get())
 
     return {
         "auth": check_login,

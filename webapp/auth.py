@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextvars
+import dataclasses
 import hashlib
 import hmac
 import secrets
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +49,23 @@ class NotAuthorized(PermissionError):
     """The caller is not logged in, or their role may not do this."""
 
 
+# Roles are per department: a department's employee, reviewer and admin reach that department
+# only. The owner is the one company-wide grant: given by configuration (the `owners` setting),
+# it passes every role check and reaches every department, and each look it takes into a
+# department other than its own is an audit event. Its tools are those of its stored role.
+
+
+def check_department(db: Database, user: User, department_id: str | None, action: str, **detail) -> None:
+    """Refuse `action` on another department (NotAuthorized, nothing written), except for the
+    owner, whose cross-department actions are audited (department_id None: all departments)."""
+    if department_id is not None and department_id == user.department_id:
+        return
+    if not user.owner:
+        raise NotAuthorized(f"{department_id or 'every department'} is not your department; "
+                            f"you work for {user.department_id}.")
+    audit.record(db, user.id, user.department_id, f"owner.{action}", department=department_id or "*", **detail)
+
+
 API_KEY_PREFIX = "hj-"
 
 
@@ -55,44 +73,65 @@ def api_key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-MAX_FAILED_LOGINS = 5  # within FAILED_LOGIN_WINDOW_S, then the name is refused for as long
-FAILED_LOGIN_WINDOW_S = 300.0
+# Password guessing is slowed per (name, client address), with delays that grow, as OpenSSH's
+# PerSourcePenalties and most identity providers do: after FREE_LOGIN_TRIES wrong passwords, a
+# name can be tried again from that address only FIRST_DELAY_S, 2x, 4x ... (at most MAX_DELAY_S)
+# after the last failure; tries in between are refused unchecked. Nobody locks a user out:
+# another address (the user's own) is not slowed. Behind a reverse proxy the client address is
+# the one it forwards (uvicorn's proxy headers, trusted from --forwarded-allow-ips).
+FREE_LOGIN_TRIES = 5
+FIRST_DELAY_S = 2.0
+MAX_DELAY_S = 900.0
+FORGET_FAILURES_S = 3600.0  # an hour without a failure starts afresh
+
+# The client address of the login being checked (set by the server for each /login request):
+# Gradio passes its auth callback the name and password only.
+LOGIN_CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("login_client", default="")
 
 
 @dataclass
 class Auth:
     db: Database
     clock: Callable[[], float] = time.monotonic
+    owners: frozenset[str] = frozenset()  # usernames granted the company-wide owner role
 
     def __post_init__(self) -> None:
         # Compared against when the username is unknown, so that timing does not tell
         # an attacker which part of the login was wrong.
         self._dummy_hash = hash_password(secrets.token_hex(8))
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[tuple[str, str], tuple[int, float]] = {}  # (name, address) -> (count, last)
         self._failures_lock = threading.Lock()
 
-    def _throttled(self, key: str, now: float) -> bool:
+    def login_wait(self, username: str, client: str = "") -> float:
+        """Seconds until `username` may be tried again from `client` (0: now)."""
+        key, now = (username.strip().casefold(), client), self.clock()
         with self._failures_lock:
-            recent = self._failures.get(key)
-            while recent and now - recent[0] > FAILED_LOGIN_WINDOW_S:
-                recent.popleft()
-            return bool(recent) and len(recent) >= MAX_FAILED_LOGINS
+            count, last = self._failures.get(key, (0, now))
+        if count < FREE_LOGIN_TRIES or now - last > FORGET_FAILURES_S:
+            return 0.0
+        delay = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** (count - FREE_LOGIN_TRIES))
+        return max(0.0, last + delay - now)
 
-    def check_login(self, username: str, password: str) -> bool:
-        """Gradio's auth callback: True only for an enabled user with that password.
-        After MAX_FAILED_LOGINS wrong tries in the window, the name is refused for a while,
-        even with the right password (password guessing gets 5 tries per 5 minutes)."""
+    def check_login(self, username: str, password: str, client: str = "") -> bool:
+        """Gradio's auth callback: True only for an enabled user with that password, tried
+        from `client` (an address) while that name is not slowed down there (see FREE_LOGIN_TRIES)."""
         if not isinstance(username, str) or not isinstance(password, str):
             return False
-        key, now = username.strip().casefold(), self.clock()
-        throttled = self._throttled(key, now)
+        if self.login_wait(username, client) > 0:
+            return False  # refused unchecked: a guess during the wait learns nothing
+        key = (username.strip().casefold(), client)
         stored = accounts.password_hash_of(self.db, username.strip())
-        ok = verify_password(password, stored or self._dummy_hash) and stored is not None and not throttled
+        ok = verify_password(password, stored or self._dummy_hash) and stored is not None
         with self._failures_lock:
             if ok:
                 self._failures.pop(key, None)
-            elif not throttled:
-                self._failures.setdefault(key, deque()).append(now)
+            else:
+                count, last = self._failures.get(key, (0, 0.0))
+                now = self.clock()
+                self._failures[key] = (1 if now - last > FORGET_FAILURES_S else count + 1, now)
+                if len(self._failures) > 100_000:  # a flood of names: keep the recent half
+                    recent = sorted(self._failures.items(), key=lambda item: item[1][1])[50_000:]
+                    self._failures = dict(recent)
         return ok
 
     def current_user(self, username: str | None) -> User:
@@ -102,11 +141,15 @@ class Auth:
         user = accounts.find_user(self.db, username)
         if user is None or user.disabled:
             raise NotAuthorized("Your account is not active. Ask an admin.")
-        return user
+        return self._granted(user)
+
+    def _granted(self, user: User) -> User:
+        return dataclasses.replace(user, owner=True) if user.username in self.owners else user
 
     def require_role(self, username: str | None, *roles: str) -> User:
+        """The user behind a request if their role is one of `roles` (the owner's always is)."""
         user = self.current_user(username)
-        if user.role not in roles:
+        if user.role not in roles and not user.owner:
             raise NotAuthorized(f"This needs the role {' or '.join(roles)}; you are {user.role}.")
         return user
 
@@ -133,13 +176,13 @@ class Auth:
         user = api_keys.user_of_key(self.db, api_key_hash(key))
         if user is None:
             raise NotAuthorized("A valid API key is needed (Authorization: Bearer hj-...).")
-        return user
+        return self._granted(user)
 
     def revoke_api_key(self, actor: User, key_id: int) -> None:
         """Owners revoke their own keys; admins also those of their department's users."""
         owner_id = api_keys.key_owner(self.db, int(key_id))
         owner = accounts.get_user(self.db, owner_id) if owner_id is not None else None
-        allowed = owner is not None and (owner.id == actor.id or (
+        allowed = owner is not None and (owner.id == actor.id or actor.owner or (
             actor.role == "admin" and owner.department_id == actor.department_id))
         if not allowed:
             raise NotAuthorized(f"There is no key {key_id} you may revoke.")
@@ -148,7 +191,9 @@ class Auth:
                          owner=owner.username)
 
     def keys_visible_to(self, actor: User) -> list[dict]:
-        """Admins see their department's keys; everyone else their own."""
+        """Admins see their department's keys (the owner all); everyone else their own."""
+        if actor.owner:
+            return api_keys.keys_of(self.db, department_id=None)
         if actor.role == "admin":
             return api_keys.keys_of(self.db, department_id=actor.department_id)
         return api_keys.keys_of(self.db, actor.id)

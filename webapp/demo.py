@@ -12,6 +12,9 @@ from webapp.auth import Auth
 
 DEMO_DEPARTMENTS = {"finance": "Finance 财务部", "hr": "Human Resources 人力资源部"}
 DEMO_PASSWORD = "hangjia-demo"  # demo only; stated in the README
+# The demo's one company-wide user: seeded as an admin of finance, granted the owner role by
+# demo mode's configuration (see Settings.owners).
+DEMO_OWNER = ("company-owner", "admin", "finance")
 
 
 def demo_users() -> list[tuple[str, str, str]]:
@@ -25,7 +28,7 @@ def seed_demo_company(db: Database, auth: Auth) -> bool:
         return False
     for dept_id, name in DEMO_DEPARTMENTS.items():
         accounts.add_department(db, dept_id, name)
-    for username, role, dept in demo_users():
+    for username, role, dept in [*demo_users(), DEMO_OWNER]:
         auth.create_user(username, DEMO_PASSWORD, role, dept)
     # the demo company's systems, reached through the demo tools
     company.seed_sales(db, dt.date.today())

@@ -206,6 +206,14 @@ MESSAGES = {
     "pending_action": ("有操作在等待您批准，请先批准或拒绝。", "An action waits for your approval: approve or decline it first."),
     "answer_in_progress": ("回答还在生成，请稍候再评价。", "The answer is still being written; rate it when it is finished."),
     "nothing_to_rate": ("只能评价助手的回答。", "Only the assistant's answers can be rated."),
+    "input_invalid": ("请求中有一个值无法使用（数字或日期格式不对？），请检查后重试。（编号 {ref}）",
+                      "A value in the request is not what this needs (a number or a date in the wrong form?)."
+                      " Check it and try again. (ref {ref})"),
+    "server_error": ("服务器出错，已记录。请重试；若持续出错，请把编号告诉管理员。（编号 {ref}）",
+                     "Something went wrong on the server; it was logged. Try again, and if it keeps failing,"
+                     " give your admin the reference. (ref {ref})"),
+    "rating_invalid": ("评分只能是 1（👍）或 -1（👎），收到的是 {value}。",
+                       "A rating is 1 (thumbs up) or -1 (thumbs down); this was {value}."),
     "file_not_yours": ("只能使用您在本次登录中上传的文件，请重新上传。",
                        "Only files you uploaded in this login session can be used; upload the file again."),
     "attachment_unreadable": ("附件无法读取：{reason}", "The attachment cannot be read: {reason}"),

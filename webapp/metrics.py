@@ -8,7 +8,7 @@ import datetime as dt
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from storage import monitoring
 from storage.db import Database
@@ -27,24 +27,26 @@ def route_of(path: str) -> str:
 
 
 class _StoredTotals:
-    """Counters and gauges computed from the database when Prometheus scrapes."""
+    """Counters and gauges computed from the database when Prometheus scrapes, each labelled
+    with its department (an admin's scrape keeps only their own: Metrics.exposition)."""
+
+    FAMILIES = {  # family: (metric name, help, label)
+        "answers": ("hangjia_answers", "Assistant answers logged", "outcome"),
+        "feedback": ("hangjia_feedback", "Thumbs given to answers", "rating"),
+        "cache_lookups": ("hangjia_cache_lookups", "Response cache lookups", "outcome"),
+        "training_runs": ("hangjia_training_runs", "Adapter refresh runs", "status"),
+        "tool_calls": ("hangjia_tool_call_attempts", "Tool call attempts", "status"),
+    }
 
     def __init__(self, db: Database):
         self.db = db
 
     def collect(self):
-        totals = monitoring.totals(self.db)
-        answers = CounterMetricFamily("hangjia_answers", "Assistant answers logged", labels=["outcome"])
-        answers.add_metric(["ok"], totals["answers"] - totals["answer_errors"])
-        answers.add_metric(["error"], totals["answer_errors"])
-        yield answers
-        votes = CounterMetricFamily("hangjia_feedback", "Thumbs given to answers", labels=["rating"])
-        votes.add_metric(["up"], totals["thumbs_up"])
-        votes.add_metric(["down"], totals["thumbs_down"])
-        yield votes
-        yield _by_label("hangjia_cache_lookups", "Response cache lookups", "outcome", totals["cache_lookups"])
-        yield _by_label("hangjia_training_runs", "Adapter refresh runs", "status", totals["training_runs"])
-        yield _by_label("hangjia_tool_call_attempts", "Tool call attempts", "status", totals["tool_calls"])
+        families = {key: CounterMetricFamily(name, documentation, labels=["department", label])
+                    for key, (name, documentation, label) in self.FAMILIES.items()}
+        for row in monitoring.totals(self.db):
+            families[row["family"]].add_metric([row["department_id"], row["label"]], int(row["n"]))
+        yield from families.values()
         backlog = GaugeMetricFamily("hangjia_review_queue_cases", "Open thumbs-down cases", labels=["department"])
         oldest = GaugeMetricFamily("hangjia_review_queue_oldest_hours", "Age of the oldest open case",
                                    labels=["department"])
@@ -55,11 +57,19 @@ class _StoredTotals:
         yield oldest
 
 
-def _by_label(name: str, documentation: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=[label])
-    for value, count in sorted(counts.items()):
-        family.add_metric([value], count)
-    return family
+class _OneDepartment:
+    """A registry's view for one department: series of other departments left out; series
+    without a department (the server's HTTP figures) kept."""
+
+    def __init__(self, registry: CollectorRegistry, department_id: str):
+        self.registry, self.department_id = registry, department_id
+
+    def collect(self):
+        for family in self.registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if s.labels.get("department", self.department_id)
+                            == self.department_id]
+            yield kept
 
 
 class Metrics:
@@ -93,8 +103,9 @@ class Metrics:
         if failed:
             self.generation_errors.labels(department).inc()
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, department_id: str | None = None) -> bytes:
+        """The text Prometheus scrapes: every series, or (department_id) one department's."""
+        return generate_latest(self.registry if department_id is None else _OneDepartment(self.registry, department_id))
 
     def middleware(self):
         """An ASGI-level timing of every HTTP request (streams are timed to their end)."""

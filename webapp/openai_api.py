@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from storage import StorageError, audit, chats
-from webapp.auth import NotAuthorized
+from webapp.auth import NotAuthorized, check_department
 from webapp.engine import ConversationNotFound, GenerationFailed, TurnUpdate, UserInputError
 from webapp.metrics import CONTENT_TYPE
 from webapp.models import GenerationParams, GenerationResult
@@ -304,7 +304,7 @@ def build_openai_router(services) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(request: Request):
         user = user_of(request)
-        if user.role != "admin":
+        if user.role != "admin" and not user.owner:
             raise ApiError(403, "Raw completions are for admins (a generation backend); use /v1/chat/completions.",
                            "permission_error")
         body = await body_of(request)
@@ -365,18 +365,22 @@ def build_openai_router(services) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics(request: Request):
-        """Prometheus scrape: the metrics token (--metrics-token), or an admin's API key."""
+        """Prometheus scrape: the metrics token (--metrics-token) sees every department; an
+        admin's API key their own department's series; the owner's key all (audited)."""
         token = _bearer(request)
-        allowed = bool(services.settings.metrics_token) and token == services.settings.metrics_token
-        if not allowed:
-            try:
-                allowed = services.auth.user_for_api_key(token).role == "admin"
-            except NotAuthorized:
-                allowed = False
-        if not allowed:
+        if services.settings.metrics_token and token == services.settings.metrics_token:
+            return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
+        try:
+            user = services.auth.user_for_api_key(token)
+        except NotAuthorized:
+            user = None
+        if user is None or user.role != "admin" and not user.owner:
             return ApiError(401, "Scraping needs the metrics token or an admin's API key as a Bearer token.",
                             "authentication_error").response()
-        return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
+        if user.owner:
+            check_department(services.db, user, None, "read.metrics")
+            return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
+        return Response(services.metrics.exposition(user.department_id), media_type=CONTENT_TYPE)
 
     return router
 

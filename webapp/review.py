@@ -17,9 +17,10 @@ from finetune.dataset import (
     make_sample,
 )
 from finetune.samples import REASONS, tool_call_message
-from storage import accounts, chats, reviews
+from storage import accounts, audit, chats, reviews
 from storage.accounts import User
 from storage.db import Database
+from webapp.auth import check_department
 from webapp.engine import ChatEngine
 from webapp.tools.executor import ToolExecutor, normalise_arguments, validation_errors
 from webapp.tools.parser import ToolCall
@@ -59,23 +60,29 @@ class ReviewService:
         self.settings = settings
 
     def departments_of(self, reviewer: User) -> list[str] | None:
-        """None for admins (every department); else the assigned ones, by default their own."""
-        if reviewer.role == "admin":
+        """The departments a reviewer or admin reviews: the ones assigned to them, by default
+        their own; None (every department) for the owner only."""
+        if reviewer.owner:
             return None
         return reviews.reviewer_departments(self.db, reviewer.id) or [reviewer.department_id]
 
-    def _check_department(self, reviewer: User, department_id: str) -> None:
+    def _check_department(self, reviewer: User, department_id: str | None, action: str = "review") -> None:
+        """Refuses a department the reviewer does not review; audits the owner's look into another."""
         allowed = self.departments_of(reviewer)
         if allowed is not None and department_id not in allowed:
             raise CaseNotFound(f"Department {department_id!r} is not among the departments you review.")
+        if reviewer.owner:
+            check_department(self.db, reviewer, department_id, action)  # audits a look into another
 
     def queue(self, reviewer: User, rating: int = -1, department: str | None = None,
               adapter_version: str | None = None, since: str | None = None, until: str | None = None,
               with_comment_only: bool = False) -> list[dict[str, Any]]:
         allowed = self.departments_of(reviewer)
         if department:
-            self._check_department(reviewer, department)
+            self._check_department(reviewer, department, "review.queue")
             allowed = [department]
+        elif allowed is None:
+            self._check_department(reviewer, None, "review.queue")
         until_day = parse_day(until)
         flt = reviews.QueueFilter(allowed, rating, adapter_version or None, parse_day(since),
                                   until_day + dt.timedelta(days=1) if until_day else None, with_comment_only)
@@ -85,7 +92,7 @@ class ReviewService:
         header = reviews.case_header(self.db, int(message_id))
         if header is None:
             raise CaseNotFound(f"There is no answer {message_id}.")
-        self._check_department(reviewer, header["department_id"])
+        self._check_department(reviewer, header["department_id"], "review.case")
         owner = accounts.get_user(self.db, header["user_id"])
         items, _ = self.engine.conversation_items(owner, header["conversation_id"])
         # the conversation up to the answer under review
@@ -111,12 +118,13 @@ class ReviewService:
         header = reviews.case_header(self.db, int(message_id))
         if header is None:
             raise CaseNotFound(f"There is no answer {message_id}.")
-        self._check_department(reviewer, header["department_id"])
+        self._check_department(reviewer, header["department_id"], "review.decide")
         if reason is not None and reason not in REASONS:
             raise ReviewInputError(f"reason must be one of {', '.join(REASONS)}.")
         sample = None
         if decision == "approved":
-            sample = self._sample(header, reason, (answer or "").strip() or None, tool_name or None, tool_arguments)
+            sample = self._sample(reviewer, header, reason, (answer or "").strip() or None, tool_name or None,
+                                  tool_arguments)
         review_id, sample_id = reviews.record_decision(
             self.db, header["message_id"], reviewer.id, decision, reason if decision != "skipped" else None,
             (note or "").strip() or None, sample)
@@ -124,8 +132,8 @@ class ReviewService:
                 "split": sample["split"] if sample else None,
                 "near_duplicate_of": sample["near_duplicate_of"] if sample else None}
 
-    def _sample(self, header: dict[str, Any], reason: str | None, answer: str | None, tool_name: str | None,
-                tool_arguments: Any) -> dict[str, Any]:
+    def _sample(self, reviewer: User, header: dict[str, Any], reason: str | None, answer: str | None,
+                tool_name: str | None, tool_arguments: Any) -> dict[str, Any]:
         owner = accounts.get_user(self.db, header["user_id"])
         stored = chats.list_messages(self.db, header["conversation_id"])
         question_id = max((m.id for m in stored if m.role == "user" and m.id < header["message_id"]), default=None)
@@ -147,15 +155,15 @@ class ReviewService:
             if not answer and not tool_name:
                 raise ReviewInputError("Write the corrected answer, or pick the tool the model should have called.")
             context = self.engine.history_messages(header["conversation_id"], up_to_message_id=question_id)
-            target = self._target(owner, header, answer, tool_name, tool_arguments)
+            target = self._target(reviewer, owner, header, answer, tool_name, tool_arguments)
             origin = "correction"
         existing = existing_questions(self.db, header["department_id"])
         messages = [system, *with_passages(context, passages), *target]
         return make_sample(header["department_id"], messages, tools, origin, reason, existing, self.settings.scrub_pii,
                            self.settings.eval_fraction)
 
-    def _target(self, owner: User, header: dict[str, Any], answer: str | None, tool_name: str | None,
-                tool_arguments: Any) -> list[dict[str, Any]]:
+    def _target(self, reviewer: User, owner: User, header: dict[str, Any], answer: str | None,
+                tool_name: str | None, tool_arguments: Any) -> list[dict[str, Any]]:
         """What the model should have said: a tool call (with its real result and the
         final answer, when the reviewer wrote one), or only the corrected answer."""
         if not tool_name:
@@ -180,9 +188,13 @@ class ReviewService:
             return messages  # the sample teaches the call itself
         if spec.side_effect:
             raise ReviewInputError(f"{tool_name} has side effects: correct the call only, without a final answer.")
-        # the real result, fetched with the employee's own permissions and audited
+        # the real result, fetched with the employee's own permissions, audited as the reviewer's
+        # action on the employee's behalf: the tool rows name both, the audit trail the reviewer
         outcome = self.tools.execute(owner, ToolCall(tool_name, arguments), call_id=call_id,
-                                     message_id=header["message_id"], conversation_id=header["conversation_id"])
+                                     message_id=header["message_id"], conversation_id=header["conversation_id"],
+                                     acted_by=reviewer)
+        audit.record(self.db, reviewer.id, reviewer.department_id, "review.tool_run", tool=tool_name,
+                     call_id=call_id, on_behalf_of=owner.username, status=outcome.status)
         if outcome.status != "ok":
             raise ReviewInputError(f"Running {tool_name} failed ({outcome.content}); fix the arguments.")
         return [*messages, {"role": "tool", "content": outcome.content, "tool_call_id": call_id},
@@ -191,13 +203,15 @@ class ReviewService:
     def export(self, user: User, department: str | None = None, split: str | None = None) -> str:
         departments = self.departments_of(user)
         if department:
-            self._check_department(user, department)
+            self._check_department(user, department, "samples.export")
             departments = [department]
+        elif departments is None:
+            self._check_department(user, None, "samples.export")
         return export_jsonl(self.db, departments, split)
 
     def import_samples(self, user: User, text: str, department: str | None) -> ImportResult:
         if department:
-            self._check_department(user, department)
+            self._check_department(user, department, "samples.import")
         return import_jsonl(self.db, text, department or None, self.departments_of(user),
                             self.settings.scrub_pii, self.settings.eval_fraction)
 

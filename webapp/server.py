@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.routing import Mount
 
 from webapp.app import launch_options
+from webapp.auth import LOGIN_CLIENT
 from webapp.i18n import bilingual
 from webapp.openai_api import ApiError, build_openai_router
 from webapp.services import Services
@@ -36,6 +37,14 @@ def build_server(services: Services, blocks: gr.Blocks) -> FastAPI:
 
     api = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     api.middleware("http")(services.metrics.middleware())
+
+    @api.middleware("http")
+    async def login_client(request: Request, call_next):
+        """The login check slows guessing per name and client address; Gradio's auth callback
+        gets no request, so the address travels in a context variable."""
+        if request.url.path.rstrip("/").endswith("/login"):
+            LOGIN_CLIENT.set(request.client.host if request.client else "")
+        return await call_next(request)
 
     @api.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

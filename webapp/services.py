@@ -11,7 +11,7 @@ from storage import adapters as adapter_registry
 from webapp.adapters import AdapterManager
 from webapp.auth import Auth
 from webapp.cache.service import CacheSettings, ResponseCache
-from webapp.demo import ensure_first_admin, seed_demo_company, seed_demo_documents
+from webapp.demo import DEMO_OWNER, ensure_first_admin, seed_demo_company, seed_demo_documents
 from webapp.engine import ChatEngine, TurnSettings
 from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
 from webapp.knowledge.embeddings import Embedder
@@ -112,7 +112,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
         stale = adapter_registry.fail_running_runs(db, "the app stopped while it ran")
         if stale:
             log.warning("%d training runs were left running by a stopped app; marked failed", stale)
-        auth = Auth(db)
+        owners = {name.strip() for name in settings.owners.split(",") if name.strip()}
+        auth = Auth(db, owners=frozenset(owners | ({DEMO_OWNER[0]} if settings.demo else set())))
         first_admin_password = None
         if settings.demo:
             if seed_demo_company(db, auth):

@@ -51,6 +51,12 @@ class Settings:
     demo: bool = _setting(
         False, "Seed a demo company (departments finance and hr, one user per role) on an empty data dir."
     )
+    owners: str = _setting(
+        "",
+        "Usernames, comma-separated, granted the company-wide owner role: it reaches every department"
+        " (each look into another department is audited). Department admins reach their own only."
+        " Demo mode adds company-owner.",
+    )
     device: str = _setting("auto", "Where the model runs: auto, cpu or cuda.", choices=DEVICES)
     dtype: str = _setting(
         "auto",

@@ -206,8 +206,11 @@ class KnowledgeBase:
     # -- ingesting ----------------------------------------------------------------------
 
     def add_files(self, files: Sequence[tuple[str, bytes]], departments: Sequence[str], company_wide: bool,
-                  uploaded_by: int | None = None, progress: Progress | None = None) -> list[IngestReport]:
-        """Parse, chunk, embed and store each file; one bad file is reported, not fatal."""
+                  uploaded_by: int | None = None, progress: Progress | None = None,
+                  may_replace: Callable[[kb_store.Document], bool] | None = None) -> list[IngestReport]:
+        """Parse, chunk, embed and store each file; one bad file is reported, not fatal.
+        may_replace: whether the uploader may replace an existing document of the same name
+        (default: yes); a file refused by it is reported and nothing of it is stored."""
         departments = sorted({d.strip() for d in departments if d and d.strip()})
         if not company_wide and not departments:
             raise ValueError("choose the departments that may read these documents, or make them company-wide.")
@@ -221,6 +224,11 @@ class KnowledgeBase:
                 parsed = parse_bytes(data, name)
             except DocumentError as exc:
                 reports.append(IngestReport(name, "error", str(exc)))
+                continue
+            existing = kb_store.find_document(self.db, parsed.source_name)
+            if existing is not None and may_replace is not None and not may_replace(existing):
+                reports.append(IngestReport(name, "error", "a document of this name is kept by another department;"
+                                                           " rename the file. 同名文档属于其他部门，请改名。"))
                 continue
             reports.append(self.add_document(parsed, departments, company_wide, uploaded_by, step))
         if progress:

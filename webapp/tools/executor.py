@@ -130,13 +130,14 @@ class ToolExecutor:
 
     def _audit(self, user: User, call_id: str, tool: str, arguments: Any, status: str, attempt: int,
                message_id: int | None, conversation_id: int | None, side_effect: bool = False,
-               latency_ms: float | None = None, result: str | None = None, error: str | None = None) -> None:
+               latency_ms: float | None = None, result: str | None = None, error: str | None = None,
+               acted_by: int | None = None) -> None:
         tool_audit.record_attempt(
             self.db, call_id=call_id, message_id=message_id, conversation_id=conversation_id,
             user_id=user.id, department_id=user.department_id, tool=tool[:200],
             arguments=json.dumps(arguments, ensure_ascii=False, default=str)[: self.max_result_chars],
             status=status, attempt=attempt, side_effect=side_effect, latency_ms=latency_ms,
-            result=result, error=error,
+            result=result, error=error, acted_by=acted_by,
         )
 
     def _truncate(self, text: str) -> str:
@@ -154,9 +155,13 @@ class ToolExecutor:
         return ToolOutcome(call_id, "(unparsed)", {}, "invalid", f"Error: {error}")
 
     def execute(self, user: User, call: ToolCall, *, call_id: str | None = None, message_id: int | None = None,
-                conversation_id: int | None = None, approved: bool = False) -> ToolOutcome:
+                conversation_id: int | None = None, approved: bool = False,
+                acted_by: User | None = None) -> ToolOutcome:
+        """Run `call` with `user`'s permissions. acted_by: someone running it on the user's behalf
+        (a reviewer fetching a correction's real result); the audit rows name both."""
         call_id = call_id or new_call_id()
-        audit = dict(message_id=message_id, conversation_id=conversation_id)
+        audit = dict(message_id=message_id, conversation_id=conversation_id,
+                     acted_by=acted_by.id if acted_by is not None else None)
         spec = self.registry.get(call.name)
         if spec is None or not spec.allows(user):
             # The model only saw tools this user may call; naming another one is denied,

@@ -13,10 +13,10 @@ import gradio as gr
 import pandas as pd
 
 from finetune.refresh import RefreshBusy
-from storage import accounts, chats
 from storage import adapters as registry
+from storage import chats
 from webapp.adapters import AdapterError
-from webapp.ui.common import caller
+from webapp.ui.common import caller, department_choices, department_scope, in_department
 
 RUN_COLUMNS = ["id", "department_id", "trigger", "status", "reason", "samples", "new_samples", "steps",
                "final_loss", "version", "mode", "started_at", "finished_at", "log_path"]
@@ -25,21 +25,23 @@ VERSION_COLUMNS = ["department_id", "version", "status", "canary_share", "tool_e
 
 
 def admin_overview(services, request: gr.Request) -> dict:
-    caller(services, request, "admin")
-    return chats.usage_summary(services.db)
+    admin = caller(services, request, "admin")
+    return chats.usage_summary(services.db, department_scope(services, admin, "read.overview"))
 
 
-def runs_table(services) -> pd.DataFrame:
-    rows = registry.runs(services.db)
+# The tables below show one department (an admin's own) or, for the owner, all (None).
+
+def runs_table(services, department_id: str | None) -> pd.DataFrame:
+    rows = registry.runs(services.db, department_id)
     table = pd.DataFrame([[r[c] for c in RUN_COLUMNS] for r in rows], columns=RUN_COLUMNS)
     table.insert(12, "seconds", [(r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] else None
                                  for r in rows])
     return table
 
 
-def versions_table(services) -> pd.DataFrame:
+def versions_table(services, department_id: str | None) -> pd.DataFrame:
     out = []
-    for v in registry.versions(services.db):
+    for v in registry.versions(services.db, department_id):
         metrics = json.loads(v["metrics"]) if v["metrics"] else {}
         gate = json.loads(v["gate"]) if v["gate"] else {}
         candidate = metrics.get("candidate", {})
@@ -58,13 +60,19 @@ def gate_table(services, department_id: str | None) -> pd.DataFrame:
     return pd.DataFrame(json.loads(latest["gate"])["table"])
 
 
-def feedback_table(services) -> pd.DataFrame:
-    rows = registry.thumbs_down_by_version(services.db)
+def feedback_table(services, department_id: str | None) -> pd.DataFrame:
+    rows = registry.thumbs_down_by_version(services.db, department_id)
     return pd.DataFrame(rows, columns=["department_id", "version", "rated", "thumbs_down", "thumbs_down_rate"])
 
 
-def scheduler_markdown(services) -> str:
+def scheduler_state(services, department_id: str | None) -> dict[str, Any]:
+    """The nightly scheduler's state, naming only the departments in view."""
     state = services.nightly.state()
+    return {**state, "refreshing_now": [d for d in state["refreshing_now"] if department_id in (None, d)]}
+
+
+def scheduler_markdown(services, department_id: str | None) -> str:
+    state = scheduler_state(services, department_id)
     return (f"🕑 Nightly refresh 夜间训练: `{services.settings.refresh_cron}` · "
             f"{'on' if state['running'] else 'off'} · next {state['next_run'] or '—'} · last {state['last_run'] or '—'}"
             + (f" · refreshing now: {', '.join(state['refreshing_now'])}" if state["refreshing_now"] else ""))
@@ -94,16 +102,18 @@ def build_admin_tab(services, i18n) -> None:
     runs = gr.Dataframe(label=i18n("admin_runs"), interactive=False, elem_id="admin-runs")
 
     def everything(request: gr.Request):
-        caller(services, request, "admin")
-        departments = [d.id for d in accounts.list_departments(services.db)]
-        return (chats.usage_summary(services.db), scheduler_markdown(services),
+        admin = caller(services, request, "admin")
+        scope = department_scope(services, admin, "read.adapters")
+        departments = department_choices(services, admin)
+        return (chats.usage_summary(services.db, scope), scheduler_markdown(services, scope),
                 gr.Dropdown(choices=departments, value=departments[0] if departments else None),
-                gate_table(services, None), versions_table(services), feedback_table(services), runs_table(services))
+                gate_table(services, scope), versions_table(services, scope), feedback_table(services, scope),
+                runs_table(services, scope))
 
     def retrain_now(department_id, force_value, request: gr.Request, progress=gr.Progress()):
-        caller(services, request, "admin")
-        if not department_id:
-            raise gr.Error("Choose a department. 请选择部门。")
+        admin = caller(services, request, "admin")
+        in_department(services, admin, department_id, "adapters.retrain")
+        scope = department_scope(services, admin, "read.adapters")
         events: queue.Queue = queue.Queue()
 
         def work():
@@ -129,8 +139,8 @@ def build_admin_tab(services, i18n) -> None:
                     verdict = "passed ✅" if outcome.gate["passed"] else "failed ❌ " + "; ".join(outcome.gate["reasons"])
                     text += f" · candidate {outcome.version} · gate {verdict}"
                     text += " · promoted 已上线" if outcome.promoted else ""
-                yield (text, gr.skip(), gate_table(services, department_id), versions_table(services),
-                       runs_table(services), scheduler_markdown(services))
+                yield (text, gr.skip(), gate_table(services, department_id), versions_table(services, scope),
+                       runs_table(services, scope), scheduler_markdown(services, scope))
                 return
             if kind == "augmented":
                 yield (f"{event['samples']} reviewed samples + {event['variants']} slot-swap variants",
@@ -151,24 +161,28 @@ def build_admin_tab(services, i18n) -> None:
                 yield f"evaluating {event['case']}/{event['cases']}", gr.skip(), *[gr.skip()] * 4
 
     def cancel_refresh(department_id, request: gr.Request):
-        caller(services, request, "admin")
+        in_department(services, caller(services, request, "admin"), department_id, "adapters.cancel")
         return "cancelling… 正在取消" if services.refresh.cancel(department_id or "") else "nothing is running"
 
     def promote_version(department_id, version_value, request: gr.Request):
-        caller(services, request, "admin")
+        admin = caller(services, request, "admin")
+        in_department(services, admin, department_id, "adapters.promote")
         try:
             services.adapters.activate(department_id, (version_value or "").strip())
         except AdapterError as exc:
             raise gr.Error(str(exc))
-        return f"{department_id} {version_value} is active now 已切换", versions_table(services)
+        return (f"{department_id} {version_value} is active now 已切换",
+                versions_table(services, department_scope(services, admin, "read.adapters")))
 
     def set_canary(department_id, version_value, share, request: gr.Request):
-        caller(services, request, "admin")
+        admin = caller(services, request, "admin")
+        in_department(services, admin, department_id, "adapters.canary")
         try:
             services.adapters.set_canary(department_id, (version_value or "").strip() or None, float(share))
         except AdapterError as exc:
             raise gr.Error(str(exc))
-        return f"canary {department_id} {version_value}: {share:.0%}", versions_table(services)
+        return (f"canary {department_id} {version_value}: {share:.0%}",
+                versions_table(services, department_scope(services, admin, "read.adapters")))
 
     refresh.click(everything, None, [summary, scheduler, department, gate, versions, feedback, runs],
                   api_visibility="private")
@@ -184,13 +198,14 @@ def register_admin_api(services) -> None:
         return admin_overview(services, request)
 
     def adapters_api(request: gr.Request = None) -> dict[str, Any]:
-        caller(services, request, "admin")
-        return {"versions": json.loads(versions_table(services).to_json(orient="records", date_format="iso")),
-                "runs": json.loads(runs_table(services).to_json(orient="records", date_format="iso")),
-                "scheduler": services.nightly.state()}
+        """The adapter versions and refresh runs of the caller's department (the owner: all)."""
+        scope = department_scope(services, caller(services, request, "admin"), "read.adapters")
+        return {"versions": json.loads(versions_table(services, scope).to_json(orient="records", date_format="iso")),
+                "runs": json.loads(runs_table(services, scope).to_json(orient="records", date_format="iso")),
+                "scheduler": scheduler_state(services, scope)}
 
     def promote_api(department: str, version: str, request: gr.Request = None) -> str:
-        caller(services, request, "admin")
+        in_department(services, caller(services, request, "admin"), department, "adapters.promote")
         try:
             services.adapters.activate(department, version)
         except AdapterError as exc:
@@ -200,9 +215,11 @@ def register_admin_api(services) -> None:
     def retrain_api(department: str, force: bool = True, request: gr.Request = None) -> dict[str, Any]:
         """Retrain one department's adapter now, as the Admin tab's button does; returns when
         the run has ended (trained, evaluated, gated, promoted or not)."""
-        caller(services, request, "admin")
-        if department not in {d.id for d in accounts.list_departments(services.db)}:
+        admin = caller(services, request, "admin")
+        if department not in department_choices(services, admin):
+            in_department(services, admin, department, "adapters.retrain")  # refuses another department
             raise gr.Error(f"There is no department {department!r}.")
+        in_department(services, admin, department, "adapters.retrain")
         try:
             outcome = services.refresh.refresh(department, "manual", bool(force))
         except RefreshBusy as exc:

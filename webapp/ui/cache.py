@@ -1,5 +1,6 @@
 """The response cache in the Admin tab: hit rate, entries and savings per department;
-turn it or its semantic layer off, change the threshold, clear it. Admins only."""
+turn it or its semantic layer off, change the threshold, clear it. An admin sees and clears
+their own department's cache; its settings are the company's, changed by the owner."""
 
 from __future__ import annotations
 
@@ -8,16 +9,29 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from webapp.ui.common import caller
+from webapp.i18n import bilingual
+from webapp.ui.common import caller, department_scope, in_department
 
 STATS_COLUMNS = ["department_id", "entries", "lookups", "exact_hits", "semantic_hits", "guarded", "hit_rate",
                  "saved_s", "saved_tokens", "avg_lookup_ms"]
 
 
-def stats_table(services) -> pd.DataFrame:
+def stats_table(services, department_id: str | None) -> pd.DataFrame:
+    """One department's figures (None: every department's)."""
     if services.cache is None:
         return pd.DataFrame(columns=STATS_COLUMNS)
-    return pd.DataFrame(services.cache.stats(), columns=STATS_COLUMNS)
+    rows = [r for r in services.cache.stats() if department_id in (None, r["department_id"])]
+    return pd.DataFrame(rows, columns=STATS_COLUMNS)
+
+
+def clear_scoped(services, admin, department_id: str) -> int:
+    """Clear one department's entries (empty: the admin's own; the owner's empty: all)."""
+    department_id = (department_id or "").strip()
+    if not department_id and admin.owner:
+        department_scope(services, admin, "cache.clear")
+        return services.cache.clear(None)
+    department_id = in_department(services, admin, department_id or admin.department_id, "cache.clear")
+    return services.cache.clear(department_id)
 
 
 def build_cache_section(services, i18n) -> None:
@@ -31,7 +45,7 @@ def build_cache_section(services, i18n) -> None:
             threshold = gr.Slider(0.5, 1.0, step=0.01, label=i18n("cache_threshold"), elem_id="cache-threshold")
             save = gr.Button(i18n("cache_save"), elem_id="cache-save")
         with gr.Row():
-            department = gr.Textbox(label="department (empty: all)", elem_id="cache-department")
+            department = gr.Textbox(label="department (empty: your own)", elem_id="cache-department")
             clear = gr.Button(i18n("cache_clear"), variant="stop", elem_id="cache-clear")
             reload = gr.Button(i18n("refresh"), elem_id="cache-reload")
         result = gr.Markdown(elem_id="cache-result")
@@ -40,13 +54,16 @@ def build_cache_section(services, i18n) -> None:
                           height=220, elem_id="cache-plot")
 
     def current(request: gr.Request):
-        caller(services, request, "admin")
+        admin = caller(services, request, "admin")
         config = services.cache.settings()
-        stats = stats_table(services)
+        stats = stats_table(services, department_scope(services, admin, "read.cache"))
         return config["enabled"], config["semantic"], config["threshold"], stats, stats
 
     def save_settings(on, paraphrases, value, request: gr.Request):
-        caller(services, request, "admin")
+        admin = caller(services, request, "admin")
+        if not admin.owner:
+            raise gr.Error(f"{bilingual('not_allowed')} (the cache's settings are the company's; the owner"
+                           " changes them. 缓存设置属于全公司，由公司管理者修改。)")
         try:
             services.cache.configure(bool(on), bool(paraphrases), float(value))
         except ValueError as exc:
@@ -54,9 +71,9 @@ def build_cache_section(services, i18n) -> None:
         return f"saved: cache {'on' if on else 'off'}, semantic {'on' if paraphrases else 'off'}, threshold {value:.2f}"
 
     def clear_cache(department_id, request: gr.Request):
-        caller(services, request, "admin")
-        count = services.cache.clear((department_id or "").strip() or None)
-        stats = stats_table(services)
+        admin = caller(services, request, "admin")
+        count = clear_scoped(services, admin, department_id)
+        stats = stats_table(services, department_scope(services, admin, "read.cache"))
         return f"🗑 {count} entries evicted 已清除", stats, stats
 
     reload.click(current, None, [enabled, semantic, threshold, table, plot], api_visibility="private")
@@ -66,15 +83,18 @@ def build_cache_section(services, i18n) -> None:
 
 def register_cache_api(services) -> None:
     def cache_stats(request: gr.Request = None) -> dict[str, Any]:
-        """Per department: entries, lookups, exact and semantic hits, hit rate, time saved."""
-        caller(services, request, "admin")
+        """The caller's department (the owner: each department): entries, lookups, exact and
+        semantic hits, hit rate, time saved."""
+        admin = caller(services, request, "admin")
         if services.cache is None:
             return {"enabled": False, "departments": []}
-        return {**services.cache.settings(), "departments": stats_table(services).to_dict(orient="records")}
+        scope = department_scope(services, admin, "read.cache")
+        return {**services.cache.settings(), "departments": stats_table(services, scope).to_dict(orient="records")}
 
     def cache_clear(department: str = "", request: gr.Request = None) -> int:
-        caller(services, request, "admin")
-        return services.cache.clear(department.strip() or None) if services.cache is not None else 0
+        """Clear the caller's department's entries (the owner: the one named, or all)."""
+        admin = caller(services, request, "admin")
+        return clear_scoped(services, admin, str(department or "")) if services.cache is not None else 0
 
     gr.api(cache_stats, api_name="cache_stats")
     gr.api(cache_clear, api_name="cache_clear")

@@ -346,7 +346,13 @@ def build_chat_tab(services, i18n) -> dict[str, Any]:
 
 def rate(services, user, message_id: int, rating: int, comment: str | None) -> int:
     try:
-        return services.engine.rate(user, int(message_id), rating, comment)
+        value = int(rating)
+    except (TypeError, ValueError):
+        value = None
+    if value not in (1, -1):
+        raise gr.Error(bilingual("rating_invalid", value=str(rating)[:20]))
+    try:
+        return services.engine.rate(user, int(message_id), value, comment)
     except (LookupError, ValueError):
         raise gr.Error(bilingual("nothing_to_rate"))
     except StorageError as exc:

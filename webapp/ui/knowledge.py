@@ -1,6 +1,7 @@
 """Company knowledge in the Admin tab (upload with progress, list, delete) and the search
-endpoint for programs. Uploading and deleting are for admins; searching is for everyone,
-over their own department's documents only."""
+endpoint for programs. Searching is for everyone, over their own department's documents only.
+A document is managed by the admin of the one department that reads it; company-wide and
+shared documents by the owner. Admins see only the documents their department reads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 from storage import accounts
 from webapp.i18n import bilingual
 from webapp.knowledge.parsing import SUPPORTED
-from webapp.ui.common import caller
+from webapp.ui.common import caller, department_scope
 
 DOCUMENT_COLUMNS = ["id", "title", "source_name", "readers", "chunks", "chars", "updated_at"]
 COMPANY_WIDE = "*"  # the choice "company-wide" among the departments
@@ -32,16 +33,30 @@ def reports_markdown(reports) -> str:
     return "\n".join(f"- {icon.get(r.status, '')} **{r.name}** · {r.status} · {r.message}" for r in reports)
 
 
+def manages(user, document) -> bool:
+    """Whether `user` may replace or delete `document`: the owner any; an admin those read by
+    their own department alone."""
+    return user.owner or (not document.company_wide and set(document.departments) == {user.department_id})
+
+
+def reader_choices(services, user) -> list[tuple[str, str]]:
+    if user.owner:
+        return [("company-wide 全公司", COMPANY_WIDE)] + [(d.name, d.id) for d in accounts.list_departments(services.db)]
+    return [(d.name, d.id) for d in accounts.list_departments(services.db) if d.id == user.department_id]
+
+
 def upload(services, user, files: list[tuple[str, bytes]], readers: list[str], progress=None):
     company_wide = COMPANY_WIDE in readers
     departments = [r for r in readers if r != COMPANY_WIDE]
     if not company_wide and not departments:
         raise gr.Error(bilingual("knowledge_no_departments"))
-    known = {d.id for d in accounts.list_departments(services.db)}
-    unknown = sorted(set(departments) - known)
-    if unknown:
-        raise gr.Error(f"Unknown departments 未知部门: {', '.join(unknown)}")
-    return services.knowledge.add_files(files, departments, company_wide, uploaded_by=user.id, progress=progress)
+    allowed = {value for _, value in reader_choices(services, user)}
+    refused = sorted(set(readers) - allowed)
+    if refused:
+        raise gr.Error(f"{bilingual('not_allowed')} (you add documents for {user.department_id} only; "
+                       f"not for {', '.join(refused)}. 只能为本部门添加文档。)")
+    return services.knowledge.add_files(files, departments, company_wide, uploaded_by=user.id, progress=progress,
+                                        may_replace=lambda document: manages(user, document))
 
 
 def build_knowledge_section(services, i18n) -> None:
@@ -64,10 +79,9 @@ def build_knowledge_section(services, i18n) -> None:
             reload = gr.Button(i18n("refresh"), elem_id="knowledge-reload")
 
     def listing(request: gr.Request):
-        caller(services, request, "admin")
-        choices = [("company-wide 全公司", COMPANY_WIDE)] + [
-            (d.name, d.id) for d in accounts.list_departments(services.db)]
-        return gr.CheckboxGroup(choices=choices), documents_table(services)
+        admin = caller(services, request, "admin")
+        scope = department_scope(services, admin, "read.documents")
+        return gr.CheckboxGroup(choices=reader_choices(services, admin)), documents_table(services, scope)
 
     def add_documents(paths, chosen, request: gr.Request, progress=gr.Progress()):
         user = caller(services, request, "admin")
@@ -80,13 +94,21 @@ def build_knowledge_section(services, i18n) -> None:
         # outlive a later delete there. The upload box is emptied, so nobody sends these paths again.
         for p in paths:
             Path(p).unlink(missing_ok=True)
-        return reports_markdown(reports), documents_table(services), None
+        return reports_markdown(reports), documents_table(services, department_scope(services, user,
+                                                                                      "read.documents")), None
 
     def delete_document(value, request: gr.Request):
-        caller(services, request, "admin")
-        if value is None or not services.knowledge.delete(int(value)):
-            raise gr.Error(f"No document {value}. 没有这个文档。")
-        return f"🗑 document {int(value)} deleted 已删除", documents_table(services)
+        admin = caller(services, request, "admin")
+        document = next((d for d in services.knowledge.documents(department_scope(services, admin, "read.documents"))
+                         if value is not None and d.id == value), None)
+        if document is None:
+            raise gr.Error(f"No document {value} among your department's. 本部门没有这个文档。")
+        if not manages(admin, document):
+            raise gr.Error(f"{bilingual('not_allowed')} (document {document.id} is read by other departments too;"
+                           " the owner manages it. 该文档由其他部门共用，只有公司管理者可以删除。)")
+        services.knowledge.delete(document.id)
+        return f"🗑 document {document.id} deleted 已删除", documents_table(services, department_scope(
+            services, admin, "read.documents"))
 
     reload.click(listing, None, [readers, documents], api_visibility="private")
     add.click(add_documents, [files, readers], [result, documents, files], api_visibility="private")
@@ -103,10 +125,9 @@ def register_knowledge_api(services) -> None:
         return [h.as_dict() for h in services.knowledge.search(user.department_id, query, top_k)]
 
     def knowledge_documents(request: gr.Request = None) -> list[dict[str, Any]]:
-        """Documents the caller's department may read (admins: all of them)."""
+        """Documents the caller's department may read (the owner: all of them)."""
         user = caller(services, request)
-        department = None if user.role == "admin" else user.department_id
-        table = documents_table(services, department)
+        table = documents_table(services, department_scope(services, user, "read.documents"))
         return table.astype({"updated_at": str}).to_dict(orient="records")
 
     gr.api(knowledge_search, api_name="knowledge_search")

@@ -15,7 +15,7 @@ import pandas as pd
 from storage import audit, monitoring
 from storage.audit import ConversationFilter
 from webapp.auth import NotAuthorized
-from webapp.ui.common import caller, download_path
+from webapp.ui.common import caller, department_scope, download_path
 
 PERIODS = {"7 days 7天": 7, "30 days 30天": 30, "90 days 90天": 90}
 DAILY_COLUMNS = ["day", "department_id", "conversations", "user_messages", "active_users", "answers",
@@ -25,11 +25,13 @@ SEARCH_COLUMNS = ["conversation_id", "created_at", "username", "department_id", 
                   "thumbs_down"]
 
 
-def monitoring_figures(services, days: int, today: dt.date | None = None) -> dict[str, pd.DataFrame]:
-    """Every figure of the monitoring view, for the last `days` days (today included)."""
+def monitoring_figures(services, days: int, department_id: str | None,
+                       today: dt.date | None = None) -> dict[str, pd.DataFrame]:
+    """Every figure of the monitoring view, for the last `days` days (today included), of one
+    department (None: every department)."""
     since = (today or dt.date.today()) - dt.timedelta(days=days - 1)
     db = services.db
-    daily = pd.DataFrame(monitoring.daily(db, since), columns=DAILY_COLUMNS)
+    daily = pd.DataFrame(monitoring.daily(db, since, department_id), columns=DAILY_COLUMNS)
     daily = daily.round({"latency_p50_ms": 0, "latency_p95_ms": 0, "cache_hit_rate": 3})
     daily["day"] = pd.to_datetime(daily["day"])
     # the trend: every day of the period for every department, quiet days as 0 messages
@@ -39,25 +41,26 @@ def monitoring_figures(services, days: int, today: dt.date | None = None) -> dic
     trend = grid.merge(daily[["day", "department_id", "user_messages", "latency_p95_ms"]], how="left",
                        on=["day", "department_id"])
     trend["user_messages"] = trend["user_messages"].fillna(0)
-    versions = pd.DataFrame(monitoring.daily_by_version(db, since),
+    versions = pd.DataFrame(monitoring.daily_by_version(db, since, department_id),
                             columns=["day", "department_id", "version", "status", "rated", "thumbs_down",
                                      "thumbs_down_rate"])
     by_version = (versions.groupby(["department_id", "version", "status"], as_index=False)[["rated", "thumbs_down"]]
                   .sum())
     by_version["thumbs_down_rate"] = (by_version["thumbs_down"] / by_version["rated"]).round(3)
     by_version["label"] = by_version["department_id"] + " " + by_version["version"] + " (" + by_version["status"] + ")"
-    tools = pd.DataFrame(monitoring.daily_tool_calls(db, since),
+    tools = pd.DataFrame(monitoring.daily_tool_calls(db, since, department_id),
                          columns=["day", "department_id", "tool", "status", "calls"])
     tools_by_status = tools.groupby(["tool", "status"], as_index=False)["calls"].sum()
-    backlog = pd.DataFrame(monitoring.review_backlog(db, dt.datetime.now()),
+    backlog = pd.DataFrame(monitoring.review_backlog(db, dt.datetime.now(), department_id),
                            columns=["department_id", "open_cases", "oldest_hours"])
-    runs = pd.DataFrame(monitoring.daily_runs(db, since), columns=["day", "department_id", "status", "runs", "seconds"])
+    runs = pd.DataFrame(monitoring.daily_runs(db, since, department_id), columns=["day", "department_id", "status", "runs", "seconds"])
     return {"daily": daily, "trend": trend, "by_version": by_version, "tools": tools_by_status, "backlog": backlog,
             "runs": runs}
 
 
 def _filter(admin, username, since, until, text, tool, rating) -> ConversationFilter:
-    """The admin's search, always within the admin's own department."""
+    """The admin's search, always within the admin's own department (the owner's: all, and
+    audit_search records every search)."""
     def day(value) -> dt.date | None:
         if value in (None, ""):
             return None
@@ -66,7 +69,8 @@ def _filter(admin, username, since, until, text, tool, rating) -> ConversationFi
         except ValueError:
             raise gr.Error(f"{value!r} is not a date; write it as 2026-11-29. 日期格式如 2026-11-29。")
     ratings = {"👎": -1, "👍": 1, "-1": -1, "1": 1}
-    return ConversationFilter(username=(username or "").strip() or None, department_id=admin.department_id,
+    return ConversationFilter(username=(username or "").strip() or None,
+                              department_id=None if admin.owner else admin.department_id,
                               since=day(since), until=day(until), text=(text or "").strip() or None,
                               tool=(tool or "").strip() or None, rating=ratings.get(str(rating or "").strip()))
 
@@ -78,9 +82,10 @@ def audit_search(services, admin, flt: ConversationFilter) -> pd.DataFrame:
 
 def audit_open(services, admin, conversation_id: int) -> dict[str, Any]:
     record = audit.conversation_record(services.db, int(conversation_id))
-    if record is None or record["department_id"] != admin.department_id:
+    if record is None or (record["department_id"] != admin.department_id and not admin.owner):
         raise gr.Error(f"No conversation {conversation_id} in {admin.department_id}. 未找到该会话。")
-    audit.record(services.db, admin.id, admin.department_id, "audit.open", conversation_id=int(conversation_id))
+    audit.record(services.db, admin.id, admin.department_id, "audit.open", conversation_id=int(conversation_id),
+                 department=record["department_id"])
     return json.loads(json.dumps(record, default=str))
 
 
@@ -116,8 +121,9 @@ def build_monitoring_section(services, i18n) -> None:
             runs = gr.Dataframe(label=i18n("admin_runs"), interactive=False, elem_id="monitoring-runs")
 
     def show(period_name, request: gr.Request):
-        caller(services, request, "admin")
-        figures = monitoring_figures(services, PERIODS.get(period_name, 7))
+        admin = caller(services, request, "admin")
+        figures = monitoring_figures(services, PERIODS.get(period_name, 7),
+                                     department_scope(services, admin, "read.monitoring"))
         table = figures["daily"].assign(day=figures["daily"]["day"].dt.strftime("%Y-%m-%d"))
         return (figures["trend"], figures["trend"].dropna(subset=["latency_p95_ms"]), figures["by_version"],
                 figures["tools"], table, figures["backlog"], figures["runs"])
@@ -216,9 +222,11 @@ def build_api_keys_section(services, i18n) -> None:
 
 def register_operations_api(services) -> None:
     def monitoring_api(days: int = 7, request: gr.Request = None) -> dict[str, Any]:
-        """Daily figures per department, thumbs-down per adapter version, tool calls, review backlog, runs."""
-        caller(services, request, "admin")
-        figures = monitoring_figures(services, max(1, min(int(days), 366)))
+        """The caller's department (the owner: each department): daily figures, thumbs-down per
+        adapter version, tool calls, review backlog, runs."""
+        admin = caller(services, request, "admin")
+        figures = monitoring_figures(services, max(1, min(int(days), 366)),
+                                     department_scope(services, admin, "read.monitoring"))
         return {name: json.loads(frame.to_json(orient="records", date_format="iso"))
                 for name, frame in figures.items()}
 
