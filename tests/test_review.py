@@ -44,7 +44,8 @@ def test_queue_is_scoped_to_the_reviewers_departments_and_filtered(services, cas
     ids = lambda rows: [r["message_id"] for r in rows]  # noqa: E731
     assert ids(services.reviews.queue(reviewer(services, "finance-reviewer"))) == [cases["sales"], cases["trend"]]
     assert ids(services.reviews.queue(reviewer(services, "hr-reviewer"))) == [cases["hr"]]
-    admin = reviewer(services, "hr-admin")
+    assert ids(services.reviews.queue(reviewer(services, "hr-admin"))) == [cases["hr"]], "admins review their own"
+    admin = reviewer(services, "company-owner")  # the owner reviews every department
     assert ids(services.reviews.queue(admin)) == [cases["sales"], cases["hr"], cases["trend"]]  # oldest first
     assert ids(services.reviews.queue(admin, with_comment_only=True)) == [cases["sales"]]
     assert ids(services.reviews.queue(admin, rating=1)) == [cases["hello"]]
@@ -149,7 +150,7 @@ def test_skip_reject_and_good_examples(services, cases):
 
 
 def test_export_import_round_trip_is_lossless_and_loads_with_datasets(services, cases, tmp_path):
-    admin = reviewer(services, "finance-admin")
+    admin = reviewer(services, "company-owner")  # decides both departments' cases
     services.reviews.decide(admin, cases["sales"], "approved", "should_call_tool", tool_name="query_sales",
                             tool_arguments='{"region": "华东", "period": "2026-Q3"}')
     services.reviews.decide(admin, cases["trend"], "approved", "wrong_fact", answer="South China grew 9% last month.")
