@@ -54,8 +54,8 @@ def train(model_dir: Path, samples: list[dict], held_out: list[dict], steps_per_
     model.train()
     qlora.compile_decoder_layers(model, nf4="kernel", down_outside=True, fp8_recompute=fp8, fp8_input_gradients=fp8,
                                  fp8_forward=fp8_forward)
-    examples = [tokenize_sample(tokenizer, s, 2048) for s in samples]
-    held = [tokenize_sample(tokenizer, s, 2048) for s in held_out]
+    examples = [e for s in samples for e in tokenize_sample(tokenizer, s, 2048)]
+    held = [e for s in held_out for e in tokenize_sample(tokenizer, s, 2048)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
     torch.manual_seed(dropout_seed)

