@@ -234,6 +234,10 @@ class StaticDecoder:
             self.set_row_adapter(row, adapter if adapter in self.adapter_index else None)
         self._graphs.clear()
         self._prefill_runs.clear()
+        # Every graph of the old pool is gone, so the allocator has released the pool: a capture
+        # into its handle would trip its "pool is live" assert (it did, at the first promotion
+        # on a GPU, bench/app_gpu.py). The next capture starts a new pool.
+        self._pool = None
 
     def _stack_groups(self) -> None:
         """For each joined 4-bit product with LoRA on more than one of its layers (q/k/v,

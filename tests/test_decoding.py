@@ -254,6 +254,28 @@ def test_graphed_prefill_and_decode_on_gpu_give_the_tokens_of_generate(tiny_mode
     assert sorted(decoder._prefill_runs) == [8, 16]  # the 40-token prompt ran eagerly; nothing needed 32
 
 
+@pytest.mark.gpu
+def test_a_promotion_between_graph_replays_gives_the_new_adapters_tokens_on_gpu(tiny_model_dir):
+    """An adapter replaced while the decoder's graphs exist (an admin's promotion in a running
+    app): every graph of the old pool goes, new ones are captured into a new pool, and the
+    tokens are generate()'s with the new weights. Capturing into the released pool tripped
+    PyTorch's allocator ("use_count > 0") at the first promotion on a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = with_two_adapters(tiny_model_dir, "cuda")
+    prompts, adapters = [[5, 17, 42, 8, 99, 3], [9, 100, 7]], ["finance", "hr"]
+    decoder = StaticDecoder(model, max_batch=2, max_len=96, prefill_lengths=(8, 16))
+    assert serve(decoder, prompts, adapters, 8) == [reference(model, p, a, 8, "cuda") for p, a in zip(prompts, adapters)]
+    with torch.no_grad():  # the promoted version: other LoRA weights under the same name
+        for name, param in model.named_parameters():
+            if "lora_B" in name and "finance" in name:
+                param.mul_(-3.0)
+    decoder.refresh_adapters()
+    assert serve(decoder, prompts, adapters, 8) == [reference(model, p, a, 8, "cuda") for p, a in zip(prompts, adapters)]
+    decoder.refresh_adapters()  # and again: each promotion starts a fresh pool
+    assert serve(decoder, prompts[:1], adapters[:1], 8) == [reference(model, prompts[0], "finance", 8, "cuda")]
+
+
 def test_idle_rows_of_a_batch_bucket_never_embed_garbage(two_adapter_model):
     """Three rows run in the bucket of four: the fourth is idle, but it is embedded too. Its token
     id must be a valid one whatever the staging buffer held before (it was torch.empty: the
