@@ -1,15 +1,18 @@
 #!/bin/bash
 # The GPU benchmarks in one device call, hangjia beside the stock baseline on the same
 # random-weight Qwen3-14B checkpoint (kept on a tmpfs between calls on a warm machine).
-#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve nf4 fp8 profile multi
-# Wheels in .whl/ are installed first (bitsandbytes, transformers, peft the image lacks);
-# the stock scripts are expected in .baseline/ (a copy of ../shared/gpu-baseline).
+#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve app nf4 fp8 profile multi
+# Wheels in .whl/ (and its sub-folders) are installed first (what the machine's image lacks);
+# BASELINE names the folder of the stock baseline scripts (make_ckpt.py, bench_train.py,
+# bench_infer.py); the tokenizer the model folder needs (app, multi) comes from TOKENIZER.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 START=$(date +%s); DEADLINE=${DEADLINE:-580}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+BASELINE=${BASELINE:-.baseline}; TOKENIZER=${TOKENIZER:-.gpu-tok}
+WHEELS=$(ls ${WHEELS_DIR:-.whl}/*.whl ${WHEELS_DIR:-.whl}/*/*.whl 2>/dev/null)
+if [ -n "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS \
     || { echo "wheel install failed"; exit 1; }
 fi
 export PYTHONPATH=/tmp/site:$PWD
@@ -25,21 +28,28 @@ phase() {  # phase NAME MIN_SECONDS cmd...
   timeout $left "$@" > >(tee -a "$OUT/$name.log" | grep -E "^RESULT|^\||Error|error|Traceback" | cut -c1-600) 2>&1
   echo "=== $name rc=$? took $(( $(date +%s) - now ))s"
 }
-[ -f $CKPT/COMPLETE ] || phase ckpt 60 python3 .baseline/make_ckpt.py --ckpt $CKPT --bf16-batches ""
+tokenizer_to() {  # the tokenizer's files into a model folder (a .gz is unpacked: it travels smaller)
+  for f in $TOKENIZER/*; do
+    case $f in *.gz) [ -f "$1/$(basename $f .gz)" ] || gunzip -c $f > "$1/$(basename $f .gz)" ;; *) cp -n $f "$1/" ;; esac
+  done
+}
+[ -f $CKPT/COMPLETE ] || phase ckpt 60 python3 $BASELINE/make_ckpt.py --ckpt $CKPT --bf16-batches ""
 for P in "$@"; do
   case $P in
-    stocktrain) phase stocktrain 100 python3 .baseline/bench_train.py --ckpt $CKPT --r 64 --alpha 16 --targets q_proj,k_proj,v_proj --seqlens ${STOCK_SEQS:-2048} ;;
+    stocktrain) phase stocktrain 100 python3 $BASELINE/bench_train.py --ckpt $CKPT --r 64 --alpha 16 --targets q_proj,k_proj,v_proj --seqlens ${STOCK_SEQS:-2048} ;;
     train)      for SEQ in ${TRAIN_SEQS:-2048}; do  # TRAIN_VARIANTS_<seq> picks the variants per length
                   V=TRAIN_VARIANTS_$SEQ; phase train 120 python3 bench/gpu_train.py --model $CKPT --seq $SEQ ${!V:+--variants ${!V}}
                 done ;;
     trainb)     for V in ${TRAINB_VARIANTS//,/ }; do  # a process each: compiled layers cannot be undone
                   phase trainb 100 python3 bench/gpu_train.py --model $CKPT --seq 2048 --variants $V; done ;;
-    stockserve) phase stockserve 100 python3 .baseline/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
+    stockserve) phase stockserve 100 python3 $BASELINE/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
     serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
+    app)        tokenizer_to $CKPT  # the app loads the tokenizer from the model folder
+                phase app 200 python3 bench/app_gpu.py --model $CKPT ${APP_ARGS:-} ;;
     nf4)        phase nf4 60 python3 bench/nf4_kernel.py ;;
     fp8)        phase fp8 60 python3 bench/fp8_weights.py ;;
     profile)    phase profile 60 python3 bench/gpu_profile.py --model $CKPT ;;
-    multi)      cp -n .gpu-tok/* $CKPT/ 2>/dev/null  # the recipe loads the tokenizer from the model folder
+    multi)      tokenizer_to $CKPT  # the recipe loads the tokenizer from the model folder
                 phase multi 120 python3 bench/gpu_multi.py --model $CKPT --gpus ${GPUS:-2} ;;
     *) echo "unknown phase $P" ;;
   esac
