@@ -44,7 +44,9 @@ def test_thinking_is_kept_apart():
     [
         ('<tool_call>{"name": "query_sales", "arguments": {"region": "华东"</tool_call>', "not valid JSON"),
         ('<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>', "no tool named 'drop_tables'"),
-        ('<tool_call>{"name": "query_sales", "arguments": "{\\"region\\": \\"华东\\"}"}</tool_call>', "got a string"),
+        ('<tool_call>{"name": "query_sales", "arguments": "region=华东"}</tool_call>', "a string that is not JSON"),
+        ('<tool_call>{"name": "query_sales", "arguments": {}, "parameters": {"region": "华东"}}</tool_call>',
+         "both"),
         ('<tool_call>{"name": "query_sales", "arguments": [1, 2]}</tool_call>', "got list"),
         ('<tool_call>["query_sales"]</tool_call>', "must be a JSON object"),
         ('<tool_call>{"arguments": {}}</tool_call>', 'no "name"'),
@@ -54,6 +56,7 @@ def test_thinking_is_kept_apart():
     ],
 )
 def test_malformed_calls_become_errors_never_exceptions(raw, error):
+    """Each malformation is one error for the model, and no call runs on a guess."""
     parsed = parse_output(raw, KNOWN)
     assert parsed.calls == [] and len(parsed.errors) == 1
     assert error in parsed.errors[0]
@@ -82,3 +85,18 @@ def test_garbage_never_raises(raw):
 )
 def test_streaming_never_shows_tool_call_markup(raw, shown):
     assert visible_text(raw) == shown
+
+
+def test_arguments_as_parameters_or_as_a_json_string_and_lists_judged_element_by_element():
+    """What other engines' parsers accept (vLLM, SGLang): "parameters" for the arguments, and
+    arguments sent as a JSON-encoded string (decoded once); a list of calls in one block is
+    judged element by element. Never a call with silently empty arguments."""
+    parameters = parse_output('<tool_call>{"name": "query_sales", "parameters": {"region": "华东"}}</tool_call>', KNOWN)
+    assert parameters.calls == [ToolCall("query_sales", {"region": "华东"})] and not parameters.errors
+    encoded = parse_output('<tool_call>{"name": "query_sales", "arguments": "{\\"region\\": \\"华东\\"}"}</tool_call>',
+                           KNOWN)
+    assert encoded.calls == [ToolCall("query_sales", {"region": "华东"})] and not encoded.errors
+    twice = parse_output('<tool_call>{"name": "query_sales", "arguments": "\\"{}\\""}</tool_call>', KNOWN)
+    assert twice.calls == [] and "got str" in twice.errors[0], "decoded once, not until it is an object"
+    mixed = parse_output('<tool_call>[{"name": "query_sales", "arguments": {"region": "华北"}}, 42]</tool_call>', KNOWN)
+    assert mixed.calls == [ToolCall("query_sales", {"region": "华北"})] and len(mixed.errors) == 1

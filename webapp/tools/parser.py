@@ -60,19 +60,10 @@ def visible_text(raw: str) -> str:
     return rest.strip()
 
 
-def _parse_call(body: str, known_tools: Collection[str] | None) -> tuple[ToolCall | None, str | None]:
-    body = body.strip()
-    fenced = _FENCE_RE.match(body)
-    if fenced:
-        body = fenced.group(1)
-    if len(body) > MAX_CALL_CHARS:
-        return None, f"tool call is {len(body):,} characters; the limit is {MAX_CALL_CHARS:,}."
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        return None, "tool call JSON is nested too deeply."
-    except json.JSONDecodeError as exc:
-        return None, f"tool call is not valid JSON ({exc.msg} at position {exc.pos}). Send {{\"name\": ..., \"arguments\": {{...}}}}."
+def _call_from(data: Any, known_tools: Collection[str] | None) -> tuple[ToolCall | None, str | None]:
+    """One call from one decoded JSON value. Arguments may come as "arguments" or, as some
+    models write them (and vLLM and SGLang accept), "parameters"; a JSON-encoded string of an
+    object is decoded once, as vLLM does."""
     if not isinstance(data, dict):
         return None, f"tool call must be a JSON object with name and arguments, got {type(data).__name__}."
     name = data.get("name")
@@ -82,15 +73,46 @@ def _parse_call(body: str, known_tools: Collection[str] | None) -> tuple[ToolCal
     if known_tools is not None and name not in known_tools:
         available = ", ".join(sorted(known_tools)) or "none"
         return None, f"there is no tool named {name!r}; available tools: {available}."
-    arguments = data.get("arguments", {})
+    if "arguments" in data and "parameters" in data:
+        return None, f"tool call {name!r} has both \"arguments\" and \"parameters\"; send one \"arguments\" object."
+    arguments = data.get("arguments", data.get("parameters", {}))
     if arguments is None:
         arguments = {}
     if isinstance(arguments, str):
-        return None, (f"arguments of {name!r} must be a JSON object, got a string; "
-                      "send \"arguments\": {...} without quotes around it.")
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except (json.JSONDecodeError, RecursionError):
+            return None, (f"arguments of {name!r} must be a JSON object, got a string that is not JSON; "
+                          "send \"arguments\": {...}.")
     if not isinstance(arguments, dict):
         return None, f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}."
     return ToolCall(name, arguments), None
+
+
+def _parse_calls(body: str, known_tools: Collection[str] | None) -> tuple[list[ToolCall], list[str]]:
+    """The calls of one <tool_call> block: one JSON object, or a list of them, each element
+    judged on its own (a junk element is an error, the valid ones still count)."""
+    body = body.strip()
+    fenced = _FENCE_RE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    if len(body) > MAX_CALL_CHARS:
+        return [], [f"tool call is {len(body):,} characters; the limit is {MAX_CALL_CHARS:,}."]
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        return [], ["tool call JSON is nested too deeply."]
+    except json.JSONDecodeError as exc:
+        return [], [f"tool call is not valid JSON ({exc.msg} at position {exc.pos}). "
+                    "Send {\"name\": ..., \"arguments\": {...}}."]
+    calls, errors = [], []
+    for element in data if isinstance(data, list) and data else [data]:
+        call, error = _call_from(element, known_tools)
+        if call is not None:
+            calls.append(call)
+        else:
+            errors.append(error)
+    return calls, errors
 
 
 def parse_output(raw: str, known_tools: Collection[str] | None = None) -> ParsedOutput:
@@ -102,11 +124,9 @@ def parse_output(raw: str, known_tools: Collection[str] | None = None) -> Parsed
     for match in _CALL_RE.finditer(rest):
         pieces.append(rest[position:match.start()])
         position = match.end()
-        call, error = _parse_call(match.group(1), known_tools)
-        if call is not None:
-            parsed.calls.append(call)
-        else:
-            parsed.errors.append(error)
+        calls, errors = _parse_calls(match.group(1), known_tools)
+        parsed.calls.extend(calls)
+        parsed.errors.extend(errors)
     tail = rest[position:]
     if CALL_OPEN in tail:
         before, unclosed = tail.split(CALL_OPEN, 1)
