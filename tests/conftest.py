@@ -87,17 +87,24 @@ def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_qwen3_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
     """A 2-layer random Qwen3 with Qwen3's real tokenizer and template and its real vocabulary
     (151,936 rows): the product's own model family, small enough for CI."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
-    config = Qwen3Config(
-        vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=TINY_MAX_CONTEXT, tie_word_embeddings=False,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
-    )
+    return save_tiny_qwen3(tokenizer, tmp_path_factory.mktemp("tiny-qwen3-real-tokenizer"), vocab_size=151_936,
+                           hidden_size=32, intermediate_size=64, head_dim=8,
+                           eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def save_tiny_qwen3(tokenizer, target: Path, **config) -> Path:
+    """A 2-layer random Qwen3 saved with `tokenizer`. Untied embeddings make it emit varied
+    text instead of repeating one token."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(**{**dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_CONTEXT,
+        tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id), **config})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    target = tmp_path_factory.mktemp("tiny-qwen3-real-tokenizer")
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
@@ -105,23 +112,12 @@ def tiny_qwen3_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, test_tokenizer_dir) -> Path:
-    """A 2-layer random Qwen3 with the embedded model's tokenizer and chat template.
-    Untied embeddings make it emit varied text instead of repeating one token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+    """A 2-layer random Qwen3 with the embedded model's tokenizer and chat template."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(test_tokenizer_dir)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=TINY_MAX_CONTEXT, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    target = tmp_path_factory.mktemp("tiny-qwen3")
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+    return save_tiny_qwen3(tokenizer, tmp_path_factory.mktemp("tiny-qwen3"), vocab_size=len(tokenizer),
+                           hidden_size=64, intermediate_size=128, head_dim=16)
 
 
 def make_lora_adapter(base_dir: Path, target: Path, seed: int) -> Path:
