@@ -14,8 +14,10 @@ ANSWER = "华东区上季度销售额为1,234万元。"
 
 @pytest.fixture
 def ask(services, script):
-    """Ask as a user; the scripted model answers ANSWER (finish 'stop', so it is cacheable)."""
+    """Ask as a user; the scripted model answers ANSWER (finish 'stop', so it is cacheable).
+    The semantic layer is on here (an admin's choice; off by default), so its paths are tested."""
     model = script(*[ANSWER] * 20)
+    services.cache.configure(True, True, 0.8)
 
     def run(text, username="finance-employee", conversation_id=None, fresh=False):
         user = services.auth.current_user(username)

@@ -34,7 +34,7 @@ STABLE_TOOLS = frozenset({"search_knowledge_base"})
 @dataclass(frozen=True)
 class CacheSettings:
     enabled: bool = True
-    semantic: bool = True
+    semantic: bool = False  # exact repeats only unless the admin turns paraphrases on (docs/accuracy.md)
     threshold: float = 0.8
     ttl_s: int = 7 * 24 * 3600
     live_ttl_s: int = 0  # answers that used live-data tools: 0 = never cached
