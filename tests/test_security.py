@@ -164,6 +164,9 @@ def test_the_owner_reaches_every_department_and_each_look_is_audited(running_app
     assert "owner.review.queue" not in actions
     owner.predict(-1, "hr", "", "", "", False, api_name="/review_queue")
     assert "owner.review.queue" in [e["action"] for e in audit.events(services.db, "owner.")]
+    assert {k["department_id"] for k in services.auth.keys_visible_to(services.auth.current_user("company-owner"))} \
+        <= {"finance", "hr"}
+    assert "owner.read.api_keys" in [e["action"] for e in audit.events(services.db, "owner.")]
 
 
 def test_department_admins_manage_only_their_departments_documents(running_app):

@@ -193,6 +193,7 @@ class Auth:
     def keys_visible_to(self, actor: User) -> list[dict]:
         """Admins see their department's keys (the owner all); everyone else their own."""
         if actor.owner:
+            check_department(self.db, actor, None, "read.api_keys")  # audited: every department's keys
             return api_keys.keys_of(self.db, department_id=None)
         if actor.role == "admin":
             return api_keys.keys_of(self.db, department_id=actor.department_id)
