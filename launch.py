@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
           f"http://{settings.host}:{settings.port}/v1\n", flush=True)
     try:
         # open event streams (browsers, clients) must not hold a stop forever
-        uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5,
+                    proxy_headers=bool(settings.forwarded_allow_ips), forwarded_allow_ips=settings.forwarded_allow_ips or None)
     finally:
         services.close()
     return 0

@@ -201,7 +201,7 @@ def client(url, username):
     return Client(url, auth=(username, "hangjia-demo"), verbose=False)
 
 
-REFUSED = ("not allowed", "没有权限", "not among the departments", "not your department", "No conversation")
+REFUSED = ("not allowed", "没有权限", "among the departments you review", "not your department", "No conversation")
 
 
 def refused(fn, *args, api_name):

@@ -56,6 +56,29 @@ def test_guessing_is_slowed_per_name_and_address_with_growing_delays_and_locks_n
     assert services.auth.login_wait("hr-reviewer", attacker) == 0, "a login starts afresh"
 
 
+def test_guesses_sent_in_parallel_are_slowed_like_guesses_sent_one_by_one(services):
+    import threading
+
+    from webapp.auth import FREE_LOGIN_TRIES
+
+    checked = []
+    original = services.auth._dummy_hash
+
+    def guess():
+        checked.append(services.auth.check_login("finance-admin", "guess", "198.51.100.7"))
+
+    threads = [threading.Thread(target=guess) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert services.auth._dummy_hash == original and checked == [False] * 12
+    assert services.auth._failures[("finance-admin", "198.51.100.7")][0] == FREE_LOGIN_TRIES, \
+        "only the free tries reached the password check; the rest were refused unchecked"
+    assert not services.auth.check_login("finance-admin", "hangjia-demo", "198.51.100.7")
+    assert services.auth.check_login("finance-admin", "hangjia-demo", "192.0.2.1")
+
+
 def test_api_keys_are_stored_only_as_hashes(running_app):
     url, services = running_app
     user = services.auth.current_user("finance-employee")

@@ -99,14 +99,19 @@ def test_an_upload_is_usable_by_its_own_session_only(running_app):
     page = "tab-of-finance"
     assert call(finance_admin, listing, [], page) == (200, None)  # the page shows the departments to choose
     path = upload(finance_admin, "travel-policy.md", "# Travel\n\nTrain tickets are booked through the portal.")
+    # several files at once, the answer compressed as a browser asks for it (brotli): still recorded
+    many = finance_admin.post("gradio_api/upload", headers={"Accept-Encoding": "br, gzip"}, files=[
+        ("files", (f"policy-{'x' * 80}-{i}.md", f"# Policy {i}\n\nRule {i}.".encode(), "text/plain")) for i in range(6)])
+    assert many.status_code == 200 and len(many.json()) == 6
     # another user (here an admin too) may not hand that path to a handler
     before = table_counts(services)
     assert call(hr_admin, add, [[file_data(path)], ["hr"]])[0] == 403
     # nor may another login session of the same user
     assert call(session(url, "finance-admin"), add, [[file_data(path)], ["finance"]])[0] == 403
     assert table_counts(services) == before
-    # positive control: the session that uploaded it adds it
+    # positive control: the session that uploaded them adds them
     assert call(finance_admin, add, [[file_data(path)], ["finance"]], page) == (200, None)
+    assert call(finance_admin, add, [[file_data(p) for p in many.json()], ["finance"]], page) == (200, None)
     assert [d.source_name for d in services.knowledge.documents("finance")].count("travel-policy.md") == 1
 
 
@@ -167,6 +172,12 @@ def test_the_owner_reaches_every_department_and_each_look_is_audited(running_app
     assert {k["department_id"] for k in services.auth.keys_visible_to(services.auth.current_user("company-owner"))} \
         <= {"finance", "hr"}
     assert "owner.read.api_keys" in [e["action"] for e in audit.events(services.db, "owner.")]
+    # a department admin neither sees nor revokes the keys of an owner sitting in the department
+    key_id, _ = services.auth.create_api_key(services.auth.current_user("company-owner"), "owner's laptop")
+    finance_admin = services.auth.current_user("finance-admin")
+    assert key_id not in [k["id"] for k in services.auth.keys_visible_to(finance_admin)]
+    with pytest.raises(Exception, match="no key"):
+        services.auth.revoke_api_key(finance_admin, key_id)
 
 
 def test_department_admins_manage_only_their_departments_documents(running_app):
@@ -229,3 +240,9 @@ def test_users_get_clear_messages_never_python_errors(running_app, caplog):
         assert "invalid literal" not in message and "Traceback" not in message
         assert "Check it and try again" in message and "ref " in message
     assert "invalid literal" in caplog.text, "the details go to the server's log"
+    # an error in Gradio's own processing of an input (a number field sent text) is not shown raw either
+    blocks = build_app(services)
+    browser = session(url, "hr-employee")
+    revoke = index_of(handlers(blocks, browser.get("config").json()), "do_revoke")
+    status, error = call(browser, revoke, ["abc"])
+    assert status == 200 and error is not None and "__round__" not in error and "Traceback" not in error

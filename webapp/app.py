@@ -173,5 +173,8 @@ def launch_options(services: Services) -> dict[str, Any]:
         "max_threads": 64,
         # Big enough for long pasted messages; the engine refuses what exceeds the setting.
         "max_file_size": "50mb",
+        # gr.Error messages are always shown; anything else (Gradio's own input processing too)
+        # reaches the client without its Python text (guard_handlers covers the handlers)
+        "show_error": False,
         "head": REVIEW_SHORTCUTS_JS,
     }

@@ -104,9 +104,12 @@ class Auth:
 
     def login_wait(self, username: str, client: str = "") -> float:
         """Seconds until `username` may be tried again from `client` (0: now)."""
-        key, now = (username.strip().casefold(), client), self.clock()
         with self._failures_lock:
-            count, last = self._failures.get(key, (0, now))
+            return self._wait((username.strip().casefold(), client))
+
+    def _wait(self, key: tuple[str, str]) -> float:
+        now = self.clock()
+        count, last = self._failures.get(key, (0, now))
         if count < FREE_LOGIN_TRIES or now - last > FORGET_FAILURES_S:
             return 0.0
         delay = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** (count - FREE_LOGIN_TRIES))
@@ -117,21 +120,23 @@ class Auth:
         from `client` (an address) while that name is not slowed down there (see FREE_LOGIN_TRIES)."""
         if not isinstance(username, str) or not isinstance(password, str):
             return False
-        if self.login_wait(username, client) > 0:
-            return False  # refused unchecked: a guess during the wait learns nothing
         key = (username.strip().casefold(), client)
+        with self._failures_lock:
+            if self._wait(key) > 0:
+                return False  # refused unchecked: a guess during the wait learns nothing
+            # counted as a failure before the password is checked, so that tries sent in parallel
+            # are slowed as those sent one after another; a right password takes it back
+            count, last = self._failures.get(key, (0, 0.0))
+            now = self.clock()
+            self._failures[key] = (1 if now - last > FORGET_FAILURES_S else count + 1, now)
+            if len(self._failures) > 100_000:  # a flood of names: keep the recent half
+                recent = sorted(self._failures.items(), key=lambda item: item[1][1])[50_000:]
+                self._failures = dict(recent)
         stored = accounts.password_hash_of(self.db, username.strip())
         ok = verify_password(password, stored or self._dummy_hash) and stored is not None
-        with self._failures_lock:
-            if ok:
+        if ok:
+            with self._failures_lock:
                 self._failures.pop(key, None)
-            else:
-                count, last = self._failures.get(key, (0, 0.0))
-                now = self.clock()
-                self._failures[key] = (1 if now - last > FORGET_FAILURES_S else count + 1, now)
-                if len(self._failures) > 100_000:  # a flood of names: keep the recent half
-                    recent = sorted(self._failures.items(), key=lambda item: item[1][1])[50_000:]
-                    self._failures = dict(recent)
         return ok
 
     def current_user(self, username: str | None) -> User:
@@ -183,7 +188,7 @@ class Auth:
         owner_id = api_keys.key_owner(self.db, int(key_id))
         owner = accounts.get_user(self.db, owner_id) if owner_id is not None else None
         allowed = owner is not None and (owner.id == actor.id or actor.owner or (
-            actor.role == "admin" and owner.department_id == actor.department_id))
+            actor.role == "admin" and owner.department_id == actor.department_id and owner.username not in self.owners))
         if not allowed:
             raise NotAuthorized(f"There is no key {key_id} you may revoke.")
         if api_keys.revoke(self.db, int(key_id)):
@@ -195,6 +200,7 @@ class Auth:
         if actor.owner:
             check_department(self.db, actor, None, "read.api_keys")  # audited: every department's keys
             return api_keys.keys_of(self.db, department_id=None)
-        if actor.role == "admin":
-            return api_keys.keys_of(self.db, department_id=actor.department_id)
+        if actor.role == "admin":  # the department's keys, not an owner's who sits in it
+            return [k for k in api_keys.keys_of(self.db, department_id=actor.department_id)
+                    if k["username"] not in self.owners or k["username"] == actor.username]
         return api_keys.keys_of(self.db, actor.id)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import secrets
 import threading
 import time
 import uuid
@@ -39,6 +41,8 @@ from webapp.auth import NotAuthorized, check_department
 from webapp.engine import ConversationNotFound, GenerationFailed, TurnUpdate, UserInputError
 from webapp.metrics import CONTENT_TYPE
 from webapp.models import GenerationParams, GenerationResult
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 48 * 1024 * 1024  # attachments travel inside the JSON, base64-encoded (the browser's limit is 50 MB)
 MAX_ATTACHMENTS = 10
@@ -115,7 +119,10 @@ def _turn_failure(exc: Exception) -> ApiError:
     """A turn that failed after it started: the model, or the database refusing a write."""
     if isinstance(exc, StorageError):
         return ApiError(503, str(exc), "server_error", "storage_unavailable")
-    return ApiError(500, str(exc), "server_error", "generation_failed")
+    reference = secrets.token_hex(3)
+    log.error("a /v1 turn failed (ref %s)", reference, exc_info=exc)
+    return ApiError(500, f"The model failed while answering; it was logged (ref {reference}). Try again; if it keeps "
+                         "failing, give your admin the reference.", "server_error", "generation_failed")
 
 
 def _joined_text(update: TurnUpdate) -> str:

@@ -43,6 +43,10 @@ class ReviewSettings:
     eval_fraction: float = 0.1
 
 
+def no_case(message_id) -> str:
+    return f"There is no answer {message_id} among the departments you review."
+
+
 def parse_day(text: str | None) -> dt.date | None:
     if not text or not str(text).strip():
         return None
@@ -66,10 +70,15 @@ class ReviewService:
             return None
         return reviews.reviewer_departments(self.db, reviewer.id) or [reviewer.department_id]
 
-    def _check_department(self, reviewer: User, department_id: str | None, action: str = "review") -> None:
-        """Refuses a department the reviewer does not review; audits the owner's look into another."""
+    def _check_department(self, reviewer: User, department_id: str | None, action: str = "review",
+                          case: int | None = None) -> None:
+        """Refuses a department the reviewer does not review (for a case, with the words used for
+        a case that does not exist, so that probing ids tells nothing); audits the owner's look
+        into another department."""
         allowed = self.departments_of(reviewer)
         if allowed is not None and department_id not in allowed:
+            if case is not None:
+                raise CaseNotFound(no_case(case))
             raise CaseNotFound(f"Department {department_id!r} is not among the departments you review.")
         if reviewer.owner:
             check_department(self.db, reviewer, department_id, action)  # audits a look into another
@@ -91,8 +100,8 @@ class ReviewService:
     def case(self, reviewer: User, message_id: int) -> dict[str, Any]:
         header = reviews.case_header(self.db, int(message_id))
         if header is None:
-            raise CaseNotFound(f"There is no answer {message_id}.")
-        self._check_department(reviewer, header["department_id"], "review.case")
+            raise CaseNotFound(no_case(message_id))
+        self._check_department(reviewer, header["department_id"], "review.case", int(message_id))
         owner = accounts.get_user(self.db, header["user_id"])
         items, _ = self.engine.conversation_items(owner, header["conversation_id"])
         # the conversation up to the answer under review
@@ -117,8 +126,8 @@ class ReviewService:
             raise ReviewInputError(f"decision must be one of {', '.join(DECISIONS)}.")
         header = reviews.case_header(self.db, int(message_id))
         if header is None:
-            raise CaseNotFound(f"There is no answer {message_id}.")
-        self._check_department(reviewer, header["department_id"], "review.decide")
+            raise CaseNotFound(no_case(message_id))
+        self._check_department(reviewer, header["department_id"], "review.decide", int(message_id))
         if reason is not None and reason not in REASONS:
             raise ReviewInputError(f"reason must be one of {', '.join(REASONS)}.")
         sample = None

@@ -4,6 +4,7 @@ Prometheus endpoint at /metrics, all in one FastAPI app served by uvicorn."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import threading
 import time
@@ -86,6 +87,17 @@ def file_paths(data: Any) -> Iterator[str]:
             yield from file_paths(value)
 
 
+def decoded(body: bytes, encoding: str | None) -> bytes:
+    """A response body without its content encoding."""
+    if encoding == "br":
+        import brotli
+
+        return brotli.decompress(body)
+    if encoding == "gzip":
+        return gzip.decompress(body)
+    return body
+
+
 class UploadLedger:
     """Which login session uploaded which file. A request to a handler may name only files
     its own session uploaded through /gradio_api/upload: another user's upload, a file the
@@ -120,9 +132,10 @@ class UploadLedger:
         response = await call_next(request)
         if request.method == "POST" and path.startswith(self.UPLOAD) and response.status_code == 200 and token:
             body = b"".join([chunk async for chunk in response.body_iterator])
-            try:
-                uploaded = [p for p in json.loads(body) if isinstance(p, str)]
-            except (ValueError, TypeError):
+            try:  # Gradio compresses answers over 400 bytes (brotli, or gzip for clients without it)
+                uploaded = [p for p in json.loads(decoded(body, response.headers.get("content-encoding")))
+                            if isinstance(p, str)]
+            except (ValueError, TypeError, OSError):
                 uploaded = []
             with self.lock:
                 self._forget_old(now)

@@ -33,6 +33,10 @@ def _setting(default: Any, help: str, **extra: Any) -> Any:
 class Settings:
     host: str = _setting("127.0.0.1", "Address the web app listens on; 0.0.0.0 to serve the network.")
     port: int = _setting(7860, "Port of the web app.")
+    forwarded_allow_ips: str = _setting(
+        "127.0.0.1",
+        "Reverse proxies (comma-separated addresses, or *) whose X-Forwarded-For is taken as the client's address, "
+        "e.g. for the login throttle; empty: none, the connection's own address counts.")
     data_dir: Path = _setting(
         Path("hangjia-data"),
         "Folder holding the DuckDB file, converted models, adapters and uploads.",

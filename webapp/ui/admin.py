@@ -16,7 +16,7 @@ from finetune.refresh import RefreshBusy
 from storage import adapters as registry
 from storage import chats
 from webapp.adapters import AdapterError
-from webapp.ui.common import caller, department_choices, department_scope, in_department
+from webapp.ui.common import caller, department_choices, department_scope, in_department, user_error
 
 RUN_COLUMNS = ["id", "department_id", "trigger", "status", "reason", "samples", "new_samples", "steps",
                "final_loss", "version", "mode", "started_at", "finished_at", "log_path"]
@@ -131,7 +131,9 @@ def build_admin_tab(services, i18n) -> None:
             kind = event["event"]
             if kind == "__error__":
                 error = event["error"]
-                raise gr.Error(str(error) if isinstance(error, RefreshBusy) else f"Refresh failed: {error}")
+                if isinstance(error, RefreshBusy):
+                    raise gr.Error(str(error))
+                raise user_error("retrain_now", error)
             if kind == "__end__":
                 outcome = event["outcome"]
                 text = f"**{outcome.status}**" + (f" · {outcome.reason}" if outcome.reason else "")

@@ -34,7 +34,7 @@ def caller(services, request: gr.Request | None, *roles: str):
 log = logging.getLogger(__name__)
 
 
-def _translated(fn_name: str, exc: Exception) -> gr.Error:
+def user_error(fn_name: str, exc: Exception) -> gr.Error:
     """What a user sees of an unexpected error: what happened and a reference; the details
     (the Python error and its traceback) go to the server's log under that reference."""
     reference = secrets.token_hex(3)
@@ -44,7 +44,7 @@ def _translated(fn_name: str, exc: Exception) -> gr.Error:
 
 
 def guarded(fn):
-    """`fn` with every error but gr.Error turned into a clear message (see _translated);
+    """`fn` with every error but gr.Error turned into a clear message (see user_error);
     generators stay generators, so Gradio streams them as before."""
     name = getattr(fn, "__qualname__", repr(fn))
     if inspect.isgeneratorfunction(fn):
@@ -55,7 +55,7 @@ def guarded(fn):
             except gr.Error:
                 raise
             except Exception as exc:
-                raise _translated(name, exc) from None
+                raise user_error(name, exc) from None
         return stream
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return fn  # the app registers none; Gradio's own wrappers would need their own guard
@@ -67,7 +67,7 @@ def guarded(fn):
         except gr.Error:
             raise
         except Exception as exc:
-            raise _translated(name, exc) from None
+            raise user_error(name, exc) from None
     return call
 
 
