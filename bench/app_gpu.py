@@ -37,7 +37,6 @@ class GpuMemory:
 
     def __init__(self, period_s: float = 0.25):
         self.peak_mib, self.period_s, self._stop = 0, period_s, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
         while not self._stop.is_set():
@@ -92,7 +91,7 @@ def start_app(model: str, data_dir: Path, port: int, new_tokens: int, log_path: 
     if not knowledge:  # e.g. where the embedding model's package is not installed
         command += ["--no-knowledge"]
     log = open(log_path, "w")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=False)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -136,12 +135,11 @@ def gradio_user(url: str, username: str, question: str, tokenizer, out: dict) ->
 
     client = Client(url, auth=(username, PASSWORD), verbose=False)
     started = time.perf_counter()
-    first, final = None, None
+    first = None
     job = client.submit(question, None, True, api_name="/chat")  # fresh: the model, never the cache
     for update in job:
         if first is None and update.get("answer"):
             first = time.perf_counter()
-        final = update
     final = job.result()
     ended = time.perf_counter()
     tokens = len(tokenizer(final["answer"], add_special_tokens=False)["input_ids"])

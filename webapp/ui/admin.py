@@ -218,10 +218,9 @@ def register_admin_api(services) -> None:
         """Retrain one department's adapter now, as the Admin tab's button does; returns when
         the run has ended (trained, evaluated, gated, promoted or not)."""
         admin = caller(services, request, "admin")
+        in_department(services, admin, department, "adapters.retrain")  # refuses another department
         if department not in department_choices(services, admin):
-            in_department(services, admin, department, "adapters.retrain")  # refuses another department
             raise gr.Error(f"There is no department {department!r}.")
-        in_department(services, admin, department, "adapters.retrain")
         try:
             outcome = services.refresh.refresh(department, "manual", bool(force))
         except RefreshBusy as exc:
