@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--steps-per-epoch", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/fp8_numerics.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/fp8_numerics.jsonl"))
     args = parser.parse_args()
     model_dir = args.model
     if model_dir is None:

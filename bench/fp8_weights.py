@@ -79,7 +79,7 @@ def main() -> int:
     from finetune.nf4 import fp8_rows
     from finetune.qlora import dequantize_nf4
 
-    out = Path(os.environ.get("OUT", "/tmp")) / "fp8_weights.jsonl"
+    out = Path(os.environ.get("OUT", "bench/results")) / "fp8_weights.jsonl"
     torch.manual_seed(0)
     decode_bf16 = torch.compile(dequantize_nf4)
     decode_fp8 = torch.compile(nf4_as_fp8)

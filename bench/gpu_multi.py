@@ -80,7 +80,7 @@ def main() -> int:
                        peak_reserved_gib_first_gpu=finished.get("peak_reserved_gib"), mode=events[1].get("mode"))
         rows.append(row)
         print("RESULT", json.dumps(row), flush=True)
-        with open(Path(os.environ.get("OUT", "/tmp")) / "gpu_multi.jsonl", "a") as fh:
+        with open(Path(os.environ.get("OUT", "bench/results")) / "gpu_multi.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
     if all("tok_s" in r for r in rows):
         print(f"RESULT speed-up on {args.gpus} GPUs: {rows[1]['tok_s_after_first_step'] / rows[0]['tok_s_after_first_step']:.2f}x")

@@ -129,7 +129,7 @@ def main() -> int:
     from finetune.decoding import StaticDecoder
 
     model = add_adapters(load_4bit(model_path(args)), 64)
-    out = Path(os.environ.get("OUT", "/tmp")) / "gpu_profile.jsonl"
+    out = Path(os.environ.get("OUT", "bench/results")) / "gpu_profile.jsonl"
     for nf4_kernel, batch in (("mma", 1), ("mma", 8), ("bitsandbytes", 1), ("bitsandbytes", 8)):
         decoder = StaticDecoder(model, max_batch=8, max_len=1024, use_graphs=False, nf4_kernel=nf4_kernel)
         for row in range(batch):

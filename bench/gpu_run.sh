@@ -1,6 +1,6 @@
 #!/bin/bash
-# The GPU benchmarks in one device call, hangjia beside the stock baseline on the same
-# random-weight Qwen3-14B checkpoint (kept on a tmpfs between calls on a warm machine).
+# The GPU benchmarks in one run, hangjia beside the stock baseline on the same
+# random-weight Qwen3-14B checkpoint (kept on a tmpfs between runs on the same machine).
 #   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve app nf4 fp8 profile multi
 # Wheels in .whl/ (and its sub-folders) are installed first (what the machine's image lacks);
 # BASELINE names the folder of the stock baseline scripts (make_ckpt.py, bench_train.py,

@@ -7,7 +7,8 @@ decoder (finetune/decoding.py) against transformers' generate() on the same load
 
 Prompts are 512 random tokens, answers exactly 256 tokens (stop tokens ignored: random
 weights would stop anywhere), greedy. Two LoRA adapters (r=64, q/k/v, non-zero weights) are
-loaded, as two departments would have. Rows go to $OUT/gpu_serve.jsonl; a table is printed.
+loaded, as two departments would have. Rows are appended to bench/results/gpu_serve.jsonl
+($OUT/gpu_serve.jsonl where OUT is set); a table is printed.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(7)
     prompts = torch.randint(0, 151643, (args.batch, args.prompt_len), generator=generator).tolist()
     rows = []
-    out = Path(os.environ.get("OUT", "/tmp")) / "gpu_serve.jsonl"
+    out = Path(os.environ.get("OUT", "bench/results")) / "gpu_serve.jsonl"
 
     def record(**row):
         rows.append(row)

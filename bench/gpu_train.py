@@ -1,5 +1,6 @@
 """The refresh recipe at Qwen3-14B scale on one GPU: hangjia's levers, one at a time, on the
-same data and LoRA settings as the stock recipe (../shared/gpu-baseline: Trainer +
+same data and LoRA settings as the stock recipe (the stock transformers/peft/bitsandbytes
+baseline scripts, given to bench/gpu_run.sh as BASELINE: Trainer +
 prepare_model_for_kbit_training, batch 1 x accumulation 8, seq 2048, r=64 alpha=16 q/k/v).
 
     python bench/gpu_train.py --model Qwen/Qwen3-14B            # real weights
@@ -9,8 +10,8 @@ prepare_model_for_kbit_training, batch 1 x accumulation 8, seq 2048, r=64 alpha=
 Every variant trains 8 samples of --seq random tokens per optimizer step (labels = inputs,
 like the stock run), from the same LoRA initialisation, and reports tokens/s over the steps
 after --warmup, peak allocated/reserved GiB, and its losses. Speed and memory do not depend
-on the weight values. One JSON row per variant goes to $OUT/gpu_train.jsonl, and a table is
-printed last.
+on the weight values. One JSON row per variant is appended to bench/results/gpu_train.jsonl
+($OUT/gpu_train.jsonl where OUT is set), and a table is printed last.
 """
 
 from __future__ import annotations
@@ -92,14 +93,14 @@ VARIANTS = {
                                                        compile_layers="outside", autocast=True, sync="step",
                                                        nf4="torch", down_outside=True, layout="rows"),
     # ... and the 4-bit products' input gradients from fp8 products (the forward and the recompute
-    # stay bf16; qlora._nf4_product): session 14, +1.8% (6,738 against 6,616 tok/s in one call)
+    # stay bf16; qlora._nf4_product): +1.8% (6,738 against 6,616 tok/s in one run)
     "lean-compiled-outside-nf4-down-rows2-fused-fp8grad": dict(per_forward=2, checkpointing=False, loss="fused",
                                                                host_embedding=True, optimizer="adamw8bit",
                                                                compile_layers="outside", autocast=True, sync="step",
                                                                nf4="torch", down_outside=True, layout="rows",
                                                                fp8_input_gradients=True),
     # ... each 4-bit product one operator (nf4.linear_op) that decodes in a Triton kernel at memory
-    # speed, instead of the compiler's fused decode (0.097 against 0.272 ms for gate/up, session 13)
+    # speed, instead of the compiler's fused decode (0.097 against 0.272 ms for gate/up, bench/fp8_weights.py)
     "lean-compiled-outside-kernel-down-rows2-fused": dict(per_forward=2, checkpointing=False, loss="fused",
                                                           host_embedding=True, optimizer="adamw8bit",
                                                           compile_layers="outside", autocast=True, sync="step",
@@ -111,14 +112,14 @@ VARIANTS = {
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
         fp8_recompute=True),
     # ... and the input gradients in fp8 too: all of backward's 4-bit products in fp8. The recipe on
-    # CUDA with fp8 tensor cores (H100, H200, Ada) since session 14; since session 15 the down
+    # CUDA with fp8 tensor cores (H100, H200, Ada); the down
     # projection after the checkpoint is the same product (so its input gradient is fp8 too)
     "lean-compiled-outside-kernel-down-rows2-fused-fp8": dict(
         per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
         fp8_recompute=True, fp8_input_gradients=True),
-    # ... session 14's recipe (the down projection after the checkpoint in bitsandbytes' op, bf16),
-    # with session 15's weight constants (block scales decoded in the kernel, fp8 scales once)
+    # ... the recipe with the down projection after the checkpoint in bitsandbytes' op (bf16),
+    # and each weight's constants computed once (block scales decoded in the kernel, fp8 scales once)
     "lean-compiled-outside-kernel-down-rows2-fused-fp8-bnbdown": dict(
         per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
@@ -430,7 +431,7 @@ def main() -> int:
         from finetune.qlora import pack, packed_loss
 
         ours = packed_loss(model, pack(data[:1]), device).item()
-    out = Path(os.environ.get("OUT", "/tmp")) / "gpu_train.jsonl"
+    out = Path(os.environ.get("OUT", "bench/results")) / "gpu_train.jsonl"
     rows = []
     with open(out, "a") as fh:
         fh.write(json.dumps({"setup": True, "load_s": round(load_s, 1), "after_load": after_load,

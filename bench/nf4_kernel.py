@@ -30,7 +30,7 @@ def main() -> int:
     from finetune import nf4
 
     torch.manual_seed(0)
-    out = Path(os.environ.get("OUT", "/tmp")) / "nf4_kernel.jsonl"
+    out = Path(os.environ.get("OUT", "bench/results")) / "nf4_kernel.jsonl"
     kernels = [k for k in os.environ.get("NF4_KERNELS", "mma,triton").split(",") if k]
     print("| layer | rows | bitsandbytes µs | " + " | ".join(f"{k} µs | {k} ×" for k in kernels)
           + " | mma GB/s | max rel. error |")

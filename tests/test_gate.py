@@ -46,7 +46,7 @@ def test_metrics_reward_the_right_call_and_punish_false_or_broken_ones():
 ])
 def test_keywords_count_only_where_the_answer_says_them(output, keyword, said):
     """Keyword recall guards the gate: a digit inside a date or a name inside another word must
-    not make a wrong answer count as right (session 11: the base model's '2022-01-01 12:30:52'
+    not make a wrong answer count as right (the base model's '2022-01-01 12:30:52'
     scored '5 working days', and the candidate that said 3 was refused for it)."""
     from finetune.evaluate import mentions
 
@@ -109,7 +109,7 @@ def test_gate_promotes_only_a_better_adapter_without_regressions(candidate, pass
 
 
 def test_a_refusal_names_the_cases_that_fell_and_what_they_lost():
-    """Session 11's refused candidate: it learned the calls and said "Chen leads." for "Chen leads the
+    """A candidate the gate refused: it learned the calls and said "Chen leads." for "Chen leads the
     budget review". The reason must say so, so that an admin can judge the refusal."""
     notes = EvalCase([{"role": "user", "content": "Action items from these notes?"}], TOOLS, "text",
                      keywords=["Chen", "budget"], name="meeting notes -> action items")
