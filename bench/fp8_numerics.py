@@ -35,19 +35,17 @@ def train(model_dir: Path, samples: list[dict], held_out: list[dict], steps_per_
     import torch
     import torch._dynamo
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune import qlora
     from finetune.recipe import tokenize_sample
+    from serving.quantization import nf4_config
 
     torch._dynamo.reset()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                 device_map={"": device} if device != "cpu" else None,
-                                                quantization_config=BitsAndBytesConfig(
-                                                    load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                    bnb_4bit_use_double_quant=True,
-                                                    bnb_4bit_compute_dtype=torch.bfloat16))
+                                                quantization_config=nf4_config())
     torch.manual_seed(0)  # the same LoRA start in every run
     model = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
                                             target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))

@@ -126,7 +126,7 @@ def main() -> int:
     from gpu_train import load_4bit
     from torch.profiler import ProfilerActivity, profile
 
-    from finetune.decoding import StaticDecoder
+    from serving.decoding import StaticDecoder
 
     model = add_adapters(load_4bit(model_path(args)), 64)
     out = Path(os.environ.get("OUT", "bench/results")) / "gpu_profile.jsonl"

@@ -1,5 +1,5 @@
 """hangjia's serving path at Qwen3-14B scale, 4-bit NF4, on one GPU: the batched static-cache
-decoder (finetune/decoding.py) against transformers' generate() on the same loaded model.
+decoder (serving/decoding.py) against transformers' generate() on the same loaded model.
 
     python bench/gpu_serve.py --model Qwen/Qwen3-14B
     python bench/gpu_serve.py --random-weights --ckpt /mnt/q14b
@@ -50,7 +50,7 @@ def add_adapters(model, r: int):
 
 def run_requests(engine, prompts, adapters, new_tokens: int) -> tuple[float, list[float], list[list[int]]]:
     """All requests submitted at once; wall time, each one's time to first token, tokens."""
-    from finetune.decoding import DecodeRequest
+    from serving.decoding import DecodeRequest
 
     sync()
     started = time.perf_counter()
@@ -78,7 +78,7 @@ def main() -> int:
     import torch
     from gpu_train import load_4bit
 
-    from finetune.decoding import BatchingEngine, StaticDecoder
+    from serving.decoding import BatchingEngine, StaticDecoder
 
     model = add_adapters(load_4bit(model_path(args)), args.lora_r)
     cuda = torch.cuda.is_available()

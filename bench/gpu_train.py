@@ -185,13 +185,14 @@ def random_checkpoint(folder: Path, tiny: bool) -> str:
 
 def load_4bit(model_path: str):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from serving.quantization import nf4_config
 
     cuda = torch.cuda.is_available()
     return AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0} if cuda else None,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+        quantization_config=nf4_config())
 
 
 def memory() -> dict:

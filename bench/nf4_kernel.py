@@ -1,5 +1,5 @@
 """The NF4 product of a decode step at Qwen3-14B's shapes: bitsandbytes (what Linear4bit runs:
-its GEMV for one row, dequantize + matmul for more) against hangjia's kernels (finetune/nf4.py:
+its GEMV for one row, dequantize + matmul for more) against hangjia's kernels (serving/nf4.py:
 the tensor-core kernel `mma`, up to 8 rows, and the older Triton one), for 1..16 rows, in the same
 process. Prints microseconds, the weight bytes read per second, and the largest difference from
 the dequantized product. Each kernel is timed as a CUDA graph (a decode step is one: no Python
@@ -27,7 +27,7 @@ def main() -> int:
     import bitsandbytes.functional as F
     import torch
 
-    from finetune import nf4
+    from serving import nf4
 
     torch.manual_seed(0)
     out = Path(os.environ.get("OUT", "bench/results")) / "nf4_kernel.jsonl"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune.chat_format import passages_moved_to_the_question, system_message, with_passages
 from finetune.samples import last_question
+from serving.chat_format import passages_moved_to_the_question, system_message, with_passages
 
 FUNCTIONAL_SET = Path(__file__).with_name("data") / "functional.jsonl"
 DOMAIN_METRICS = ("tool_exact", "keyword_recall")

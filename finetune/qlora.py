@@ -20,6 +20,8 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
+from serving.decoding import causal_lm_of, decoder_and_head
+
 
 def prepare_for_lora_training(model, checkpointing: bool = True) -> None:
     """Freeze the base as loaded (bf16 and 4-bit stay as they are) and checkpoint layers."""
@@ -203,11 +205,6 @@ def _loss_with_gradient():
             return gradient * grad_output.to(gradient.dtype), None, None, None, None, None
 
     return LossWithGradient
-
-
-def causal_lm_of(model):
-    """The causal LM itself under a peft wrapper (or the model, unwrapped)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def dequantize_nf4(packed, quant_state):
@@ -445,12 +442,6 @@ def layers_checkpointed(model) -> bool:
     checkpointing, or compile_decoder_layers)."""
     return any(getattr(m, "gradient_checkpointing", False) or getattr(m, "_compiled_with_checkpoint", False)
                for m in model.modules())
-
-
-def decoder_and_head(model):
-    """The decoder stack and the output projection under a (peft-wrapped) causal LM."""
-    causal_lm = causal_lm_of(model)
-    return causal_lm.model, causal_lm.lm_head
 
 
 def packed_loss(model, batch: PackedBatch, device, chunk_tokens: int = 512, loss=None, fused: bool = True):

@@ -55,7 +55,7 @@ class Hyperparameters:
     # (README, Performance, sessions 14-15).
     fp8_backward: bool = True
     eval_max_new_tokens: int = 96
-    guided_tool_calls: bool = True  # evaluation decodes tool calls as serving does (finetune/guided.py)
+    guided_tool_calls: bool = True  # evaluation decodes tool calls as serving does (serving/guided.py)
     # Replay samples (marked "replay": true) trained on the model's own answer to their prompt,
     # as it stands before training, instead of the answer written in the replay file: replay
     # then holds the answers where they are instead of pulling them toward the file's style.
@@ -131,7 +131,7 @@ def learned_turns(tokenizer, messages: list[dict], tools: list[dict] | None,
     that turn's text with its end-of-turn marker. Qwen3's template writes an empty think block
     before the latest assistant turn only, so a turn's context is not a prefix of the whole
     conversation's text; rendered this way it is what the model saw when it answered."""
-    from finetune.chat_format import render_chat
+    from serving.chat_format import render_chat
 
     turns = []
     for i, message in enumerate(messages):
@@ -274,7 +274,8 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     import torch
     import torch.nn.functional as F
 
-    from finetune.qlora import decoder_and_head, queued_tensor, token_ids
+    from finetune.qlora import queued_tensor, token_ids
+    from serving.decoding import decoder_and_head
 
     # the prefix's keys and values only: the decoder stack without the vocabulary projection,
     # whose logits for every prompt token nobody reads (~10% of the embedded model's prompt forward)
@@ -390,11 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     quantized = cfg.load_in_4bit and cuda
     if quantized:
-        from transformers import BitsAndBytesConfig
+        from serving.quantization import nf4_config
 
-        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, device_map={"": gpu}, quantization_config=(
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, device_map={"": gpu},
+                                                     quantization_config=nf4_config(), dtype=torch.bfloat16)
         mode = "QLoRA: 4-bit NF4 base on CUDA"
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -558,7 +558,7 @@ def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: in
     `new_tokens` after the longest of `prompts`. All answers share
     one batch where memory allows: on CPU a step costs about the weights' read, so 16 rows take
     ~1.3x the time of 8; the 14B KV cache of 16 rows would crowd a 24 GB GPU."""
-    from finetune.decoding import BatchingEngine, StaticDecoder
+    from serving.decoding import BatchingEngine, StaticDecoder
 
     rows = 8 if next(model.parameters()).is_cuda else 16
     decoder = StaticDecoder(model, max_batch=min(rows, requests), max_len=max(len(p) for p in prompts) + new_tokens + 2)
@@ -575,8 +575,8 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     all the answers."""
     import torch
 
-    from finetune.chat_format import render_chat
-    from finetune.decoding import DecodeRequest, stop_token_ids
+    from serving.chat_format import render_chat
+    from serving.decoding import DecodeRequest, stop_token_ids
 
     replay = {}  # distinct prompt -> the samples that ask it (the replay file is cycled)
     for number, sample in enumerate(samples):
@@ -624,9 +624,9 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
 def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     """Candidate and active adapter answer every case greedily, all in one batch through the
     static-cache decoder (each row with its own adapter): the cases share their decode steps."""
-    from finetune.chat_format import render_chat
-    from finetune.decoding import DecodeRequest, stop_token_ids
-    from finetune.guided import TokenBytes, ToolCallGuide
+    from serving.chat_format import render_chat
+    from serving.decoding import DecodeRequest, stop_token_ids
+    from serving.guided import TokenBytes, ToolCallGuide
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     model.eval()

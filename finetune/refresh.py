@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.augment import Vocabulary, slot_variants
-from finetune.chat_format import passages_moved_to_the_question, system_message, with_passages
 from finetune.evaluate import case_from_sample, gate, load_functional_set, score, worse_cases
 from finetune.recipe import Hyperparameters, RecipeConfig, recipe_command
 from finetune.samples import last_question, normalize_question
+from serving.chat_format import passages_moved_to_the_question, system_message, with_passages
 from storage import adapters as registry
 from storage import reviews
 from storage.db import Database

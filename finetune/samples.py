@@ -10,7 +10,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from finetune.chat_format import passages_in_text, passages_moved_to_the_question, passages_out_of_text
+from serving.chat_format import passages_in_text, passages_moved_to_the_question, passages_out_of_text
 
 REASONS = {
     "wrong_fact": "Wrong fact 事实错误",

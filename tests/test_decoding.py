@@ -5,7 +5,7 @@ once, each with their own adapter, joining and leaving between steps."""
 import pytest
 import torch
 
-from finetune.decoding import BatchingEngine, DecodeRequest, StaticDecoder
+from serving.decoding import BatchingEngine, DecodeRequest, StaticDecoder
 
 
 def with_two_adapters(tiny_model_dir, device: str = "cpu"):

@@ -1,4 +1,4 @@
-"""Tool calls guided while decoded (finetune/guided.py), with the embedded model's real
+"""Tool calls guided while decoded (serving/guided.py), with the embedded model's real
 tokenizer: a model that would write a value the tool refuses writes an accepted one, and
 nothing outside a tool call changes."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from finetune.decoding import BatchingEngine, DecodeRequest
-from finetune.guided import GuideLogitsProcessor, TokenBytes, ToolCallGuide
+from serving.decoding import BatchingEngine, DecodeRequest
+from serving.guided import GuideLogitsProcessor, TokenBytes, ToolCallGuide
 from webapp.models import GenerationParams
 
 SALES = {"type": "function", "function": {"name": "query_sales", "parameters": {

@@ -1,6 +1,6 @@
-"""The fused 4-bit layers of the serving decoder (finetune/nf4.py): the NF4 kernel's arithmetic
-(run by Triton's interpreter on CPU, the same code the GPU compiles) and fused q/k/v, gate/up
-weights that share the layers' storage. The GPU speed is measured by bench/nf4_kernel.py."""
+"""The fused 4-bit layers of the serving decoder (serving/nf4.py) and the training kernels
+(finetune/nf4.py): the NF4 kernels' arithmetic (run by Triton's interpreter on CPU, the same code
+the GPU compiles) and fused q/k/v, gate/up weights that share the layers' storage. The GPU speed is measured by bench/nf4_kernel.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def nf4_layer(out_features: int, in_features: int, seed: int):
 
 
 def test_fused_layers_share_storage_and_give_each_layer_its_output():
-    from finetune.nf4 import FusedNF4
+    from serving.nf4 import FusedNF4
 
     layers = [nf4_layer(96, 128, 1), nf4_layer(32, 128, 2), nf4_layer(32, 128, 3)]
     x = torch.randn(5, 128)
@@ -44,7 +44,7 @@ def test_fused_layers_share_storage_and_give_each_layer_its_output():
 
 
 def test_double_quantised_layers_are_refused_not_misread():
-    from finetune.nf4 import FusedNF4
+    from serving.nf4 import FusedNF4
 
     layer = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compress_statistics=True)
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4",
@@ -125,7 +125,7 @@ def test_product_operator_on_gpu_is_bitsandbytes_in_a_forward_and_fp8_when_recom
 KERNEL_CHECK = """
 import sys, torch, bitsandbytes.functional as F
 sys.path.insert(0, {root!r})
-from finetune import nf4
+from serving import nf4
 from tests.test_nf4 import nf4_layer
 layer = nf4_layer(80, 1024, 4)  # 80 columns: the last tile of 32 is partly outside
 state = layer.weight.quant_state
@@ -242,11 +242,11 @@ def test_nf4_decode_kernel_is_bitsandbytes_bit_for_bit_on_gpu():
 
 @pytest.mark.gpu
 def test_tensor_core_kernel_matches_the_dequantised_product_on_gpu():
-    """finetune/nf4_mma.cu for 1..8 rows and every configuration it is compiled in: the lane
+    """serving/nf4_mma.cu for 1..8 rows and every configuration it is compiled in: the lane
     order of k, the nibble order, a scale per 64 values, K split over warps unevenly (18 blocks
     of 64 over 4, 8 or 16 warps, in rounds of 2 or 4 with a short last one) and a last tile
     partly past N (80 rows; 8,208 rows: many blocks) must give W's product."""
-    from finetune import nf4
+    from serving import nf4
 
     for n, row_counts in ((80, range(1, 9)), (8208, (1, 8))):
         weight = (torch.randn(n, 1152) * 0.02).to(torch.bfloat16).cuda()
@@ -270,7 +270,7 @@ def test_tensor_core_kernel_matches_the_dequantised_product_on_gpu():
 @pytest.mark.gpu
 def test_joined_layers_on_the_tensor_core_kernel_give_bitsandbytes_outputs_on_gpu():
     """FusedNF4(kernel="mma") for decode-sized batches, bitsandbytes' path for a prefill."""
-    from finetune.nf4 import FusedNF4
+    from serving.nf4 import FusedNF4
 
     def layers(seed):
         torch.manual_seed(seed)
@@ -294,7 +294,7 @@ def test_joined_layers_on_the_tensor_core_kernel_give_bitsandbytes_outputs_on_gp
 
 def test_the_tensor_core_kernel_says_why_it_cannot_run_where_it_cannot(monkeypatch):
     """Older GPUs (a T4 is 7.5) and CPUs get bitsandbytes' kernels, with the reason logged."""
-    from finetune import nf4
+    from serving import nf4
 
     assert nf4.mma_unavailable(torch.device("cpu")) == "not a CUDA device"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))

@@ -114,7 +114,7 @@ def test_a_ChatML_template_keeps_one_example_and_qwen3_splits_where_it_must(qwen
 
 
 def test_the_serving_prompt_carries_the_tool_schemas_and_stops_on_im_end(qwen3):
-    from finetune.decoding import stop_token_ids
+    from serving.decoding import stop_token_ids
 
     prompt = qwen3.render_prompt(SAMPLES["tool round trip"]["messages"][:2], [SALES])
     assert "<tools>" in prompt and '"name": "query_sales"' in prompt and prompt.endswith("<think>\n\n</think>\n\n")

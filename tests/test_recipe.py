@@ -565,18 +565,17 @@ def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding
     fp8 moves them again (so it did run in fp8, and the checkpoint accepted the recompute). Every layer compiles, with no fallback to eager."""
     from peft import LoraConfig, get_peft_model
     from torch._dynamo.utils import counters
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune import qlora
+    from serving.quantization import nf4_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     packed = qlora.pack([e for s in samples() for e in tokenize_sample(tokenizer, s, 2048)])
 
     def loss_and_grads(dropout, **fp8):
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, quantization_config=(
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)))
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, quantization_config=nf4_config())
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
                                                 target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
         with torch.no_grad():  # B starts at zero: give the adapter something to say
@@ -632,9 +631,10 @@ def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_c
     scales unwritten (torch 2.13), so compile_decoder_layers decodes them once instead. The
     compiled layers must then give the same loss every call, the compiler's decode and the
     product operator alike, near the eager model's."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, Qwen3Config
 
     from finetune import qlora
+    from serving.quantization import nf4_config
 
     config = Qwen3Config(vocab_size=512, hidden_size=320, intermediate_size=640, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=80, tie_word_embeddings=False)
@@ -643,9 +643,7 @@ def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_c
     batch = qlora.pack([{"input_ids": list(range(1, 200)), "labels": list(range(2, 201))}])
 
     def losses(nf4):
-        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=(
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)))
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=nf4_config())
         assert model.model.layers[0].self_attn.q_proj.weight.quant_state.nested
         torch._dynamo.reset()
         if nf4:

@@ -190,8 +190,8 @@ def test_the_general_replay_default_is_the_whole_shipped_file_and_renders_its_pa
     """The default mixes in every shipped replay sample (a sample added to the file and not to
     the default would never be trained), and a sample with passages gets them before its
     question, as the engine serves retrieved ones."""
-    from finetune.chat_format import knowledge_block, with_passages
     from finetune.refresh import GENERAL_REPLAY, RefreshSettings
+    from serving.chat_format import knowledge_block, with_passages
 
     lines = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert RefreshSettings(system_prompt="sys").general_replay == len(lines)

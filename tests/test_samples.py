@@ -102,7 +102,7 @@ def test_samples_stored_with_passages_in_the_system_message_train_on_the_served_
     stored sample must render exactly as the same question is served now."""
     from transformers import AutoTokenizer
 
-    from finetune.chat_format import (
+    from serving.chat_format import (
         knowledge_block,
         passages_moved_to_the_question,
         render_chat,

@@ -7,7 +7,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from finetune.chat_format import hermes_messages
+from serving.chat_format import hermes_messages
 from storage import chats, company, tool_audit
 from webapp.engine import UserInputError
 

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from finetune.chat_format import system_message, with_passages
-from finetune.guided import ToolCallGuide
+from serving.chat_format import system_message, with_passages
+from serving.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
 from storage.accounts import User

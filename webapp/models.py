@@ -21,7 +21,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from finetune.chat_format import render_chat
+from serving.chat_format import render_chat
+from serving.quantization import nf4_config
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,7 @@ def quantization_config(load_in_4bit: bool, compute_dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
         raise ModelLoadError("--load-in-4bit needs the package bitsandbytes: pip install bitsandbytes") from exc
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype,
-    )
+    return nf4_config(compute_dtype)
 
 
 def load_base_model(path: str, spec: ModelSpec):
@@ -260,8 +254,8 @@ class ModelService(PromptsAndRouting):
     _token_bytes: Any = field(default=None, repr=False)  # guided.TokenBytes of the tokenizer, built on first use
 
     def enable_batched_decoding(self, max_batch: int, max_len: int) -> None:
-        """Serve through the batched static-cache decoder (finetune/decoding.py) from now on."""
-        from finetune.decoding import BatchingEngine, StaticDecoder
+        """Serve through the batched static-cache decoder (serving/decoding.py) from now on."""
+        from serving.decoding import BatchingEngine, StaticDecoder
 
         with self._lock:
             decoder = StaticDecoder(self.model, max_batch=max_batch, max_len=min(max_len, self.max_context))
@@ -277,7 +271,7 @@ class ModelService(PromptsAndRouting):
             self._executor = None
 
     def _stop_ids(self) -> frozenset[int]:
-        from finetune.decoding import stop_token_ids
+        from serving.decoding import stop_token_ids
 
         return stop_token_ids(self.tokenizer, self.model)
 
@@ -335,7 +329,7 @@ class ModelService(PromptsAndRouting):
         guide: Any = None,
     ) -> Iterator[str]:
         """Yield text pieces as they are generated. Closing the iterator cancels generation.
-        `guide` (a finetune.guided.ToolCallGuide) keeps tool calls valid while they are written."""
+        `guide` (a serving.guided.ToolCallGuide) keeps tool calls valid while they are written."""
         from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
 
         result = result if result is not None else GenerationResult()
@@ -359,7 +353,7 @@ class ModelService(PromptsAndRouting):
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if session is not None:
-            from finetune.guided import GuideLogitsProcessor
+            from serving.guided import GuideLogitsProcessor
 
             kwargs["logits_processor"] = LogitsProcessorList([GuideLogitsProcessor(
                 session, result.prompt_tokens, greedy=params.temperature <= 0)])
@@ -403,7 +397,7 @@ class ModelService(PromptsAndRouting):
     def _guided_session(self, guide: Any):
         if guide is None:
             return None
-        from finetune.guided import TokenBytes
+        from serving.guided import TokenBytes
 
         if self._token_bytes is None:
             self._token_bytes = TokenBytes(self.tokenizer)
@@ -413,7 +407,7 @@ class ModelService(PromptsAndRouting):
                         result: GenerationResult, guide: Any = None) -> Iterator[str]:
         """The turn as one row of the batching engine; text is decoded as tokens arrive and
         held back while it ends inside a multi-byte character."""
-        from finetune.decoding import DecodeRequest
+        from serving.decoding import DecodeRequest
 
         if adapter and adapter not in self.engine.decoder.adapter_index:
             raise ValueError(f"adapter {adapter!r} is not loaded")

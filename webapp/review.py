@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.chat_format import with_passages
 from finetune.dataset import (
     ImportResult,
     existing_questions,
@@ -17,6 +16,7 @@ from finetune.dataset import (
     make_sample,
 )
 from finetune.samples import REASONS, tool_call_message
+from serving.chat_format import with_passages
 from storage import accounts, audit, chats, reviews
 from storage.accounts import User
 from storage.db import Database

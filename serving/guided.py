@@ -11,7 +11,7 @@ Free text, thinking, pattern-checked and open string values are left alone, and 
 value written with JSON escapes (the guide compares raw UTF-8 bytes).
 
 Used by both decoding paths: `GuideLogitsProcessor` for transformers' generate(), and
-`GuidedSession.restrict` called by the batching engine (finetune/decoding.py).
+`GuidedSession.restrict` called by the batching engine (serving/decoding.py).
 """
 
 from __future__ import annotations

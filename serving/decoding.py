@@ -74,6 +74,17 @@ def _add_lora(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     return torch.addmm(base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]), b.T).view(base.shape)
 
 
+def causal_lm_of(model):
+    """The causal LM itself under a peft wrapper (or the model, unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_and_head(model):
+    """The decoder stack and the output projection under a (peft-wrapped) causal LM."""
+    causal_lm = causal_lm_of(model)
+    return causal_lm.model, causal_lm.lm_head
+
+
 def stop_token_ids(tokenizer, model) -> frozenset[int]:
     """The tokens that end an answer: the tokenizer's end and the model's generation config
     (Qwen3 ends a turn with <|im_end|> and a text with <|endoftext|>), as generate() stops."""
@@ -110,7 +121,7 @@ def layer_groups(layer) -> dict[str, tuple[Any, ...]]:
 def fuse_layers(layers, kernel: str = "bitsandbytes") -> dict[tuple[int, str], Any]:
     """(layer number, group) -> FusedNF4 for every group whose layers are all flat NF4 4-bit
     (after flatten_nested_scales); other groups stay as they are."""
-    from finetune.nf4 import FusedNF4, fusable
+    from serving.nf4 import FusedNF4, fusable
 
     def base(module):
         return module.base_layer if _is_lora(module) else module
@@ -136,8 +147,6 @@ class StaticDecoder:
                  nf4_kernel: str = "mma", reuse_prefixes: bool = True, graph_prefill: bool | None = None,
                  join_lora: bool = True, attention_spans: Sequence[int] = (256, 512, 1024, 2048, 4096),
                  prefill_lengths: Sequence[int] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)):
-        from finetune.qlora import decoder_and_head
-
         self.model = model
         self.decoder, self.head = decoder_and_head(model)
         config = self.decoder.config
@@ -191,7 +200,7 @@ class StaticDecoder:
         if cuda if flatten_double_quant is None else flatten_double_quant:
             self.flattened_scales = flatten_nested_scales(self.decoder)
         # 4-bit layers with one input joined (q/k/v, gate/up): 4 products per layer, not 7.
-        # Decode steps (up to 8 rows) multiply on the tensor cores with finetune/nf4_mma.cu
+        # Decode steps (up to 8 rows) multiply on the tensor cores with serving/nf4_mma.cu
         # (nf4_kernel="mma"); "bitsandbytes" keeps its GEMV, "triton" the older Triton kernel
         # (README, Performance). Prefills use bitsandbytes' dequantize + matmul.
         self._fused: dict[tuple[int, str], Any] = {}
