@@ -1,4 +1,5 @@
-"""The README is a contract: its commands are the ones CI runs, and its schema is the real one."""
+"""The README and docs/ are a contract: the README's commands are the ones CI runs, the documented
+schema is the real one, and every result they cite exists."""
 
 import re
 from pathlib import Path
@@ -7,6 +8,7 @@ from storage import Database, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
 
 
 def quickstart_commands() -> list[str]:
@@ -34,8 +36,25 @@ def test_every_column_is_documented_and_every_documented_column_exists(tmp_path)
         actual.setdefault(row["table_name"], {})[row["column_name"]] = row["data_type"]
     db.close()
 
-    schema = README.split("<!-- schema:start -->", 1)[1].split("<!-- schema:end -->", 1)[0]
+    schema = OPERATIONS.split("<!-- schema:start -->", 1)[1].split("<!-- schema:end -->", 1)[0]
     documented = {}
     for table, body in re.findall(r"### (\w+)\n(.*?)(?=\n### |\Z)", schema, re.S):
         documented[table] = dict(re.findall(r"^\| `(\w+)` \| ([\w(),]+) \|", body, re.M))
     assert documented == actual
+
+
+def missing_results(text: str) -> list[str]:
+    """The bench/results/... paths a text cites that are not in the repository."""
+    cited = re.findall(r"bench/results/[^\s`)\],;:]*", text)
+    return sorted({path.rstrip(".") for path in cited if not (ROOT / path.rstrip(".")).exists()})
+
+
+def test_every_result_the_docs_cite_exists():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = {doc.name: missing_results(doc.read_text(encoding="utf-8")) for doc in docs}
+    assert not {name: paths for name, paths in missing.items() if paths}
+
+
+def test_a_cited_result_that_does_not_exist_is_reported():
+    text = "Rows: `bench/results/gpu_serve.jsonl` and bench/results/2026-11-29-h200-serve-*.jsonl."
+    assert missing_results(text) == ["bench/results/2026-11-29-h200-serve-*.jsonl"]

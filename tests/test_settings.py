@@ -9,7 +9,7 @@ from webapp.settings import (
     settings_markdown_table,
 )
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 
 
 def test_defaults_match_the_product_card():
@@ -87,5 +87,5 @@ def test_cli_rejects_an_invalid_choice(capsys):
 
 def test_readme_lists_every_setting_as_generated():
     assert settings_markdown_table() in README.read_text(encoding="utf-8"), (
-        "README settings table is out of date: paste the output of `python launch.py --settings-table`"
+        "docs/operations.md's settings table is out of date: paste the output of `python launch.py --settings-table`"
     )
