@@ -32,7 +32,7 @@ def nf4_as_fp8(packed, state, transposed: bool = False, transpose_after: bool = 
     weight's order and transpose the fp8 bytes, else decode in the transposed order."""
     import torch
 
-    from finetune.qlora import nf4_absmax, nf4_codes
+    from finetune.training import nf4_absmax, nf4_codes
 
     absmax = nf4_absmax(state)
     scale = absmax.max() / FP8_MAX
@@ -77,7 +77,7 @@ def main() -> int:
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     from finetune.nf4 import fp8_rows
-    from finetune.qlora import dequantize_nf4
+    from finetune.training import dequantize_nf4
 
     out = Path(os.environ.get("OUT", "bench/results")) / "fp8_weights.jsonl"
     torch.manual_seed(0)

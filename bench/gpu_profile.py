@@ -122,7 +122,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from gpu_serve import add_adapters
+    from gpu_serve import add_adapters, on_bitsandbytes
     from gpu_train import load_4bit
     from torch.profiler import ProfilerActivity, profile
 
@@ -131,7 +131,10 @@ def main() -> int:
     model = add_adapters(load_4bit(model_path(args)), 64)
     out = Path(os.environ.get("OUT", "bench/results")) / "gpu_profile.jsonl"
     for nf4_kernel, batch in (("mma", 1), ("mma", 8), ("bitsandbytes", 1), ("bitsandbytes", 8)):
-        decoder = StaticDecoder(model, max_batch=8, max_len=1024, use_graphs=False, nf4_kernel=nf4_kernel)
+        decoder = StaticDecoder(model, max_batch=8, max_len=1024)
+        decoder.use_graphs = False  # each kernel of a step seen by the profiler, not one graph replay
+        if nf4_kernel == "bitsandbytes":
+            on_bitsandbytes(decoder)
         for row in range(batch):
             decoder.set_row_adapter(row, ["finance", "hr", None][row % 3])
         tokens, positions = [11] * batch, [600 + row for row in range(batch)]

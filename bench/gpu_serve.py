@@ -48,6 +48,22 @@ def add_adapters(model, r: int):
     return model.eval()
 
 
+def on_bitsandbytes(decoder) -> None:
+    """Decode steps on bitsandbytes' GEMV / dequantize + matmul, as the joined layers run where
+    the tensor-core kernel cannot (the comparison for hangjia's kernel)."""
+    for fused in decoder._fused.values():
+        fused.kernel = "bitsandbytes"
+
+
+def without_prefix_reuse(decoder) -> None:
+    """Every prompt computed in full: a shared start is never long enough to copy."""
+    decoder.MIN_REUSED_PREFIX = decoder.max_len + 1
+
+
+def with_prefix_reuse(decoder) -> None:
+    decoder.__dict__.pop("MIN_REUSED_PREFIX", None)
+
+
 def run_requests(engine, prompts, adapters, new_tokens: int) -> tuple[float, list[float], list[list[int]]]:
     """All requests submitted at once; wall time, each one's time to first token, tokens."""
     from serving.decoding import DecodeRequest
@@ -97,26 +113,26 @@ def main() -> int:
     max_len = args.max_len or args.prompt_len + args.new_tokens + 64
     greedy_ours: list[int] = []
     first_user: dict[str, list[int]] = {}
-    # (label, the decoder's options): hangjia's default first, then each lever taken away
+    # (label, the decoder's options, what the bench changes on the decoder it made): hangjia's
+    # default first, then each lever taken away
     eager_prefill = "hangjia before: q/k/v and gate/up joined (bitsandbytes kernels), eager prefill"
-    before = dict(graph_prefill=False, join_lora=False, nf4_kernel="bitsandbytes")
-    variants = [("hangjia: decode steps on the tensor-core NF4 kernel", {}),
-                ("hangjia before: bitsandbytes' GEMV / dequantize + matmul for decode steps",
-                 dict(nf4_kernel="bitsandbytes")),
-                ("the same, attention over the whole cache (no spans)", dict(attention_spans=(), nf4_kernel="bitsandbytes")),
-                ("hangjia before: LoRA per layer, prefill as a CUDA graph", dict(join_lora=False, nf4_kernel="bitsandbytes")),
-                (eager_prefill, before),
-                ("joined, hangjia's Triton NF4 kernel for decode steps", dict(nf4_kernel="triton")),
-                ("static cache + CUDA graphs + compiled norms/rope", dict(before, fused_nf4=False)),
-                ("static cache + CUDA graphs", dict(before, fused_nf4=False, compile_elementwise=False)),
-                ("static cache, eager", dict(before, fused_nf4=False, compile_elementwise=False, use_graphs=False))]
+    before = dict(graph_prefill=False, join_lora=False)
+    variants = [("hangjia: decode steps on the tensor-core NF4 kernel", {}, None),
+                ("hangjia before: bitsandbytes' GEMV / dequantize + matmul for decode steps", {}, on_bitsandbytes),
+                ("the same, attention over the whole cache (no spans)", dict(attention_spans=()), on_bitsandbytes),
+                ("hangjia before: LoRA per layer, prefill as a CUDA graph", dict(join_lora=False), on_bitsandbytes),
+                (eager_prefill, before, on_bitsandbytes),
+                ("static cache + CUDA graphs + compiled norms/rope", dict(before, fused_nf4=False), None)]
     chosen = [v for v in variants if not args.only or any(word in v[0] for word in args.only)]
-    for label, options in (chosen[:args.variants] if cuda else variants[-1:]):
+    for label, options, change in (chosen[:args.variants] if cuda else variants[:1]):
         decoder = engine = None
         try:
             # every prompt computed in full here (the warm-up saw the same prompts); the reuse of a
             # shared prompt start is measured on its own below
-            decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, reuse_prefixes=False, **options)
+            decoder = StaticDecoder(model, max_batch=args.batch, max_len=max_len, **options)
+            without_prefix_reuse(decoder)
+            if change is not None:
+                change(decoder)
             engine = BatchingEngine(decoder)
             run_requests(engine, prompts[:1], ["finance"], 16)  # warm-up: kernels, graph capture bs 1
             run_requests(engine, prompts, ["finance"] * args.batch, 16)  # and the batch's graph
@@ -143,7 +159,7 @@ def main() -> int:
                 # chat turns of one department share the system prompt and tool schemas: here the
                 # first 7/8 of the prompt, computed by the first turn and copied by the next five
                 # (an eager prefill's lever: a graphed one computes the whole prompt instead)
-                decoder.reuse_prefixes = True
+                with_prefix_reuse(decoder)
                 shared = prompts[0][:args.prompt_len * 7 // 8]
                 tails = torch.randint(0, 151643, (6, args.prompt_len - len(shared)), generator=generator).tolist()
                 reused = [run_requests(engine, [shared + tail], ["finance"], 1)[1][0] for tail in tails][1:]

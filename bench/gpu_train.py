@@ -46,14 +46,12 @@ VARIANTS = {
     # the lean recipe with every decoder layer compiled (norms, rotation, activation and LoRA fused);
     # compiling cannot be undone, so these run last. "module": nn.Module.compile() under transformers'
     # own checkpointing (which the compiled layer escapes: nothing is recomputed, memory grows);
-    # "inside"/"outside": finetune.qlora.compile_decoder_layers with the checkpoint inside the
-    # compiled function or around it. "autocast": LoRA's products in bf16 (its weights stay fp32),
+    # "outside": finetune.training.compile_decoder_layers, an eager checkpoint around the compiled
+    # layer. "autocast": LoRA's products in bf16 (its weights stay fp32),
     # as the stock Trainer's bf16=True does; "sync": "step" reads the loss once per optimizer step
     # instead of after every forward, so the host queues the next forward while the GPU works
     "lean-compiled": dict(per_forward=1, checkpointing=True, loss="chunked", host_embedding=True, optimizer="adamw8bit",
                           compile_layers="module"),
-    "lean-compiled-inside": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
-                                 optimizer="adamw8bit", compile_layers="inside"),
     "lean-compiled-outside": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
                                   optimizer="adamw8bit", compile_layers="outside"),
     "lean-compiled-outside-bf16": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
@@ -93,7 +91,7 @@ VARIANTS = {
                                                        compile_layers="outside", autocast=True, sync="step",
                                                        nf4="torch", down_outside=True, layout="rows"),
     # ... and the 4-bit products' input gradients from fp8 products (the forward and the recompute
-    # stay bf16; qlora._nf4_product): +1.8% (6,738 against 6,616 tok/s in one run)
+    # stay bf16; training._nf4_product): +1.8% (6,738 against 6,616 tok/s in one run)
     "lean-compiled-outside-nf4-down-rows2-fused-fp8grad": dict(per_forward=2, checkpointing=False, loss="fused",
                                                                host_embedding=True, optimizer="adamw8bit",
                                                                compile_layers="outside", autocast=True, sync="step",
@@ -118,25 +116,11 @@ VARIANTS = {
         per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
         compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
         fp8_recompute=True, fp8_input_gradients=True),
-    # ... the recipe with the down projection after the checkpoint in bitsandbytes' op (bf16),
-    # and each weight's constants computed once (block scales decoded in the kernel, fp8 scales once)
-    "lean-compiled-outside-kernel-down-rows2-fused-fp8-bnbdown": dict(
-        per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
-        compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
-        fp8_recompute=True, fp8_input_gradients=True, down_in_bitsandbytes=True),
-    # ... and the forward's products in fp8 too (opt-in: the loss moves by fp8's rounding)
-    "lean-compiled-outside-kernel-down-rows2-fused-fp8-forward": dict(
-        per_forward=2, checkpointing=False, loss="fused", host_embedding=True, optimizer="adamw8bit",
-        compile_layers="outside", autocast=True, sync="step", nf4="kernel", down_outside=True, layout="rows",
-        fp8_recompute=True, fp8_input_gradients=True, fp8_forward=True),
     # the recipe's 4,096 tokens per forward at 512-token samples: eight rows
     "lean-compiled-outside-nf4-down-rows8-fused": dict(per_forward=8, checkpointing=False, loss="fused",
                                                        host_embedding=True, optimizer="adamw8bit",
                                                        compile_layers="outside", autocast=True, sync="step",
                                                        nf4="torch", down_outside=True, layout="rows"),
-    "lean-compiled-inside-nf4": dict(per_forward=1, checkpointing=False, loss="chunked", host_embedding=True,
-                                     optimizer="adamw8bit", compile_layers="inside", autocast=True, sync="step",
-                                     nf4="torch"),
 }
 
 
@@ -225,9 +209,9 @@ def liger_loss(hidden, head, labels, weights):
 def micro_batch_loss(model, group, spec: dict, device):
     """One forward over the group's samples, packed in a row (or one per row with
     layout="rows", as the recipe on CUDA); the sum of their mean losses."""
-    from finetune.qlora import pack, packed_loss, rows_loss
+    from finetune.training import pack, packed_loss, rows_loss
 
-    fused = spec["loss"] == "fused"  # the loss's gradient in its forward (qlora.fused_lm_loss)
+    fused = spec["loss"] == "fused"  # the loss's gradient in its forward (training.fused_lm_loss)
     if spec.get("layout") == "rows":
         return rows_loss(model, group, device, fused=fused)
     loss = {"chunked": None, "fused": None, "full": full_logits_loss, "liger": liger_loss}[spec["loss"]]
@@ -237,7 +221,7 @@ def micro_batch_loss(model, group, spec: dict, device):
 def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: int, warmup: int, device) -> dict:
     import torch
 
-    from finetune.qlora import keep_embedding_on_host
+    from finetune.training import keep_embedding_on_host
 
     base = model.get_base_model()
     if spec["checkpointing"]:
@@ -248,15 +232,13 @@ def run_variant(model, name: str, spec: dict, data, initial_lora: dict, steps: i
     if spec.get("compile_layers") == "module":
         for layer in base.model.layers:
             layer.compile()
-    elif spec.get("compile_layers") in ("inside", "outside"):
-        from finetune.qlora import compile_decoder_layers
+    elif spec.get("compile_layers") == "outside":
+        from finetune.training import compile_decoder_layers
 
-        compile_decoder_layers(model, checkpoint=spec["compile_layers"], nf4=spec.get("nf4", "bitsandbytes"),
+        compile_decoder_layers(model, nf4=spec.get("nf4", "bitsandbytes"),
                                down_outside=spec.get("down_outside", False),
                                fp8_input_gradients=spec.get("fp8_input_gradients", False),
-                               fp8_recompute=spec.get("fp8_recompute", False),
-                               fp8_forward=spec.get("fp8_forward", False),
-                               down_in_bitsandbytes=spec.get("down_in_bitsandbytes", False))
+                               fp8_recompute=spec.get("fp8_recompute", False))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in initial_lora:
@@ -404,7 +386,7 @@ def main() -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from finetune.qlora import prepare_for_lora_training
+    from finetune.training import prepare_for_lora_training
 
     if os.environ.get("INDUCTOR_COMBO_KERNELS") == "1":  # independent small kernels launched as one
         import torch._inductor.config
@@ -429,7 +411,7 @@ def main() -> int:
     # the chunked loss is transformers' loss: checked on the first sample before anything trains
     with torch.no_grad():
         reference = model(input_ids=ids[:1].to(device), labels=ids[:1].to(device)).loss.item()
-        from finetune.qlora import pack, packed_loss
+        from finetune.training import pack, packed_loss
 
         ours = packed_loss(model, pack(data[:1]), device).item()
     out = Path(os.environ.get("OUT", "bench/results")) / "gpu_train.jsonl"

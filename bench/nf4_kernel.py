@@ -1,12 +1,12 @@
 """The NF4 product of a decode step at Qwen3-14B's shapes: bitsandbytes (what Linear4bit runs:
 its GEMV for one row, dequantize + matmul for more) against hangjia's kernels (serving/nf4.py:
-the tensor-core kernel `mma`, up to 8 rows, and the older Triton one), for 1..16 rows, in the same
+the tensor-core kernel `mma`, up to 8 rows), for 1..16 rows, in the same
 process. Prints microseconds, the weight bytes read per second, and the largest difference from
 the dequantized product. Each kernel is timed as a CUDA graph (a decode step is one: no Python
 launch cost) over enough copies of the weight to overflow the 50 MB L2 cache, so every weight is
 read from memory as in a decode step, where 40 layers do not fit in L2.
 
-    python bench/nf4_kernel.py            # needs CUDA, bitsandbytes, triton
+    python bench/nf4_kernel.py            # needs CUDA, bitsandbytes
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     out = Path(os.environ.get("OUT", "bench/results")) / "nf4_kernel.jsonl"
-    kernels = [k for k in os.environ.get("NF4_KERNELS", "mma,triton").split(",") if k]
+    kernels = [k for k in os.environ.get("NF4_KERNELS", "mma").split(",") if k]
     print("| layer | rows | bitsandbytes µs | " + " | ".join(f"{k} µs | {k} ×" for k in kernels)
           + " | mma GB/s | max rel. error |")
     print("|---|---|---|" + "---|---|" * len(kernels) + "---|---|")
@@ -45,7 +45,7 @@ def main() -> int:
         packed, state, absmax = copies[0]
         reference_weight = F.dequantize_4bit(packed, state).float()
         weight_bytes = packed.numel() + state.absmax.numel() * 4
-        tables, byte_table = nf4.nibble_tables(state.code), nf4.nf4_byte_table(state.code)
+        byte_table = nf4.nf4_byte_table(state.code)
         if "mma" in kernels:
             nf4.tune_mma(packed.view(-1), absmax, byte_table, n, k)
             for rows in (1, 8):
@@ -56,7 +56,6 @@ def main() -> int:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             reference = x.float() @ reference_weight.t()
             one = {"bitsandbytes": lambda p, s, a: bnb.matmul_4bit(x, p.t(), quant_state=s),
-                   "triton": lambda p, s, a: nf4.nf4_matmul(x, p.view(-1), s.absmax, tables, n),
                    "mma": lambda p, s, a: nf4.nf4_matmul_mma(x, p.view(-1), a, byte_table, n)}
             row = dict(layer=name, n=n, k=k, rows=rows)
             errors = {}

@@ -5,7 +5,7 @@ that compiled training layers call.
 about memory speed, its 8-bit (double-quantized) block scales decoded inside it. `linear_op` (the
 torch operator hangjia::nf4_linear) is a 4-bit product that compiled training layers call: bf16
 in the forward, and, asked to, fp8 when an activation checkpoint recomputes it in backward
-(qlora._nf4_product). `FrozenNF4` holds what a frozen weight's products need, computed once.
+(training._nf4_product). `FrozenNF4` holds what a frozen weight's products need, computed once.
 
 bitsandbytes' layout: weight (out, in) row-major, two values per byte (the even index in the
 high nibble), one absmax per 64 consecutive values, values from a 16-entry code (NF4).
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from serving.nf4 import GROUP, nibble_tables
+from serving.nf4 import GROUP
 
 _kernels: dict[str, object] = {}  # Triton kernels, each built at first use
 
@@ -102,7 +102,7 @@ def decode_nf4(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Te
     (out x in), or `transposed` (in x out), as the input gradient's fp8 product wants it.
     One kernel at about memory speed: for Qwen3-14B's gate/up weight 0.097 ms (bf16), 0.089 ms
     (fp8), 0.105 ms (fp8 transposed) on an H200, against 0.272, 0.657 and 1.105 ms for the same
-    decode in torch operations compiled (README, Performance, session 13). Bit for bit
+    decode in torch operations compiled (README, Performance). Bit for bit
     bitsandbytes' dequantize_4bit (bf16)."""
     out_features, in_features = shape
     if not decode_tiles(out_features, in_features):
@@ -213,7 +213,7 @@ def _tuned_fp8_rows_kernel():
     """The row kernel with its block and warps timed at first use per row width (Triton's
     autotune: about a second, once per width; rows of 5,120 and of 17,408 at 14B). It took 30
     ms of a 14B step's GPU time on an H200, against 68 ms with a whole row per program in 4
-    warps (README, Performance, session 15)."""
+    warps (README, Performance)."""
     import triton
 
     configs = [triton.Config({"BLOCK": block}, num_warps=warps)
@@ -261,7 +261,7 @@ class FrozenNF4:
     fp8_scale_rows: torch.Tensor
     fp8_scale_channels: torch.Tensor
     fp8_inverse_scale: torch.Tensor
-    quant_state: object  # bitsandbytes' own, for decodes in torch operations (qlora.dequantize_nf4)
+    quant_state: object  # bitsandbytes' own, for decodes in torch operations (training.dequantize_nf4)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -281,10 +281,10 @@ class FrozenNF4:
         return decode_nf4_any(self.packed, self.scales, self.tables, self.shape,
                               fp8_inverse_scale=self.fp8_inverse_scale if fp8 else None, transposed=transposed)
 
-    def product(self, x: torch.Tensor, fp8_in_backward: bool, fp8_in_forward: bool = False) -> torch.Tensor:
+    def product(self, x: torch.Tensor, fp8_in_backward: bool) -> torch.Tensor:
         """x @ W.t() by the operator hangjia::nf4_linear (linear_op)."""
         return linear_op()(x, self.packed, *self.scales, *self.tables, self.fp8_scale_rows, self.fp8_inverse_scale,
-                           self.shape[0], fp8_in_backward, fp8_in_forward)
+                           self.shape[0], fp8_in_backward)
 
 
 def decode_nf4_reference(packed: torch.Tensor, scales: BlockScales, tables: tuple[torch.Tensor, torch.Tensor],
@@ -309,16 +309,21 @@ def decode_nf4_any(packed: torch.Tensor, scales: BlockScales, tables: tuple[torc
     return decode(packed, scales, tables, shape, fp8_inverse_scale=fp8_inverse_scale, transposed=transposed)
 
 
+def nibble_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value of a byte's high nibble, value of its low nibble) for all 256 bytes, fp32."""
+    byte = torch.arange(256, device=code.device)
+    return code.float()[byte >> 4].contiguous(), code.float()[byte & 15].contiguous()
+
+
 def linear_op():
     """x @ W.t() for an NF4 weight W as the torch operator hangjia::nf4_linear, registered at
     first call (call it once outside compiled code first; FrozenNF4.product calls it).
     Arguments: x (..., in; bf16), the packed weight, its BlockScales' fields, nibble_tables(code),
-    W's fp8 scales (fp8_weight_scale), out_features, fp8_in_backward, fp8_in_forward. In a forward
+    W's fp8 scales (fp8_weight_scale), out_features, fp8_in_backward. In a forward
     it decodes W to bf16 (one kernel at memory speed, decode_nf4) and multiplies. With
     fp8_in_backward, when autograd's engine runs it (an activation checkpoint recomputing the
     layer in backward) it multiplies in fp8 instead: x scaled per row, W decoded straight to fp8,
-    scaled as a whole, on the tensor cores at about twice bf16's rate (H100/H200); with
-    fp8_in_forward, always (the loss then moves by fp8's rounding). Being one operator to the
+    scaled as a whole, on the tensor cores at about twice bf16's rate (H100/H200). Being one operator to the
     compiler, the forward and the recompute are one compiled graph, so the checkpoint finds the
     same saved tensors in both; the choice is made when it runs."""
     if "linear" not in _ops:
@@ -330,14 +335,14 @@ def linear_op():
 def _register_linear_op():
     schema = ("(Tensor x, Tensor packed, Tensor absmax, Tensor? code2, Tensor? absmax2, Tensor? offset, int block2, "
               "Tensor high, Tensor low, Tensor fp8_scale, Tensor fp8_inverse_scale, int out_features, "
-              "bool fp8_in_backward, bool fp8_in_forward) -> Tensor")
+              "bool fp8_in_backward) -> Tensor")
 
     @torch.library.custom_op("hangjia::nf4_linear", mutates_args=(), schema=schema)
     def nf4_linear(x, packed, absmax, code2, absmax2, offset, block2, high, low, fp8_scale, fp8_inverse_scale,
-                   out_features, fp8_in_backward, fp8_in_forward):
+                   out_features, fp8_in_backward):
         rows = x.reshape(-1, x.shape[-1])
         shape, scales = (out_features, x.shape[-1]), BlockScales(absmax, code2, absmax2, offset, block2)
-        if fp8_in_forward or (fp8_in_backward and torch._C._current_graph_task_id() != -1):  # (-1: not in backward)
+        if fp8_in_backward and torch._C._current_graph_task_id() != -1:  # (-1: not in backward)
             rows8, row_scale = fp8_rows_now(rows)
             weight8 = decode_nf4_any(packed, scales, (high, low), shape, fp8_inverse_scale=fp8_inverse_scale)
             out = torch._scaled_mm(rows8, weight8.t(), scale_a=row_scale, scale_b=fp8_scale, out_dtype=x.dtype)
@@ -347,7 +352,7 @@ def _register_linear_op():
 
     @nf4_linear.register_fake
     def _(x, packed, absmax, code2, absmax2, offset, block2, high, low, fp8_scale, fp8_inverse_scale, out_features,
-          fp8_in_backward, fp8_in_forward):
+          fp8_in_backward):
         return x.new_empty(*x.shape[:-1], out_features)
 
     return nf4_linear

@@ -52,7 +52,7 @@ class Hyperparameters:
     # With compiled layers on a GPU with fp8 tensor cores (compute capability 8.9+): backward's
     # 4-bit products (the checkpoint's recompute, the input gradients) in fp8, the forward and
     # so the loss in bf16. +18% at 14B (2.3-2.5x the stock recipe), losses within 0.001 of bf16's
-    # (README, Performance, sessions 14-15).
+    # (README, Performance).
     fp8_backward: bool = True
     eval_max_new_tokens: int = 96
     guided_tool_calls: bool = True  # evaluation decodes tool calls as serving does (serving/guided.py)
@@ -78,7 +78,7 @@ def lora_defaults_for(parameters: int) -> dict[str, Any]:
     recipe issue #9 measures against. Below 1B (the embedded 135M model): r=16, alpha=32 on
     every linear layer at lr 1e-3. With the large-model recipe one night of corrections taught
     the 135M model nothing (final loss 1.24, malformed calls); with this one it reached 95%
-    held-out exact match (README, Does it learn?, run P).
+    held-out exact match (README, Does it learn?).
     """
     if parameters < SMALL_MODEL_PARAMETERS:
         return {"lora_r": 16, "lora_alpha": 32, "target_modules": list(ALL_LINEAR), "learning_rate": 1e-3}
@@ -230,10 +230,10 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     side by side, up to max_tokens per forward; with `detach_prefix`, one with a long prompt
     runs that prompt without gradient too (a sample served with passages: ~1,100 prompt
     tokens before its ~60 learned ones). With `rows`, the others go one per row, padded
-    (qlora.rows_loss): SDPA's flash kernel instead of a block-diagonal mask, as on CUDA."""
+    (training.rows_loss): SDPA's flash kernel instead of a block-diagonal mask, as on CUDA."""
     import torch
 
-    from finetune.qlora import group_as_rows, group_by_tokens, layers_checkpointed, pack, packed_loss, rows_loss
+    from finetune.training import group_as_rows, group_by_tokens, layers_checkpointed, pack, packed_loss, rows_loss
 
     # A checkpointed model keeps no cache, so the shared prefix needs one without.
     checkpointed = layers_checkpointed(model)
@@ -274,7 +274,7 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     import torch
     import torch.nn.functional as F
 
-    from finetune.qlora import queued_tensor, token_ids
+    from finetune.training import queued_tensor, token_ids
     from serving.decoding import decoder_and_head
 
     # the prefix's keys and values only: the decoder stack without the vocabulary projection,
@@ -411,13 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         mode += ", bf16 autocast (the CPU has native bf16)"
     if compiled:
         mode += ", decoder layers compiled, bf16 autocast"
-    from finetune.qlora import has_fp8_tensor_cores
+    from finetune.training import has_fp8_tensor_cores
 
     fp8_backward = compiled and cfg.fp8_backward and has_fp8_tensor_cores(gpu)
     if fp8_backward:
         mode += ", fp8 in backward"
     if cuda:
-        from finetune.qlora import prepare_for_lora_training
+        from finetune.training import prepare_for_lora_training
 
         # frozen base as loaded (no fp32 upcast of embeddings/norms), layers checkpointed
         prepare_for_lora_training(model, checkpointing=True)
@@ -446,21 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     if cuda:
-        from finetune.qlora import keep_embedding_on_host
+        from finetune.training import keep_embedding_on_host
 
         # the frozen input embedding in host memory: 1.45 GiB less on the GPU at 14B, at no
         # measured cost (bench/gpu_train.py, variant "lean"); back on the GPU for evaluation
         keep_embedding_on_host(model, device)
     if compiled:
-        from finetune.qlora import compile_decoder_layers
+        from finetune.training import compile_decoder_layers
 
         # the step's many small kernels fused, and no Python call per 4-bit product
         # (bench/gpu_train.py, variant "lean-compiled-outside-nf4"); compiled at the first steps.
         # The frozen down projection runs outside the recomputed part: +10% at 14B (README,
-        # Performance, session 12). fp8 in backward: each 4-bit product one operator that
-        # decodes in a kernel of its own and multiplies in fp8 when recomputed (session 14), the
-        # down projection after the checkpoint too, its weights' constants computed once (session 15).
-        compile_decoder_layers(model, checkpoint="outside", nf4="kernel" if fp8_backward else "torch",
+        # Performance). fp8 in backward: each 4-bit product one operator that decodes in a kernel
+        # of its own and multiplies in fp8 when recomputed, the down projection after the
+        # checkpoint too, its weights' constants computed once.
+        compile_decoder_layers(model, nf4="kernel" if fp8_backward else "torch",
                                down_outside=True, fp8_recompute=fp8_backward, fp8_input_gradients=fp8_backward)
 
     # 5. Optimizer and schedule over optimizer steps (not micro-batches).
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     #    and the adapter serving now answer the same prompts, greedily.
     if cfg.eval_cases:
         if cuda:
-            from finetune.qlora import restore_embedding, uncompile_decoder_layers
+            from finetune.training import restore_embedding, uncompile_decoder_layers
 
             del optimizer
             restore_embedding(model, device)
@@ -570,7 +570,7 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     """`samples` with each replay sample's last answer replaced by the model's own greedy answer
     to the same prompt (the adapter as it starts: the active one, or none). Replay written by
     hand pulls the answers toward its own, shorter style (the gate's keyword recall fell from
-    0.67 to 0.36 in session 11's run Q); the model's own answers keep them where they were.
+    0.67 to 0.36 on one night's refresh); the model's own answers keep them where they were.
     Data parallel (`world` processes): each decodes every world-th prompt, and all of them get
     all the answers."""
     import torch

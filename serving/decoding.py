@@ -118,7 +118,7 @@ def layer_groups(layer) -> dict[str, tuple[Any, ...]]:
             "gate_up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
 
 
-def fuse_layers(layers, kernel: str = "bitsandbytes") -> dict[tuple[int, str], Any]:
+def fuse_layers(layers) -> dict[tuple[int, str], Any]:
     """(layer number, group) -> FusedNF4 for every group whose layers are all flat NF4 4-bit
     (after flatten_nested_scales); other groups stay as they are."""
     from serving.nf4 import FusedNF4, fusable
@@ -132,7 +132,7 @@ def fuse_layers(layers, kernel: str = "bitsandbytes") -> dict[tuple[int, str], A
             bases = [base(m) for m in modules]
             if all(fusable(b) for b in bases):
                 try:
-                    fused[(number, group)] = FusedNF4(bases, kernel)
+                    fused[(number, group)] = FusedNF4(bases)
                 except ValueError as exc:  # e.g. still double-quantised: bitsandbytes' own path
                     log.info("layer %d %s not fused: %s", number, group, exc)
     return fused
@@ -141,11 +141,9 @@ def fuse_layers(layers, kernel: str = "bitsandbytes") -> dict[tuple[int, str], A
 class StaticDecoder:
     """The model's forward over a static KV cache; decode steps replayed as CUDA graphs."""
 
-    def __init__(self, model, max_batch: int = 8, max_len: int = 4096, use_graphs: bool | None = None,
-                 batch_sizes: Sequence[int] | None = None, compile_elementwise: bool | None = None,
-                 flatten_double_quant: bool | None = None, fused_nf4: bool | None = None,
-                 nf4_kernel: str = "mma", reuse_prefixes: bool = True, graph_prefill: bool | None = None,
-                 join_lora: bool = True, attention_spans: Sequence[int] = (256, 512, 1024, 2048, 4096),
+    def __init__(self, model, max_batch: int = 8, max_len: int = 4096, fused_nf4: bool | None = None,
+                 graph_prefill: bool | None = None, join_lora: bool = True,
+                 attention_spans: Sequence[int] = (256, 512, 1024, 2048, 4096),
                  prefill_lengths: Sequence[int] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)):
         self.model = model
         self.decoder, self.head = decoder_and_head(model)
@@ -161,8 +159,8 @@ class StaticDecoder:
         shape = (len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        self.batch_sizes = sorted(set(batch_sizes or [b for b in (1, 2, 4, 8, 16, 32) if b < max_batch] + [max_batch]))
+        self.use_graphs = self.device.type == "cuda"
+        self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32) if b < max_batch} | {max_batch})
         # A step's tokens and positions, copied in with one transfer from a pinned staging
         # buffer (two blocking copies and a fill were ~0.1 ms of an 11 ms step with the GPU idle)
         self._step_inputs = torch.full((2, max_batch, 1), max_len - 1, dtype=torch.long, device=self.device)
@@ -189,24 +187,22 @@ class StaticDecoder:
         self._prefill_slot = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
         self._slot_prompts: list[tuple[str | None, tuple[int, ...]] | None] = [None] * max_batch
-        self.reuse_prefixes = reuse_prefixes
         self.reused_tokens = 0  # prompt tokens copied from another slot instead of computed
         cuda = self.device.type == "cuda"
         # Norms and rotary embeddings are a dozen tiny kernels each; compiled, a few fused ones.
         elementwise = (_rms_norm, _rope, _add_norm, _gated, _norm_rope)
-        if cuda if compile_elementwise is None else compile_elementwise:
+        if cuda:
             elementwise = tuple(torch.compile(f, dynamic=False) for f in elementwise)
         self._norm, self._rope, self._add_norm, self._gated, self._norm_rope = elementwise
-        if cuda if flatten_double_quant is None else flatten_double_quant:
+        if cuda:
             self.flattened_scales = flatten_nested_scales(self.decoder)
         # 4-bit layers with one input joined (q/k/v, gate/up): 4 products per layer, not 7.
         # Decode steps (up to 8 rows) multiply on the tensor cores with serving/nf4_mma.cu
-        # (nf4_kernel="mma"); "bitsandbytes" keeps its GEMV, "triton" the older Triton kernel
-        # (README, Performance). Prefills use bitsandbytes' dequantize + matmul.
+        # (bitsandbytes' GEMV where it cannot run). Prefills use bitsandbytes' dequantize + matmul.
         self._fused: dict[tuple[int, str], Any] = {}
         self.join_lora = join_lora  # a joined product's LoRA as one pair of matmuls (see _stack_groups)
         if cuda if fused_nf4 is None else fused_nf4:
-            self._fused = fuse_layers(self.layers, nf4_kernel)
+            self._fused = fuse_layers(self.layers)
         self.refresh_adapters()
 
     # -- adapters ------------------------------------------------------------------------
@@ -409,7 +405,7 @@ class StaticDecoder:
         adapter (a department's system prompt and tool schemas; the gate's cases), and that
         slot. At least one token is left to compute: its logits are the answer's first token."""
         best, source = 0, None
-        for slot, cached in enumerate(self._slot_prompts if self.reuse_prefixes else ()):
+        for slot, cached in enumerate(self._slot_prompts):
             if cached is None or cached[0] != adapter:
                 continue
             previous = cached[1]

@@ -1,6 +1,7 @@
 """The fused 4-bit layers of the serving decoder (serving/nf4.py) and the training kernels
 (finetune/nf4.py): the NF4 kernels' arithmetic (run by Triton's interpreter on CPU, the same code
-the GPU compiles) and fused q/k/v, gate/up weights that share the layers' storage. The GPU speed is measured by bench/nf4_kernel.py."""
+the GPU compiles) and fused q/k/v, gate/up weights that share the layers' storage. The GPU speed
+is measured by bench/nf4_kernel.py."""
 
 from __future__ import annotations
 
@@ -122,28 +123,6 @@ def test_product_operator_on_gpu_is_bitsandbytes_in_a_forward_and_fp8_when_recom
         assert torch.equal(got_scale, want_scale) and torch.equal(got.float(), want.float())
 
 
-KERNEL_CHECK = """
-import sys, torch, bitsandbytes.functional as F
-sys.path.insert(0, {root!r})
-from serving import nf4
-from tests.test_nf4 import nf4_layer
-layer = nf4_layer(80, 1024, 4)  # 80 columns: the last tile of 32 is partly outside
-state = layer.weight.quant_state
-weight = F.dequantize_4bit(layer.weight.data, state).float()
-tables = nf4.nibble_tables(state.code)
-for rows in (1, 3, 16):
-    x = torch.randn(rows, 1024)
-    for config in ({{"BLOCK_N": 32, "BLOCK_K": 256}}, {{"BLOCK_N": 16, "BLOCK_K": 1024}}):
-        got = nf4.nf4_matmul(x, layer.weight.data.reshape(-1), state.absmax, tables, 80, config=config)
-        torch.testing.assert_close(got, x @ weight.t(), rtol=1e-4, atol=1e-3)
-try:
-    nf4.nf4_matmul(torch.randn(17, 1024), layer.weight.data.reshape(-1), state.absmax, tables, 80)
-except ValueError as exc:
-    print("refused:", exc)
-print("kernel ok")
-"""
-
-
 def interpreted(script: str) -> subprocess.CompletedProcess:
     """`script` (a format string taking {root}) run by a Python with Triton's interpreter on,
     which must be set before triton is imported: a process of its own. It must succeed."""
@@ -154,21 +133,10 @@ def interpreted(script: str) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install -e .[dev])")
-def test_nf4_kernel_matches_dequantised_product():
-    """Triton's interpreter runs the kernel on CPU (fp32 here: numpy has no bf16): the nibble
-    order, scales per 64 values, tiles over K, rows padded to a power of two and the column mask
-    must give W's product exactly. The
-    interpreter must be on before triton is imported, hence a process of its own."""
-    result = interpreted(KERNEL_CHECK)
-    assert "refused: nf4_matmul takes up to 16 rows" in result.stdout
-    assert "kernel ok" in result.stdout
-
-
 DECODE_CHECK = """
 import sys, torch, bitsandbytes.functional as F
 sys.path.insert(0, {root!r})
-from finetune import nf4, qlora
+from finetune import nf4, training
 for nested in (False, True):
     # 64 x 1,024: 1,024 blocks of 64, so a double-quantized absmax has four blocks of 256 to decode
     weight = torch.randn(64, 1024, dtype=torch.bfloat16) * torch.logspace(-2, 1, 64)[:, None]
@@ -224,7 +192,7 @@ def test_nf4_decode_kernel_gives_bitsandbytes_weights_in_bf16_and_fp8_and_transp
 def test_nf4_decode_kernel_is_bitsandbytes_bit_for_bit_on_gpu():
     """On the GPU, decode_nf4 rounds to nearest: bitsandbytes' bf16 weight exactly, and the fp8
     weight of the torch decode exactly, at Qwen3-14B's gate/up shape."""
-    from finetune import nf4, qlora
+    from finetune import nf4, training
 
     weight = (torch.randn(17408, 5120) * 0.02).to(torch.bfloat16).cuda()
     packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=True)
@@ -233,7 +201,7 @@ def test_nf4_decode_kernel_is_bitsandbytes_bit_for_bit_on_gpu():
         packed, state))
     frozen = nf4.FrozenNF4.of(packed, state)  # the kernel on CUDA
     weight8, per_channel = frozen.decoded(fp8=True, transposed=True), frozen.fp8_scale_channels
-    scale = qlora.nf4_absmax(state).max().reshape(1) / nf4.FP8_MAX
+    scale = training.nf4_absmax(state).max().reshape(1) / nf4.FP8_MAX
     assert torch.equal(per_channel, scale.expand(1, 5120))
     want8 = nf4.decode_nf4_reference(packed, scales, tables, (17408, 5120), fp8_inverse_scale=1 / scale,
                                      transposed=True)
@@ -269,7 +237,7 @@ def test_tensor_core_kernel_matches_the_dequantised_product_on_gpu():
 
 @pytest.mark.gpu
 def test_joined_layers_on_the_tensor_core_kernel_give_bitsandbytes_outputs_on_gpu():
-    """FusedNF4(kernel="mma") for decode-sized batches, bitsandbytes' path for a prefill."""
+    """FusedNF4 on the tensor-core kernel for decode-sized batches, bitsandbytes' path for a prefill."""
     from serving.nf4 import FusedNF4
 
     def layers(seed):
@@ -284,7 +252,7 @@ def test_joined_layers_on_the_tensor_core_kernel_give_bitsandbytes_outputs_on_gp
         return made
 
     plain = layers(7)
-    fused = FusedNF4(layers(7), kernel="mma")
+    fused = FusedNF4(layers(7))
     for rows in (1, 5, 8, 40):
         x = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
         for got, layer in zip(fused(x), plain):

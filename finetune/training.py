@@ -1,5 +1,6 @@
-"""The levers that make the refresh recipe fast and lean on a GPU, each a plain function so
-the recipe and the GPU benchmark (bench/gpu_train.py) run the same code:
+"""The training step of the refresh recipe, fast and lean on a GPU: how the model is prepared,
+how samples are batched, how the loss is computed, how the 4-bit layers are compiled. Each a
+plain function, so the recipe and the GPU benchmark (bench/gpu_train.py) run the same code:
 
 - no fp32 upcast: peft's prepare_model_for_kbit_training turns embeddings, lm_head and
   norms into fp32 (+2.9 GiB at 14B) for no gain under bf16 autocast-free training;
@@ -234,7 +235,7 @@ def nf4_absmax(quant_state):
 
 
 @functools.cache  # the class is made at first use: torch is imported then, not with this module
-def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool, fp8_forward: bool = False):
+def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool):
     import torch
 
     from finetune import nf4
@@ -246,8 +247,7 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool,
         `operator`, the product is one operator (nf4.linear_op: decoded by a kernel at memory
         speed, not by the compiler's fusion), which with fp8_recompute runs in fp8 when an
         activation checkpoint recomputes it in backward. With fp8_input_gradients, x's gradient
-        comes from an fp8 product (the gradient scaled per row, the weight as a whole). With
-        fp8_forward (and `operator`), the forward too: the loss then moves by fp8's rounding.
+        comes from an fp8 product (the gradient scaled per row, the weight as a whole).
         fp8 runs on the tensor cores at about twice bf16's rate on an H100/H200, each value about
         4% off. Only the packed weight is saved for backward, which decodes it again."""
 
@@ -257,7 +257,7 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool,
             ctx.frozen = frozen
             x = x.to(frozen.dtype)
             if operator:
-                return frozen.product(x, fp8_recompute, fp8_forward)
+                return frozen.product(x, fp8_recompute)
             return x @ dequantize_nf4(packed, frozen.quant_state).t()
 
         @staticmethod
@@ -277,22 +277,21 @@ def _nf4_product(operator: bool, fp8_recompute: bool, fp8_input_gradients: bool,
 
 
 def _compilable_4bit_forward(linear, operator: bool = False, fp8_input_gradients: bool = False,
-                             fp8_recompute: bool = False, fp8_forward: bool = False):
+                             fp8_recompute: bool = False):
     """A forward for a bitsandbytes Linear4bit that torch.compile can see into: the NF4
     dequantization fused into one generated kernel and a plain matmul, instead of
     bitsandbytes' ops, each a Python call into its library (a compiled 14B step's wall time
     exceeded its GPU time by 0.8 s with them, by 0.3 s without). `operator`: the product as one
     operator that decodes with a kernel of its own; `fp8_input_gradients`, `fp8_recompute`: those
-    parts of backward in fp8 (_nf4_product). The forward, and so the loss, stay as without,
-    unless `fp8_forward`."""
+    parts of backward in fp8 (_nf4_product). The forward, and so the loss, stay as without."""
     import torch.nn.functional as F
 
     from finetune import nf4
 
     if linear.in_features % 16 or linear.out_features % 16:  # fp8 products take multiples of 16 only
-        fp8_input_gradients = fp8_recompute = fp8_forward = False
+        fp8_input_gradients = fp8_recompute = False
     own = (operator or fp8_input_gradients) and linear.bias is None
-    product = _nf4_product(operator, fp8_recompute, fp8_input_gradients, fp8_forward and operator) if own else None
+    product = _nf4_product(operator, fp8_recompute, fp8_input_gradients) if own else None
     frozen = nf4.FrozenNF4.of(linear.weight.data, linear.weight.quant_state) if own else None
 
     def forward(x):
@@ -335,45 +334,33 @@ def _decode_absmax_once(quant_state) -> None:
         quant_state.nested, quant_state.state2, quant_state.offset = False, None, None
 
 
-def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsandbytes", backend="inductor",
-                           down_outside: bool = False, fp8_input_gradients: bool = False,
-                           fp8_recompute: bool = False, fp8_forward: bool = False,
-                           down_in_bitsandbytes: bool = False) -> int:
+def compile_decoder_layers(model, nf4: str = "bitsandbytes", backend="inductor", down_outside: bool = False,
+                           fp8_input_gradients: bool = False, fp8_recompute: bool = False) -> int:
     """Compile every decoder layer and keep its activation checkpoint; returns the layers
     compiled. Eager, a 2,048-token step at 14B spends 1.3 of its 3.7 s of GPU time in small
     elementwise kernels (norms in fp32, the rotation, SiLU x up, LoRA's dropout and scaling);
-    compiled, 0.27 s. checkpoint="outside": an eager checkpoint around the compiled layer,
-    which drops what the compiled forward saves and runs it again in backward.
-    checkpoint="inside": the checkpoint inside the compiled function, for the compiler to
-    recompute (on CPU it does; on an H200 with torch 2.11 and bitsandbytes' ops it saved
-    everything). nf4="torch": 4-bit layers dequantize in torch operations the compiler fuses
+    compiled, 0.27 s. The checkpoint is an eager one around the compiled layer, which drops what
+    the compiled forward saves and runs it again in backward. nf4="torch": 4-bit layers dequantize in torch operations the compiler fuses
     (dequantize_nf4) instead of calling bitsandbytes; nf4="kernel": each 4-bit product is one
     operator that decodes in a Triton kernel (nf4.linear_op). With `fp8_input_gradients` too,
     those layers' input gradients come from fp8 products; with nf4="kernel" and `fp8_recompute`
-    the checkpoint's recompute runs them in fp8, and with `fp8_forward` the forward too
-    (_nf4_product). A layer compiled under transformers' own checkpointing escapes it: nothing is
-    recomputed and the memory grows (README, Performance). down_outside (with
-    checkpoint="outside"): a frozen down_proj runs after the checkpointed part, eagerly, which
+    the checkpoint's recompute runs them in fp8 (_nf4_product). A layer compiled under transformers' own checkpointing escapes it: nothing is
+    recomputed and the memory grows (README, Performance). down_outside: a frozen down_proj runs after the checkpointed part, eagerly, which
     saves only the 4-bit weight; backward then recomputes the layer without it, a quarter of its
     products. With nf4="kernel" it is the same product as the layer's others (so its input
-    gradient is fp8 too with fp8_input_gradients), else, or with `down_in_bitsandbytes`,
-    bitsandbytes' op (dequantize + matmul, bf16). A layer the compiler fails on
+    gradient is fp8 too with fp8_input_gradients), else bitsandbytes' op (dequantize + matmul, bf16). A layer the compiler fails on
     (an old GPU, no working Triton) runs eagerly, with torch's warning: a nightly refresh must
     not fail for want of a faster path."""
     import torch
     import torch._dynamo
     import torch.utils.checkpoint
 
-    if checkpoint not in ("outside", "inside") or nf4 not in ("bitsandbytes", "torch", "kernel"):
-        raise ValueError(f"checkpoint 'outside' or 'inside', nf4 'bitsandbytes', 'torch' or 'kernel'; "
-                         f"not {checkpoint!r}, {nf4!r}")
+    if nf4 not in ("bitsandbytes", "torch", "kernel"):
+        raise ValueError(f"nf4 'bitsandbytes', 'torch' or 'kernel'; not {nf4!r}")
     if fp8_input_gradients and nf4 == "bitsandbytes":
         raise ValueError("fp8_input_gradients needs nf4='torch' or 'kernel'")
-    if fp8_recompute and (nf4 != "kernel" or checkpoint != "outside"):
-        raise ValueError("fp8_recompute needs nf4='kernel' and checkpoint='outside' (an eager checkpoint that "
-                         "recomputes in backward)")
-    if fp8_forward and nf4 != "kernel":
-        raise ValueError("fp8_forward needs nf4='kernel'")
+    if fp8_recompute and nf4 != "kernel":
+        raise ValueError("fp8_recompute needs nf4='kernel'")
     causal_lm = causal_lm_of(model)
     causal_lm.gradient_checkpointing_disable()  # ours replaces transformers' checkpoint
     torch._dynamo.config.suppress_errors = True  # compile errors: the eager layer instead
@@ -390,12 +377,12 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
                     if module.weight.device.type == "cpu":
                         _decode_absmax_once(module.weight.quant_state)
                     module.forward = _compilable_4bit_forward(module, nf4 == "kernel", fp8_input_gradients,
-                                                              fp8_recompute, fp8_forward)
+                                                              fp8_recompute)
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
         own_down_forward = down.__dict__.get("forward") if down is not None and nf4 == "kernel" else None
-        handed = _hand_out_down_projection(layer) if checkpoint == "outside" and down_outside else None
+        handed = _hand_out_down_projection(layer) if down_outside else None
         if handed is not None:
-            if own_down_forward is None or down_in_bitsandbytes:
+            if own_down_forward is None:
                 own_down_forward = functools.partial(type(down).forward, down)  # the class's own: bitsandbytes'
 
             def front(*args, _forward=layer.forward, _handed=handed, **kwargs):  # the layer up to down_proj's input
@@ -410,12 +397,10 @@ def compile_decoder_layers(model, checkpoint: str = "outside", nf4: str = "bitsa
 
             layer.forward = checkpointed_then_down
             continue
-        forward = torch.compile(layer.forward, backend=backend) if checkpoint == "outside" else layer.forward
-
-        def checkpointed(*args, _forward=forward, **kwargs):
+        def checkpointed(*args, _forward=torch.compile(layer.forward, backend=backend), **kwargs):
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-        layer.forward = checkpointed if checkpoint == "outside" else torch.compile(checkpointed, backend=backend)
+        layer.forward = checkpointed
     return len(layers)
 
 
