@@ -140,61 +140,63 @@ def _extras(update: TurnUpdate) -> dict[str, Any]:
     }
 
 
-def build_openai_router(services) -> APIRouter:
-    router = APIRouter()
-    # The model is one device: at most generation_concurrency turns generate at once,
-    # the others wait here (Gradio's queue does the same for the browser).
-    generating = threading.BoundedSemaphore(services.settings.generation_concurrency)
+async def _body_of(request: Request) -> dict[str, Any]:
+    # read up to the limit and no further: a client streaming gigabytes is refused, not buffered
+    too_big = ApiError(413, f"The request body is over the limit of {MAX_BODY_BYTES:,} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        parts.append(part)
+    raw = b"".join(parts)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise ApiError(400, f"The body is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}).")
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body must be a JSON object.")
+    return body
 
-    def user_of(request: Request):
+
+class OpenAIHandlers:
+    """The handlers of /v1 and /metrics over the app's services. The model is one device: at
+    most generation_concurrency turns generate at once, the others wait here (Gradio's queue
+    does the same for the browser)."""
+
+    def __init__(self, services):
+        self.services = services
+        self.generating = threading.BoundedSemaphore(services.settings.generation_concurrency)
+
+    def user_of(self, request: Request):
         try:
-            return services.auth.user_for_api_key(_bearer(request))
+            return self.services.auth.user_for_api_key(_bearer(request))
         except NotAuthorized as exc:
             raise ApiError(401, str(exc), "authentication_error", "invalid_api_key")
 
-    async def body_of(request: Request) -> dict[str, Any]:
-        # read up to the limit and no further: a client streaming gigabytes is refused, not buffered
-        too_big = ApiError(413, f"The request body is over the limit of {MAX_BODY_BYTES:,} bytes.")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise too_big
-        parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > MAX_BODY_BYTES:
-                raise too_big
-            parts.append(part)
-        raw = b"".join(parts)
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-            raise ApiError(400, f"The body is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}).")
-        if not isinstance(body, dict):
-            raise ApiError(400, "The body must be a JSON object.")
-        return body
-
-    def models_of(user) -> list[dict[str, Any]]:
-        adapter = services.model.adapter_for(user.department_id)
+    def models_of(self, user) -> list[dict[str, Any]]:
+        adapter = self.services.model.adapter_for(user.department_id)
         return [{"id": model_id(user.department_id), "object": "model", "created": 0, "owned_by": "hangjia",
-                 "base_model": services.model.name, "department": user.department_id,
+                 "base_model": self.services.model.name, "department": user.department_id,
                  "adapter_version": adapter.version if adapter else None}]
 
-    def check_model(user, requested: Any) -> str:
-        allowed = {m["id"] for m in models_of(user)}
+    def check_model(self, user, requested: Any) -> str:
+        allowed = {m["id"] for m in self.models_of(user)}
         if requested in allowed or requested == "hangjia":
             return model_id(user.department_id)
         raise ApiError(404, f"The model {requested!r} does not exist or you have no access to it. "
                             f"Yours: {', '.join(sorted(allowed))}.", code="model_not_found")
 
-    @router.get("/v1/models")
-    async def list_models(request: Request):
-        return {"object": "list", "data": models_of(user_of(request))}
+    async def list_models(self, request: Request):
+        return {"object": "list", "data": self.models_of(self.user_of(request))}
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        user = user_of(request)
-        body = await body_of(request)
-        model = check_model(user, body.get("model"))
+    async def chat_completions(self, request: Request):
+        user = self.user_of(request)
+        body = await _body_of(request)
+        model = self.check_model(user, body.get("model"))
         if body.get("tools"):
             raise ApiError(400, "Client-side tools are not supported: hangjia runs the company's tools itself, "
                                 "with your permissions. Send the question without `tools`.")
@@ -215,29 +217,28 @@ def build_openai_router(services) -> APIRouter:
         def start():
             nonlocal conversation_id
             if conversation_id is None and len(turns) > 1:
-                conversation_id = services.engine.import_history(user, turns[:-1])
-            return services.engine.stream_turn(user, turns[-1]["content"], conversation_id,
+                conversation_id = self.services.engine.import_history(user, turns[:-1])
+            return self.services.engine.stream_turn(user, turns[-1]["content"], conversation_id,
                                                attachments=attachments or None, fresh=bool(body.get("fresh")))
 
-        return await _respond(start, bool(body.get("stream")), model)
+        return await self._respond(start, bool(body.get("stream")), model)
 
-    @router.post("/v1/actions/{call_id}")
-    async def resolve_action(request: Request, call_id: str):
-        user = user_of(request)
-        body = await body_of(request)
+    async def resolve_action(self, request: Request, call_id: str):
+        user = self.user_of(request)
+        body = await _body_of(request)
         if not isinstance(body.get("approve"), bool):
             raise ApiError(400, "Send {\"approve\": true} or {\"approve\": false}.")
-        return await _respond(lambda: services.engine.resolve_action(user, call_id, body["approve"]),
+        return await self._respond(lambda: self.services.engine.resolve_action(user, call_id, body["approve"]),
                               bool(body.get("stream")), model_id(user.department_id))
 
-    async def _respond(start, stream: bool, model: str):
+    async def _respond(self, start, stream: bool, model: str):
         def first_update():
-            generating.acquire()
+            self.generating.acquire()
             try:
                 updates = start()
                 return updates, next(updates)
             except BaseException:
-                generating.release()
+                self.generating.release()
                 raise
 
         try:
@@ -259,7 +260,7 @@ def build_openai_router(services) -> APIRouter:
                 yield from updates
             finally:
                 updates.close()
-                generating.release()
+                self.generating.release()
 
         if not stream:
             def consume():
@@ -271,7 +272,7 @@ def build_openai_router(services) -> APIRouter:
                 last = await run_in_threadpool(consume)
             except (GenerationFailed, StorageError) as exc:
                 raise _turn_failure(exc)
-            usage, finish = _usage_and_finish(last)
+            usage, finish = self._usage_and_finish(last)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": _joined_text(last)},
                                  "finish_reason": finish}],
@@ -295,52 +296,51 @@ def build_openai_router(services) -> APIRouter:
                 failure = _turn_failure(exc)
                 yield _sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.code}})
                 return
-            usage, finish = _usage_and_finish(last)
+            usage, finish = self._usage_and_finish(last)
             yield chunk({}, finish, usage=usage, hangjia=_extras(last))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def _usage_and_finish(update: TurnUpdate) -> tuple[dict[str, int], str]:
+    def _usage_and_finish(self, update: TurnUpdate) -> tuple[dict[str, int], str]:
         """Token counts and finish reason of the stored final answer (one read)."""
-        outcome = (chats.message_outcome(services.db, update.message_id) if update.message_id else None) or {}
+        outcome = (chats.message_outcome(self.services.db, update.message_id) if update.message_id else None) or {}
         prompt, completion = int(outcome.get("prompt_tokens") or 0), int(outcome.get("completion_tokens") or 0)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         return usage, "length" if outcome.get("finish_reason") == "length" else "stop"
 
-    @router.post("/v1/completions")
-    async def completions(request: Request):
-        user = user_of(request)
+    async def completions(self, request: Request):
+        user = self.user_of(request)
         if user.role != "admin" and not user.owner:
             raise ApiError(403, "Raw completions are for admins (a generation backend); use /v1/chat/completions.",
                            "permission_error")
-        body = await body_of(request)
+        body = await _body_of(request)
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "`prompt` must be a non-empty string.")
         requested = body.get("model")
-        adapter = services.model.adapter_for(user.department_id)
-        if requested == services.model.name:
+        adapter = self.services.model.adapter_for(user.department_id)
+        if requested == self.services.model.name:
             slot = None
         elif requested in (model_id(user.department_id), "hangjia"):
             slot = adapter.loaded_as if adapter else None
         else:
             raise ApiError(404, f"The model {requested!r} does not exist or you have no access to it. Yours: "
-                                f"{model_id(user.department_id)}, {services.model.name}.", code="model_not_found")
-        params = _sampling(body, services.settings)
-        prompt_tokens = services.model.count_tokens(prompt)
-        if prompt_tokens + params.max_new_tokens > services.model.max_context:
+                                f"{model_id(user.department_id)}, {self.services.model.name}.", code="model_not_found")
+        params = _sampling(body, self.services.settings)
+        prompt_tokens = self.services.model.count_tokens(prompt)
+        if prompt_tokens + params.max_new_tokens > self.services.model.max_context:
             raise ApiError(400, f"The prompt has {prompt_tokens:,} tokens; with max_tokens {params.max_new_tokens:,}"
-                                f" it exceeds the context of {services.model.max_context:,}.",
+                                f" it exceeds the context of {self.services.model.max_context:,}.",
                            code="context_length_exceeded")
-        audit.record(services.db, user.id, user.department_id, "v1.completions", model=requested,
+        audit.record(self.services.db, user.id, user.department_id, "v1.completions", model=requested,
                      prompt_tokens=prompt_tokens)
         result = GenerationResult()
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def pieces() -> Iterator[str]:
-            with generating:
-                yield from services.model.stream(prompt, params, slot, result)
+            with self.generating:
+                yield from self.services.model.stream(prompt, params, slot, result)
 
         def usage() -> dict[str, int]:
             return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -370,25 +370,34 @@ def build_openai_router(services) -> APIRouter:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @router.get("/metrics")
-    async def metrics(request: Request):
+    async def metrics(self, request: Request):
         """Prometheus scrape: the metrics token (--metrics-token) sees every department; an
         admin's API key their own department's series; the owner's key all (audited)."""
         token = _bearer(request)
-        if services.settings.metrics_token and token == services.settings.metrics_token:
-            return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
+        if self.services.settings.metrics_token and token == self.services.settings.metrics_token:
+            return Response(self.services.metrics.exposition(), media_type=CONTENT_TYPE)
         try:
-            user = services.auth.user_for_api_key(token)
+            user = self.services.auth.user_for_api_key(token)
         except NotAuthorized:
             user = None
         if user is None or user.role != "admin" and not user.owner:
             return ApiError(401, "Scraping needs the metrics token or an admin's API key as a Bearer token.",
                             "authentication_error").response()
         if user.owner:
-            check_department(services.db, user, None, "read.metrics")
-            return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
-        return Response(services.metrics.exposition(user.department_id), media_type=CONTENT_TYPE)
+            check_department(self.services.db, user, None, "read.metrics")
+            return Response(self.services.metrics.exposition(), media_type=CONTENT_TYPE)
+        return Response(self.services.metrics.exposition(user.department_id), media_type=CONTENT_TYPE)
 
+
+def build_openai_router(services) -> APIRouter:
+    """/v1 (models, chat completions, tool actions, raw completions) and /metrics."""
+    handlers = OpenAIHandlers(services)
+    router = APIRouter()
+    router.add_api_route("/v1/models", handlers.list_models, methods=["GET"])
+    router.add_api_route("/v1/chat/completions", handlers.chat_completions, methods=["POST"])
+    router.add_api_route("/v1/actions/{call_id}", handlers.resolve_action, methods=["POST"])
+    router.add_api_route("/v1/completions", handlers.completions, methods=["POST"])
+    router.add_api_route("/metrics", handlers.metrics, methods=["GET"])
     return router
 
 
