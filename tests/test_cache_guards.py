@@ -1,0 +1,45 @@
+"""The cache's slot guards on their own (no model): every kind of slot that makes two alike
+questions different refuses the match, and surface changes that keep the question do not."""
+
+import pytest
+
+from webapp.cache.guards import disagreement, slots
+
+VOCABULARY = {"华东": "华东", "east china": "华东", "华南": "华南", "south china": "华南", "华北": "华北",
+              "north china": "华北", "华中": "华中", "central china": "华中"}
+
+
+def why(a: str, b: str) -> str | None:
+    return disagreement(slots(a, VOCABULARY), slots(b, VOCABULARY))
+
+
+@pytest.mark.parametrize("a, b, reason", [
+    ("产品线A本月的销量是多少？", "产品线B本月的销量是多少？", "name"),
+    ("What is the stock of model K7?", "What is the stock of model K9?", "name"),
+    ("请假3天需要谁审批？", "请假3周需要谁审批？", "numbers"),
+    ("Who approves a 5k yuan purchase?", "Who approves a 50k yuan purchase?", "numbers"),
+    ("华东区的销量超过华南区了吗？", "华南区的销量超过华东区了吗？", "comparison order"),
+    ("Did Central China outsell North China?", "Did North China outsell Central China?", "comparison order"),
+    ("张伟的报销批了吗？", "李娜的报销批了吗？", "person"),
+    ("王经理的审批权限是多少？", "赵经理的审批权限是多少？", "person"),
+    ("陪产假有几天？", "产假有几天？", "content"),
+    ("How is gross margin calculated?", "How is net margin calculated?", "content"),
+    ("哪些费用可以报销？", "哪些费用不能报销？", "negation"),
+    ("2025年第三季度华北区收入是多少？", "2025年第二季度华北区收入是多少？", "period"),
+    ("上季度华东区销售额是多少？", "What were East China sales last quarter?", "language"),
+])
+def test_a_near_miss_is_refused_for_its_slot(a, b, reason):
+    assert why(a, b) == reason
+
+
+@pytest.mark.parametrize("a, b", [
+    ("2025年三季度华北区销售收入是多少？", "2025年Q3华北区的销售收入有多少"),
+    ("超过1万元的报销需要谁审批？", "超过10000元的报销要谁审批"),
+    ("Who approves expenses over 10k yuan?", "Who approves expenses over 10,000 yuan?"),
+    ("年假有几天？", "年假一共有几天"),
+    ("加班需要审批吗？", "加班需不需要审批？"),
+    ("上季度华东区销售额是多少？", "华东区上个季度的销售额是多少"),
+    ("What was revenue in East China in Q3 2025?", "East China revenue for the third quarter of 2025?"),
+])
+def test_a_surface_change_keeps_the_slots(a, b):
+    assert why(a, b) is None
