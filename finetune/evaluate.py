@@ -20,6 +20,10 @@ from serving.chat_format import passages_moved_to_the_question, system_message, 
 FUNCTIONAL_SET = Path(__file__).with_name("data") / "functional.jsonl"
 DOMAIN_METRICS = ("tool_exact", "keyword_recall")
 GUARD_METRICS = ("tool_format_valid", "no_false_tool_calls", "general_recall")
+# Graded by the words an answer happens to use: one rephrased answer moves them, so a fall
+# must stand out from the case-to-case noise (gate). Calls and their format are not graded.
+WORDED_METRICS = ("keyword_recall", "general_recall")
+NOISE_Z = 1.64  # one-sided 95%
 _TOOL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
 
@@ -166,6 +170,28 @@ def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]
     }
 
 
+def case_recall(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, list[float]]:
+    """Per worded metric, each case's share of keywords said (the terms keyword_recall and
+    general_recall average)."""
+    recall: dict[str, list[float]] = {"keyword_recall": [], "general_recall": []}
+    for case, output in zip(cases, outputs):
+        if case.kind != "tool" and case.keywords:
+            metric = "keyword_recall" if case.kind == "text" else "general_recall"
+            recall[metric].append(sum(mentions(output, k) for k in case.keywords) / len(case.keywords))
+    return recall
+
+
+def noise(active: Sequence[float], candidate: Sequence[float]) -> float:
+    """How far a worded metric's mean may fall by chance: NOISE_Z standard errors of the
+    per-case changes. 0 below two cases, or when every case moved alike."""
+    changes = [c - a for a, c in zip(active, candidate)]
+    if len(changes) < 2:
+        return 0.0
+    mean = sum(changes) / len(changes)
+    spread = (sum((x - mean) ** 2 for x in changes) / (len(changes) - 1)) ** 0.5
+    return NOISE_Z * spread / len(changes) ** 0.5
+
+
 def worse_cases(cases: Sequence[EvalCase], active: Sequence[str], candidate: Sequence[str]) -> dict[str, list[str]]:
     """Per metric, the cases the candidate answers worse than the active adapter, and how: the
     call it got wrong, the keywords it no longer says, the call it makes where none belongs.
@@ -193,11 +219,14 @@ def worse_cases(cases: Sequence[EvalCase], active: Sequence[str], candidate: Seq
 
 
 def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 0.02,
-         tolerance: float = 0.02, worse: dict[str, list[str]] | None = None) -> dict[str, Any]:
+         tolerance: float = 0.02, worse: dict[str, list[str]] | None = None,
+         per_case: tuple[dict[str, list[float]], dict[str, list[float]]] | None = None) -> dict[str, Any]:
     """Promote only when the candidate is better on the domain metrics by `margin` (their
     mean) and no metric, domain or guard, fell by more than `tolerance`: a gain in tool calls
-    must not pay for facts the department's answers lost. `worse` (worse_cases) names, in each
-    such reason, the cases that fell."""
+    must not pay for facts the department's answers lost. A worded metric's fall must also
+    exceed its noise (case_recall of active and candidate as `per_case`): on a handful of
+    cases one keyword of one rephrased answer is not a regression, many cases falling is.
+    `worse` (worse_cases) names, in each such reason, the cases that fell."""
     domain_gain = (sum(candidate[m] for m in DOMAIN_METRICS) - sum(active[m] for m in DOMAIN_METRICS)) / len(
         DOMAIN_METRICS)
     reasons = []
@@ -205,11 +234,15 @@ def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 
         reasons.append(f"domain metrics improved by {domain_gain:+.3f}, less than the margin {margin:.3f}")
     for metric in (*DOMAIN_METRICS, *GUARD_METRICS):
         drop = active[metric] - candidate[metric]
-        if drop > tolerance:
+        allowed = tolerance
+        if per_case and metric in WORDED_METRICS:
+            allowed = max(tolerance, noise(per_case[0][metric], per_case[1][metric]))
+        if drop > allowed:
             cases = (worse or {}).get(metric, [])
             shown = cases[:3] + ([f"{len(cases) - 3} more"] if len(cases) > 3 else [])
             which = f" ({'; '.join(shown)})" if shown else ""
-            reasons.append(f"{metric} fell by {drop:.3f}, more than the tolerance {tolerance:.3f}{which}")
+            limit = f"the tolerance {tolerance:.3f}" if allowed == tolerance else f"its noise {allowed:.3f}"
+            reasons.append(f"{metric} fell by {drop:.3f}, more than {limit}{which}")
     table = [{"metric": m, "active": round(active[m], 4), "candidate": round(candidate[m], 4),
               "change": round(candidate[m] - active[m], 4)} for m in (*DOMAIN_METRICS, *GUARD_METRICS)]
     return {"passed": not reasons, "domain_gain": round(domain_gain, 4), "reasons": reasons, "table": table}

@@ -5,6 +5,7 @@ import pytest
 from finetune.evaluate import (
     EvalCase,
     case_from_sample,
+    case_recall,
     gate,
     load_functional_set,
     score,
@@ -130,3 +131,24 @@ def test_a_refusal_names_the_cases_that_fell_and_what_they_lost():
     assert back["tool_exact"] == ["华东上季度？: no call"] and "keyword_recall" not in back
     assert gate(score(cases, active), score(cases, active), worse={})["reasons"] == [
         "domain metrics improved by +0.000, less than the margin 0.020"]
+
+
+def test_one_rephrased_answer_does_not_decide_but_many_fallen_answers_do():
+    """The night the gate must pass: the calls are learned, one answer of six drops one keyword
+    of seven. The night it must refuse: the calls are learned, and half the answers lost
+    their facts."""
+    texts = [EvalCase([{"role": "user", "content": f"notes {i}"}], TOOLS, "text", keywords=list("abcdefg"),
+                      name=f"text {i}") for i in range(6)]
+    cases = [SALES, *texts]
+    full = " ".join("abcdefg")
+    active = ["I don't know", *[full] * 6]
+    one_keyword = [CALL, " ".join("abcdef"), *[full] * 5]
+    recall = lambda outputs: case_recall(cases, outputs)  # noqa: E731
+    decision = gate(score(cases, one_keyword), score(cases, active), per_case=(recall(active), recall(one_keyword)))
+    assert decision["passed"], decision["reasons"]
+    # without the per-case view the same fall (0.024) is past the tolerance
+    assert not gate(score(cases, one_keyword), score(cases, active))["passed"]
+    forgot = [CALL, "a", "b", "c", full, full, full]
+    decision = gate(score(cases, forgot), score(cases, active), per_case=(recall(active), recall(forgot)))
+    assert not decision["passed"]
+    assert any(r.startswith("keyword_recall fell by 0.429, more than its noise") for r in decision["reasons"])
