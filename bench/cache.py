@@ -6,7 +6,7 @@ a is answered and cached, then b is asked. Two sets, side by side: the developme
 bench/data/cache_pairs.jsonl (written with the cache) and the held-out set
 bench/data/cache_heldout.jsonl (written independently, frozen before any tuning against it). A paraphrase should hit; a near-miss must not. Baseline, in the same run: the same
 similarity with no slot guards (what a plain semantic cache does), at each threshold.
-Then the hit latency through ChatEngine.stream_turn against a generation on the embedded
+Then the hit latency through TurnRunner.stream_turn against a generation on the embedded
 model. Targets: 0 wrong hits, >= 70% paraphrase hits, hit latency <= 1% of a generation.
 
     .venv/bin/python bench/cache.py [--thresholds 0.7,0.75,0.8,0.85,0.9]
@@ -123,18 +123,18 @@ def hit_latency(embedder, generations: int) -> str:
     generate_ms, exact_ms, semantic_ms = [], [], []
     for question in questions:
         started = time.perf_counter()
-        final = list(services.engine.stream_turn(user, question))[-1]
+        final = list(services.engine.turns.stream_turn(user, question))[-1]
         generate_ms.append((time.perf_counter() - started) * 1000)
         assert not final.cached
         stored = services.db.scalar("SELECT count(*) FROM cache_entries WHERE question = ?", [question])
         if not stored:  # the answer was cut at max_new_tokens: not cached, nothing to time
             continue
         started = time.perf_counter()
-        hit = list(services.engine.stream_turn(user, question))[-1]
+        hit = list(services.engine.turns.stream_turn(user, question))[-1]
         exact_ms.append((time.perf_counter() - started) * 1000)
         assert hit.cached
         started = time.perf_counter()
-        hit = list(services.engine.stream_turn(user, question.rstrip("?.") + ", please?"))[-1]
+        hit = list(services.engine.turns.stream_turn(user, question.rstrip("?.") + ", please?"))[-1]
         if hit.cached:
             semantic_ms.append((time.perf_counter() - started) * 1000)
     services.close()

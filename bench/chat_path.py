@@ -3,7 +3,7 @@
 Measures, for the same prompts with greedy decoding (so both produce the same tokens):
   - baseline: `model.generate` on the rendered prompt (time to first token = a 1-token
     generate; tokens/s over the whole answer)
-  - engine:   hangjia's ChatEngine.stream_turn (storage, prompt building, streaming, logging)
+  - engine:   hangjia's TurnRunner.stream_turn (storage, prompt building, streaming, logging)
   - http:     the launched Gradio app's /chat endpoint through gradio_client, as programs use it
 and prints the figures, the ratios against the baseline (target >= 0.95) and memory.
 
@@ -59,7 +59,7 @@ def bench_baseline(model_service, prompt: str, max_new_tokens: int) -> tuple[flo
 def bench_engine(services, user, text: str) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     final = None
-    for update in services.engine.stream_turn(user, text):
+    for update in services.engine.turns.stream_turn(user, text):
         final = update
     total = time.perf_counter() - t0
     row = services.db.query_one(

@@ -176,7 +176,7 @@ def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuest
         unguided = None
         if compare_unguided:  # the same adapter, tool calls decoded without the schema guide
             log("measuring after, unguided …")
-            services.engine.settings = dataclasses.replace(services.engine.settings, guided_tool_calls=False)
+            services.engine.turns.settings = dataclasses.replace(services.engine.turns.settings, guided_tool_calls=False)
             unguided = measure(employee, held_out, no_tool)
         run = next((r for r in registry.runs(services.db) if outcome and r["id"] == outcome.run_id), None)
         return {"before": before, "after": after, "unguided": unguided, "taught": taught, "refresh_s": refresh_s, "outcome": outcome,

@@ -161,8 +161,8 @@ def test_another_departments_review_cases_and_samples_are_out_of_reach(running_a
     url, services = running_app
     script("a wrong answer")
     finance = services.auth.current_user("finance-employee")
-    final = list(services.engine.stream_turn(finance, "What is EBITDA?"))[-1]
-    services.engine.rate(finance, final.message_id, -1, "wrong")
+    final = list(services.engine.turns.stream_turn(finance, "What is EBITDA?"))[-1]
+    services.engine.conversations.rate(finance, final.message_id, -1, "wrong")
     hr_reviewer = Client(url, auth=("hr-reviewer", "hangjia-demo"), verbose=False)
     assert hr_reviewer.predict(-1, "", "", "", "", False, api_name="/review_queue") == []
     with pytest.raises(Exception):
@@ -188,8 +188,8 @@ def finance_world(services, script):
 
     script("The East China revenue was 12,345,678 yuan.")
     employee = services.auth.current_user("finance-employee")
-    final = list(services.engine.stream_turn(employee, "What was East China's revenue last quarter?"))[-1]
-    services.engine.rate(employee, final.message_id, -1, "did not use the sales system")
+    final = list(services.engine.turns.stream_turn(employee, "What was East China's revenue last quarter?"))[-1]
+    services.engine.conversations.rate(employee, final.message_id, -1, "did not use the sales system")
     registry.add_version(services.db, "finance", "v1", str(services.settings.data_dir / "nowhere"), "tiny", None)
     registry.start_run(services.db, "finance", "manual", status="failed", reason="finance-only run")
     return final
@@ -247,7 +247,7 @@ def test_v1_and_metrics_show_each_admin_their_own_department_only(running_app, s
     url, services = running_app
     final = finance_world(services, script)
     script("HR answer")
-    list(services.engine.stream_turn(services.auth.current_user("hr-employee"), "annual leave?"))
+    list(services.engine.turns.stream_turn(services.auth.current_user("hr-employee"), "annual leave?"))
     keys = {u: services.auth.create_api_key(services.auth.current_user(u), "t")[1]
             for u in ("hr-admin", "finance-admin", "company-owner")}
 

@@ -113,8 +113,8 @@ def test_reviewer_corrects_a_thumbs_down_with_a_tool_call(running_app, browser, 
     url, services = running_app
     monkeypatch.setattr(services.model, "stream", ScriptedModel("Sales were probably fine."))
     employee = services.auth.current_user("finance-employee")
-    answer = list(services.engine.stream_turn(employee, "上季度华东区销售额是多少？"))[-1]
-    services.engine.rate(employee, answer.message_id, -1, "没有查数据")
+    answer = list(services.engine.turns.stream_turn(employee, "上季度华东区销售额是多少？"))[-1]
+    services.engine.conversations.rate(employee, answer.message_id, -1, "没有查数据")
 
     page = browser.new_page(locale="en-US")
     log_in(page, url, "finance-reviewer")

@@ -21,7 +21,7 @@ def ask(services, script):
 
     def run(text, username="finance-employee", conversation_id=None, fresh=False):
         user = services.auth.current_user(username)
-        return list(services.engine.stream_turn(user, text, conversation_id, fresh=fresh))[-1]
+        return list(services.engine.turns.stream_turn(user, text, conversation_id, fresh=fresh))[-1]
     run.model = model
     return run
 
@@ -90,12 +90,12 @@ def test_thumbs_down_evicts_and_ttl_expires(services, ask):
     first = ask("What is the hotel limit abroad?")
     hit = ask("What is the hotel limit abroad?")
     assert hit.cached
-    services.engine.rate(services.auth.current_user("finance-employee"), hit.message_id, -1, "wrong limit")
+    services.engine.conversations.rate(services.auth.current_user("finance-employee"), hit.message_id, -1, "wrong limit")
     assert not ask("What is the hotel limit abroad?").cached  # evicted: asked the model again
     # a thumbs-down on the answer an entry replays evicts it too
     assert ask("What is the hotel limit abroad?").cached
     newest = services.db.scalar("SELECT max(source_message_id) FROM cache_entries WHERE evicted_at IS NULL")
-    services.engine.rate(services.auth.current_user("finance-employee"), newest, -1, None)
+    services.engine.conversations.rate(services.auth.current_user("finance-employee"), newest, -1, None)
     assert not ask("What is the hotel limit abroad?").cached
     assert first.message_id
     # TTL: the clock moves past the entry's life
@@ -110,8 +110,8 @@ def test_answers_from_live_tools_are_not_cached_and_admins_control_the_cache(ser
         + "\n</tool_call>"
     script(call, "华东区2026年销售额如上。", call, "again")
     user = services.auth.current_user("finance-employee")
-    list(services.engine.stream_turn(user, "华东区2026年销售额"))
-    assert not list(services.engine.stream_turn(user, "华东区2026年销售额"))[-1].cached
+    list(services.engine.turns.stream_turn(user, "华东区2026年销售额"))
+    assert not list(services.engine.turns.stream_turn(user, "华东区2026年销售额"))[-1].cached
     assert services.db.scalar("SELECT count(*) FROM cache_entries") == 0
 
     services.cache.configure(True, False, 0.9)  # semantic layer off

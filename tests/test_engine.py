@@ -2,12 +2,13 @@ import pytest
 
 from storage import chats
 from tests.conftest import make_lora_adapter
-from webapp.engine import ChatEngine, ConversationNotFound, TurnSettings, UserInputError
+from webapp.conversations import ConversationNotFound, Conversations, UserInputError
 from webapp.models import GenerationParams
+from webapp.turn import TurnRunner, TurnSettings
 
 
-def run_turn(engine, user, text, conversation_id=None):
-    updates = list(engine.stream_turn(user, text, conversation_id))
+def run_turn(turns, user, text, conversation_id=None):
+    updates = list(turns.stream_turn(user, text, conversation_id))
     assert updates[-1].done
     return updates
 
@@ -16,9 +17,15 @@ def user(services, name="finance-employee"):
     return services.auth.current_user(name)
 
 
+def runner(services, settings):
+    """Turns with `settings` on the services' model and database, without tools, retrieval or cache."""
+    conversations = Conversations(services.db, services.model.name, settings.max_message_chars)
+    return TurnRunner(services.db, services.model, settings, conversations)
+
+
 def test_a_turn_streams_and_is_logged_with_who_what_and_how_fast(services):
     alice = user(services)
-    updates = run_turn(services.engine, alice, "How much did we sell last quarter?")
+    updates = run_turn(services.engine.turns, alice, "How much did we sell last quarter?")
     assert len(updates) > 2  # streamed in pieces, not one block
     final = updates[-1]
     assert final.answer and final.message_id
@@ -36,15 +43,15 @@ def test_follow_up_sees_history_and_answers_use_the_department_adapter(services,
     make_lora_adapter(tiny_model_dir, tmp_path / "a" / "finance" / "v7", seed=3)
     services.model.load_adapter("finance", tmp_path / "a" / "finance" / "v7", "v7")
     alice, hr = user(services), user(services, "hr-employee")
-    first = run_turn(services.engine, alice, "first question")[-1]
-    second = run_turn(services.engine, alice, "and a follow-up", first.conversation_id)[-1]
+    first = run_turn(services.engine.turns, alice, "first question")[-1]
+    second = run_turn(services.engine.turns, alice, "and a follow-up", first.conversation_id)[-1]
     assert second.conversation_id == first.conversation_id
     assert [m.role for m in chats.list_messages(services.db, first.conversation_id)] == [
         "user", "assistant", "user", "assistant"]
     assert (second.adapter, second.adapter_version) == ("finance", "v7")
     row = services.db.query_one("SELECT adapter, adapter_version FROM messages WHERE id = ?", [second.message_id])
     assert row == {"adapter": "finance", "adapter_version": "v7"}
-    hr_turn = run_turn(services.engine, hr, "first question")[-1]
+    hr_turn = run_turn(services.engine.turns, hr, "first question")[-1]
     assert hr_turn.adapter is None  # hr has no adapter: base model, never finance's
 
 
@@ -55,55 +62,55 @@ def test_follow_up_sees_history_and_answers_use_the_department_adapter(services,
 )
 def test_refused_messages_store_nothing(services, text, code):
     with pytest.raises(UserInputError) as info:
-        next(services.engine.stream_turn(user(services), text))
+        next(services.engine.turns.stream_turn(user(services), text))
     assert info.value.code == code
     assert services.db.scalar("SELECT count(*) FROM messages") == 0
     assert services.db.scalar("SELECT count(*) FROM conversations") == 0
 
 
 def test_context_window_drops_old_turns_then_refuses(services):
-    engine = ChatEngine(services.db, services.model, TurnSettings(
+    turns = runner(services, TurnSettings(
         system_prompt="s", max_message_chars=100_000, thinking=False,
         generation=GenerationParams(max_new_tokens=8, temperature=0.0)))
     services.model.context_tokens = 200
     alice = user(services)
-    conv = run_turn(engine, alice, "word " * 60)[-1].conversation_id
+    conv = run_turn(turns, alice, "word " * 60)[-1].conversation_id
     # the first turn no longer fits beside this one: it is dropped, the turn goes ahead
-    final = run_turn(engine, alice, "other " * 100, conv)[-1]
+    final = run_turn(turns, alice, "other " * 100, conv)[-1]
     prompt_tokens = services.db.scalar("SELECT prompt_tokens FROM messages WHERE id = ?", [final.message_id])
     assert prompt_tokens <= 200 - 8
     with pytest.raises(UserInputError) as info:
-        next(engine.stream_turn(alice, "long " * 400, conv))
+        next(turns.stream_turn(alice, "long " * 400, conv))
     assert info.value.code == "context_overflow" and info.value.params["budget"] == 192
 
 
 def test_other_users_conversations_are_not_found(services):
     alice, bob = user(services), user(services, "finance-reviewer")
-    conv = run_turn(services.engine, alice, "mine")[-1].conversation_id
+    conv = run_turn(services.engine.turns, alice, "mine")[-1].conversation_id
     with pytest.raises(ConversationNotFound):
-        services.engine.messages_of(bob, conv)
+        services.engine.conversations.messages_of(bob, conv)
     with pytest.raises(ConversationNotFound):
-        next(services.engine.stream_turn(bob, "let me in", conv))
+        next(services.engine.turns.stream_turn(bob, "let me in", conv))
 
 
 def test_feedback_only_on_your_own_answers(services):
     alice, bob = user(services), user(services, "hr-admin")
-    final = run_turn(services.engine, alice, "q")[-1]
-    services.engine.rate(alice, final.message_id, -1, "  wrong figure  ")
+    final = run_turn(services.engine.turns, alice, "q")[-1]
+    services.engine.conversations.rate(alice, final.message_id, -1, "  wrong figure  ")
     assert chats.get_feedback(services.db, final.message_id, alice.id)["comment"] == "wrong figure"
     with pytest.raises(LookupError):
-        services.engine.rate(bob, final.message_id, 1)  # even an admin of another department
+        services.engine.conversations.rate(bob, final.message_id, 1)  # even an admin of another department
     with pytest.raises(LookupError):
-        services.engine.rate(alice, final.user_message_id, 1)  # a question is not an answer
+        services.engine.conversations.rate(alice, final.user_message_id, 1)  # a question is not an answer
     with pytest.raises(ValueError):
-        services.engine.rate(alice, final.message_id, 5)
+        services.engine.conversations.rate(alice, final.message_id, 5)
 
 
 def test_leaving_mid_answer_keeps_the_partial_answer(services):
-    engine = ChatEngine(services.db, services.model, TurnSettings(
+    turns = runner(services, TurnSettings(
         system_prompt="s", max_message_chars=1000, thinking=False,
         generation=GenerationParams(max_new_tokens=300, temperature=0.0)))
-    stream = engine.stream_turn(user(services), "tell me everything")
+    stream = turns.stream_turn(user(services), "tell me everything")
     first = next(stream)
     next(stream)  # one piece of the answer arrived
     stream.close()  # the browser tab closed
@@ -120,7 +127,7 @@ def test_thinking_is_logged_but_not_shown(services, monkeypatch):
         yield from pieces
 
     monkeypatch.setattr(services.model, "stream", scripted_stream)
-    final = run_turn(services.engine, user(services), "answer?")[-1]
+    final = run_turn(services.engine.turns, user(services), "answer?")[-1]
     assert final.answer == "42"
     row = services.db.query_one("SELECT content, thinking FROM messages WHERE id = ?", [final.message_id])
     assert row == {"content": "42", "thinking": "the user wants a number"}

@@ -154,7 +154,7 @@ def test_a_guided_answer_without_a_call_equals_the_unguided_one(tiny_model, guid
 
 def test_the_engine_guides_with_the_users_tools_and_their_aliases(services):
     employee = services.auth.current_user("finance-employee")
-    guide = services.engine._guide(services.engine._tools_for(employee))
+    guide = services.engine.turns.guide(services.engine.turns.tools_for(employee))
     assert b"query_sales" in guide.names
     region = guide.values[(b"query_sales", b"region")]
     assert {"华北".encode(), b"north china"} <= region and b"span china" not in region

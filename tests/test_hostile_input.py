@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from finetune.dataset import ImportRefused, import_jsonl
 from storage import Database, chats, company, migrate, tool_audit
 from tests.test_tool_turns import call
-from webapp.engine import UserInputError
+from webapp.conversations import UserInputError
 from webapp.knowledge.parsing import DocumentError, parse_bytes
 from webapp.settings import SettingsError, load_settings
 from webapp.tools.parser import parse_output, visible_text
@@ -39,7 +39,7 @@ def test_any_chat_input_is_refused_clearly_or_stored_as_printable_text(services,
     script("ok")
     user = services.auth.current_user("finance-employee")
     try:
-        final = list(services.engine.stream_turn(user, text))[-1]
+        final = list(services.engine.turns.stream_turn(user, text))[-1]
     except UserInputError as exc:
         assert exc.code in ("empty_message", "message_too_long", "context_overflow")
         return
@@ -54,7 +54,7 @@ def test_huge_and_empty_messages_are_refused_before_anything_is_stored(services)
     for text in ("", "   \n\t", "\x00\x01\x02", "x" * (services.settings.max_message_chars + 1), None, 42,
                  {"role": "user"}):
         with pytest.raises(UserInputError):
-            list(services.engine.stream_turn(user, text))
+            list(services.engine.turns.stream_turn(user, text))
     assert chats.usage_summary(services.db)["messages"] == before
 
 
@@ -217,7 +217,7 @@ def test_parse_bytes_names_are_plain_file_names():
 def test_sql_and_shell_in_tool_arguments_do_nothing_beyond_the_parameterised_query(services, script, region):
     script(call("query_sales", region=region, period="last_quarter"), "done")
     before = services.db.scalar("SELECT count(*) FROM sales")
-    final = list(services.engine.stream_turn(services.auth.current_user("finance-employee"), "sales?"))[-1]
+    final = list(services.engine.turns.stream_turn(services.auth.current_user("finance-employee"), "sales?"))[-1]
     statuses = [i["status"] for i in final.items if i["type"] == "tool"]
     assert statuses == ["invalid"], "not one of the regions: refused before any query"
     assert services.db.scalar("SELECT count(*) FROM sales") == before
@@ -234,14 +234,14 @@ def test_a_prompt_injection_in_a_document_cannot_move_data_or_cross_permissions(
     script(call("query_sales", region="East China", period="last_quarter") + obeying,
            call("query_sales", region="East China", period="last_quarter"), "no access")
     finance = services.auth.current_user("finance-employee")
-    final = list(services.engine.stream_turn(finance, "What does the quarterly notice say?"))[-1]
+    final = list(services.engine.turns.stream_turn(finance, "What does the quarterly notice say?"))[-1]
     assert any("IMPORTANT SYSTEM INSTRUCTION" in s["text"] for i in final.items if i["type"] == "sources"
                for s in i["sources"]), "the planted passage did reach the model"
     assert [p["tool"] for p in final.pending] == ["send_email"], "the email waits for the user"
     assert company.outbox(services.db) == [], "nothing was sent"
     # the side effect waits for the user; the same text cannot lift another user's permissions
     hr = services.auth.current_user("hr-employee")
-    hr_turn = list(services.engine.stream_turn(hr, "What does the quarterly notice say?"))[-1]
+    hr_turn = list(services.engine.turns.stream_turn(hr, "What does the quarterly notice say?"))[-1]
     assert [i["status"] for i in hr_turn.items if i["type"] == "tool"] == ["denied"]
     audit = tool_audit.latest_of_conversation(services.db, hr_turn.conversation_id)
     assert [(a.tool, a.status) for a in audit] == [("query_sales", "denied")]

@@ -118,7 +118,7 @@ def test_through_the_chat_the_tool_and_the_api_finance_gets_no_hr_passage(servic
     finance = services.auth.current_user("finance-employee")
     hr = services.auth.current_user("hr-employee")
 
-    final = list(services.engine.stream_turn(finance, question))[-1]
+    final = list(services.engine.turns.stream_turn(finance, question))[-1]
     assert "8.8 million" not in model.prompts[0]
     assert not [i for i in final.items if i["type"] == "sources"]
 
@@ -128,7 +128,7 @@ def test_through_the_chat_the_tool_and_the_api_finance_gets_no_hr_passage(servic
     logged = kb_store.retrievals_of(services.db, final.message_id, via="tool")
     assert logged and all("bonus" not in r["text"] for r in logged)
 
-    list(services.engine.stream_turn(hr, question))  # positive control: HR's own question
+    list(services.engine.turns.stream_turn(hr, question))  # positive control: HR's own question
     assert "8.8 million" in model.prompts[-1]
 
 
@@ -153,16 +153,16 @@ def test_the_search_api_answers_from_the_callers_department_only(running_app):
 def test_a_question_gets_cited_passages_logged_and_shown_with_the_answer(services, script):
     model = script("应收账款周转率 = 营业收入 ÷ 平均应收账款余额 [1]。")
     user = services.auth.current_user("finance-employee")
-    final = list(services.engine.stream_turn(user, "应收账款周转率怎么计算？"))[-1]
+    final = list(services.engine.turns.stream_turn(user, "应收账款周转率怎么计算？"))[-1]
     assert "营业收入 ÷ 平均应收账款余额" in model.prompts[0] and "[1] 财务指标说明" in model.prompts[0]
     sources = [i for i in final.items if i["type"] == "sources"][0]["sources"]
     assert sources[0]["title"].startswith("财务指标说明") and sources[0]["score"] > 0
     logged = kb_store.retrievals_of(services.db, final.user_message_id, via="auto")
     assert [r["chunk_id"] for r in logged] == [s["chunk_id"] for s in sources]
-    items, _ = services.engine.conversation_items(user, final.conversation_id)
+    items, _ = services.engine.conversations.items(user, final.conversation_id)
     assert [i["type"] for i in items] == ["user", "sources", "text"]  # reopened: the sources are still there
     script("你好！")
-    hello = list(services.engine.stream_turn(user, "你好"))[-1]
+    hello = list(services.engine.turns.stream_turn(user, "你好"))[-1]
     assert not [i for i in hello.items if i["type"] == "sources"]
 
 
@@ -174,7 +174,7 @@ def test_grounded_questions_share_the_prompt_start_up_to_their_passages(services
     model = script("按制度处理 [1]。", "按公式计算 [1]。")
     user = services.auth.current_user("finance-employee")
     for question in ("报销需要在多少天内提交？", "应收账款周转率怎么计算？"):
-        list(services.engine.stream_turn(user, question))
+        list(services.engine.turns.stream_turn(user, question))
     first, second = model.prompts
     assert "[1] 费用报销制度" in first and "[1] 财务指标说明" in second
     shared = len(os.path.commonprefix([first, second]))
@@ -298,12 +298,12 @@ def test_an_attachment_that_fits_goes_in_whole_and_stays_for_follow_ups(services
     model = script("Summary.", "Follow-up.")
     user = services.auth.current_user("finance-employee")
     contract = "Contract 2026-17 between Acme and Hongda. Payment is due within 45 days of invoice."
-    final = list(services.engine.stream_turn(user, "Summarise the attachment", None,
-                                             [("contract.txt", contract.encode())]))[-1]
+    final = list(services.engine.turns.stream_turn(user, "Summarise the attachment", None,
+                                                   [("contract.txt", contract.encode())]))[-1]
     assert contract in model.prompts[0]
     notice = [i for i in final.items if i["type"] == "notice"][0]["content"]
     assert "given to the model whole" in notice
-    list(services.engine.stream_turn(user, "And the payment term?", final.conversation_id))
+    list(services.engine.turns.stream_turn(user, "And the payment term?", final.conversation_id))
     assert contract in model.prompts[1]
     row = services.db.query_one("SELECT filename, mode FROM message_attachments")
     assert row == {"filename": "contract.txt", "mode": "whole"}
@@ -315,22 +315,22 @@ def test_an_attachment_too_long_for_the_context_falls_back_to_passages_and_says_
     filler = " ".join(f"Clause {n}: the parties meet quarterly to review delivery schedule item {n}." for n in range(900))
     report = filler + " The penalty for late delivery is 2 percent of the order value per week. " + filler
     assert len(report) > 20_000
-    final = list(services.engine.stream_turn(user, "What is the penalty for late delivery?", None,
+    final = list(services.engine.turns.stream_turn(user, "What is the penalty for late delivery?", None,
                                              [("annual-report.txt", report.encode())]))[-1]
     notice = [i for i in final.items if i["type"] == "notice"][0]["content"]
     assert "Fell back to retrieval" in notice and "annual-report.txt" in notice
     assert "2 percent of the order value per week" in model.prompts[0]
     assert services.model.count_tokens(model.prompts[0]) <= services.model.max_context
-    final = list(services.engine.stream_turn(user, "Summarise this", None, [("annual-report.txt", report.encode())]))[-1]
+    final = list(services.engine.turns.stream_turn(user, "Summarise this", None, [("annual-report.txt", report.encode())]))[-1]
     assert "spread evenly" in [i for i in final.items if i["type"] == "notice"][0]["content"]
 
 
 def test_an_unreadable_attachment_is_refused_before_anything_is_stored(services):
-    from webapp.engine import UserInputError
+    from webapp.conversations import UserInputError
 
     user = services.auth.current_user("finance-employee")
     with pytest.raises(UserInputError) as info:
-        list(services.engine.stream_turn(user, "Read this", None, [("scan.pdf", b"garbage")]))
+        list(services.engine.turns.stream_turn(user, "Read this", None, [("scan.pdf", b"garbage")]))
     assert info.value.code == "attachment_unreadable"
     assert services.db.scalar("SELECT count(*) FROM messages") == 0
 

@@ -101,9 +101,9 @@ def test_audit_finds_opens_and_exports_and_every_look_is_logged(services, tmp_pa
            '</tool_call>', "华东 sold 1.2M.", "Leave is 10 days.")
     fe = services.auth.current_user("finance-employee")
     he = services.auth.current_user("hr-employee")
-    sales = list(services.engine.stream_turn(fe, "Sales in East China last quarter?"))[-1]
-    list(services.engine.stream_turn(he, "How much leave? sales"))
-    services.engine.rate(fe, sales.message_id, -1, "too vague")
+    sales = list(services.engine.turns.stream_turn(fe, "Sales in East China last quarter?"))[-1]
+    list(services.engine.turns.stream_turn(he, "How much leave? sales"))
+    services.engine.conversations.rate(fe, sales.message_id, -1, "too vague")
     admin = services.auth.current_user("finance-admin")
 
     found = audit_search(services, admin, ConversationFilter(department_id="finance", text="EAST CHINA"))

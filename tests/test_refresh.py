@@ -43,7 +43,7 @@ def add_samples(services, count=6, department="finance"):
 
 def ask(services, username="finance-employee"):
     user = services.auth.current_user(username)
-    return list(services.engine.stream_turn(user, "hello"))[-1]
+    return list(services.engine.turns.stream_turn(user, "hello"))[-1]
 
 
 def test_too_few_new_samples_skip_the_night_with_the_reason(refresh_services):

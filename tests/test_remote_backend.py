@@ -14,8 +14,8 @@ from storage import Database, accounts, adapters, chats, migrate
 from tests.conftest import free_port, make_lora_adapter, make_settings
 from webapp.adapters import AdapterError
 from webapp.auth import Auth
-from webapp.engine import GenerationFailed
 from webapp.models import GenerationParams, GenerationResult
+from webapp.turn import GenerationFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_turns_are_generated_by_the_engine_and_logged_here(front, tiny_model, mo
     spy = Spy(front.model.stream)
     monkeypatch.setattr(front.model, "stream", spy)
     user = front.auth.current_user("finance-employee")
-    final = list(front.engine.stream_turn(user, "What is a balance sheet?"))[-1]
+    final = list(front.engine.turns.stream_turn(user, "What is a balance sheet?"))[-1]
     assert len(spy.pieces) > 1, "the engine's answer arrived streamed"
     # the engine ran the same model on the same prompt: the answer is what the model says greedily
     local = "".join(tiny_model.stream(spy.prompts[0], GenerationParams(max_new_tokens=12, temperature=0.0)))
@@ -99,7 +99,7 @@ def test_an_error_from_the_engine_is_a_clear_failure_and_the_turn_is_logged(fron
     # this app allows 8192 tokens of context; the engine's model only 2048: the engine refuses
     long_message = "balance sheet " * 1100  # ~3,300 tokens, under 16,000 characters
     with pytest.raises(GenerationFailed, match="context"):
-        list(front.engine.stream_turn(user, long_message))
+        list(front.engine.turns.stream_turn(user, long_message))
     conversation = chats.list_conversations(front.db, user.id)[0]
     last = chats.list_messages(front.db, conversation.id)[-1]
     assert last.role == "assistant" and chats.message_outcome(front.db, last.id)["finish_reason"] == "error"

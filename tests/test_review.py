@@ -18,9 +18,9 @@ from webapp.tools.executor import normalise_arguments
 
 def ask(services, username, question, rating=None, comment=None):
     user = services.auth.current_user(username)
-    final = list(services.engine.stream_turn(user, question))[-1]
+    final = list(services.engine.turns.stream_turn(user, question))[-1]
     if rating:
-        services.engine.rate(user, final.message_id, rating, comment)
+        services.engine.conversations.rate(user, final.message_id, rating, comment)
     return final.message_id
 
 
@@ -102,7 +102,7 @@ def test_a_sample_keeps_the_passages_its_question_was_served_with(services, scri
     script("Within 30 days.")
     message_id = ask(services, "finance-employee", "报销需要在多少天内提交？", -1)
     conversation_id = chats.get_message_owner(services.db, message_id)["conversation_id"]
-    served = services.engine.passages_for(chats.last_user_message_id(services.db, conversation_id))
+    served = services.engine.conversations.passages_for(chats.last_user_message_id(services.db, conversation_id))
     assert served and served[0]["title"].startswith("费用报销制度")
     services.reviews.decide(reviewer(services, "finance-reviewer"), message_id, "approved", "wrong_fact",
                             answer="费用须在发生后 30 天内提交报销 [1]。")

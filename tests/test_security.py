@@ -155,7 +155,7 @@ def test_the_owner_reaches_every_department_and_each_look_is_audited(running_app
     final = finance_world(services, script)
     hr = services.auth.current_user("hr-employee")
     script("You have 10 days.")
-    list(services.engine.stream_turn(hr, "How many days of annual leave do I have?"))
+    list(services.engine.turns.stream_turn(hr, "How many days of annual leave do I have?"))
     owner = client(url, "company-owner")
     assert owner.predict(api_name="/whoami")["owner"] is True
     assert owner.predict(api_name="/admin_overview")["users"] == 7

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API (/v1), served beside the Gradio app.
 
-A call goes through the same ChatEngine turn as the browser: the key's owner is the
+A call goes through the same turn (webapp/turn.py) as the browser: the key's owner is the
 user, so their department's adapter, ACL-filtered retrieval, the response cache, tools
 with the user's permissions and the logging all apply. What differs from OpenAI's API,
 because hangjia keeps the conversation and runs the company's tools itself:
@@ -38,9 +38,10 @@ from starlette.concurrency import run_in_threadpool
 
 from storage import StorageError, audit, chats
 from webapp.auth import NotAuthorized, check_department
-from webapp.engine import ConversationNotFound, GenerationFailed, TurnUpdate, UserInputError
+from webapp.conversations import ConversationNotFound, UserInputError
 from webapp.metrics import CONTENT_TYPE
 from webapp.models import GenerationParams, GenerationResult
+from webapp.turn import GenerationFailed, TurnUpdate
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +218,9 @@ class OpenAIHandlers:
         def start():
             nonlocal conversation_id
             if conversation_id is None and len(turns) > 1:
-                conversation_id = self.services.engine.import_history(user, turns[:-1])
-            return self.services.engine.stream_turn(user, turns[-1]["content"], conversation_id,
-                                               attachments=attachments or None, fresh=bool(body.get("fresh")))
+                conversation_id = self.services.engine.conversations.import_history(user, turns[:-1])
+            return self.services.engine.turns.stream_turn(user, turns[-1]["content"], conversation_id,
+                                                     attachments=attachments or None, fresh=bool(body.get("fresh")))
 
         return await self._respond(start, bool(body.get("stream")), model)
 
@@ -228,8 +229,8 @@ class OpenAIHandlers:
         body = await _body_of(request)
         if not isinstance(body.get("approve"), bool):
             raise ApiError(400, "Send {\"approve\": true} or {\"approve\": false}.")
-        return await self._respond(lambda: self.services.engine.resolve_action(user, call_id, body["approve"]),
-                              bool(body.get("stream")), model_id(user.department_id))
+        return await self._respond(lambda: self.services.engine.turns.resolve_action(user, call_id, body["approve"]),
+                                   bool(body.get("stream")), model_id(user.department_id))
 
     async def _respond(self, start, stream: bool, model: str):
         def first_update():

@@ -59,7 +59,8 @@ def parse_day(text: str | None) -> dt.date | None:
 class ReviewService:
     def __init__(self, db: Database, engine: ChatEngine, tools: ToolExecutor, settings: ReviewSettings):
         self.db = db
-        self.engine = engine
+        self.conversations = engine.conversations  # the case's context as the model had it
+        self.turns = engine.turns  # the system message a sample trains with
         self.tools = tools
         self.settings = settings
 
@@ -103,7 +104,7 @@ class ReviewService:
             raise CaseNotFound(no_case(message_id))
         self._check_department(reviewer, header["department_id"], "review.case", int(message_id))
         owner = accounts.get_user(self.db, header["user_id"])
-        items, _ = self.engine.conversation_items(owner, header["conversation_id"])
+        items, _ = self.conversations.items(owner, header["conversation_id"])
         # the conversation up to the answer under review
         cut = next((i for i, item in enumerate(items) if item.get("message_id") == header["message_id"]), len(items) - 1)
         turn_start = max((i for i, item in enumerate(items[:cut + 1]) if item["type"] == "user"), default=0)
@@ -150,20 +151,21 @@ class ReviewService:
             raise ReviewInputError("This answer has no question before it.")
         # the passages the question was served with belong to the sample: trained without them, the
         # adapter never saw a question with passages and called tools for policy questions (#8)
-        system, passages = self.engine.system(), self.engine.passages_for(question_id)
+        system, passages = self.turns.system(), self.conversations.passages_for(question_id)
         tools = [spec.function_schema() for spec in self.tools.tools_for(owner)]
         if reason is None:
             raise ReviewInputError("Pick a reason for the approval.")
         if reason == "good_example":
             if answer or tool_name:
                 raise ReviewInputError("A good example keeps the original answer; clear the correction.")
-            context = self.engine.history_messages(header["conversation_id"], up_to_message_id=header["message_id"])
+            context = self.conversations.history_messages(header["conversation_id"],
+                                                          up_to_message_id=header["message_id"])
             target: list[dict[str, Any]] = []
             origin = "good_example"
         else:
             if not answer and not tool_name:
                 raise ReviewInputError("Write the corrected answer, or pick the tool the model should have called.")
-            context = self.engine.history_messages(header["conversation_id"], up_to_message_id=question_id)
+            context = self.conversations.history_messages(header["conversation_id"], up_to_message_id=question_id)
             target = self._target(reviewer, owner, header, answer, tool_name, tool_arguments)
             origin = "correction"
         existing = existing_questions(self.db, header["department_id"])

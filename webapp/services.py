@@ -12,7 +12,7 @@ from webapp.adapters import AdapterManager
 from webapp.auth import Auth
 from webapp.cache.service import CacheSettings, ResponseCache
 from webapp.demo import DEMO_OWNER, ensure_first_admin, seed_demo_company, seed_demo_documents
-from webapp.engine import ChatEngine, TurnSettings
+from webapp.engine import ChatEngine
 from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
 from webapp.knowledge.embeddings import Embedder
 from webapp.knowledge.tool import KNOWLEDGE_TOOLS_FILE, knowledge_builtins
@@ -24,6 +24,7 @@ from webapp.settings import EMBEDDED_MODEL, Settings
 from webapp.tools.builtin import BUILTINS
 from webapp.tools.executor import ToolExecutor
 from webapp.tools.registry import DEMO_TOOLS_FILE, load_registry
+from webapp.turn import TurnSettings
 
 log = logging.getLogger(__name__)
 

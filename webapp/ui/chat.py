@@ -11,9 +11,10 @@ from typing import Any
 import gradio as gr
 
 from storage import StorageError, chats
-from webapp.engine import ConversationNotFound, GenerationFailed, UserInputError
+from webapp.conversations import ConversationNotFound, UserInputError
 from webapp.i18n import bilingual
 from webapp.knowledge.parsing import SUPPORTED
+from webapp.turn import GenerationFailed
 from webapp.ui.common import caller
 
 GENERATION_QUEUE = "model"  # one queue in front of the one model, shared by UI and API
@@ -115,7 +116,7 @@ def conversation_choices(services, user) -> list[tuple[str, int]]:
 
 def conversation_view(services, user, conversation_id: int):
     try:
-        items, pending = services.engine.conversation_items(user, int(conversation_id))
+        items, pending = services.engine.conversations.items(user, int(conversation_id))
     except ConversationNotFound:
         raise gr.Error(bilingual("not_found"))
     return items, pending
@@ -149,7 +150,7 @@ def _guarded(stream):
 
 def stream_answer(services, user, text: str, conversation_id: int | None,
                   attachments: list[tuple[str, bytes]] | None = None, fresh: bool = False):
-    return _guarded(services.engine.stream_turn(user, text, conversation_id, attachments, fresh))
+    return _guarded(services.engine.turns.stream_turn(user, text, conversation_id, attachments, fresh))
 
 
 def rated_answer(history: list[dict], ids: list[int | None], index: int) -> int | None:
@@ -175,7 +176,7 @@ def read_attachments(paths) -> list[tuple[str, bytes]]:
 
 
 def stream_resolution(services, user, call_id: str, approve: bool):
-    return _guarded(services.engine.resolve_action(user, call_id, approve))
+    return _guarded(services.engine.turns.resolve_action(user, call_id, approve))
 
 
 def build_chat_tab(services, i18n) -> dict[str, Any]:
@@ -352,7 +353,7 @@ def rate(services, user, message_id: int, rating: int, comment: str | None) -> i
     if value not in (1, -1):
         raise gr.Error(bilingual("rating_invalid", value=str(rating)[:20]))
     try:
-        return services.engine.rate(user, int(message_id), value, comment)
+        return services.engine.conversations.rate(user, int(message_id), value, comment)
     except (LookupError, ValueError):
         raise gr.Error(bilingual("nothing_to_rate"))
     except StorageError as exc:

@@ -1,0 +1,323 @@
+"""One chat turn: check the input, answer from the response cache or build the prompt within
+the context window, stream the answer from the user's department adapter, run its tool calls
+round by round, log the whole turn to DuckDB and cache the answer when it may be reused."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from serving.chat_format import system_message, with_passages
+from serving.guided import ToolCallGuide
+from storage import chats, tool_audit
+from storage import knowledge as knowledge_store
+from storage.accounts import User
+from storage.db import Database
+from webapp.conversations import Conversations, UserInputError, check_text, pending_item, source_item, title
+from webapp.models import GenerationParams, GenerationResult, ModelService
+from webapp.prompt import ContextWindow
+from webapp.tools.executor import ToolExecutor, ToolOutcome
+from webapp.tools.parser import parse_output, split_thinking, visible_text
+
+
+class GenerationFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    system_prompt: str
+    max_message_chars: int
+    thinking: bool
+    generation: GenerationParams
+    max_tool_rounds: int = 3
+    guided_tool_calls: bool = True  # tool names, argument names and enum values kept valid while decoded
+
+
+@dataclass
+class TurnUpdate:
+    """What the UI shows while a turn streams; `done` once the answer is stored.
+
+    `items` is the turn in order: {"type": "text", "content"} bubbles and
+    {"type": "tool", "call_id", "tool", "arguments", "status", "summary"} action cards.
+    `answer` is the text of the last bubble; `message_id` the stored final answer.
+    `pending` lists side-effect actions waiting for the user's approval.
+    """
+
+    conversation_id: int
+    user_message_id: int | None
+    answer: str = ""
+    message_id: int | None = None
+    done: bool = False
+    adapter: str | None = None
+    adapter_version: str | None = None
+    items: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    adapter_slot: str | None = None  # the loaded peft adapter that generates (canary or active)
+    cached: bool = False  # answered from the response cache
+
+    def snapshot(self) -> "TurnUpdate":
+        return dataclasses.replace(self, items=[dict(i) for i in self.items], pending=list(self.pending))
+
+
+def tool_item(outcome: ToolOutcome) -> dict[str, Any]:
+    return {"type": "tool", "call_id": outcome.call_id, "tool": outcome.tool, "arguments": outcome.arguments,
+            "status": outcome.status, "summary": outcome.summary, "side_effect": outcome.side_effect}
+
+
+class TurnRunner:
+    """Runs turns for the conversations in `conversations`. `executor`, `knowledge`
+    (webapp.knowledge.base.KnowledgeBase), `cache` (webapp.cache.service.ResponseCache) and
+    `metrics` (webapp.metrics.Metrics) are each None when turned off."""
+
+    def __init__(self, db: Database, model: ModelService, settings: TurnSettings, conversations: Conversations,
+                 executor: ToolExecutor | None = None, knowledge=None, cache=None, metrics=None):
+        self.db = db
+        self.model = model
+        self.settings = settings
+        self.conversations = conversations
+        self.executor = executor
+        self.knowledge = knowledge
+        self.cache = cache
+        self.metrics = metrics
+
+    def system(self) -> dict[str, str]:
+        """The system message of every turn (the passages go with the question)."""
+        return system_message(self.settings.system_prompt)
+
+    def window(self) -> ContextWindow:
+        return ContextWindow(self.model, self.settings)
+
+    def tools_for(self, user: User) -> list[dict]:
+        return [spec.function_schema() for spec in self.executor.tools_for(user)] if self.executor else []
+
+    def guide(self, tools: list[dict]) -> ToolCallGuide | None:
+        """What keeps tool calls valid while they are decoded: the tools offered in the prompt,
+        with the spellings their tool file maps onto enum values."""
+        if not (self.settings.guided_tool_calls and self.executor and tools):
+            return None
+        specs = [self.executor.registry.get(tool["function"]["name"]) for tool in tools]
+        return ToolCallGuide.from_tools(tools, {spec.name: spec.aliases for spec in specs if spec is not None})
+
+    # -- the turn -----------------------------------------------------------------------
+
+    def stream_turn(self, user: User, text: object, conversation_id: int | None = None,
+                    attachments: list[tuple[str, bytes]] | None = None, fresh: bool = False) -> Iterator[TurnUpdate]:
+        """Stream one answer. Raises UserInputError / ConversationNotFound before anything
+        is stored; once the user message is stored, every assistant message is stored too,
+        even when the listener leaves early or generation fails.
+
+        Passages the user's department may read are retrieved for the question and put
+        before it, after the system prompt and tool schemas that every turn shares;
+        attachments (name, bytes) go in whole when they fit the context, as their most
+        relevant passages when they do not (the user is told).
+
+        The first message of a conversation (no attachments) may be answered from the
+        response cache; `fresh` asks the model even so."""
+        text = check_text(text, self.settings.max_message_chars)
+        if conversation_id is not None:
+            self.conversations.of(user, conversation_id)
+            if tool_audit.pending_of_conversation(self.db, int(conversation_id)):
+                raise UserInputError("pending_action", "An action waits for your approval: approve or decline it first.")
+        history = self.conversations.history_messages(int(conversation_id)) if conversation_id is not None else []
+        tools = self.tools_for(user)
+        # Only context-free turns meet the cache: a follow-up ("and last year?") never does.
+        scope = self._cache_scope(user, tools) if self.cache is not None and conversation_id is None \
+            and not attachments else None
+        if scope is not None and not fresh:
+            hit = self.cache.lookup(user.department_id, scope, text)
+            if hit is not None:
+                yield self._serve_cached(user, text, hit)
+                return
+        started = time.perf_counter()
+        hits = self.knowledge.relevant(user.department_id, text) if self.knowledge is not None else []
+        passages = [h.as_dict() for h in hits]
+        system, window = self.system(), self.window()
+        prepared = window.attachments(attachments or [], text, tools, system, passages,
+                                      self.knowledge.embedder if self.knowledge is not None else None)
+        content = "\n\n".join([text, *(a["prompt_text"] for a in prepared)])
+        window.fit(system, history, content, tools, passages)
+
+        if conversation_id is None:
+            conversation_id, (user_message_id,) = chats.start_conversation(
+                self.db, user.id, user.department_id, title(text), [("user", text, {})])
+        else:
+            user_message_id = chats.add_message(self.db, conversation_id, "user", text)
+        knowledge_store.log_retrievals(self.db, user_message_id, "auto", passages)
+        for a in prepared:
+            knowledge_store.add_attachment(self.db, user_message_id, a["filename"], a["chars"], a["tokens"],
+                                           a["mode"], a["prompt_text"])
+        update = self._new_update(user, conversation_id, user_message_id)
+        update.items.extend({"type": "notice", "content": a["notice"]} for a in prepared)
+        if passages:
+            update.items.append(source_item(passages))
+        yield update.snapshot()
+        last = update
+        for last in self._rounds(user, update, tools):
+            yield last
+        if scope is not None:
+            self._remember(user, scope, text, passages, last, (time.perf_counter() - started) * 1000)
+
+    def resolve_action(self, user: User, call_id: str, approve: bool) -> Iterator[TurnUpdate]:
+        """The user approves or declines a pending side-effect action; then the turn goes on."""
+        outcome = self.executor.resolve_pending(user, call_id, approve)  # checks the owner
+        conversation_id = tool_audit.attempts_of(self.db, call_id)[-1].conversation_id
+        chats.add_message(self.db, conversation_id, "tool", outcome.content, tool_call_id=call_id)
+        update = self._new_update(user, conversation_id, None)
+        update.items.append(tool_item(outcome))
+        still_pending = tool_audit.pending_of_conversation(self.db, conversation_id)
+        if still_pending:
+            update.pending = [pending_item(row) for row in still_pending]
+            update.done = True
+            yield update.snapshot()
+            return
+        yield update.snapshot()
+        yield from self._rounds(user, update, self.tools_for(user))
+
+    def _new_update(self, user: User, conversation_id: int, user_message_id: int | None) -> TurnUpdate:
+        adapter = self.model.adapter_for(user.department_id, conversation_id)
+        return TurnUpdate(conversation_id, user_message_id,
+                          adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None,
+                          adapter_slot=adapter.loaded_as if adapter else None)
+
+    def _rounds(self, user: User, update: TurnUpdate, tools: list[dict]) -> Iterator[TurnUpdate]:
+        """Generate; run the tool calls; feed results back; until an answer without calls,
+        a pending approval, or the round limit."""
+        known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
+        system, window = self.system(), self.window()
+        passages = self.conversations.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
+        guide = self.guide(tools)
+        for round_index in range(self.settings.max_tool_rounds + 1):
+            history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
+            prompt = window.render([system, *window.trim(system, history, tools)], tools)
+            update.items.append({"type": "text", "content": ""})
+            raw, message_id = yield from self._generate(user, update, prompt, guide)
+            parsed = parse_output(raw, known)
+            update.items[-1].update(content=parsed.text, message_id=message_id)
+            if not parsed.text:
+                update.items.pop()
+            last_round = round_index == self.settings.max_tool_rounds
+            if not (parsed.calls or parsed.errors) or last_round:
+                if (parsed.calls or parsed.errors) and last_round:
+                    note = f"(Stopped after {self.settings.max_tool_rounds} rounds of tool calls.)"
+                    update.items.append({"type": "text", "content": note})
+                update.answer = update.items[-1]["content"] if update.items and update.items[-1]["type"] == "text" else ""
+                update.message_id, update.done = message_id, True
+                yield update.snapshot()
+                return
+            outcomes = [self.executor.record_malformed(user, e, message_id, update.conversation_id)
+                        for e in parsed.errors]
+            outcomes += [self.executor.execute(user, call, message_id=message_id,
+                                               conversation_id=update.conversation_id) for call in parsed.calls]
+            for outcome in outcomes:
+                update.items.append(tool_item(outcome))
+                if outcome.status != "pending":
+                    chats.add_message(self.db, update.conversation_id, "tool", outcome.content,
+                                      tool_call_id=outcome.call_id)
+            pending = [tool_item(o) for o in outcomes if o.status == "pending"]
+            if pending:
+                update.pending, update.message_id, update.done = pending, message_id, True
+                update.answer = ""
+                yield update.snapshot()
+                return
+            yield update.snapshot()
+
+    def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None):
+        """One generation, streamed into the last text item; stores the assistant message.
+        Returns (raw output, message id)."""
+        result = GenerationResult()
+        raw, ttft_ms = "", None
+        started = time.perf_counter()
+        completed = False
+        pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result, guide=guide)
+        try:
+            for piece in pieces:
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1000
+                raw += piece
+                shown = visible_text(raw)
+                if shown != update.items[-1]["content"]:
+                    update.items[-1]["content"] = shown
+                    update.answer = shown
+                    yield update.snapshot()
+            completed = True
+        finally:
+            pieces.close()  # stops generation now if the listener left early
+            thinking, _ = split_thinking(raw)
+            parsed_text = parse_output(raw).text
+            finish = result.finish_reason if completed or result.error else "cancelled"
+            message_id = chats.add_message(
+                self.db, update.conversation_id, "assistant", parsed_text,
+                thinking=thinking or None,
+                model=self.model.name,
+                adapter=update.adapter,
+                adapter_version=update.adapter_version,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                ttft_ms=ttft_ms,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                finish_reason=finish,
+                error=result.error,
+            )
+            if self.metrics is not None:
+                self.metrics.observe_generation(
+                    user.department_id, time.perf_counter() - started, ttft_ms / 1000 if ttft_ms else None,
+                    result.prompt_tokens, result.completion_tokens, bool(result.error))
+        if result.error:
+            raise GenerationFailed(
+                f"The model failed while answering ({result.error}). Try again; if it keeps failing, tell your admin."
+            )
+        return raw, message_id
+
+    # -- the response cache -------------------------------------------------------------
+
+    def _cache_scope(self, user: User, tools: list[dict]) -> str:
+        adapter = self.model.adapter_for(user.department_id)
+        return self.cache.scope(
+            user.department_id, self.model.name, self.settings.system_prompt,
+            f"{adapter.name}@{adapter.version}" if adapter else None,
+            self.knowledge.version if self.knowledge is not None else None,
+            [t["function"]["name"] for t in tools])
+
+    def _serve_cached(self, user: User, text: str, hit) -> TurnUpdate:
+        """The turn answered from the cache: logged like any turn, marked with its entry."""
+        started = time.perf_counter()
+        conversation_id, (user_message_id,) = chats.start_conversation(
+            self.db, user.id, user.department_id, title(text), [("user", text, {})])
+        knowledge_store.log_retrievals(self.db, user_message_id, "auto", hit.sources)
+        update = self._new_update(user, conversation_id, user_message_id)
+        elapsed = (time.perf_counter() - started) * 1000
+        message_id = chats.add_message(
+            self.db, conversation_id, "assistant", hit.answer, model=self.model.name, adapter=update.adapter,
+            adapter_version=update.adapter_version, latency_ms=elapsed, ttft_ms=elapsed, finish_reason="cached",
+            cache_entry_id=hit.entry_id)
+        if hit.sources:
+            update.items.append(source_item(hit.sources))
+        update.items.append({"type": "text", "content": hit.answer, "message_id": message_id,
+                             "cached": {"entry_id": hit.entry_id, "layer": hit.layer,
+                                        "similarity": hit.similarity, "question": hit.question}})
+        update.answer, update.message_id, update.done = hit.answer, message_id, True
+        update.cached = True
+        return update.snapshot()
+
+    def _remember(self, user: User, scope: str, text: str, passages: list[dict], final: TurnUpdate,
+                  elapsed_ms: float) -> None:
+        """Cache a finished answer. Not: actions with side effects, failed tools, answers
+        from a canary adapter (the scope names the active one), cut-off answers."""
+        if not final.done or final.pending or not final.answer or final.message_id is None:
+            return
+        actions = [i for i in final.items if i["type"] == "tool"]
+        if any(i.get("side_effect") or i["status"] != "ok" for i in actions):
+            return
+        active = self.model.adapter_for(user.department_id)
+        if (active.version if active else None) != final.adapter_version:
+            return
+        stored = chats.message_outcome(self.db, final.message_id)
+        if stored is None or stored["finish_reason"] != "stop":
+            return
+        self.cache.store(
+            department_id=user.department_id, scope=scope, question=text, answer=final.answer,
+            sources=passages, source_message_id=final.message_id, tools_used=[i["tool"] for i in actions],
+            generation_ms=elapsed_ms, completion_tokens=stored["completion_tokens"])
