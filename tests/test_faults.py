@@ -63,6 +63,7 @@ class AppProcess:
             self.process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_sigkill_while_chatting_and_rating_loses_nothing_acknowledged(tmp_path, tiny_model_dir):
     data_dir = tmp_path / "data"
     app = AppProcess(tiny_model_dir, data_dir).wait_ready()
@@ -147,6 +148,7 @@ def trainers_of(data_dir: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_refresh_keeps_the_active_adapter_and_the_next_run_works(tmp_path, tiny_model_dir):
     data_dir = tmp_path / "data"
     app = AppProcess(tiny_model_dir, data_dir, *FAST_REFRESH, "--epochs", "4").wait_ready()

@@ -3,6 +3,7 @@ thumbs-down, reviewer corrections, the nightly job, the gate, and a promoted ada
 answers the next request. (The tiny random model cannot learn; bench/feedback_loop.py
 measures learning on the embedded model with the same code.)"""
 
+import pytest
 from gradio_client import Client
 
 from bench.feedback_loop import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, run_scenario, sales_questions
@@ -11,6 +12,8 @@ from tests.conftest import make_settings
 from tests.test_refresh import FAST
 from webapp.demo import DEMO_PASSWORD
 from webapp.services import open_services
+
+pytestmark = pytest.mark.slow  # trains in a subprocess
 
 
 def test_a_night_of_feedback_trains_gates_and_the_promoted_adapter_answers(tmp_path, tiny_model, embedder):

@@ -89,14 +89,14 @@ def test_api_keys_are_stored_only_as_hashes(running_app):
 
 
 @contextlib.contextmanager
-def served_with(tmp_path, tiny_model, embedder, **settings):
-    """The app behind a real HTTP server with these settings; its URL."""
+def served_with(tmp_path, tiny_model, embedder, clock=time.monotonic, **settings):
+    """The app behind a real HTTP server with these settings, its sessions timed by `clock`; its URL."""
     from webapp.app import build_app
     from webapp.server import BackgroundServer, build_server
     from webapp.services import open_services
 
     services = open_services(make_settings(tmp_path, knowledge=False, **settings), model=tiny_model, embedder=embedder)
-    server = BackgroundServer(build_server(services, build_app(services)), "127.0.0.1", services.settings.port)
+    server = BackgroundServer(build_server(services, build_app(services), clock), "127.0.0.1", services.settings.port)
     server.start()
     try:
         yield f"http://127.0.0.1:{services.settings.port}/"
@@ -105,39 +105,52 @@ def served_with(tmp_path, tiny_model, embedder, **settings):
         services.close()
 
 
+class Clock:
+    """The sessions' clock, moved by the test instead of waited for."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
 def short_sessions(tmp_path, tiny_model, embedder):
-    with served_with(tmp_path, tiny_model, embedder, session_hours=3 / 3600) as url:
-        yield url
+    clock = Clock()
+    with served_with(tmp_path, tiny_model, embedder, clock, session_hours=3 / 3600) as url:
+        yield url, clock
 
 
 @pytest.fixture
 def idle_sessions(tmp_path, tiny_model, embedder):
-    with served_with(tmp_path, tiny_model, embedder, session_idle_minutes=3 / 60) as url:
-        yield url
+    clock = Clock()
+    with served_with(tmp_path, tiny_model, embedder, clock, session_idle_minutes=3 / 60) as url:
+        yield url, clock
 
 
 def test_a_session_ends_after_session_hours(short_sessions):
-    url = short_sessions
+    url, clock = short_sessions
     client = httpx.Client(base_url=url, timeout=30)
     assert client.post("login", data={"username": "finance-employee", "password": "hangjia-demo"}).status_code == 200
     assert client.get("config").status_code == 200
-    time.sleep(3.5)
+    clock.now += 3.5
     assert client.get("config").status_code == 401, "the session has ended"
     assert client.post("login", data={"username": "finance-employee", "password": "hangjia-demo"}).status_code == 200
     assert client.get("config").status_code == 200, "logging in again starts a new one"
 
 
 def test_a_session_ends_after_the_idle_limit_and_an_open_tab_alone_does_not_keep_it(idle_sessions):
-    client = httpx.Client(base_url=idle_sessions, timeout=30)
+    url, clock = idle_sessions
+    client = httpx.Client(base_url=url, timeout=30)
     assert client.post("login", data={"username": "finance-employee", "password": "hangjia-demo"}).status_code == 200
     for _ in range(2):  # 4 s in all, past the 3 s limit, with a request every 2 s
-        time.sleep(2)
+        clock.now += 2
         assert client.get("config").status_code == 200, "a user making requests stays logged in"
-    time.sleep(2)
+    clock.now += 2
     # what an open page keeps sending: its heartbeat stream (closed again at once here); counted
     # as activity, it would keep the session for 3 s more
     with client.stream("GET", "gradio_api/heartbeat/some-page") as heartbeat:
         assert heartbeat.status_code == 200
-    time.sleep(1.5)
+    clock.now += 1.5
     assert client.get("config").status_code == 401, "3.5 s without a request of the user's: logged out"

@@ -177,6 +177,7 @@ print("decode ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install -e .[dev])")
 def test_nf4_decode_kernel_gives_bitsandbytes_weights_in_bf16_and_fp8_and_transposed():
     """finetune.nf4.decode_nf4 (the fp8 input gradients' weight decode on CUDA) under Triton's

@@ -126,6 +126,7 @@ def test_the_serving_prompt_carries_the_tool_schemas_and_stops_on_im_end(qwen3):
     assert qwen3.count_tokens(text) < len(text)
 
 
+@pytest.mark.slow
 def test_import_refresh_promote_and_answer_with_the_new_version_over_http(tiny_qwen3_dir, embedder, tmp_path):
     """The product's loop on Qwen3's template, as people drive it: a reviewer imports samples
     (tool round trips and multi-turn among them), an admin retrains and promotes, and the next

@@ -65,6 +65,7 @@ def run_recipe(tiny_model_dir, tmp_path, eval_cases: list[dict] | None = None, g
     return [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_unset_lora_settings_follow_the_base_model_size_and_set_ones_win(tiny_model_dir, tmp_path):
     """The app's defaults leave LoRA's shape and learning rate unset: a small base (the embedded
     model) gets the wide, fast recipe that learns a night's corrections, a 14B base the QLoRA
@@ -92,6 +93,7 @@ def run_mode(folder) -> str:
     return next(e["mode"] for e in events if e["event"] == "mode")
 
 
+@pytest.mark.slow
 def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_path):
     events = run_recipe(tiny_model_dir, tmp_path)
     assert [e["event"] for e in events][:2] == ["start", "mode"] and events[-1]["event"] == "done"
@@ -121,6 +123,7 @@ def test_recipe_trains_every_lora_weight_and_nothing_else(tiny_model_dir, tmp_pa
     assert all(torch.equal(reloaded[k], before[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_data_parallel_training_gives_the_adapter_of_one_process(tiny_model_dir, tmp_path):
     """--train-gpus 2: two processes each take half of every step's samples and average their
     LoRA gradients (gloo here on CPU; NCCL on GPUs). The losses and the adapter are those of
@@ -144,6 +147,7 @@ def test_data_parallel_training_gives_the_adapter_of_one_process(tiny_model_dir,
         torch.testing.assert_close(parallel[key], alone[key], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     """The production recipe: NF4 base on CUDA, LoRA trained on top (embedding kept on the

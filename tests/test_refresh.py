@@ -55,6 +55,7 @@ def test_too_few_new_samples_skip_the_night_with_the_reason(refresh_services):
     assert [r["status"] for r in registry.runs(services.db)] == ["skipped", "skipped"]
 
 
+@pytest.mark.slow
 def test_a_refresh_trains_evaluates_gates_and_promotes_and_the_next_message_uses_it(refresh_services):
     services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0)  # a gate the tiny model passes
     add_samples(services)
@@ -74,6 +75,7 @@ def test_a_refresh_trains_evaluates_gates_and_promotes_and_the_next_message_uses
     assert ask(services, "hr-employee").adapter is None
 
 
+@pytest.mark.slow
 def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(refresh_services):
     services = refresh_services(augment_variants=2, replay_share=0.5, general_replay=2, gate_margin=-1.0,
                                 gate_tolerance=1.0)
@@ -102,6 +104,7 @@ def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(re
     assert replay == 9  # two general samples cycled up to half of the mix
 
 
+@pytest.mark.slow
 def test_without_auto_promote_the_admin_promotes_and_rolls_back(refresh_services):
     services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0, auto_promote=False)
     add_samples(services)
@@ -126,6 +129,7 @@ def test_a_failing_gate_never_promotes(refresh_services):
     add_samples(services)
     outcome = services.refresh.refresh("finance", "manual")
     assert outcome.status == "succeeded" and not outcome.gate["passed"] and not outcome.promoted
+@pytest.mark.slow
     assert registry.get_version(services.db, "finance", "v1")["status"] == "rejected"
     assert ask(services).adapter is None
 
@@ -135,6 +139,7 @@ def test_a_killed_training_process_fails_the_run_and_the_next_run_works(refresh_
     # kill lands while the process still runs: the runner reads progress every 0.2 s
     services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0, epochs=3, eval_max_new_tokens=64)
     add_samples(services)
+@pytest.mark.slow
 
     def kill_at_first_step(event):
         if event["event"] == "start":
@@ -173,6 +178,7 @@ def test_headless_refresh_from_the_command_line(refresh_services, tiny_model_dir
     import sys
 
     services = refresh_services()
+@pytest.mark.slow
     add_samples(services)
     data_dir = services.settings.data_dir
     services.close()  # the CLI needs the database to itself, as when the app is stopped

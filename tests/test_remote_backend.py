@@ -17,6 +17,8 @@ from webapp.auth import Auth
 from webapp.models import GenerationParams, GenerationResult
 from webapp.turn import GenerationFailed
 
+pytestmark = pytest.mark.slow  # a second hangjia process serves /v1
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

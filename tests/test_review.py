@@ -189,6 +189,7 @@ def test_a_broken_line_is_reported_by_number_and_nothing_is_imported(services, c
         services.reviews.import_samples(reviewer(services, "hr-reviewer"), line, None)
 
 
+@pytest.mark.slow
 def test_cli_export_and_import(services, cases, tmp_path):
     admin = reviewer(services, "finance-admin")
     services.reviews.decide(admin, cases["trend"], "approved", "wrong_fact", answer="It grew 9%.")

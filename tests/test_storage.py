@@ -86,6 +86,7 @@ def test_constraints_guard_typed_columns(db):
         accounts.add_user(db, "dup", "h", "employee", "finance")
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_file_is_refused_with_a_clear_message(tmp_path, db):
     script = textwrap.dedent(
         f"""

@@ -28,7 +28,8 @@ from webapp.ui.common import FILES_KEEP_S
 MAX_THREADS = 64
 
 
-def build_server(services: Services, blocks: gr.Blocks) -> FastAPI:
+def build_server(services: Services, blocks: gr.Blocks, clock=time.monotonic) -> FastAPI:
+    """`clock` (seconds) times the login sessions' ends."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         import anyio.to_thread
@@ -62,7 +63,7 @@ def build_server(services: Services, blocks: gr.Blocks) -> FastAPI:
     # ...and a file uploaded by one login session is not for another one's handlers.
     server.middleware("http")(UploadLedger(gradio_app).middleware)
     expiry = SessionExpiry(gradio_app, services.settings.session_hours * 3600,
-                           idle_s=services.settings.session_idle_minutes * 60 or None)
+                           idle_s=services.settings.session_idle_minutes * 60 or None, clock=clock)
     server.middleware("http")(expiry.middleware)
     return server
 
