@@ -62,17 +62,19 @@ def evaluate(cache, pairs, threshold: float, guarded: bool, semantic: bool = Tru
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--thresholds", default="0.7,0.75,0.8,0.85,0.9")
+    parser.add_argument("--embedding-model", default="intfloat/multilingual-e5-small",
+                        help="e.g. sentence-transformers/all-MiniLM-L6-v2 to compare")
     parser.add_argument("--generations", type=int, default=3, help="0: skip the hit-latency part")
     args = parser.parse_args()
 
     from storage import Database, migrate
     from webapp.cache.service import CacheSettings, ResponseCache
-    from webapp.knowledge.embeddings import Embedder
+    from webapp.knowledge.embeddings import load_embedder
     from webapp.knowledge.tool import KNOWLEDGE_TOOLS_FILE, knowledge_builtins
     from webapp.tools.builtin import BUILTINS
     from webapp.tools.registry import DEMO_TOOLS_FILE, load_registry
 
-    embedder = Embedder()
+    embedder = load_embedder(args.embedding_model)
     registry = load_registry([KNOWLEDGE_TOOLS_FILE, DEMO_TOOLS_FILE], {**BUILTINS, **knowledge_builtins(None)})
     db = Database(Path(tempfile.mkdtemp(prefix="hangjia-bench-cache-")) / "cache.duckdb")
     migrate(db)

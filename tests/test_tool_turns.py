@@ -39,7 +39,8 @@ def test_sales_question_calls_the_sales_system_and_answers_from_the_numbers(serv
     assert roles == ["user", "assistant", "tool", "assistant"]
     audit = tool_audit.latest_of_conversation(services.db, final.conversation_id)
     assert [(a.tool, a.status, a.user_id) for a in audit] == [("query_sales", "ok", user.id)]
-    assert any(u.items and u.items[0]["type"] == "tool" for u in updates), "the action card streams before the answer"
+    assert any([i["type"] for i in u.items if i["type"] != "sources"] == ["tool"] for u in updates), \
+        "the action card streams before the answer"
 
 
 def test_tools_offered_follow_permissions(services, script):

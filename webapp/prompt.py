@@ -37,6 +37,21 @@ class ContextWindow:
     def render(self, messages: list[dict], tools: list[dict]) -> str:
         return self.model.render_prompt(messages, tools, self.settings.thinking)
 
+    def passages_that_fit(self, system: dict[str, str], text: str, tools: list[dict],
+                          passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The retrieved passages, weakest dropped first, that fit three quarters of what the
+        system prompt and the question leave of the window: the rest stays for the tool
+        rounds (history and attachments give way first, fit and attachments)."""
+        def tokens(chosen: list[dict[str, Any]]) -> int:
+            return self.model.count_tokens(self.render(
+                [system, *with_passages([{"role": "user", "content": text}], chosen)], tools))
+
+        fixed = tokens([])
+        kept = list(passages)
+        while kept and tokens(kept) > fixed + 3 * (self.budget - fixed) // 4:
+            kept.pop()
+        return kept
+
     def fit(self, system: dict[str, str], history: list[dict], text: str, tools: list[dict],
             passages: list[dict[str, Any]]) -> str:
         """System + as much recent history as fits + the new message with its passages;

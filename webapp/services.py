@@ -14,7 +14,7 @@ from webapp.cache.service import CacheSettings, ResponseCache
 from webapp.demo import DEMO_OWNER, ensure_first_admin, seed_demo_company, seed_demo_documents
 from webapp.engine import ChatEngine
 from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
-from webapp.knowledge.embeddings import Embedder
+from webapp.knowledge.embeddings import E5Embedder, Embedder, load_embedder
 from webapp.knowledge.tool import KNOWLEDGE_TOOLS_FILE, knowledge_builtins
 from webapp.metrics import Metrics
 from webapp.models import GenerationParams, ModelLoadError, ModelService, ModelSpec, load_model_service
@@ -82,7 +82,7 @@ def knowledge_settings(settings: Settings) -> KnowledgeSettings:
     return KnowledgeSettings(
         index_dir=settings.knowledge_dir, chunk_tokens=settings.chunk_tokens,
         overlap_tokens=settings.chunk_overlap_tokens, top_k=settings.retrieval_top_k,
-        min_similarity=settings.retrieval_min_similarity, min_coverage=settings.retrieval_min_coverage,
+        min_margin=settings.retrieval_min_margin, min_coverage=settings.retrieval_min_coverage,
         ann_threshold=settings.ann_threshold)
 
 
@@ -92,14 +92,14 @@ def cache_settings(settings: Settings) -> CacheSettings:
                          max_entries=settings.cache_max_entries, lookups_kept_days=settings.cache_lookups_kept_days)
 
 
-def open_knowledge(db: Database, settings: Settings, embedder: Embedder | None = None) -> KnowledgeBase:
+def open_knowledge(db: Database, settings: Settings, embedder: Embedder | E5Embedder | None = None) -> KnowledgeBase:
     """The knowledge base with its indexes in line with DuckDB (the embedder may be passed in to share it)."""
-    embedder = embedder or Embedder(settings.embedding_model)
+    embedder = embedder or load_embedder(settings.embedding_model)
     return KnowledgeBase(db, embedder, knowledge_settings(settings)).open()
 
 
 def open_services(settings: Settings, model: ModelService | None = None,
-                  embedder: Embedder | None = None) -> Services:
+                  embedder: Embedder | E5Embedder | None = None) -> Services:
     """Open storage (migrations, first users), load the model and its adapters.
 
     Storage opens first so that a second app on the same data dir is refused before

