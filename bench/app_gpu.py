@@ -291,10 +291,11 @@ def main(argv=None) -> int:
             if version:
                 admin.predict("finance", version, api_name="/promote")
                 promoted = round_of_users(url, keys, ["finance-employee"], tokenizer, "gradio", "promoted")
-                active = admin.predict(api_name="/adapters")["versions"]
-                rollback_to = next((v["version"] for v in active if v["version"] != version), None)
-                emit({"row": "promote", "version": version, "answered_with": promoted[0].get("version"),
-                      "rollback_possible": rollback_to is not None})
+                admin.predict("finance", "base", api_name="/promote")  # roll back past the first version
+                rolled_back = round_of_users(url, keys, ["finance-employee"], tokenizer, "gradio", "rolled back")
+                emit({"row": "promote and roll back", "version": version,
+                      "answered_with_after_promote": promoted[0].get("version"),
+                      "answered_with_after_rollback": rolled_back[0].get("version") or "base"})
     finally:
         app.terminate()
         try:

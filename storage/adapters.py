@@ -59,6 +59,12 @@ def activate(db: Database, department_id: str, version: str) -> None:
                     " WHERE department_id = ? AND version = ?", [department_id, version])
 
 
+def retire_active(db: Database, department_id: str) -> None:
+    """No version active: the department is served by the base model (a rollback past the first)."""
+    db.write("UPDATE adapter_versions SET status = 'retired', canary_share = 0"
+             " WHERE department_id = ? AND status = 'active'", [department_id])
+
+
 def set_status(db: Database, department_id: str, version: str, status: str) -> None:
     db.write("UPDATE adapter_versions SET status = ? WHERE department_id = ? AND version = ?",
              [status, department_id, version])

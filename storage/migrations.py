@@ -408,5 +408,11 @@ def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> lis
     return applied
 
 
+def created_at(db: Database):
+    """When this database was first set up (its first migration), local time."""
+    row = db.query_one("SELECT min(applied_at) AS at FROM schema_migrations")
+    return row["at"] if row else None
+
+
 def applied_migrations(db: Database) -> list[str]:
     return [r["name"] for r in db.query("SELECT name FROM schema_migrations ORDER BY name")]

@@ -122,24 +122,29 @@ def test_without_auto_promote_the_admin_promotes_and_rolls_back(refresh_services
     assert {v["version"]: v["status"] for v in registry.versions(services.db, "finance")} == {"v1": "active", "v2": "retired"}
     assert json.loads(registry.get_version(services.db, "finance", "v2")["metrics"])["against"] == "v1"
     assert second.status == "succeeded"
+    services.adapters.activate("finance", "base")  # past the first version: the base model
+    assert ask(services).adapter is None
+    assert all(v["status"] == "retired" for v in registry.versions(services.db, "finance"))
+    services.adapters.activate("finance", "v2")
+    assert ask(services).adapter_version == "v2"
 
 
+@pytest.mark.slow
 def test_a_failing_gate_never_promotes(refresh_services):
     services = refresh_services(gate_margin=5.0)  # no adapter can be 5 better
     add_samples(services)
     outcome = services.refresh.refresh("finance", "manual")
     assert outcome.status == "succeeded" and not outcome.gate["passed"] and not outcome.promoted
-@pytest.mark.slow
     assert registry.get_version(services.db, "finance", "v1")["status"] == "rejected"
     assert ask(services).adapter is None
 
 
+@pytest.mark.slow
 def test_a_killed_training_process_fails_the_run_and_the_next_run_works(refresh_services):
     # enough work after the first step (more epochs, longer evaluation answers) that the
     # kill lands while the process still runs: the runner reads progress every 0.2 s
     services = refresh_services(gate_margin=-1.0, gate_tolerance=1.0, epochs=3, eval_max_new_tokens=64)
     add_samples(services)
-@pytest.mark.slow
 
     def kill_at_first_step(event):
         if event["event"] == "start":
@@ -162,7 +167,9 @@ def test_nightly_trigger_and_a_missed_night(refresh_services):
                              now=lambda: clock["now"])
     assert nightly.previous_fire_time(clock["now"]) == hour_ago
     assert nightly.trigger.get_next_fire_time(None, real_now).replace(tzinfo=None) == hour_ago + dt.timedelta(days=1)
-    assert nightly.missed_night()  # it fired an hour ago and nothing ran: run at start
+    assert not nightly.missed_night()  # the data dir is new: a first start has missed no night
+    services.db.write("UPDATE schema_migrations SET applied_at = applied_at - INTERVAL 2 DAY")
+    assert nightly.missed_night()  # it fired an hour ago, the app was down and nothing ran: run at start
     outcomes = nightly.run_nightly()
     assert [o.status for o in outcomes] == ["skipped", "skipped"]  # finance and hr: no samples yet
     assert not nightly.missed_night()
@@ -173,12 +180,12 @@ def test_nightly_trigger_and_a_missed_night(refresh_services):
     nightly.stop()
 
 
+@pytest.mark.slow
 def test_headless_refresh_from_the_command_line(refresh_services, tiny_model_dir):
     import subprocess
     import sys
 
     services = refresh_services()
-@pytest.mark.slow
     add_samples(services)
     data_dir = services.settings.data_dir
     services.close()  # the CLI needs the database to itself, as when the app is stopped

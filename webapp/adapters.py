@@ -12,6 +12,7 @@ from webapp.models import ModelService, discover_adapters
 
 log = logging.getLogger(__name__)
 CANARY_SLOT = "{}__canary"
+BASE_VERSION = "base"  # promoting it rolls a department back to the base model
 
 
 class AdapterError(ValueError):
@@ -61,7 +62,15 @@ class AdapterManager:
     def activate(self, department_id: str, version: str) -> None:
         """Promote (or roll back to) a version: its files must be complete; one transaction
         switches the pointer; then the loaded model follows. A crash in between leaves the
-        registry right, and the next start loads what it says."""
+        registry right, and the next start loads what it says. BASE_VERSION serves the base model."""
+        if version == BASE_VERSION:
+            registry.retire_active(self.db, department_id)
+            self.set_canary(department_id, None, 0.0)
+            info = self.model.adapters.pop(department_id, None)  # the next message already goes to the base
+            if info is not None:
+                self.model.unload_adapter(info.loaded_as)
+            log.info("%s rolled back to the base model", department_id)
+            return
         row = registry.get_version(self.db, department_id, version)
         if row is None:
             raise AdapterError(f"{department_id} has no adapter version {version!r}.")

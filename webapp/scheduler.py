@@ -17,6 +17,7 @@ from finetune.refresh import RefreshBusy, RefreshRunner
 from storage import accounts
 from storage import adapters as registry
 from storage.db import Database
+from storage.migrations import created_at
 
 log = logging.getLogger(__name__)
 JOB_ID = "nightly-refresh"
@@ -60,9 +61,14 @@ class NightlyRefresh:
             last, probe = fire.replace(tzinfo=None), fire + dt.timedelta(seconds=1)
 
     def missed_night(self) -> bool:
+        """Whether the last night fired while the app was down: it is recent, this data dir
+        existed then (a first start has missed nothing), and no scheduled run began since."""
         now = self.now()
         fired = self.previous_fire_time(now)
         if fired is None or now - fired > MISFIRE_GRACE:
+            return False
+        created = created_at(self.db)
+        if created is None or created >= fired:
             return False
         runs = [r for r in registry.runs(self.db, limit=200) if r["trigger"] == "schedule"]
         return not any(r["started_at"] >= fired for r in runs)
