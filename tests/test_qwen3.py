@@ -126,6 +126,40 @@ def test_the_serving_prompt_carries_the_tool_schemas_and_stops_on_im_end(qwen3):
     assert qwen3.count_tokens(text) < len(text)
 
 
+def test_a_streamed_qwen3_answer_shows_neither_its_thinking_nor_its_call(qwen3):
+    """What Qwen3 writes with thinking on: a think block, then a tool call, then <|im_end|>.
+    Decoded piece by piece as the generate() path streams it (special tokens skipped),
+    <think> and <tool_call> survive as text for the parser (Qwen3 marks them as added, not
+    special, tokens) and <|im_end|> does not; at no point does the user see the thinking or
+    the call's JSON, and the finished output gives the call and the logged thinking."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from webapp.tools.parser import parse_output, visible_text
+
+    call = {"name": "query_sales", "arguments": {"region": "华东", "period": "last_quarter"}}
+    raw = ("<think>\n用户问上季度华东区的销售额，要调用 query_sales。\n</think>\n\n"
+           f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>")
+    ids = qwen3.tokenizer(raw + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    streamer = TextIteratorStreamer(qwen3.tokenizer, skip_prompt=False, skip_special_tokens=True)
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    so_far = ""
+    for piece in streamer:
+        so_far += piece
+        assert visible_text(so_far) == "", so_far
+    assert so_far.strip() == raw and "<|im_end|>" not in so_far
+    parsed = parse_output(so_far, ["query_sales"])
+    assert [(c.name, c.arguments) for c in parsed.calls] == [(call["name"], call["arguments"])]
+    assert parsed.thinking.startswith("用户问") and parsed.text == "" and not parsed.errors
+    # the batching engine's path decodes the whole row at once: the same text
+    assert qwen3.tokenizer.decode(ids, skip_special_tokens=True).strip() == raw
+    # an answer after thinking shows only the answer
+    answer = "<think>\n查到了。\n</think>\n\n上季度华东区销售额为 12,345,678 元。"
+    assert visible_text(answer) == "上季度华东区销售额为 12,345,678 元。"
+
+
 @pytest.mark.slow
 def test_import_refresh_promote_and_answer_with_the_new_version_over_http(tiny_qwen3_dir, embedder, tmp_path):
     """The product's loop on Qwen3's template, as people drive it: a reviewer imports samples
