@@ -219,6 +219,11 @@ MESSAGES = {
     "attachment_unreadable": ("附件无法读取：{reason}", "The attachment cannot be read: {reason}"),
     "attachment_whole": ("📎 {name}（约 {tokens:,} 个词元）已完整提供给模型。",
                          "📎 {name} (about {tokens:,} tokens) was given to the model whole."),
+    "answer_cut": (
+        "✂️ 回答已截断：模型开始重复自己（重复的内容或层层嵌套的 JSON）。可以换个问法再问，或点 👎 让审核员纠正。",
+        "✂️ The answer was cut: the model began repeating itself (repeated text or nested JSON). Ask again in "
+        "other words, or press 👎 so a reviewer corrects it.",
+    ),
     "attachment_passages_relevant": (
         "📎 {name} 约 {tokens:,} 个词元，超出模型本轮可读的 {budget:,} 个。已改用检索：只提供与问题最相关的 "
         "{passages}/{total} 个段落，回答可能遗漏其余内容。",

@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from serving.chat_format import system_message, with_passages
+from serving.degeneration import DegenerationWatch
 from serving.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
 from storage.accounts import User
 from storage.db import Database
 from webapp.conversations import Conversations, UserInputError, check_text, pending_item, source_item, title
+from webapp.i18n import bilingual
 from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.prompt import ContextWindow
 from webapp.tools.executor import ToolExecutor, ToolOutcome
@@ -193,11 +195,17 @@ class TurnRunner:
             history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
             prompt = window.render([system, *window.trim(system, history, tools)], tools)
             update.items.append({"type": "text", "content": ""})
-            raw, message_id = yield from self._generate(user, update, prompt, guide)
+            raw, message_id, cut = yield from self._generate(user, update, prompt, guide)
             parsed = parse_output(raw, known)
             update.items[-1].update(content=parsed.text, message_id=message_id)
             if not parsed.text:
                 update.items.pop()
+            if cut:  # what a loop wrote is neither an answer to go on from nor calls to run
+                update.items.append({"type": "notice", "content": bilingual("answer_cut")})
+                update.answer = parsed.text
+                update.message_id, update.done = message_id, True
+                yield update.snapshot()
+                return
             last_round = round_index == self.settings.max_tool_rounds
             if not (parsed.calls or parsed.errors) or last_round:
                 if (parsed.calls or parsed.errors) and last_round:
@@ -226,17 +234,20 @@ class TurnRunner:
 
     def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None):
         """One generation, streamed into the last text item; stores the assistant message.
-        Returns (raw output, message id)."""
+        Returns (raw output, message id, whether it was cut for looping)."""
         result = GenerationResult()
         raw, ttft_ms = "", None
         started = time.perf_counter()
         completed = False
+        watch = DegenerationWatch()
         pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result, guide=guide)
         try:
             for piece in pieces:
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - started) * 1000
                 raw += piece
+                if watch.degenerate(raw):  # a loop: stop now, not at the token limit
+                    break
                 shown = visible_text(raw)
                 if shown != update.items[-1]["content"]:
                     update.items[-1]["content"] = shown
@@ -247,7 +258,7 @@ class TurnRunner:
             pieces.close()  # stops generation now if the listener left early
             thinking, _ = split_thinking(raw)
             parsed_text = parse_output(raw).text
-            finish = result.finish_reason if completed or result.error else "cancelled"
+            finish = "degenerate" if watch.why else result.finish_reason if completed or result.error else "cancelled"
             message_id = chats.add_message(
                 self.db, update.conversation_id, "assistant", parsed_text,
                 thinking=thinking or None,
@@ -269,7 +280,7 @@ class TurnRunner:
             raise GenerationFailed(
                 f"The model failed while answering ({result.error}). Try again; if it keeps failing, tell your admin."
             )
-        return raw, message_id
+        return raw, message_id, watch.why is not None
 
     # -- the response cache -------------------------------------------------------------
 

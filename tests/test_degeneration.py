@@ -1,0 +1,56 @@
+"""A generation that falls into a loop is stopped early and the user is told: the worst answer
+of a small model is a short wrong one, not a page of junk."""
+
+import json
+
+import pytest
+
+from serving.degeneration import DegenerationWatch
+
+# what the embedded model wrote for 上季度华东区的销售额是多少？: the tool schemas copied back
+SCHEMA_COPY = '{"name": "query_sales", "arguments": ' + "".join(
+    '{"data": {"type": "object", "properties": ' for _ in range(40)) + '{"type": "string"}'
+LINES = "华东区销售额为1234万元。\n" * 30
+PHRASE = "The sales were good and " * 40
+
+
+def watched(text: str, step: int = 7) -> int | None:
+    """Characters streamed when the watch stops the text, or None."""
+    watch = DegenerationWatch()
+    for end in range(step, len(text) + step, step):
+        if watch.degenerate(text[:end]):
+            return end
+    return None
+
+
+@pytest.mark.parametrize("junk", [SCHEMA_COPY, LINES, PHRASE], ids=["nested JSON", "lines", "phrase"])
+def test_a_loop_is_stopped_within_a_few_hundred_characters(junk):
+    stopped = watched(junk)
+    assert stopped is not None and stopped < 400
+
+
+@pytest.mark.parametrize("answer", [
+    "上季度华东区销售额为 12,345,678 元，同比增长 8.2%。\n\n主要来自消费电子（+12%）和软件服务（+5%）；"
+    "工业设备下降 3%。\n\n| 产品线 | 销售额 | 同比 |\n|---|---|---|\n| 消费电子 | 6,100,000 | +12% |\n"
+    "| 软件服务 | 3,200,000 | +5% |\n| 工业设备 | 3,045,678 | -3% |\n\n" + "=" * 40 + "\nSources: [1] [2]",
+    '<tool_call>\n{"name": "create_ticket", "arguments": {"title": "VPN", "details": {"steps": [{"n": 1, '
+    '"text": "reboot"}, {"n": 2, "text": "reinstall"}]}, "tags": ["it", "vpn"]}}\n</tool_call>',
+    "def total(rows):\n    for row in rows:\n        if row:\n            yield {\n                'a': [1, 2],\n"
+    "            }\n        }\n    }\n}\n" + "Step 1: open the form.\nStep 2: fill it in.\nStep 3: submit it.\n",
+    "Yes. Yes. Yes, the policy allows it: claims up to 5,000 yuan need one approval, above that two.",
+])
+def test_real_answers_are_left_alone(answer):
+    assert watched(answer) is None
+
+
+def test_a_looping_turn_ends_early_says_so_and_runs_nothing(services, script):
+    model = script(SCHEMA_COPY * 3)
+    user = services.auth.current_user("finance-employee")
+    final = list(services.engine.turns.stream_turn(user, "上季度华东区的销售额是多少？"))[-1]
+    assert final.done and not [i for i in final.items if i["type"] == "tool"]
+    notice = [i for i in final.items if i["type"] == "notice"]
+    assert notice and "✂️" in notice[0]["content"] and "cut" in notice[0]["content"]
+    assert len(model.prompts) == 1  # no second round on what the loop wrote
+    stored = services.db.query_one("SELECT role, finish_reason FROM messages WHERE id = ?", [final.message_id])
+    assert stored == {"role": "assistant", "finish_reason": "degenerate"}
+    assert len(json.dumps(final.answer)) < 400
