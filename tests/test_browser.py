@@ -342,3 +342,24 @@ def test_an_employee_makes_an_api_key_the_openai_client_uses_and_the_admin_sees_
     admin.locator("#audit-text textarea, #audit-text input").first.fill("hello")
     admin.locator("#audit-search").click()
     wait_for(lambda: "finance-employee" in admin.locator("#audit-results").inner_text(), what="the conversation found")
+
+
+@pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
+def test_the_review_and_admin_tabs_show_their_data_when_opened(running_app, browser, locale, tmp_path):
+    """Nobody presses Refresh: opening a tab fills it. A screenshot of each is kept as an artifact
+    (TEST_ARTIFACTS, else the test's temporary folder)."""
+    import os
+
+    url, services = running_app
+    artifacts = Path(os.environ.get("TEST_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    for username, tab, shows, says in [
+        ("finance-reviewer", "Review", "#review-summary", "cases waiting"),
+        ("finance-admin", "Admin", "#admin-scheduler", "Nightly refresh"),
+    ]:
+        page = browser.new_page(locale=locale)
+        log_in(page, url, username)
+        page.get_by_role("tab").nth({"Review": 1, "Admin": 2}[tab]).click(timeout=30_000)
+        page.locator(shows).get_by_text(says).wait_for(timeout=30_000)
+        page.screenshot(path=str(artifacts / f"{tab.lower()}-{locale}.png"), full_page=True)
+        page.close()

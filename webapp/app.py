@@ -55,13 +55,14 @@ def build_app(services: Services) -> gr.Blocks:
                 chat = build_chat_tab(services, i18n)
                 build_api_keys_section(services, i18n)
             with gr.Tab(i18n("tab_review"), id="review", visible=False) as review_tab:
-                build_review_tab(services, i18n)
+                build_review_tab(services, i18n, review_tab)
             with gr.Tab(i18n("tab_admin"), id="admin", visible=False) as admin_tab:
-                build_admin_tab(services, i18n)
-                build_knowledge_section(services, i18n)
-                build_cache_section(services, i18n)
-                build_monitoring_section(services, i18n)
-                build_audit_section(services, i18n)
+                # each screen fills itself when the admin opens the tab
+                build_admin_tab(services, i18n, admin_tab)
+                build_knowledge_section(services, i18n, admin_tab)
+                build_cache_section(services, i18n, admin_tab)
+                build_monitoring_section(services, i18n, admin_tab)
+                build_audit_section(services, i18n, admin_tab)
 
         def on_load(request: gr.Request):
             user = caller(services, request)

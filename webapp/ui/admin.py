@@ -16,7 +16,7 @@ from finetune.refresh import RefreshBusy
 from storage import adapters as registry
 from storage import chats
 from webapp.adapters import AdapterError
-from webapp.ui.common import caller, department_choices, department_scope, in_department, user_error
+from webapp.ui.common import caller, department_choices, department_scope, in_department, on_open, user_error
 
 RUN_COLUMNS = ["id", "department_id", "trigger", "status", "reason", "samples", "new_samples", "steps",
                "final_loss", "version", "mode", "started_at", "finished_at", "log_path"]
@@ -78,7 +78,7 @@ def scheduler_markdown(services, department_id: str | None) -> str:
             + (f" · refreshing now: {', '.join(state['refreshing_now'])}" if state["refreshing_now"] else ""))
 
 
-def build_admin_tab(services, i18n) -> None:
+def build_admin_tab(services, i18n, tab=None) -> None:
     with gr.Row():
         summary = gr.JSON(label="usage", elem_id="admin-summary")
         scheduler = gr.Markdown(elem_id="admin-scheduler")
@@ -186,8 +186,7 @@ def build_admin_tab(services, i18n) -> None:
         return (f"canary {department_id} {version_value}: {share:.0%}",
                 versions_table(services, department_scope(services, admin, "read.adapters")))
 
-    refresh.click(everything, None, [summary, scheduler, department, gate, versions, feedback, runs],
-                  api_visibility="private")
+    on_open(tab, refresh, everything, None, [summary, scheduler, department, gate, versions, feedback, runs])
     retrain.click(retrain_now, [department, force],
                   [progress_text, loss_plot, gate, versions, runs, scheduler], api_visibility="private")
     cancel.click(cancel_refresh, [department], [progress_text], api_visibility="private")

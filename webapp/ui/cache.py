@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from webapp.i18n import bilingual
-from webapp.ui.common import caller, department_scope, in_department
+from webapp.ui.common import caller, department_scope, in_department, on_open
 
 STATS_COLUMNS = ["department_id", "entries", "lookups", "exact_hits", "semantic_hits", "guarded", "hit_rate",
                  "saved_s", "saved_tokens", "avg_lookup_ms"]
@@ -34,7 +34,7 @@ def clear_scoped(services, admin, department_id: str) -> int:
     return services.cache.clear(department_id)
 
 
-def build_cache_section(services, i18n) -> None:
+def build_cache_section(services, i18n, tab=None) -> None:
     with gr.Accordion(i18n("cache_title"), open=False, elem_id="cache"):
         if services.cache is None:
             gr.Markdown("The response cache is off (`--no-cache`). 回答缓存已关闭。")
@@ -76,7 +76,7 @@ def build_cache_section(services, i18n) -> None:
         stats = stats_table(services, department_scope(services, admin, "read.cache"))
         return f"🗑 {count} entries evicted 已清除", stats, stats
 
-    reload.click(current, None, [enabled, semantic, threshold, table, plot], api_visibility="private")
+    on_open(tab, reload, current, None, [enabled, semantic, threshold, table, plot])
     save.click(save_settings, [enabled, semantic, threshold], [result], api_visibility="private")
     clear.click(clear_cache, [department], [result, table, plot], api_visibility="private")
 

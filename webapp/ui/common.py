@@ -124,3 +124,12 @@ def download_path(filename: str, keep_s: float = FILES_KEEP_S) -> Path:
         except FileNotFoundError:  # another export pruned it first
             pass
     return Path(tempfile.mkdtemp(dir=folder)) / filename
+
+
+def on_open(tab, button, fn, inputs, outputs) -> None:
+    """`fn` fills `outputs` when the tab is opened and again when `button` is pressed: a
+    screen shows its data without a click."""
+    import gradio as gr
+
+    triggers = [button.click] + ([tab.select] if tab is not None else [])
+    gr.on(triggers, fn, inputs, outputs, api_visibility="private")

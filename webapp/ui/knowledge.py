@@ -14,7 +14,7 @@ import pandas as pd
 from storage import accounts
 from webapp.i18n import bilingual
 from webapp.knowledge.parsing import SUPPORTED
-from webapp.ui.common import caller, department_scope
+from webapp.ui.common import caller, department_scope, on_open
 
 DOCUMENT_COLUMNS = ["id", "title", "source_name", "readers", "chunks", "chars", "updated_at"]
 COMPANY_WIDE = "*"  # the choice "company-wide" among the departments
@@ -59,7 +59,7 @@ def upload(services, user, files: list[tuple[str, bytes]], readers: list[str], p
                                         may_replace=lambda document: manages(user, document))
 
 
-def build_knowledge_section(services, i18n) -> None:
+def build_knowledge_section(services, i18n, tab=None) -> None:
     enabled = services.knowledge is not None
     with gr.Accordion(i18n("knowledge_title"), open=False, elem_id="knowledge"):
         if not enabled:
@@ -110,7 +110,7 @@ def build_knowledge_section(services, i18n) -> None:
         return f"🗑 document {document.id} deleted 已删除", documents_table(services, department_scope(
             services, admin, "read.documents"))
 
-    reload.click(listing, None, [readers, documents], api_visibility="private")
+    on_open(tab, reload, listing, None, [readers, documents])
     add.click(add_documents, [files, readers], [result, documents, files], api_visibility="private")
     delete.click(delete_document, [document_id], [result, documents], api_visibility="private")
 

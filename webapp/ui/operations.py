@@ -15,7 +15,7 @@ import pandas as pd
 from storage import audit, monitoring
 from storage.audit import ConversationFilter
 from webapp.auth import NotAuthorized
-from webapp.ui.common import caller, department_scope, download_path
+from webapp.ui.common import caller, department_scope, download_path, on_open
 
 PERIODS = {"7 days 7天": 7, "30 days 30天": 30, "90 days 90天": 90}
 DAILY_COLUMNS = ["day", "department_id", "conversations", "user_messages", "active_users", "answers",
@@ -97,7 +97,7 @@ def audit_export(services, admin, flt: ConversationFilter, fmt: str) -> tuple[Pa
     return target, rows
 
 
-def build_monitoring_section(services, i18n) -> None:
+def build_monitoring_section(services, i18n, tab=None) -> None:
     with gr.Accordion(i18n("monitoring_title"), open=False, elem_id="monitoring"):
         with gr.Row():
             period = gr.Dropdown(list(PERIODS), value=list(PERIODS)[0], label=i18n("monitoring_period"),
@@ -129,11 +129,11 @@ def build_monitoring_section(services, i18n) -> None:
                 figures["tools"], table, figures["backlog"], figures["runs"])
 
     outputs = [messages, latency, versions, tools, daily, backlog, runs]
-    reload.click(show, [period], outputs, api_visibility="private")
+    on_open(tab, reload, show, [period], outputs)
     period.change(show, [period], outputs, api_visibility="private")
 
 
-def build_audit_section(services, i18n) -> None:
+def build_audit_section(services, i18n, tab=None) -> None:
     with gr.Accordion(i18n("audit_title"), open=False, elem_id="audit"):
         with gr.Row():
             username = gr.Textbox(label=i18n("audit_user"), elem_id="audit-user")
@@ -174,7 +174,7 @@ def build_audit_section(services, i18n) -> None:
         path, rows = audit_export(services, admin, flt, chosen)
         return str(path), f"exported {rows} messages 已导出"
 
-    search.click(do_search, filters, [found, status], api_visibility="private")
+    on_open(tab, search, do_search, filters, [found, status])
     open_button.click(do_open, [conversation_id], [detail], api_visibility="private")
     export.click(do_export, [*filters, fmt], [exported, status], api_visibility="private")
 

@@ -20,7 +20,7 @@ from webapp.review import (
     tool_argument_skeleton,
 )
 from webapp.ui.chat import render_items
-from webapp.ui.common import caller, download_path
+from webapp.ui.common import caller, download_path, on_open
 
 NO_TOOL = "(none)"
 QUEUE_HEADERS = ["id", "department", "rated", "question", "comment", "adapter"]
@@ -70,7 +70,7 @@ def case_markdown(case: dict[str, Any]) -> str:
     return "  \n".join(lines)
 
 
-def build_review_tab(services, i18n) -> None:
+def build_review_tab(services, i18n, tab=None) -> None:
     case_id = gr.State(None)
     with gr.Row():
         rating = gr.Radio([("👎", -1), ("👍", 1)], value=-1, label=i18n("review_rating"), scale=1)
@@ -198,7 +198,7 @@ def build_review_tab(services, i18n) -> None:
     # in the order open_case returns them
     case_outputs = [case_id, case_info, case_chat, tool, answer, arguments, reason, note, result]
     queue_outputs = [summary, queue, department, *case_outputs]
-    refresh.click(load_queue, filters, queue_outputs, api_visibility="private")
+    on_open(tab, refresh, load_queue, filters, queue_outputs)
     queue.select(select_case, [queue], case_outputs, api_visibility="private")
     tool.input(on_tool, [case_id, tool], [arguments], api_visibility="private")
     for button, decision in ((approve, "approved"), (reject, "rejected"), (skip, "skipped")):
