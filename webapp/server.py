@@ -188,7 +188,9 @@ class BackgroundServer:
     """uvicorn in a thread: for tests and benchmarks that need the real server in-process."""
 
     def __init__(self, app: FastAPI, host: str, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        # Gradio's event streams stay open: without a limit, stopping waits for every browser
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
 
     def start(self, timeout: float = 60) -> "BackgroundServer":
