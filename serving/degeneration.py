@@ -9,43 +9,45 @@ arguments nest two or three levels).
 
 from __future__ import annotations
 
-MAX_NESTING = 6  # brackets open at once, outside strings
+MAX_NESTING = 6  # JSON objects open at once, outside strings
 REPEATS = 4  # the same piece this many times in a row at the end of the text
 MIN_PERIOD, MAX_PERIOD = 8, 200  # characters of the repeated piece
-SAME_LINE = 5  # one line of 8+ characters this many times among the last 40 lines
+SAME_LINE = 5  # one line of 8+ characters this many times back to back
 
 
 class DegenerationWatch:
-    """Feed it the whole text so far; `why` says what loop it fell into, or None."""
+    """Feed it the whole text so far; `why` says what loop it fell into, or None. Each check
+    reads only what arrived since the last one and a bounded tail, so a long answer costs
+    the same per character as a short one."""
 
     def __init__(self, check_every: int = 16):
-        self.check_every, self._checked = check_every, 0
+        self.check_every, self._read = check_every, 0
+        self._depth, self._in_string, self._escaped = 0, False, False
         self.why: str | None = None
 
     def degenerate(self, text: str) -> bool:
-        if self.why is None and len(text) - self._checked >= self.check_every:
-            self._checked = len(text)
-            self.why = nesting(text) or repetition(text)
+        if self.why is None and len(text) - self._read >= self.check_every:
+            self._nest(text[self._read:])
+            self._read = len(text)
+            self.why = ("nested JSON" if self._depth > MAX_NESTING else None) or repetition(text)
         return self.why is not None
 
-
-def nesting(text: str) -> str | None:
-    depth, deepest, in_string, escaped = 0, 0, False, False
-    for ch in text:
-        if in_string:
-            escaped = not escaped and ch == "\\"
-            if ch == '"' and not escaped:
-                in_string = False
-            elif ch != "\\":
-                escaped = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "}]":
-            depth = max(depth - 1, 0)
-    return "nested JSON" if deepest > MAX_NESTING else None
+    def _nest(self, new: str) -> None:
+        """Objects ({ }) open at once, outside strings; brackets of prose ("[0, 10)") do not count."""
+        for ch in new:
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch == "{":
+                self._depth += 1
+            elif ch == "}":
+                self._depth = max(self._depth - 1, 0)
 
 
 def repetition(text: str) -> str | None:
@@ -55,7 +57,14 @@ def repetition(text: str) -> str | None:
         # a rule of one character ("=====", "-----") is layout, not a loop
         if len(set(piece.strip())) >= 3 and tail.endswith(piece * REPEATS):
             return "repeated text"
-    lines = [line.strip() for line in text.splitlines()[-40:] if len(line.strip()) >= 8]
-    if lines and max(lines.count(line) for line in set(lines)) >= SAME_LINE:
-        return "repeated lines"
+    # the same line back to back (several tool calls or code repeat lines, but not in a row)
+    run, previous = 0, None
+    for line in text[-2000:].splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        run = run + 1 if line == previous else 1
+        previous = line
+        if run >= SAME_LINE and len(line) >= 8:
+            return "repeated lines"
     return None

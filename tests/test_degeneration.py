@@ -38,6 +38,11 @@ def test_a_loop_is_stopped_within_a_few_hundred_characters(junk):
     "def total(rows):\n    for row in rows:\n        if row:\n            yield {\n                'a': [1, 2],\n"
     "            }\n        }\n    }\n}\n" + "Step 1: open the form.\nStep 2: fill it in.\nStep 3: submit it.\n",
     "Yes. Yes. Yes, the policy allows it: claims up to 5,000 yuan need one approval, above that two.",
+    "".join(f'<tool_call>\n{{"name": "query_sales", "arguments": {{"region": "华东", "period": "{p}"}}}}\n</tool_call>\n'
+            for p in ("2025-Q1", "2025-Q2", "2025-Q3", "2025-Q4", "2025")),  # five calls in one turn
+    "Bands: [0, 10), [10, 20), [20, 30), [30, 40), [40, 50), [50, 60), [60, 70) and [70, 80).",
+    "def check(row):\n    if not row:\n        return None\n    if row.bad:\n        return None\n    if row.old:\n"
+    "        return None\n    if row.gone:\n        return None\n    if row.void:\n        return None\n    return row\n",
 ])
 def test_real_answers_are_left_alone(answer):
     assert watched(answer) is None
@@ -54,3 +59,4 @@ def test_a_looping_turn_ends_early_says_so_and_runs_nothing(services, script):
     stored = services.db.query_one("SELECT role, finish_reason FROM messages WHERE id = ?", [final.message_id])
     assert stored == {"role": "assistant", "finish_reason": "degenerate"}
     assert len(json.dumps(final.answer)) < 400
+

@@ -164,7 +164,8 @@ def test_export_import_round_trip_is_lossless_and_loads_with_datasets(services, 
     from datasets import load_dataset
 
     dataset = load_dataset("json", data_files=str(path), split="train")
-    assert len(dataset) == 3 and dataset[0]["messages"][1]["content"] == "上季度华东区销售额是多少？"
+    # the question as served: after the passages retrieved for it, when there were any
+    assert len(dataset) == 3 and dataset[0]["messages"][1]["content"].endswith("上季度华东区销售额是多少？")
 
     before = [(json.loads(r["messages"]), r["tools"] and json.loads(r["tools"])) for r in reviews.list_samples(services.db)]
     result = services.reviews.import_samples(admin, exported, None)  # departments from metadata

@@ -101,12 +101,14 @@ def build_admin_tab(services, i18n, tab=None) -> None:
     feedback = gr.Dataframe(label=i18n("admin_feedback"), interactive=False)
     runs = gr.Dataframe(label=i18n("admin_runs"), interactive=False, elem_id="admin-runs")
 
-    def everything(request: gr.Request):
+    def everything(chosen, request: gr.Request):
         admin = caller(services, request, "admin")
         scope = department_scope(services, admin, "read.adapters")
         departments = department_choices(services, admin)
+        # the department the admin chose stays chosen: a Promote must act where they looked
+        keep = chosen if chosen in departments else (departments[0] if departments else None)
         return (chats.usage_summary(services.db, scope), scheduler_markdown(services, scope),
-                gr.Dropdown(choices=departments, value=departments[0] if departments else None),
+                gr.Dropdown(choices=departments, value=keep),
                 gate_table(services, scope), versions_table(services, scope), feedback_table(services, scope),
                 runs_table(services, scope))
 
@@ -186,7 +188,7 @@ def build_admin_tab(services, i18n, tab=None) -> None:
         return (f"canary {department_id} {version_value}: {share:.0%}",
                 versions_table(services, department_scope(services, admin, "read.adapters")))
 
-    on_open(tab, refresh, everything, None, [summary, scheduler, department, gate, versions, feedback, runs])
+    on_open(tab, refresh, everything, [department], [summary, scheduler, department, gate, versions, feedback, runs])
     retrain.click(retrain_now, [department, force],
                   [progress_text, loss_plot, gate, versions, runs, scheduler], api_visibility="private")
     cancel.click(cancel_refresh, [department], [progress_text], api_visibility="private")

@@ -122,7 +122,7 @@ def build_review_tab(services, i18n, tab=None) -> None:
                 "", "{}", None, "", "")
 
     def load_queue(rating_value, department_value, version_value, since_value, until_value, comment_only,
-                   request: gr.Request):
+                   open_id=None, request: gr.Request = None):
         reviewer = caller(services, request, *REVIEW_ROLES)
         with review_errors():
             cases = services.reviews.queue(reviewer, int(rating_value or -1), department_value or None,
@@ -131,9 +131,12 @@ def build_review_tab(services, i18n, tab=None) -> None:
         scope = "all departments 全部部门" if allowed is None else ", ".join(allowed)
         text = f"**{len(cases)}** cases waiting · 待审核 — {scope}"
         first = cases[0]["message_id"] if cases else None
-        return (text, queue_rows(cases),
-                gr.Dropdown(choices=[("", None)] + [(d, d) for d in (allowed or _all_departments(services))]),
-                *open_case(first, request))
+        listing = (text, queue_rows(cases),
+                   gr.Dropdown(choices=[("", None)] + [(d, d) for d in (allowed or _all_departments(services))]))
+        if open_id is not None and any(c["message_id"] == open_id for c in cases):
+            # back on the tab with a case open: the reviewer's unsaved correction stays
+            return (*listing, *[gr.skip()] * len(case_outputs))
+        return (*listing, *open_case(first, request))
 
     def select_case(table, evt: gr.SelectData, request: gr.Request):
         caller(services, request, *REVIEW_ROLES)  # before reading anything the caller sent
@@ -198,7 +201,7 @@ def build_review_tab(services, i18n, tab=None) -> None:
     # in the order open_case returns them
     case_outputs = [case_id, case_info, case_chat, tool, answer, arguments, reason, note, result]
     queue_outputs = [summary, queue, department, *case_outputs]
-    on_open(tab, refresh, load_queue, filters, queue_outputs)
+    on_open(tab, refresh, load_queue, [*filters, case_id], queue_outputs)
     queue.select(select_case, [queue], case_outputs, api_visibility="private")
     tool.input(on_tool, [case_id, tool], [arguments], api_visibility="private")
     for button, decision in ((approve, "approved"), (reject, "rejected"), (skip, "skipped")):
