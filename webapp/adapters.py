@@ -66,9 +66,9 @@ class AdapterManager:
         if version == BASE_VERSION:
             registry.retire_active(self.db, department_id)
             self.set_canary(department_id, None, 0.0)
-            info = self.model.adapters.pop(department_id, None)  # the next message already goes to the base
-            if info is not None:
-                self.model.unload_adapter(info.loaded_as)
+            # the next message goes to the base; the weights stay loaded (peft would keep the
+            # deleted adapter active) until a promotion loads a version in their place
+            self.model.adapters.pop(department_id, None)
             log.info("%s rolled back to the base model", department_id)
             return
         row = registry.get_version(self.db, department_id, version)
