@@ -129,7 +129,7 @@ def v1_user(url: str, key: str, question: str, out: dict) -> None:
                rate=tokens / max(ended - (first or started), 1e-9), prompt_tokens=usage.get("prompt_tokens"))
 
 
-def gradio_user(url: str, username: str, question: str, tokenizer, out: dict) -> None:
+def gradio_user(url: str, username: str, question: str, out: dict) -> None:
     """One answer through gradio_client's /chat (the browser's path), streamed."""
     from gradio_client import Client
 
@@ -142,12 +142,12 @@ def gradio_user(url: str, username: str, question: str, tokenizer, out: dict) ->
             first = time.perf_counter()
     final = job.result()
     ended = time.perf_counter()
-    tokens = len(tokenizer(final["answer"], add_special_tokens=False)["input_ids"])
+    tokens = final["completion_tokens"]  # hidden thinking and markup included, as /v1 counts them
     out.update(ttft=(first or ended) - started, tokens=tokens, seconds=ended - started,
                rate=tokens / max(ended - (first or started), 1e-9), version=final.get("adapter_version"))
 
 
-def round_of_users(url, keys, usernames, tokenizer, via: str, tag: str) -> list[dict]:
+def round_of_users(url, keys, usernames, via: str, tag: str) -> list[dict]:
     results = [{} for _ in usernames]
     threads = []
     for i, name in enumerate(usernames):
@@ -155,7 +155,7 @@ def round_of_users(url, keys, usernames, tokenizer, via: str, tag: str) -> list[
         if via == "v1":
             target = (v1_user, (url, keys[name], question, results[i]))
         else:
-            target = (gradio_user, (url, name, question, tokenizer, results[i]))
+            target = (gradio_user, (url, name, question, results[i]))
         threads.append(threading.Thread(target=target[0], args=target[1]))
     started = time.perf_counter()
     for t in threads:
@@ -219,8 +219,6 @@ def main(argv=None) -> int:
     parser.add_argument("--knowledge", action=argparse.BooleanOptionalAction, default=True,
                         help="serve with the knowledge base (needs the embedding model's package)")
     args = parser.parse_args(argv)
-    from transformers import AutoTokenizer
-
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "app_gpu.jsonl"
@@ -229,7 +227,6 @@ def main(argv=None) -> int:
     shutil.rmtree(args.data_dir, ignore_errors=True)
     users = ["finance-employee", "hr-employee"] * 4
     keys = prepare_data_dir(args.data_dir, sorted(set(users)))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     url = f"http://127.0.0.1:{args.port}/"
     rows = []
 
@@ -248,10 +245,10 @@ def main(argv=None) -> int:
     try:
         if "serve" in args.phases:
             # warm-up at the measured batch size: the decoder captures a graph per batch size
-            round_of_users(url, keys, users, tokenizer, "v1", "warm-up")
+            round_of_users(url, keys, users, "v1", "warm-up")
             for via in ("v1", "gradio"):
                 with GpuMemory() as memory:
-                    results = round_of_users(url, keys, users, tokenizer, via, f"alone-{via}")
+                    results = round_of_users(url, keys, users, via, f"alone-{via}")
                 emit({**summary(f"8 users, {via}", results), "gpu_peak_mib": memory.peak_mib})
         if "refresh" in args.phases:
             from gradio_client import Client
@@ -272,7 +269,7 @@ def main(argv=None) -> int:
                 during: list[dict] = []
                 rounds, began = 0, time.perf_counter()
                 while trainer.is_alive():
-                    during += round_of_users(url, keys, users, tokenizer, "v1", f"training-{rounds}")
+                    during += round_of_users(url, keys, users, "v1", f"training-{rounds}")
                     rounds += 1
                 trainer.join()
                 during_wall = time.perf_counter() - began
@@ -290,9 +287,9 @@ def main(argv=None) -> int:
             version = outcome.get("version")
             if version:
                 admin.predict("finance", version, api_name="/promote")
-                promoted = round_of_users(url, keys, ["finance-employee"], tokenizer, "gradio", "promoted")
+                promoted = round_of_users(url, keys, ["finance-employee"], "gradio", "promoted")
                 admin.predict("finance", "base", api_name="/promote")  # roll back past the first version
-                rolled_back = round_of_users(url, keys, ["finance-employee"], tokenizer, "gradio", "rolled back")
+                rolled_back = round_of_users(url, keys, ["finance-employee"], "gradio", "rolled back")
                 emit({"row": "promote and roll back", "version": version,
                       "answered_with_after_promote": promoted[0].get("version"),
                       "answered_with_after_rollback": rolled_back[0].get("version") or "base"})

@@ -571,6 +571,17 @@ class DecodeRequest:
     generated: int = 0
     first_token_at: float = 0.0  # time.perf_counter() when the first token was ready
 
+    def drain(self, timeout: float = 600) -> list[int | None | BaseException]:
+        """The next item and every one already waiting behind it: a listener that fell behind
+        the decode steps catches up in one go instead of paying per token."""
+        items = [self.tokens.get(timeout=timeout)]
+        while items[-1] is not None and not isinstance(items[-1], BaseException):
+            try:
+                items.append(self.tokens.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
     def collect(self, timeout: float = 600) -> list[int]:
         """Every token of the answer once it is finished; the engine's error if it failed."""
         tokens = []

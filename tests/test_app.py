@@ -51,6 +51,10 @@ def test_chat_and_feedback_land_in_duckdb_with_the_right_user_and_adapter(runnin
     assert rows[0]["id"] == final["user_message_id"]
     assert (rows[1]["rating"], rows[1]["comment"], rows[1]["user_id"]) == (-1, "没有查数据 / did not look the numbers up", alice.id)
     assert rows[3]["rating"] == 1 and rows[1]["model"] == "tiny-qwen3"
+    generated = services.db.query_one(  # every round of the turn (tool calls included)
+        "SELECT sum(completion_tokens) AS n FROM messages WHERE role = 'assistant' AND id > ? AND id <= ?",
+        [final["user_message_id"], final["message_id"]])["n"]
+    assert final["completion_tokens"] == generated > 0  # the client is told what was generated
 
     listed = client.predict(api_name="/conversations")
     assert [c["id"] for c in listed] == [final["conversation_id"]]

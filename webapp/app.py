@@ -101,7 +101,8 @@ def _register_api(services: Services) -> None:
     def chat(message: str, conversation_id: int | None = None, fresh: bool = False,
              request: gr.Request = None) -> Iterator[dict[str, Any]]:
         """Stream one turn: dicts with conversation_id, message_id, answer, items (text,
-        sources and tool actions), pending (actions to approve with /approve), cached and done.
+        sources and tool actions), pending (actions to approve with /approve), cached,
+        completion_tokens (generated so far, every tool round) and done.
         fresh=true asks the model even when the response cache has the answer."""
         user = caller(services, request)
         first, rest = stream_answer(services, user, message, conversation_id, None, bool(fresh))
@@ -157,6 +158,7 @@ def _update_dict(update) -> dict[str, Any]:
         "items": update.items,
         "pending": update.pending,
         "cached": update.cached,
+        "completion_tokens": update.completion_tokens,
     }
 
 

@@ -408,33 +408,32 @@ class ModelService(PromptsAndRouting):
         """The turn as one row of the batching engine; text is decoded as tokens arrive and
         held back while it ends inside a multi-byte character."""
         from serving.decoding import DecodeRequest
+        from serving.detokenize import IncrementalText
 
         if adapter and adapter not in self.engine.decoder.adapter_index:
             raise ValueError(f"adapter {adapter!r} is not loaded")
         request = self.engine.submit(DecodeRequest(
             prompt_ids, params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
             adapter=adapter or None, stop_ids=self._stop_ids(), guide=guide))
-        tokens: list[int] = []
-        shown = ""
+        text = IncrementalText(self.tokenizer)
         try:
-            while (item := request.tokens.get(timeout=600)) is not None:
-                if isinstance(item, BaseException):
-                    result.error = f"{type(item).__name__}: {item}"
-                    break
-                tokens.append(item)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue
-                if len(text) > len(shown) and text.startswith(shown):
-                    yield text[len(shown):]
-                shown = text
-            else:  # finished: what was held back is all there will be
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if len(text) > len(shown) and text.startswith(shown):
-                    yield text[len(shown):]
+            finished = False
+            while not finished:
+                new: list[int] = []
+                for item in request.drain(timeout=600):
+                    if isinstance(item, BaseException):
+                        result.error = f"{type(item).__name__}: {item}"
+                    elif item is not None:
+                        new.append(item)
+                        continue
+                    finished = True
+                if delta := text.push(new):
+                    yield delta
+            if not result.error and (rest := text.flush()):  # what a cut character held back
+                yield rest
         finally:
             request.cancelled.set()  # no-op when finished; stops the row when the listener left
-            result.completion_tokens = len(tokens) + (request.finish_reason == "stop")
+            result.completion_tokens = len(text.tokens) + (request.finish_reason == "stop")
             result.finish_reason = "error" if result.error else (request.finish_reason or "cancelled")
 
 

@@ -59,6 +59,7 @@ class TurnUpdate:
     pending: list[dict[str, Any]] = field(default_factory=list)
     adapter_slot: str | None = None  # the loaded peft adapter that generates (canary or active)
     cached: bool = False  # answered from the response cache
+    completion_tokens: int = 0  # generated this turn, every round (0 for a cached answer)
 
     def snapshot(self) -> "TurnUpdate":
         return dataclasses.replace(self, items=[dict(i) for i in self.items], pending=list(self.pending))
@@ -256,6 +257,7 @@ class TurnRunner:
             completed = True
         finally:
             pieces.close()  # stops generation now if the listener left early
+            update.completion_tokens += result.completion_tokens
             thinking, _ = split_thinking(raw)
             parsed_text = parse_output(raw).text
             finish = "degenerate" if watch.why else result.finish_reason if completed or result.error else "cancelled"
