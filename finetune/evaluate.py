@@ -24,6 +24,9 @@ GUARD_METRICS = ("tool_format_valid", "no_false_tool_calls", "general_recall")
 # must stand out from the case-to-case noise (gate). Calls and their format are not graded.
 WORDED_METRICS = ("keyword_recall", "general_recall")
 NOISE_Z = 1.64  # one-sided 95%
+# The noise of one case falling alone grows with how far it falls, so a single answer that
+# lost all its facts would always pass as noise; no fall beyond this is ever noise.
+NOISE_CAP = 0.1
 _TOOL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
 
@@ -183,13 +186,13 @@ def case_recall(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, 
 
 def noise(active: Sequence[float], candidate: Sequence[float]) -> float:
     """How far a worded metric's mean may fall by chance: NOISE_Z standard errors of the
-    per-case changes. 0 below two cases, or when every case moved alike."""
+    per-case changes, at most NOISE_CAP. 0 below two cases, or when every case moved alike."""
     changes = [c - a for a, c in zip(active, candidate)]
     if len(changes) < 2:
         return 0.0
     mean = sum(changes) / len(changes)
     spread = (sum((x - mean) ** 2 for x in changes) / (len(changes) - 1)) ** 0.5
-    return NOISE_Z * spread / len(changes) ** 0.5
+    return min(NOISE_CAP, NOISE_Z * spread / len(changes) ** 0.5)
 
 
 def worse_cases(cases: Sequence[EvalCase], active: Sequence[str], candidate: Sequence[str]) -> dict[str, list[str]]:

@@ -152,3 +152,8 @@ def test_one_rephrased_answer_does_not_decide_but_many_fallen_answers_do():
     decision = gate(score(cases, forgot), score(cases, active), per_case=(recall(active), recall(forgot)))
     assert not decision["passed"]
     assert any(r.startswith("keyword_recall fell by 0.429, more than its noise") for r in decision["reasons"])
+    # one answer of six that says none of its facts any more is a regression, not noise
+    lost_one = [CALL, "不知道。", *[full] * 5]
+    decision = gate(score(cases, lost_one), score(cases, active), per_case=(recall(active), recall(lost_one)))
+    assert not decision["passed"]
+    assert any(r.startswith("keyword_recall fell by 0.167, more than its noise 0.100") for r in decision["reasons"])
