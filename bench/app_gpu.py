@@ -80,8 +80,12 @@ def prepare_data_dir(data_dir: Path, usernames: list[str]) -> dict[str, str]:
 
 
 def start_app(model: str, data_dir: Path, port: int, new_tokens: int, log_path: Path,
-              knowledge: bool = True) -> subprocess.Popen:
-    command = [sys.executable, "launch.py", "--model", model, "--demo", "--data-dir", str(data_dir),
+              knowledge: bool = True, switch_interval: float | None = None) -> subprocess.Popen:
+    # launch.py as a user starts it; --switch-interval runs it under another GIL switch interval
+    python = [sys.executable, "launch.py"] if switch_interval is None else [sys.executable, "-c", (
+        f"import runpy, sys; sys.setswitchinterval({switch_interval}); sys.argv[0] = 'launch.py'; "
+        "runpy.run_path('launch.py', run_name='__main__')")]
+    command = [*python, "--model", model, "--demo", "--data-dir", str(data_dir),
                "--port", str(port), "--temperature", "0", "--max-new-tokens", str(new_tokens),
                "--generation-concurrency", "8", "--no-scheduler", "--min-new-samples", "1",
                "--general-replay", "8", "--augment-variants", "0", "--epochs", "1", "--eval-max-new-tokens", "16",
@@ -216,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=12 if TINY else 200)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("APP_DATA", "/tmp/hangjia-app-bench")))
     parser.add_argument("--phases", default="serve,refresh")
+    parser.add_argument("--switch-interval", type=float,
+                        help="the app process's GIL switch interval in seconds (default: Python's, 0.005)")
     parser.add_argument("--knowledge", action=argparse.BooleanOptionalAction, default=True,
                         help="serve with the knowledge base (needs the embedding model's package)")
     args = parser.parse_args(argv)
@@ -239,7 +245,8 @@ def main(argv=None) -> int:
 
     with GpuMemory() as load_memory:
         started = time.perf_counter()
-        app = start_app(args.model, args.data_dir, args.port, args.new_tokens, out / "app-server.log", args.knowledge)
+        app = start_app(args.model, args.data_dir, args.port, args.new_tokens, out / "app-server.log", args.knowledge,
+                        args.switch_interval)
         emit({"row": "app start", "seconds": round(time.perf_counter() - started, 1),
               "gpu_peak_mib": load_memory.peak_mib})
     try:
@@ -249,7 +256,8 @@ def main(argv=None) -> int:
             for via in ("v1", "gradio"):
                 with GpuMemory() as memory:
                     results = round_of_users(url, keys, users, via, f"alone-{via}")
-                emit({**summary(f"8 users, {via}", results), "gpu_peak_mib": memory.peak_mib})
+                interval = f", GIL switch interval {args.switch_interval * 1000:g} ms" if args.switch_interval else ""
+                emit({**summary(f"8 users, {via}{interval}", results), "gpu_peak_mib": memory.peak_mib})
         if "refresh" in args.phases:
             from gradio_client import Client
 

@@ -6,10 +6,14 @@
 3. A finance reviewer corrects each case with the right query_sales call (/review_decide).
 4. The nightly job runs now (NightlyRefresh.run_nightly, what the scheduler fires): train,
    evaluate, gate, promote by the product's policy.
-5. Held-out phrasings the training never saw (other templates, both languages) and questions
-   that need no tool are asked before and after; the table compares them.
+5. Questions the training never saw are asked before and after; the table compares them:
+   - dev: other templates of the same slots and 20 questions that need no tool, used while
+     tuning the recipe;
+   - held-out: bench/data/loop_heldout.jsonl, 60 sales questions and 25 that need no tool in
+     employees' own chat phrasing, written from a brief without these templates and frozen
+     before any tuning against it.
 
-    .venv/bin/python bench/feedback_loop.py [--train 30] [--held-out 40] [--no-tool 20]
+    .venv/bin/python bench/feedback_loop.py [--train 30] [--dev 40] [--no-tool 20]
 
 The same scenario runs in CI on the tiny random model (tests/test_feedback_loop.py).
 """
@@ -59,11 +63,21 @@ NO_TOOL_QUESTIONS = [
 ]
 
 
+HELD_OUT_FILE = Path(__file__).resolve().parent / "data" / "loop_heldout.jsonl"
+
+
 @dataclass(frozen=True)
 class SalesQuestion:
     text: str
     language: str
     expected: dict[str, Any]  # normalised query_sales arguments
+
+
+def held_out_questions(path: Path = HELD_OUT_FILE) -> tuple[list[SalesQuestion], list[str]]:
+    """The frozen held-out set: (sales questions, questions that need no tool)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    sales = [SalesQuestion(r["text"], r["language"], r["expected"]) for r in rows if r["expected"]]
+    return sales, [r["text"] for r in rows if not r["expected"]]
 
 
 def sales_questions(templates, count: int, seed: int) -> list[SalesQuestion]:
@@ -144,23 +158,28 @@ def launch(services):
     return app, f"http://127.0.0.1:{services.settings.port}/"
 
 
-def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuestion], no_tool: list[str],
-                 log=functools.partial(print, flush=True), measure_before: bool = True,
-                 compare_unguided: bool = False) -> dict:
-    """The whole night, through the launched app. Returns before/after figures and the run."""
+Sets = dict[str, tuple[list[SalesQuestion], list[str]]]  # name -> (sales questions, questions needing no tool)
+
+
+def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools.partial(print, flush=True),
+                 measure_before: bool = True, compare_unguided: bool = False) -> dict:
+    """The whole night, through the launched app. Returns before/after figures per set, and the run."""
     from gradio_client import Client
 
     from storage import adapters as registry
     from webapp.demo import DEMO_PASSWORD
 
+    def measure_all(client) -> dict[str, dict]:
+        return {name: measure(client, sales, no_tool) for name, (sales, no_tool) in sets.items()}
+
     app, url = launch(services)
     try:
         employee = Client(url, auth=("finance-employee", DEMO_PASSWORD), verbose=False)
         reviewer = Client(url, auth=("finance-reviewer", DEMO_PASSWORD), verbose=False)
-        log("measuring before …")
-        before = measure(employee, held_out, no_tool) if measure_before else \
-            {"exact": float("nan"), "valid": float("nan"), "false_calls": float("nan"), "failures": []}
-        log(f"before: exact {before['exact']:.0%}, valid {before['valid']:.0%}, false calls {before['false_calls']:.0%}")
+        before = {}
+        if measure_before:
+            log("measuring before …")
+            before = measure_all(employee)
         log(f"teaching with {len(train)} questions …")
         taught = teach(employee, reviewer, train)
         log(f"{taught}; the nightly refresh runs now …")
@@ -172,15 +191,15 @@ def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuest
         log(f"refresh: {outcome}")
         after_adapter = employee.predict(api_name="/whoami")["adapter_version"]
         log("measuring after …")
-        after = measure(employee, held_out, no_tool)
+        after = measure_all(employee)
         unguided = None
         if compare_unguided:  # the same adapter, tool calls decoded without the schema guide
             log("measuring after, unguided …")
             services.engine.turns.settings = dataclasses.replace(services.engine.turns.settings, guided_tool_calls=False)
-            unguided = measure(employee, held_out, no_tool)
+            unguided = measure_all(employee)
         run = next((r for r in registry.runs(services.db) if outcome and r["id"] == outcome.run_id), None)
-        return {"before": before, "after": after, "unguided": unguided, "taught": taught, "refresh_s": refresh_s, "outcome": outcome,
-                "adapter_after": after_adapter, "run": run}
+        return {"before": before, "after": after, "unguided": unguided, "taught": taught, "refresh_s": refresh_s,
+                "outcome": outcome, "adapter_after": after_adapter, "run": run}
     finally:
         app.close()
 
@@ -188,8 +207,8 @@ def run_scenario(services, train: list[SalesQuestion], held_out: list[SalesQuest
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=30)
-    parser.add_argument("--held-out", type=int, default=40)
-    parser.add_argument("--no-tool", type=int, default=20)
+    parser.add_argument("--dev", type=int, default=40, help="dev sales questions (other templates)")
+    parser.add_argument("--no-tool", type=int, default=20, help="dev questions that need no tool")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-before", action="store_true",
                         help="do not measure the untrained model (it is deterministic: greedy decoding)")
@@ -214,15 +233,15 @@ def main() -> int:
         max_new_tokens=args.max_new_tokens, scheduler=False, min_new_samples=10, port=free_port(), max_tool_rounds=1)
     services = open_services(settings)
     train = sales_questions(TRAIN_TEMPLATES, args.train, seed=1)
-    held_out = sales_questions(HELD_OUT_TEMPLATES, args.held_out, seed=2)
+    sets = {"dev": (sales_questions(HELD_OUT_TEMPLATES, args.dev, seed=2), NO_TOOL_QUESTIONS[:args.no_tool]),
+            "held-out": held_out_questions()}
     try:
-        result = run_scenario(services, train, held_out, NO_TOOL_QUESTIONS[:args.no_tool],
-                              measure_before=not args.skip_before, compare_unguided=args.compare_unguided)
+        result = run_scenario(services, train, sets, measure_before=not args.skip_before,
+                              compare_unguided=args.compare_unguided)
     finally:
         services.close()
         if not args.keep_data:
             shutil.rmtree(settings.data_dir, ignore_errors=True)
-    b, a = result["before"], result["after"]
     gate = (result["outcome"].gate or {}) if result["outcome"] else {}
     lora = (f"LoRA r={settings.lora_r} alpha={settings.lora_alpha} on {settings.lora_target_modules}, "
             f"lr {settings.learning_rate}").replace("None", "(by model size)")
@@ -233,18 +252,19 @@ def main() -> int:
     print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
           f"{'passed' if gate.get('passed') else 'failed: ' + '; '.join(gate.get('reasons', []))}; "
           f"serving after: {result['adapter_after'] or 'base'}\n")
-    u = result["unguided"]
-    extra = " after, unguided |" if u else ""
-    print(f"| metric | before | after |{extra}\n|---|---|---|{'---|' if u else ''}")
-    for label, key in ((f"tool-call exact match, {len(held_out)} held-out sales questions", "exact"),
-                       ("valid format", "valid"), (f"false tool calls, {args.no_tool} questions needing none",
-                                                   "false_calls")):
-        print(f"| {label} | {b[key]:.0%} | {a[key]:.0%} |" + (f" {u[key]:.0%} |" if u else ""))
+    columns = [("before", result["before"]), ("after", result["after"]), ("after, unguided", result["unguided"])]
+    columns = [(label, figures) for label, figures in columns if figures]
+    print("| set | metric | " + " | ".join(label for label, _ in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for name, (sales, no_tool) in sets.items():
+        for label, key in ((f"tool-call exact match, {len(sales)} sales questions", "exact"),
+                           ("valid format", "valid"), (f"false tool calls, {len(no_tool)} questions needing none",
+                                                       "false_calls")):
+            print(f"| {name} | {label} | " + " | ".join(f"{figures[name][key]:.0%}" for _, figures in columns) + " |")
     for row in gate.get("table", []):
-        print(f"| gate: {row['metric']} (active -> candidate) | {row.get('active')} | {row.get('candidate')} |")
-    print("\nfailures after:", json.dumps(a["failures"], ensure_ascii=False))
-    if u:
-        print("\nfailures after, unguided:", json.dumps(u["failures"], ensure_ascii=False))
+        print(f"| gate | {row['metric']} (active -> candidate) | {row.get('active')} -> {row.get('candidate')} |")
+    for name in sets:
+        print(f"\nfailures after, {name}:", json.dumps(result["after"][name]["failures"], ensure_ascii=False))
     return 0
 
 

@@ -6,7 +6,7 @@ measures learning on the embedded model with the same code.)"""
 import pytest
 from gradio_client import Client
 
-from bench.feedback_loop import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, run_scenario, sales_questions
+from bench.feedback_loop import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, held_out_questions, run_scenario, sales_questions
 from storage import adapters as registry
 from tests.conftest import make_settings
 from tests.test_refresh import FAST
@@ -21,8 +21,10 @@ def test_a_night_of_feedback_trains_gates_and_the_promoted_adapter_answers(tmp_p
                              model=tiny_model, embedder=embedder)
     try:
         train = sales_questions(TRAIN_TEMPLATES, 4, seed=1)
-        held_out = sales_questions(HELD_OUT_TEMPLATES, 2, seed=2)
-        result = run_scenario(services, train, held_out, ["你好", "What is a balance sheet?"], log=lambda *_: None)
+        held_out = held_out_questions()
+        sets = {"dev": (sales_questions(HELD_OUT_TEMPLATES, 2, seed=2), ["你好", "What is a balance sheet?"]),
+                "held-out": (held_out[0][:2], held_out[1][:1])}
+        result = run_scenario(services, train, sets, log=lambda *_: None)
         db = services.db
         # every stage left its rows
         assert result["taught"] == {"asked": 4, "thumbs_down": 4, "corrected": 4}
@@ -33,7 +35,8 @@ def test_a_night_of_feedback_trains_gates_and_the_promoted_adapter_answers(tmp_p
         assert run["status"] == "succeeded" and run["trigger"] == "schedule" and run["steps"] >= 1
         version = registry.get_version(db, "finance", run["version"])
         assert version["metrics"] and version["gate"]  # the evaluation and the gate's decision are recorded
-        assert 0 <= result["before"]["exact"] <= 1 and 0 <= result["after"]["false_calls"] <= 1
+        assert set(result["after"]) == {"dev", "held-out"}
+        assert 0 <= result["before"]["held-out"]["exact"] <= 1 and 0 <= result["after"]["dev"]["false_calls"] <= 1
         # promoted by policy, or (the tiny model rarely passes) by the admin: the next request uses it
         if version["status"] != "active":
             services.adapters.activate("finance", run["version"])
