@@ -80,12 +80,10 @@ def prepare_data_dir(data_dir: Path, usernames: list[str]) -> dict[str, str]:
 
 
 def start_app(model: str, data_dir: Path, port: int, new_tokens: int, log_path: Path,
-              knowledge: bool = True, switch_interval: float | None = None) -> subprocess.Popen:
-    # launch.py as a user starts it; --switch-interval runs it under another GIL switch interval
-    python = [sys.executable, "launch.py"] if switch_interval is None else [sys.executable, "-c", (
-        f"import runpy, sys; sys.setswitchinterval({switch_interval}); sys.argv[0] = 'launch.py'; "
-        "runpy.run_path('launch.py', run_name='__main__')")]
-    command = [*python, "--model", model, "--demo", "--data-dir", str(data_dir),
+              knowledge: bool = True, stacks: Path | None = None) -> subprocess.Popen:
+    # launch.py as a user starts it; with `stacks`, under bench/stack_sampler.py
+    sampler = [] if stacks is None else ["bench/stack_sampler.py", str(stacks)]
+    command = [sys.executable, *sampler, "launch.py", "--model", model, "--demo", "--data-dir", str(data_dir),
                "--port", str(port), "--temperature", "0", "--max-new-tokens", str(new_tokens),
                "--generation-concurrency", "8", "--no-scheduler", "--min-new-samples", "1",
                "--general-replay", "8", "--augment-variants", "0", "--epochs", "1", "--eval-max-new-tokens", "16",
@@ -133,11 +131,9 @@ def v1_user(url: str, key: str, question: str, out: dict) -> None:
                rate=tokens / max(ended - (first or started), 1e-9), prompt_tokens=usage.get("prompt_tokens"))
 
 
-def gradio_user(url: str, username: str, question: str, out: dict) -> None:
-    """One answer through gradio_client's /chat (the browser's path), streamed."""
-    from gradio_client import Client
-
-    client = Client(url, auth=(username, PASSWORD), verbose=False)
+def gradio_user(client, question: str, out: dict) -> None:
+    """One answer through gradio_client's /chat (the browser's path), streamed, by a user who
+    logged in before (a browser session: the login and the app's config are not per question)."""
     started = time.perf_counter()
     first = None
     job = client.submit(question, None, True, api_name="/chat")  # fresh: the model, never the cache
@@ -152,14 +148,21 @@ def gradio_user(url: str, username: str, question: str, out: dict) -> None:
 
 
 def round_of_users(url, keys, usernames, via: str, tag: str) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
     results = [{} for _ in usernames]
+    if via == "gradio":  # one session per user, opened before the clock starts
+        with ThreadPoolExecutor(len(usernames)) as pool:
+            clients = list(pool.map(lambda name: Client(url, auth=(name, PASSWORD), verbose=False), usernames))
     threads = []
     for i, name in enumerate(usernames):
         question = f"[{tag} {i}] 上季度华东区的销售额是多少？请详细说明。"
         if via == "v1":
             target = (v1_user, (url, keys[name], question, results[i]))
         else:
-            target = (gradio_user, (url, name, question, results[i]))
+            target = (gradio_user, (clients[i], question, results[i]))
         threads.append(threading.Thread(target=target[0], args=target[1]))
     started = time.perf_counter()
     for t in threads:
@@ -220,8 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=12 if TINY else 200)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("APP_DATA", "/tmp/hangjia-app-bench")))
     parser.add_argument("--phases", default="serve,refresh")
-    parser.add_argument("--switch-interval", type=float,
-                        help="the app process's GIL switch interval in seconds (default: Python's, 0.005)")
+    parser.add_argument("--label", default="", help="added to each row's name, e.g. the settings varied")
+    parser.add_argument("--sample-stacks", action="store_true",
+                        help="sample the app's thread stacks during the 8-user /v1 round (OUT/stacks/stacks.json)")
     parser.add_argument("--knowledge", action=argparse.BooleanOptionalAction, default=True,
                         help="serve with the knowledge base (needs the embedding model's package)")
     args = parser.parse_args(argv)
@@ -246,7 +250,7 @@ def main(argv=None) -> int:
     with GpuMemory() as load_memory:
         started = time.perf_counter()
         app = start_app(args.model, args.data_dir, args.port, args.new_tokens, out / "app-server.log", args.knowledge,
-                        args.switch_interval)
+                        out / "stacks" if args.sample_stacks else None)
         emit({"row": "app start", "seconds": round(time.perf_counter() - started, 1),
               "gpu_peak_mib": load_memory.peak_mib})
     try:
@@ -254,10 +258,13 @@ def main(argv=None) -> int:
             # warm-up at the measured batch size: the decoder captures a graph per batch size
             round_of_users(url, keys, users, "v1", "warm-up")
             for via in ("v1", "gradio"):
+                flag = out / "stacks" / "sampling"
+                if args.sample_stacks:
+                    flag.write_text(via + args.label)
                 with GpuMemory() as memory:
                     results = round_of_users(url, keys, users, via, f"alone-{via}")
-                interval = f", GIL switch interval {args.switch_interval * 1000:g} ms" if args.switch_interval else ""
-                emit({**summary(f"8 users, {via}{interval}", results), "gpu_peak_mib": memory.peak_mib})
+                flag.unlink(missing_ok=True)
+                emit({**summary(f"8 users, {via}{args.label}", results), "gpu_peak_mib": memory.peak_mib})
         if "refresh" in args.phases:
             from gradio_client import Client
 

@@ -252,11 +252,13 @@ class ModelService(PromptsAndRouting):
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     engine: Any = None  # a decoding.BatchingEngine when batched decoding is on
     _token_bytes: Any = field(default=None, repr=False)  # guided.TokenBytes of the tokenizer, built on first use
+    stream_interval_s: float = 0.0  # batched decoding: least time between two streamed pieces
 
-    def enable_batched_decoding(self, max_batch: int, max_len: int) -> None:
+    def enable_batched_decoding(self, max_batch: int, max_len: int, stream_interval_ms: int = 0) -> None:
         """Serve through the batched static-cache decoder (serving/decoding.py) from now on."""
         from serving.decoding import BatchingEngine, StaticDecoder
 
+        self.stream_interval_s = stream_interval_ms / 1000
         with self._lock:
             decoder = StaticDecoder(self.model, max_batch=max_batch, max_len=min(max_len, self.max_context))
             self.engine = BatchingEngine(decoder, guard=self._lock)
@@ -417,8 +419,11 @@ class ModelService(PromptsAndRouting):
             adapter=adapter or None, stop_ids=self._stop_ids(), guide=guide))
         text = IncrementalText(self.tokenizer)
         try:
-            finished = False
+            finished, last_piece = False, 0.0
             while not finished:
+                # wait out the interval (without the GIL): the tokens of the next few steps come as one piece
+                if (wait := last_piece + self.stream_interval_s - time.monotonic()) > 0:
+                    time.sleep(wait)
                 new: list[int] = []
                 for item in request.drain(timeout=600):
                     if isinstance(item, BaseException):
@@ -428,6 +433,7 @@ class ModelService(PromptsAndRouting):
                         continue
                     finished = True
                 if delta := text.push(new):
+                    last_piece = time.monotonic()
                     yield delta
             if not result.error and (rest := text.flush()):  # what a cut character held back
                 yield rest

@@ -131,7 +131,7 @@ def open_services(settings: Settings, model: ModelService | None = None,
             model = load_generation_backend(settings)
         if isinstance(model, ModelService) and (settings.decoding == "batched" or (
                 settings.decoding == "auto" and model.device.type == "cuda")):
-            model.enable_batched_decoding(settings.decode_batch, settings.decode_max_len)
+            model.enable_batched_decoding(settings.decode_batch, settings.decode_max_len, settings.stream_interval_ms)
         adapters = AdapterManager(db, model, settings.resolved_adapters_dir, settings.model)
         adapters.load_active()
         cache = None

@@ -97,6 +97,10 @@ class Settings:
     decode_max_len: int = _setting(
         8192, "Batched decoding: longest prompt + answer in tokens a slot holds; longer turns use generate()."
     )
+    stream_interval_ms: int = _setting(
+        20, "Batched decoding: least time between two pieces of one streamed answer; tokens decoded meanwhile "
+        "are sent together. Each piece costs Python time that the decode loop waits for; 0 sends every token."
+    )
     backend: str = _setting(
         "local", "Where answers are generated: 'local' (the model loaded in this process) or 'openai' (an "
         "OpenAI-compatible engine such as vLLM at --backend-url; hangjia keeps auth, retrieval, cache, tools, "
