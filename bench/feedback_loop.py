@@ -162,7 +162,7 @@ Sets = dict[str, tuple[list[SalesQuestion], list[str]]]  # name -> (sales questi
 
 
 def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools.partial(print, flush=True),
-                 measure_before: bool = True, compare_unguided: bool = False) -> dict:
+                 measure_before: bool = True, measure_after: bool = True, compare_unguided: bool = False) -> dict:
     """The whole night, through the launched app. Returns before/after figures per set, and the run."""
     from gradio_client import Client
 
@@ -190,8 +190,10 @@ def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools
         outcome = next((o for o in outcomes if o.run_id in finance_runs), None)
         log(f"refresh: {outcome}")
         after_adapter = employee.predict(api_name="/whoami")["adapter_version"]
-        log("measuring after …")
-        after = measure_all(employee)
+        after = {}
+        if measure_after:
+            log("measuring after …")
+            after = measure_all(employee)
         unguided = None
         if compare_unguided:  # the same adapter, tool calls decoded without the schema guide
             log("measuring after, unguided …")
@@ -212,6 +214,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-before", action="store_true",
                         help="do not measure the untrained model (it is deterministic: greedy decoding)")
+    parser.add_argument("--gate-only", action="store_true",
+                        help="stop after the night's gate decision (reruns of the same night)")
     parser.add_argument("--compare-unguided", action="store_true",
                         help="measure the trained adapter a second time without guided tool calls")
     parser.add_argument("--keep-data", action="store_true",
@@ -236,8 +240,8 @@ def main() -> int:
     sets = {"dev": (sales_questions(HELD_OUT_TEMPLATES, args.dev, seed=2), NO_TOOL_QUESTIONS[:args.no_tool]),
             "held-out": held_out_questions()}
     try:
-        result = run_scenario(services, train, sets, measure_before=not args.skip_before,
-                              compare_unguided=args.compare_unguided)
+        result = run_scenario(services, train, sets, measure_before=not args.skip_before and not args.gate_only,
+                              measure_after=not args.gate_only, compare_unguided=args.compare_unguided)
     finally:
         services.close()
         if not args.keep_data:
@@ -256,14 +260,14 @@ def main() -> int:
     columns = [(label, figures) for label, figures in columns if figures]
     print("| set | metric | " + " | ".join(label for label, _ in columns) + " |")
     print("|---|---|" + "---|" * len(columns))
-    for name, (sales, no_tool) in sets.items():
+    for name, (sales, no_tool) in sets.items() if columns else ():
         for label, key in ((f"tool-call exact match, {len(sales)} sales questions", "exact"),
                            ("valid format", "valid"), (f"false tool calls, {len(no_tool)} questions needing none",
                                                        "false_calls")):
             print(f"| {name} | {label} | " + " | ".join(f"{figures[name][key]:.0%}" for _, figures in columns) + " |")
     for row in gate.get("table", []):
         print(f"| gate | {row['metric']} (active -> candidate) | {row.get('active')} -> {row.get('candidate')} |")
-    for name in sets:
+    for name in result["after"]:
         print(f"\nfailures after, {name}:", json.dumps(result["after"][name]["failures"], ensure_ascii=False))
     return 0
 

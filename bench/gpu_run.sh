@@ -42,7 +42,7 @@ for P in "$@"; do
                 done ;;
     trainb)     for V in ${TRAINB_VARIANTS//,/ }; do  # a process each: compiled layers cannot be undone
                   phase trainb 100 python3 bench/gpu_train.py --model $CKPT --seq 2048 --variants $V; done ;;
-    stockserve) phase stockserve 100 python3 $BASELINE/bench_infer.py --ckpt $CKPT --mode 4bit --batches 1,8 ;;
+    stockserve) phase stockserve 100 python3 $BASELINE/bench_infer.py --ckpt $CKPT --mode 4bit --batches ${STOCK_BATCHES:-1,8} ;;
     serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
     app)        tokenizer_to $CKPT  # the app loads the tokenizer from the model folder
                 phase app 200 python3 bench/app_gpu.py --model $CKPT ${APP_ARGS:-} ;;

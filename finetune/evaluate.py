@@ -20,9 +20,11 @@ from serving.chat_format import passages_moved_to_the_question, system_message, 
 FUNCTIONAL_SET = Path(__file__).with_name("data") / "functional.jsonl"
 DOMAIN_METRICS = ("tool_exact", "keyword_recall")
 GUARD_METRICS = ("tool_format_valid", "no_false_tool_calls", "general_recall")
-# Graded by the words an answer happens to use: one rephrased answer moves them, so a fall
-# must stand out from the case-to-case noise (gate). Calls and their format are not graded.
-WORDED_METRICS = ("keyword_recall", "general_recall")
+# Metrics scored case by case where one case flipping moves them past any tolerance on a
+# small set (one rephrased answer, one stray call of fourteen): a fall must also stand out
+# from the case-to-case noise (gate). Tool-call exact match is the gain, not a guard; call
+# format is judged only where markup was written.
+PER_CASE_METRICS = ("keyword_recall", "general_recall", "no_false_tool_calls")
 NOISE_Z = 1.64  # one-sided 95%
 # The noise of one case falling alone grows with how far it falls, so a single answer that
 # lost all its facts would always pass as noise; no fall beyond this is ever noise.
@@ -173,19 +175,23 @@ def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]
     }
 
 
-def case_recall(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, list[float]]:
-    """Per worded metric, each case's share of keywords said (the terms keyword_recall and
-    general_recall average)."""
-    recall: dict[str, list[float]] = {"keyword_recall": [], "general_recall": []}
+def per_case_scores(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, list[float]]:
+    """Per PER_CASE_METRICS metric, each case's own score (the terms `score` averages): the
+    share of its keywords said, and for a case needing no tool, 1 where it made no call."""
+    scores: dict[str, list[float]] = {metric: [] for metric in PER_CASE_METRICS}
     for case, output in zip(cases, outputs):
-        if case.kind != "tool" and case.keywords:
+        if case.kind == "tool":
+            continue
+        calls, bad = _calls(output)
+        scores["no_false_tool_calls"].append(float(not (calls or bad)))
+        if case.keywords:
             metric = "keyword_recall" if case.kind == "text" else "general_recall"
-            recall[metric].append(sum(mentions(output, k) for k in case.keywords) / len(case.keywords))
-    return recall
+            scores[metric].append(sum(mentions(output, k) for k in case.keywords) / len(case.keywords))
+    return scores
 
 
 def noise(active: Sequence[float], candidate: Sequence[float]) -> float:
-    """How far a worded metric's mean may fall by chance: NOISE_Z standard errors of the
+    """How far a per-case metric's mean may fall by chance: NOISE_Z standard errors of the
     per-case changes, at most NOISE_CAP. 0 below two cases, or when every case moved alike."""
     changes = [c - a for a, c in zip(active, candidate)]
     if len(changes) < 2:
@@ -226,9 +232,10 @@ def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 
          per_case: tuple[dict[str, list[float]], dict[str, list[float]]] | None = None) -> dict[str, Any]:
     """Promote only when the candidate is better on the domain metrics by `margin` (their
     mean) and no metric, domain or guard, fell by more than `tolerance`: a gain in tool calls
-    must not pay for facts the department's answers lost. A worded metric's fall must also
-    exceed its noise (case_recall of active and candidate as `per_case`): on a handful of
-    cases one keyword of one rephrased answer is not a regression, many cases falling is.
+    must not pay for facts the department's answers lost. A per-case metric's fall must also
+    exceed its noise (per_case_scores of active and candidate as `per_case`): on a handful of
+    cases one keyword of one rephrased answer, or one stray call, is not a regression; many
+    cases falling, or one case losing everything it said, is.
     `worse` (worse_cases) names, in each such reason, the cases that fell."""
     domain_gain = (sum(candidate[m] for m in DOMAIN_METRICS) - sum(active[m] for m in DOMAIN_METRICS)) / len(
         DOMAIN_METRICS)
@@ -238,7 +245,7 @@ def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 
     for metric in (*DOMAIN_METRICS, *GUARD_METRICS):
         drop = active[metric] - candidate[metric]
         allowed = tolerance
-        if per_case and metric in WORDED_METRICS:
+        if per_case and metric in PER_CASE_METRICS:
             allowed = max(tolerance, noise(per_case[0][metric], per_case[1][metric]))
         if drop > allowed:
             cases = (worse or {}).get(metric, [])

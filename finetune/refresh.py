@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.augment import Vocabulary, slot_variants
-from finetune.evaluate import case_from_sample, case_recall, gate, load_functional_set, score, worse_cases
+from finetune.evaluate import case_from_sample, gate, load_functional_set, per_case_scores, score, worse_cases
 from finetune.recipe import Hyperparameters, RecipeConfig, recipe_command
 from finetune.samples import last_question, normalize_question
 from serving.chat_format import passages_moved_to_the_question, system_message, with_passages
@@ -200,7 +200,7 @@ class RefreshRunner:
         active_metrics = score(cases, evaluation["active"])
         decision = gate(candidate_metrics, active_metrics, s.gate_margin, s.gate_tolerance,
                         worse_cases(cases, evaluation["active"], evaluation["candidate"]),
-                        (case_recall(cases, evaluation["active"]), case_recall(cases, evaluation["candidate"])))
+                        (per_case_scores(cases, evaluation["active"]), per_case_scores(cases, evaluation["candidate"])))
         registry.record_evaluation(self.db, department_id, version,
                                    {"candidate": candidate_metrics, "active": active_metrics,
                                     "against": active["version"] if active else "base"}, decision)

@@ -5,9 +5,9 @@ import pytest
 from finetune.evaluate import (
     EvalCase,
     case_from_sample,
-    case_recall,
     gate,
     load_functional_set,
+    per_case_scores,
     score,
     worse_cases,
 )
@@ -143,7 +143,7 @@ def test_one_rephrased_answer_does_not_decide_but_many_fallen_answers_do():
     full = " ".join("abcdefg")
     active = ["I don't know", *[full] * 6]
     one_keyword = [CALL, " ".join("abcdef"), *[full] * 5]
-    recall = lambda outputs: case_recall(cases, outputs)  # noqa: E731
+    recall = lambda outputs: per_case_scores(cases, outputs)  # noqa: E731
     decision = gate(score(cases, one_keyword), score(cases, active), per_case=(recall(active), recall(one_keyword)))
     assert decision["passed"], decision["reasons"]
     # without the per-case view the same fall (0.024) is past the tolerance
@@ -157,3 +157,22 @@ def test_one_rephrased_answer_does_not_decide_but_many_fallen_answers_do():
     decision = gate(score(cases, lost_one), score(cases, active), per_case=(recall(active), recall(lost_one)))
     assert not decision["passed"]
     assert any(r.startswith("keyword_recall fell by 0.167, more than its noise 0.100") for r in decision["reasons"])
+
+
+def test_one_stray_call_among_many_answers_does_not_decide_but_stray_calls_do():
+    """The recorded night's other refusal: the calls learned, and one of fourteen questions
+    needing no tool (write an email about a meeting) now calls query_sales."""
+    plain = [EvalCase([{"role": "user", "content": f"question {i}"}], TOOLS, "general", keywords=["ok"],
+                      name=f"general {i}") for i in range(14)]
+    cases = [SALES, *plain]
+    active = ["I don't know", *["ok"] * 14]
+    stray = '<tool_call>{"name": "query_sales", "arguments": {"region": "华东"}}</tool_call>'
+    one = [CALL, stray, *["ok"] * 13]
+    per_case = lambda outputs: per_case_scores(cases, outputs)  # noqa: E731
+    decision = gate(score(cases, one), score(cases, active), per_case=(per_case(active), per_case(one)))
+    assert decision["passed"], decision["reasons"]
+    assert not gate(score(cases, one), score(cases, active))["passed"]  # 0.071 is past the tolerance alone
+    three = [CALL, stray, stray, stray, *["ok"] * 11]
+    decision = gate(score(cases, three), score(cases, active), per_case=(per_case(active), per_case(three)))
+    assert not decision["passed"]
+    assert any(r.startswith("no_false_tool_calls fell by 0.214") for r in decision["reasons"])
