@@ -1,6 +1,7 @@
 """The whole product on one GPU, driven over HTTP the way people use it: `launch.py --model
 <folder> --load-in-4bit` in its own process; 8 employees chatting at once through /v1
-(streaming) and through gradio_client; then a reviewer imports ~200 samples (tool round trips
+(streaming), through Gradio's own HTTP API (/gradio_api/call/chat and its event stream) and
+through the gradio_client library (which polls its queues every 1-50 ms); then a reviewer imports ~200 samples (tool round trips
 and multi-turn among them) and an admin presses Retrain while the 8 keep chatting; the admin
 promotes the candidate, the next answer carries its version, and a rollback works the same way.
 
@@ -147,20 +148,48 @@ def gradio_user(client, question: str, out: dict) -> None:
                rate=tokens / max(ended - (first or started), 1e-9), version=final.get("adapter_version"))
 
 
+def gradio_http_user(client, url: str, question: str, out: dict) -> None:
+    """One answer through Gradio's own HTTP API (POST /gradio_api/call/chat, then its event
+    stream), as curl or any HTTP client sends it, by a user logged in before."""
+    started = time.perf_counter()
+    first, final = None, {}
+    response = client.post(url + "gradio_api/call/chat", json={"data": [question, None, True]})
+    response.raise_for_status()
+    with client.stream("GET", url + f"gradio_api/call/chat/{response.json()['event_id']}", timeout=900) as events:
+        for line in events.iter_lines():
+            if not line.startswith("data:") or line[5:].strip() in ("", "null"):
+                continue
+            final = json.loads(line[5:])[0]
+            if first is None and final.get("answer"):
+                first = time.perf_counter()
+    ended = time.perf_counter()
+    tokens = int(final.get("completion_tokens") or 0)
+    out.update(ttft=(first or ended) - started, tokens=tokens, seconds=ended - started,
+               rate=tokens / max(ended - (first or started), 1e-9), version=final.get("adapter_version"))
+
+
 def round_of_users(url, keys, usernames, via: str, tag: str) -> list[dict]:
     from concurrent.futures import ThreadPoolExecutor
 
     from gradio_client import Client
 
     results = [{} for _ in usernames]
-    if via == "gradio":  # one session per user, opened before the clock starts
+    def http_session(name: str) -> httpx.Client:
+        client = httpx.Client(timeout=60)
+        client.post(url + "login", data={"username": name, "password": PASSWORD}).raise_for_status()
+        return client
+
+    if via in ("gradio", "gradio-http"):  # one session per user, opened before the clock starts
+        login = http_session if via == "gradio-http" else lambda name: Client(url, auth=(name, PASSWORD), verbose=False)
         with ThreadPoolExecutor(len(usernames)) as pool:
-            clients = list(pool.map(lambda name: Client(url, auth=(name, PASSWORD), verbose=False), usernames))
+            clients = list(pool.map(login, usernames))
     threads = []
     for i, name in enumerate(usernames):
         question = f"[{tag} {i}] 上季度华东区的销售额是多少？请详细说明。"
         if via == "v1":
             target = (v1_user, (url, keys[name], question, results[i]))
+        elif via == "gradio-http":
+            target = (gradio_http_user, (clients[i], url, question, results[i]))
         else:
             target = (gradio_user, (clients[i], question, results[i]))
         threads.append(threading.Thread(target=target[0], args=target[1]))
@@ -257,7 +286,7 @@ def main(argv=None) -> int:
         if "serve" in args.phases:
             # warm-up at the measured batch size: the decoder captures a graph per batch size
             round_of_users(url, keys, users, "v1", "warm-up")
-            for via in ("v1", "gradio"):
+            for via in ("v1", "gradio-http", "gradio"):
                 flag = out / "stacks" / "sampling"
                 if args.sample_stacks:
                     flag.write_text(via + args.label)
