@@ -25,6 +25,7 @@ import numpy as np
 from storage import cache as cache_store
 from storage.db import Database
 from webapp.cache.guards import disagreement, normalize, slots
+from webapp.knowledge.embeddings import readable
 from webapp.knowledge.lexical import terms
 
 # Tools whose answers do not go stale by themselves: the knowledge base is in the scope.
@@ -102,7 +103,7 @@ class ResponseCache:
     def _vector(self, text: str) -> np.ndarray | None:
         if self.embedder is None:
             return None
-        if not self.embedder.reads_chinese() and any("\u4e00" <= ch <= "\u9fff" for ch in text):
+        if not readable(self.embedder, text):
             return None  # its vector of Chinese text is noise
         return self.embedder.encode_query(text)
 

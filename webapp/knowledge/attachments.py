@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from webapp.knowledge.chunking import chunk_text
+from webapp.knowledge.embeddings import readable
 from webapp.knowledge.lexical import LexicalIndex
 
 CountTokens = Callable[[str], int]
@@ -48,7 +49,7 @@ def select_passages(name: str, text: str, question: str, embedder, count_chat_to
     strong = any(coverage >= min_coverage for _, _, coverage in lexical_hits)
     for rank, (number, _, _) in enumerate(lexical_hits):
         fused[number] += 1 / (60 + rank + 1)
-    if embedder is not None and (embedder.reads_chinese() or not any("\u4e00" <= ch <= "\u9fff" for ch in question)):
+    if embedder is not None and readable(embedder, question):
         # a bounded number read by meaning: those BM25 ranks first, then passages spread
         # through the rest (embedding every passage of a long report takes minutes on a CPU)
         scored = list(dict.fromkeys([n for n, _, _ in lexical_hits[:MAX_DENSE_PASSAGES // 2]]

@@ -9,7 +9,6 @@ and embedding model, and rebuilt from the stored embeddings otherwise (no re-emb
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,12 @@ from storage import knowledge as kb_store
 from storage.db import Database
 from webapp.knowledge.chunking import chunk_text
 from webapp.knowledge.dense import DenseIndex
-from webapp.knowledge.embeddings import Embedder
+from webapp.knowledge.embeddings import Embedder, readable
 from webapp.knowledge.lexical import LexicalIndex
 from webapp.knowledge.parsing import DocumentError, ParsedDocument, parse_bytes
 
 log = logging.getLogger(__name__)
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 Progress = Callable[[float, str], None]
 
@@ -305,9 +303,9 @@ class KnowledgeBase:
         if not query:
             return []
         # A query the embedding model cannot read ranks by BM25 alone.
-        readable = mode == "dense" or (mode == "hybrid" and (self.embedder.reads_chinese() or not _CJK.search(query)))
+        read = mode == "dense" or (mode == "hybrid" and readable(self.embedder, query))
         # (Embedding the query on a second thread while BM25 ranks was measured slower on 2 cores.)
-        vector = self.embedder.encode_query(query) if readable else None
+        vector = self.embedder.encode_query(query) if read else None
         depth = max(50, 4 * k)
         with self._lock:
             size = max(self._lexical.capacity, len(self._readers.public),
@@ -351,6 +349,4 @@ class KnowledgeBase:
     def _readable(self, text: str) -> bool:
         """Whether the embedding model read this passage (an English-only model and a
         Chinese passage give a vector of [UNK]s whose similarities mean nothing)."""
-        if self.embedder.reads_chinese():
-            return True
-        return len(_CJK.findall(text)) <= 0.3 * max(len(text), 1)
+        return readable(self.embedder, text, chinese_share=0.3)

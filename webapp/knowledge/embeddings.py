@@ -10,6 +10,7 @@ through sentence-transformers the usual way (production: e.g. BAAI/bge-m3).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,14 @@ log = logging.getLogger(__name__)
 E5_SMALL = "intfloat/multilingual-e5-small"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_EMBEDDING_MODEL = E5_SMALL
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+
+
+def readable(embedder, text: str, chinese_share: float = 0.0) -> bool:
+    """Whether `embedder`'s vector of `text` means anything: an English-only model's vector
+    of Chinese text is [UNK]s whose similarities look real. A text with at most
+    `chinese_share` of Chinese characters counts as readable (a passage quoting a name)."""
+    return embedder.reads_chinese() or len(_CJK.findall(text)) <= chinese_share * max(len(text), 1)
 
 
 def load_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu") -> "Embedder | E5Embedder":
