@@ -169,6 +169,7 @@ class Slots:
     words: tuple = ()  # English content words, in order
     chars: str = ""  # Chinese content characters, in order
     chinese: bool = False  # asked in Chinese: the answer is in the asker's language
+    values: tuple = ()  # codes, lone letters and numbers as written, in order (Q3, 2025, a)
 
 
 def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
@@ -194,16 +195,19 @@ def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
     numbers, rest = _numbers(rest)
     people = {"".join(m) for m in _TITLED.findall(rest)} | set(_NAMED.findall(rest))
     unstarted = re.sub(r"(^|[.?!。？！]\s*)([A-Z][a-z]+)", lambda m: m.group(1) + m.group(2).lower(), folded.strip())
+    unstarted = re.sub(r"['’](?:s|t|re|ve|ll|d|m)\b", "", unstarted)  # What's, China's: no letter "s"
     for spelling in spellings:
         unstarted = re.sub(re.escape(spelling), " ", unstarted, flags=re.I)
     names = {w.lower() for w in _LATIN.findall(unstarted)
-             if w not in _QUESTION_WORDS and (w[0].isupper() or any(c.isdigit() for c in w) or len(w) == 1)
+             if w not in _QUESTION_WORDS and w not in ("a", "i", "I")  # the article, the pronoun
+             and (w[0].isupper() or any(c.isdigit() for c in w) or len(w) == 1)
              and not _is_period_or_unit(w)}
     words = tuple(w for w in (_english_word(w) for w in _ENGLISH.findall(rest)) if len(w) > 1 and w not in _FILLER)
     chars = "".join(ch for ch in _A_NOT_A_WORD.sub(r"\1", rest) if _CJK.match(ch) and ch not in _CJK_FUNCTION)
     return Slots(lower, tuple(numbers), tuple(sorted(periods)), tuple(entities),
                  bool(_NEGATION.search(_A_NOT_A.sub(" ", lower))), bool(_COMPARISON.search(lower)),
-                 tuple(sorted(people)), tuple(sorted(names)), words, chars, bool(_CJK.search(folded)))
+                 tuple(sorted(people)), tuple(sorted(names)), words, chars, bool(_CJK.search(folded)),
+                 tuple(_VALUE.findall(lower)))
 
 
 def _is_period_or_unit(word: str) -> bool:
@@ -212,6 +216,8 @@ def _is_period_or_unit(word: str) -> bool:
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+# a code or number (q3, 2025, 3.5) or a lone letter (plan a, 产品线b), as written
+_VALUE = re.compile(r"(?<![a-z0-9.])(?:[a-z]*\d[a-z0-9.-]*|[a-z](?![a-z0-9]))")
 _ENGLISH = re.compile(r"[a-z]+(?:'[a-z]+)?")
 # Words that do not change what is asked.
 _FILLER = frozenset("a an the is are was were be been do does did what what's whats which who how when where why "
@@ -285,13 +291,17 @@ def disagreement(a: Slots, b: Slots) -> str | None:
 
 
 def _missing(values: tuple, other_text: str) -> bool:
-    """A name of one question that the other does not mention in any spelling."""
-    return any(value.lower() not in other_text for value in values)
+    """A name of one question that the other does not mention in any spelling (a short code
+    or letter as a whole token: team "a" is not in "what")."""
+    return any(
+        re.search(r"(?<![a-z0-9])" + re.escape(value.lower()) + r"(?![a-z0-9])", other_text) is None
+        if len(value) <= 3 else value.lower() not in other_text for value in values)
 
 
 def _reordered(a: Slots, b: Slots) -> bool:
-    """Whether the things both questions name come in a different order (A than B / B than A)."""
-    for first, second in ((a.words, b.words), (tuple(a.chars), tuple(b.chars))):
+    """Whether the things both questions name come in a different order (A than B / B than A,
+    Q3 vs Q2 / Q2 vs Q3)."""
+    for first, second in ((a.words, b.words), (tuple(a.chars), tuple(b.chars)), (a.values, b.values)):
         shared = set(first) & set(second)
         if [w for w in dict.fromkeys(first) if w in shared] != [w for w in dict.fromkeys(second) if w in shared]:
             return True
