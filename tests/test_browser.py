@@ -196,7 +196,8 @@ def test_admin_retrains_now_and_watches_it(running_app, browser):
     page.locator("#admin-progress").get_by_text("loss").first.wait_for(timeout=120_000)  # live progress
     page.locator("#admin-progress").get_by_text("succeeded").wait_for(timeout=300_000)
     assert "candidate v1" in page.locator("#admin-progress").inner_text()
-    assert "tool_exact" in page.locator("#admin-gate").inner_text()  # the comparison table
+    gate = page.locator("#admin-gate").inner_text()  # the comparison table, in both languages
+    assert "工具调用准确 tool calls exact" in gate and "pp" in gate
     run = registry.runs(services.db)[0]
     assert run["status"] == "succeeded" and run["trigger"] == "manual" and run["version"] == "v1"
     page.screenshot(path=str(services.settings.data_dir / "admin.png"), full_page=True)

@@ -166,3 +166,34 @@ def test_monitoring_and_audit_apis_are_for_admins_only(running_app):
     assert set(figures) == {"daily", "trend", "by_version", "tools", "backlog", "runs"}
     assert admin.predict(api_name="/audit_search") == []
     assert [e["action"] for e in audit.events(services.db, "audit.")] == ["audit.search"]
+
+
+def test_the_admin_tables_speak_both_languages_and_read_as_people_read(services):
+    """Admin tab: statuses, triggers, metrics and the refresh's reasons in Chinese and English,
+    shares as percentages, times to the minute, durations in minutes (no raw column names)."""
+    from webapp.ui.admin import gate_table, runs_table, versions_table
+
+    db = services.db
+    skipped = adapters.start_run(db, "finance", "schedule")
+    adapters.finish_run(db, skipped, "skipped", reason="3 new approved samples since the last refresh; 20 are needed")
+    trained = adapters.start_run(db, "finance", "manual")
+    adapters.finish_run(db, trained, "succeeded", steps=12, final_loss=0.81234, version="v1")
+    db.write("UPDATE training_runs SET started_at = finished_at - INTERVAL 150 SECOND WHERE id = ?", [trained])
+    adapters.add_version(db, "finance", "v1", "/adapters/finance/v1", "base", trained)
+    adapters.record_evaluation(db, "finance", "v1", {"candidate": {"tool_exact": 0.5714, "keyword_recall": 0.4444}}, {
+        "passed": False, "reasons": ["no_false_tool_calls fell by 0.214, more than its noise 0.100 (mail: called query_sales)"],
+        "table": [{"metric": "tool_exact", "active": 0.0, "candidate": 0.5714, "change": 0.5714},
+                  {"metric": "no_false_tool_calls", "active": 1.0, "candidate": 0.7857, "change": -0.2143}]})
+
+    runs = runs_table(services, "finance").to_dict(orient="records")
+    assert [r["状态 Status"] for r in runs] == ["✅ 成功 succeeded", "⏭ 跳过 skipped"]
+    assert [r["触发 Trigger"] for r in runs] == ["手动 manual", "夜间 nightly"]
+    assert runs[1]["原因 Reason"].startswith("自上次训练以来新增 3 条已审核样本，需要 20 条（3 new approved samples")
+    assert runs[0]["用时 Took"] == "2 分 30 秒 (2 min 30 s)" and runs[0]["最终损失 Final loss"] == "0.8123"
+    assert len(runs[0]["开始 Started"]) == len("2026-12-06 02:00")
+    version = versions_table(services, "finance").to_dict(orient="records")[0]
+    assert version["状态 Status"] == "候选 candidate" and version["工具调用准确 tool calls exact"] == "57%"
+    assert version["评测门 Gate"].startswith("❌ 未通过 refused: 无误调用 下降 0.214，超过允许的 0.100")
+    gate = gate_table(services, "finance").to_dict(orient="records")
+    assert gate[1] == {"指标 Metric": "无误调用 no false calls", "在用 Active": "100%", "候选 Candidate": "79%",
+                       "变化 Change": "-21.4 pp"}

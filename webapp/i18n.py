@@ -240,6 +240,49 @@ MESSAGES = {
 }
 
 
+# Values and column names of the tables built on the server (the admin's and monitoring's):
+# shown in both languages, Chinese first, as the server's messages are.
+TERMS = {
+    "schedule": ("夜间", "nightly"), "manual": ("手动", "manual"), "cli": ("命令行", "command line"),
+    "running": ("⏳ 进行中", "running"), "succeeded": ("✅ 成功", "succeeded"), "failed": ("❌ 失败", "failed"),
+    "cancelled": ("🚫 已取消", "cancelled"), "skipped": ("⏭ 跳过", "skipped"),
+    "candidate": ("候选", "candidate"), "active": ("✅ 在用", "active"), "retired": ("已退役", "retired"),
+    "rejected": ("❌ 未通过", "rejected"), "base": ("基础模型", "base model"),
+    "tool_exact": ("工具调用准确", "tool calls exact"), "keyword_recall": ("要点召回", "keyword recall"),
+    "tool_format_valid": ("调用格式有效", "call format valid"), "no_false_tool_calls": ("无误调用", "no false calls"),
+    "general_recall": ("通用能力", "general recall"),
+}
+REASONS = [  # the refresh's and the gate's reasons, English pattern -> Chinese
+    (r"(\d+) new approved samples since the last refresh; (\d+) are needed", r"自上次训练以来新增 \1 条已审核样本，需要 \2 条"),
+    (r"no approved training samples yet", "还没有已审核的训练样本"),
+    (r"domain metrics improved by ([-+.\d]+), less than the margin ([.\d]+)", r"领域指标提升 \1，低于要求的 \2"),
+    (r"(\w+) fell by ([.\d]+), more than (?:the tolerance|its noise) ([.\d]+)", r"\1 下降 \2，超过允许的 \3"),
+]
+
+
+def term(code: object) -> str:
+    """A status, trigger or metric as people read it: '✅ 成功 succeeded'."""
+    zh, en = TERMS.get(str(code), (None, None))
+    return f"{zh} {en}" if zh else ("" if code is None else str(code))
+
+
+def reason_text(reason: str | None) -> str:
+    """A refresh's or gate's reason in both languages (as it was recorded, in English, when
+    no Chinese wording is known for it)."""
+    import re
+
+    if not reason:
+        return ""
+    translated = reason
+    for pattern, zh in REASONS:
+        translated = re.sub(pattern, zh, translated)
+    if translated == reason:
+        return reason
+    for code, (zh_term, _) in TERMS.items():
+        translated = translated.replace(code, zh_term.lstrip("✅❌⏳🚫⏭ "))
+    return f"{translated.replace('; ', '；')}（{reason}）"
+
+
 def bilingual(code: str, **params: object) -> str:
     zh, en = MESSAGES[code]
     return f"{zh.format(**params)} / {en.format(**params)}"

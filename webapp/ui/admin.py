@@ -16,12 +16,30 @@ from finetune.refresh import RefreshBusy
 from storage import adapters as registry
 from storage import chats
 from webapp.adapters import AdapterError
-from webapp.ui.common import caller, department_choices, department_scope, in_department, on_open, user_error
+from webapp.i18n import reason_text, term
+from webapp.ui.common import (
+    caller,
+    department_choices,
+    department_scope,
+    in_department,
+    on_open,
+    user_error,
+)
 
-RUN_COLUMNS = ["id", "department_id", "trigger", "status", "reason", "samples", "new_samples", "steps",
-               "final_loss", "version", "mode", "started_at", "finished_at", "log_path"]
-VERSION_COLUMNS = ["department_id", "version", "status", "canary_share", "tool_exact", "keyword_recall",
-                   "gate", "created_at", "promoted_at"]
+
+def _percent(value: Any) -> str:
+    return "" if value is None else f"{float(value):.0%}"
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else ""
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} 分 {rest} 秒 ({minutes} min {rest} s)" if minutes else f"{rest} 秒 ({rest} s)"
 
 
 def admin_overview(services, request: gr.Request) -> dict:
@@ -29,14 +47,30 @@ def admin_overview(services, request: gr.Request) -> dict:
     return chats.usage_summary(services.db, department_scope(services, admin, "read.overview"))
 
 
-# The tables below show one department (an admin's own) or, for the owner, all (None).
+def usage_markdown(usage: dict[str, int]) -> str:
+    return (f"👥 用户 users **{usage['users']}** · 💬 对话 conversations **{usage['conversations']}** · "
+            f"消息 messages **{usage['messages']}** · 👍 **{usage['thumbs_up']}** · 👎 **{usage['thumbs_down']}**")
+
+
+# The tables below show one department (an admin's own) or, for the owner, all (None). Column
+# names and values are in both languages: the server does not know the browser's choice.
 
 def runs_table(services, department_id: str | None) -> pd.DataFrame:
     rows = registry.runs(services.db, department_id)
-    table = pd.DataFrame([[r[c] for c in RUN_COLUMNS] for r in rows], columns=RUN_COLUMNS)
-    table.insert(12, "seconds", [(r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] else None
-                                 for r in rows])
-    return table
+    return pd.DataFrame([{
+        "# 编号": r["id"], "部门 Department": r["department_id"], "触发 Trigger": term(r["trigger"]),
+        "状态 Status": term(r["status"]), "原因 Reason": reason_text(r["reason"]),
+        "样本 Samples": r["samples"], "新样本 New": r["new_samples"], "步数 Steps": r["steps"],
+        "最终损失 Final loss": "" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
+        "版本 Version": r["version"] or "", "开始 Started": _when(r["started_at"]),
+        "用时 Took": _duration((r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] else None),
+    } for r in rows], columns=RUN_COLUMNS)
+
+
+RUN_COLUMNS = ["# 编号", "部门 Department", "触发 Trigger", "状态 Status", "原因 Reason", "样本 Samples",
+               "新样本 New", "步数 Steps", "最终损失 Final loss", "版本 Version", "开始 Started", "用时 Took"]
+VERSION_COLUMNS = ["部门 Department", "版本 Version", "状态 Status", "灰度 Canary", f"{term('tool_exact')}",
+                   f"{term('keyword_recall')}", "评测门 Gate", "创建 Created", "上线 Promoted"]
 
 
 def versions_table(services, department_id: str | None) -> pd.DataFrame:
@@ -45,24 +79,33 @@ def versions_table(services, department_id: str | None) -> pd.DataFrame:
         metrics = json.loads(v["metrics"]) if v["metrics"] else {}
         gate = json.loads(v["gate"]) if v["gate"] else {}
         candidate = metrics.get("candidate", {})
-        out.append([v["department_id"], v["version"], v["status"], v["canary_share"],
-                    candidate.get("tool_exact"), candidate.get("keyword_recall"),
-                    ("passed" if gate.get("passed") else "failed: " + "; ".join(gate.get("reasons", []))) if gate else "",
-                    v["created_at"], v["promoted_at"]])
+        verdict = ("✅ 通过 passed" if gate.get("passed") else "❌ 未通过 refused: " + reason_text(
+            "; ".join(gate.get("reasons", [])))) if gate else ""
+        out.append([v["department_id"], v["version"], term(v["status"]),
+                    _percent(v["canary_share"]) if v["canary_share"] else "",
+                    _percent(candidate.get("tool_exact")), _percent(candidate.get("keyword_recall")), verdict,
+                    _when(v["created_at"]), _when(v["promoted_at"])])
     return pd.DataFrame(out, columns=VERSION_COLUMNS)
 
 
+GATE_COLUMNS = ["指标 Metric", "在用 Active", "候选 Candidate", "变化 Change"]
+
+
 def gate_table(services, department_id: str | None) -> pd.DataFrame:
+    """The latest gate decision's comparison: each metric, active against candidate."""
     versions = [v for v in registry.versions(services.db, department_id) if v["gate"]]
     if not versions:
-        return pd.DataFrame(columns=["metric", "active", "candidate", "change"])
-    latest = versions[-1]
-    return pd.DataFrame(json.loads(latest["gate"])["table"])
+        return pd.DataFrame(columns=GATE_COLUMNS)
+    rows = json.loads(versions[-1]["gate"])["table"]
+    return pd.DataFrame([[term(r["metric"]), _percent(r["active"]), _percent(r["candidate"]),
+                          f"{r['change'] * 100:+.1f} pp"] for r in rows], columns=GATE_COLUMNS)
 
 
 def feedback_table(services, department_id: str | None) -> pd.DataFrame:
     rows = registry.thumbs_down_by_version(services.db, department_id)
-    return pd.DataFrame(rows, columns=["department_id", "version", "rated", "thumbs_down", "thumbs_down_rate"])
+    return pd.DataFrame([[r["department_id"], term(r["version"]) if r["version"] == "base" else r["version"],
+                          r["rated"], r["thumbs_down"], _percent(r["thumbs_down_rate"])] for r in rows],
+                        columns=["部门 Department", "版本 Version", "已评价 Rated", "👎", "👎 比例 rate"])
 
 
 def scheduler_state(services, department_id: str | None) -> dict[str, Any]:
@@ -80,7 +123,7 @@ def scheduler_markdown(services, department_id: str | None) -> str:
 
 def build_admin_tab(services, i18n, tab=None) -> None:
     with gr.Row():
-        summary = gr.JSON(label="usage", elem_id="admin-summary")
+        summary = gr.Markdown(elem_id="admin-summary")
         scheduler = gr.Markdown(elem_id="admin-scheduler")
     refresh = gr.Button(i18n("refresh"), elem_id="admin-refresh")
     with gr.Row():
@@ -89,7 +132,7 @@ def build_admin_tab(services, i18n, tab=None) -> None:
         retrain = gr.Button(i18n("admin_retrain"), variant="primary", elem_id="admin-retrain")
         cancel = gr.Button(i18n("admin_cancel"), variant="stop", elem_id="admin-cancel")
     progress_text = gr.Markdown(elem_id="admin-progress")
-    loss_plot = gr.LinePlot(x="step", y="loss", title="training loss", height=220, elem_id="admin-loss")
+    loss_plot = gr.LinePlot(x="step", y="loss", title="训练损失 training loss", height=220, elem_id="admin-loss")
     gate = gr.Dataframe(label=i18n("admin_gate"), interactive=False, elem_id="admin-gate")
     versions = gr.Dataframe(label=i18n("admin_versions"), interactive=False, elem_id="admin-versions")
     with gr.Row():
@@ -107,7 +150,7 @@ def build_admin_tab(services, i18n, tab=None) -> None:
         departments = department_choices(services, admin)
         # the department the admin chose stays chosen: a Promote must act where they looked
         keep = chosen if chosen in departments else (departments[0] if departments else None)
-        return (chats.usage_summary(services.db, scope), scheduler_markdown(services, scope),
+        return (usage_markdown(chats.usage_summary(services.db, scope)), scheduler_markdown(services, scope),
                 gr.Dropdown(choices=departments, value=keep),
                 gate_table(services, scope), versions_table(services, scope), feedback_table(services, scope),
                 runs_table(services, scope))
@@ -138,35 +181,36 @@ def build_admin_tab(services, i18n, tab=None) -> None:
                 raise user_error("retrain_now", error)
             if kind == "__end__":
                 outcome = event["outcome"]
-                text = f"**{outcome.status}**" + (f" · {outcome.reason}" if outcome.reason else "")
+                text = f"**{term(outcome.status)}**" + (f" · {reason_text(outcome.reason)}" if outcome.reason else "")
                 if outcome.version:
-                    verdict = "passed ✅" if outcome.gate["passed"] else "failed ❌ " + "; ".join(outcome.gate["reasons"])
-                    text += f" · candidate {outcome.version} · gate {verdict}"
-                    text += " · promoted 已上线" if outcome.promoted else ""
+                    verdict = "✅ 通过 passed" if outcome.gate["passed"] else "❌ 未通过 refused: " + reason_text(
+                        "; ".join(outcome.gate["reasons"]))
+                    text += f" · 候选 candidate {outcome.version} · 评测门 gate {verdict}"
+                    text += " · 已上线 promoted" if outcome.promoted else ""
                 yield (text, gr.skip(), gate_table(services, department_id), versions_table(services, scope),
                        runs_table(services, scope), scheduler_markdown(services, scope))
                 return
             if kind == "augmented":
-                yield (f"{event['samples']} reviewed samples + {event['variants']} slot-swap variants",
+                yield (f"{event['samples']} 条审核样本 reviewed samples + {event['variants']} 条换槽变体 slot-swap variants",
                        gr.skip(), *[gr.skip()] * 4)
             elif kind == "mode":
                 yield f"{event['mode']} · {event['samples']} samples", gr.skip(), *[gr.skip()] * 4
             elif kind == "step":
                 progress((event["step"], event["total_steps"]), desc="training")
                 losses.append({"step": event["step"], "loss": event["loss"]})
-                text = (f"step {event['step']}/{event['total_steps']} · loss {event['loss']:.4f} · "
-                        f"lr {event['lr']:.2e} · ETA {event['eta_s']:.0f} s")
+                text = (f"步 step {event['step']}/{event['total_steps']} · 损失 loss {event['loss']:.4f} · "
+                        f"lr {event['lr']:.2e} · 剩余 ETA {event['eta_s']:.0f} s")
                 yield text, pd.DataFrame(losses), *[gr.skip()] * 4
             elif kind == "replay_answers":
                 progress((event["prompt"], event["prompts"]), desc="replay: the model's own answers")
-                yield f"replay answers {event['prompt']}/{event['prompts']}", gr.skip(), *[gr.skip()] * 4
+                yield f"回放答案 replay answers {event['prompt']}/{event['prompts']}", gr.skip(), *[gr.skip()] * 4
             elif kind == "eval_progress":
                 progress((event["case"], event["cases"]), desc="evaluating")
-                yield f"evaluating {event['case']}/{event['cases']}", gr.skip(), *[gr.skip()] * 4
+                yield f"评测 evaluating {event['case']}/{event['cases']}", gr.skip(), *[gr.skip()] * 4
 
     def cancel_refresh(department_id, request: gr.Request):
         in_department(services, caller(services, request, "admin"), department_id, "adapters.cancel")
-        return "cancelling… 正在取消" if services.refresh.cancel(department_id or "") else "nothing is running"
+        return "正在取消 cancelling…" if services.refresh.cancel(department_id or "") else "没有进行中的训练 nothing is running"
 
     def promote_version(department_id, version_value, request: gr.Request):
         admin = caller(services, request, "admin")
@@ -175,7 +219,7 @@ def build_admin_tab(services, i18n, tab=None) -> None:
             services.adapters.activate(department_id, (version_value or "").strip())
         except AdapterError as exc:
             raise gr.Error(str(exc))
-        return (f"{department_id} {version_value} is active now 已切换",
+        return (f"{department_id} {version_value}: 已切换 is active now",
                 versions_table(services, department_scope(services, admin, "read.adapters")))
 
     def set_canary(department_id, version_value, share, request: gr.Request):
@@ -196,6 +240,19 @@ def build_admin_tab(services, i18n, tab=None) -> None:
     canary.click(set_canary, [department, version, canary_share], [admin_result, versions], api_visibility="private")
 
 
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    """A registry row for the API: machine-readable names and values (the tables above are
+    for people), times in ISO 8601, the stored metrics and gate decision as objects."""
+    out = {}
+    for key, value in row.items():
+        if hasattr(value, "isoformat"):
+            value = value.isoformat()
+        elif key in ("metrics", "gate", "losses") and isinstance(value, str):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
 def register_admin_api(services) -> None:
     def admin_overview_api(request: gr.Request = None) -> dict:
         return admin_overview(services, request)
@@ -203,8 +260,8 @@ def register_admin_api(services) -> None:
     def adapters_api(request: gr.Request = None) -> dict[str, Any]:
         """The adapter versions and refresh runs of the caller's department (the owner: all)."""
         scope = department_scope(services, caller(services, request, "admin"), "read.adapters")
-        return {"versions": json.loads(versions_table(services, scope).to_json(orient="records", date_format="iso")),
-                "runs": json.loads(runs_table(services, scope).to_json(orient="records", date_format="iso")),
+        return {"versions": [_record(v) for v in registry.versions(services.db, scope)],
+                "runs": [_record(r) for r in registry.runs(services.db, scope)],
                 "scheduler": scheduler_state(services, scope)}
 
     def promote_api(department: str, version: str, request: gr.Request = None) -> str:
