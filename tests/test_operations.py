@@ -197,3 +197,16 @@ def test_the_admin_tables_speak_both_languages_and_read_as_people_read(services)
     gate = gate_table(services, "finance").to_dict(orient="records")
     assert gate[1] == {"指标 Metric": "无误调用 no false calls", "在用 Active": "100%", "候选 Candidate": "79%",
                        "变化 Change": "-21.4 pp"}
+
+
+def test_server_tables_are_shown_with_both_languages_percentages_and_minutes():
+    import pandas as pd
+
+    from webapp.i18n import for_people
+
+    raw = pd.DataFrame({"department_id": ["finance"], "cache_hit_rate": [0.4567], "status": ["denied"],
+                        "created_at": pd.to_datetime(["2026-12-06 10:11:12"]), "thumbs_down_rate": [None]})
+    assert for_people(raw).to_dict(orient="records") == [{
+        "部门 department": "finance", "命中率 hit rate": "46%", "状态 status": "⛔ 无权限 denied",
+        "创建 created": "2026-12-06 10:11", "👎 比例 rate": ""}]
+    assert list(raw.columns)[0] == "department_id"  # the figures themselves keep their names

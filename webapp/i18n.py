@@ -251,6 +251,9 @@ TERMS = {
     "tool_exact": ("工具调用准确", "tool calls exact"), "keyword_recall": ("要点召回", "keyword recall"),
     "tool_format_valid": ("调用格式有效", "call format valid"), "no_false_tool_calls": ("无误调用", "no false calls"),
     "general_recall": ("通用能力", "general recall"),
+    "ok": ("✅ 成功", "ok"), "error": ("❌ 出错", "error"), "denied": ("⛔ 无权限", "denied"),
+    "invalid": ("⚠️ 无效", "invalid"), "timeout": ("⏱️ 超时", "timeout"), "declined": ("🚫 已拒绝", "declined"),
+    "pending": ("⏳ 待批准", "pending"),
 }
 REASONS = [  # the refresh's and the gate's reasons, English pattern -> Chinese
     (r"(\d+) new approved samples since the last refresh; (\d+) are needed", r"自上次训练以来新增 \1 条已审核样本，需要 \2 条"),
@@ -258,6 +261,39 @@ REASONS = [  # the refresh's and the gate's reasons, English pattern -> Chinese
     (r"domain metrics improved by ([-+.\d]+), less than the margin ([.\d]+)", r"领域指标提升 \1，低于要求的 \2"),
     (r"(\w+) fell by ([.\d]+), more than (?:the tolerance|its noise) ([.\d]+)", r"\1 下降 \2，超过允许的 \3"),
 ]
+
+
+# Column names of the server's tables, as people read them (values of *_rate become percentages).
+COLUMNS = {
+    "day": "日期 day", "department_id": "部门 department", "conversations": "对话 conversations",
+    "user_messages": "提问 questions", "active_users": "活跃用户 active users", "answers": "回答 answers",
+    "latency_p50_ms": "延迟中位 p50 ms", "latency_p95_ms": "延迟 p95 ms", "prompt_tokens": "输入词元 prompt tokens",
+    "completion_tokens": "输出词元 completion tokens", "errors": "错误 errors", "thumbs_up": "👍", "thumbs_down": "👎",
+    "cache_lookups": "缓存查询 cache lookups", "cache_hits": "缓存命中 cache hits", "cache_hit_rate": "命中率 hit rate",
+    "open_cases": "待审 open cases", "oldest_hours": "最久等待（小时）oldest (hours)", "status": "状态 status",
+    "runs": "次数 runs", "seconds": "秒 seconds", "conversation_id": "会话 conversation", "created_at": "创建 created",
+    "username": "用户 user", "title": "标题 title", "messages": "消息 messages", "tool_calls": "工具调用 tool calls",
+    "id": "# 编号", "name": "名称 name", "key_prefix": "密钥开头 key starts", "last_used_at": "最近使用 last used",
+    "revoked_at": "吊销 revoked", "version": "版本 version", "rated": "已评价 rated",
+    "thumbs_down_rate": "👎 比例 rate", "entries": "条目 entries", "lookups": "查询 lookups",
+    "exact_hits": "原句命中 exact hits", "semantic_hits": "近义命中 paraphrase hits", "guarded": "被拦下 guarded",
+    "hit_rate": "命中率 hit rate", "saved_s": "节省秒数 saved s", "saved_tokens": "节省词元 saved tokens",
+    "avg_lookup_ms": "查询耗时 lookup ms",
+}
+
+
+def for_people(table):
+    """A server table (pandas) with its columns named in both languages, rates as
+    percentages, statuses as terms and times to the minute."""
+    table = table.copy()
+    for column in table.columns:
+        if column.endswith("_rate"):
+            table[column] = [("" if v is None or v != v else f"{float(v):.0%}") for v in table[column]]
+        elif column == "status":
+            table[column] = [term(v) for v in table[column]]
+        elif str(table[column].dtype).startswith("datetime"):
+            table[column] = table[column].dt.strftime("%Y-%m-%d %H:%M").fillna("")
+    return table.rename(columns=COLUMNS)
 
 
 def term(code: object) -> str:

@@ -332,7 +332,11 @@ class ModelService(PromptsAndRouting):
     ) -> Iterator[str]:
         """Yield text pieces as they are generated. Closing the iterator cancels generation.
         `guide` (a serving.guided.ToolCallGuide) keeps tool calls valid while they are written."""
-        from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import (
+            LogitsProcessorList,
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
 
         result = result if result is not None else GenerationResult()
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)

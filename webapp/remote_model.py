@@ -21,7 +21,13 @@ from typing import Any, Iterator
 import httpx
 import torch
 
-from webapp.models import AdapterInfo, GenerationParams, GenerationResult, ModelLoadError, PromptsAndRouting
+from webapp.models import (
+    AdapterInfo,
+    GenerationParams,
+    GenerationResult,
+    ModelLoadError,
+    PromptsAndRouting,
+)
 
 log = logging.getLogger(__name__)
 

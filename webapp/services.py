@@ -11,13 +11,24 @@ from storage import adapters as adapter_registry
 from webapp.adapters import AdapterManager
 from webapp.auth import Auth
 from webapp.cache.service import CacheSettings, ResponseCache
-from webapp.demo import DEMO_OWNER, ensure_first_admin, seed_demo_company, seed_demo_documents
+from webapp.demo import (
+    DEMO_OWNER,
+    ensure_first_admin,
+    seed_demo_company,
+    seed_demo_documents,
+)
 from webapp.engine import ChatEngine
 from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
 from webapp.knowledge.embeddings import E5Embedder, Embedder, load_embedder
 from webapp.knowledge.tool import KNOWLEDGE_TOOLS_FILE, knowledge_builtins
 from webapp.metrics import Metrics
-from webapp.models import GenerationParams, ModelLoadError, ModelService, ModelSpec, load_model_service
+from webapp.models import (
+    GenerationParams,
+    ModelLoadError,
+    ModelService,
+    ModelSpec,
+    load_model_service,
+)
 from webapp.review import ReviewService, ReviewSettings
 from webapp.scheduler import NightlyRefresh
 from webapp.settings import EMBEDDED_MODEL, Settings

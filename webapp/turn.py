@@ -16,7 +16,14 @@ from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
 from storage.accounts import User
 from storage.db import Database
-from webapp.conversations import Conversations, UserInputError, check_text, pending_item, source_item, title
+from webapp.conversations import (
+    Conversations,
+    UserInputError,
+    check_text,
+    pending_item,
+    source_item,
+    title,
+)
 from webapp.i18n import bilingual
 from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.prompt import ContextWindow

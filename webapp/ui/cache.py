@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from webapp.i18n import bilingual
+from webapp.i18n import bilingual, for_people
 from webapp.ui.common import caller, department_scope, in_department, on_open
 
 STATS_COLUMNS = ["department_id", "entries", "lookups", "exact_hits", "semantic_hits", "guarded", "hit_rate",
@@ -45,19 +45,19 @@ def build_cache_section(services, i18n, tab=None) -> None:
             threshold = gr.Slider(0.5, 1.0, step=0.01, label=i18n("cache_threshold"), elem_id="cache-threshold")
             save = gr.Button(i18n("cache_save"), elem_id="cache-save")
         with gr.Row():
-            department = gr.Textbox(label="department (empty: your own)", elem_id="cache-department")
+            department = gr.Textbox(label="部门（留空：本部门）department (empty: your own)", elem_id="cache-department")
             clear = gr.Button(i18n("cache_clear"), variant="stop", elem_id="cache-clear")
             reload = gr.Button(i18n("refresh"), elem_id="cache-reload")
         result = gr.Markdown(elem_id="cache-result")
         table = gr.Dataframe(interactive=False, elem_id="cache-stats")
-        plot = gr.BarPlot(x="department_id", y="hit_rate", title="hit rate per department", y_lim=[0, 1],
-                          height=220, elem_id="cache-plot")
+        plot = gr.BarPlot(x="department_id", y="hit_rate", title="各部门命中率 hit rate per department", y_lim=[0, 1],
+                          x_title="部门 department", y_title="命中率 hit rate", height=220, elem_id="cache-plot")
 
     def current(request: gr.Request):
         admin = caller(services, request, "admin")
         config = services.cache.settings()
         stats = stats_table(services, department_scope(services, admin, "read.cache"))
-        return config["enabled"], config["semantic"], config["threshold"], stats, stats
+        return config["enabled"], config["semantic"], config["threshold"], for_people(stats), stats
 
     def save_settings(on, paraphrases, value, request: gr.Request):
         admin = caller(services, request, "admin")
@@ -74,7 +74,7 @@ def build_cache_section(services, i18n, tab=None) -> None:
         admin = caller(services, request, "admin")
         count = clear_scoped(services, admin, department_id)
         stats = stats_table(services, department_scope(services, admin, "read.cache"))
-        return f"🗑 {count} entries evicted 已清除", stats, stats
+        return f"🗑 已清除 {count} 条 entries evicted", for_people(stats), stats
 
     on_open(tab, reload, current, None, [enabled, semantic, threshold, table, plot])
     save.click(save_settings, [enabled, semantic, threshold], [result], api_visibility="private")

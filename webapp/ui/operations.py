@@ -15,6 +15,7 @@ import pandas as pd
 from storage import audit, monitoring
 from storage.audit import ConversationFilter
 from webapp.auth import NotAuthorized
+from webapp.i18n import for_people
 from webapp.ui.common import caller, department_scope, download_path, on_open
 
 PERIODS = {"7 days 7天": 7, "30 days 30天": 30, "90 days 90天": 90}
@@ -104,17 +105,19 @@ def build_monitoring_section(services, i18n, tab=None) -> None:
                                  elem_id="monitoring-period")
             reload = gr.Button(i18n("refresh"), elem_id="monitoring-reload")
         with gr.Row():
-            messages = gr.LinePlot(x="day", y="user_messages", color="department_id", title="messages per day",
-                                   height=240, elem_id="monitoring-messages")
+            messages = gr.LinePlot(x="day", y="user_messages", color="department_id", title="每日提问 questions per day",
+                                   x_title="日期 day", y_title="提问 questions", height=240,
+                                   elem_id="monitoring-messages")
             # points, not a line: a day without answers has no latency to join
-            latency = gr.ScatterPlot(x="day", y="latency_p95_ms", color="department_id", title="p95 latency (ms)",
+            latency = gr.ScatterPlot(x="day", y="latency_p95_ms", color="department_id",
+                                     title="回答延迟 p95 answer latency (ms)", x_title="日期 day", y_title="ms",
                                      height=240, elem_id="monitoring-latency")
         with gr.Row():
             versions = gr.BarPlot(x="label", y="thumbs_down_rate", color="status", y_lim=[0, 1], height=240,
-                                  title="thumbs-down rate per adapter version (canary vs active)",
-                                  elem_id="monitoring-versions")
-            tools = gr.BarPlot(x="tool", y="calls", color="status", title="tool calls by status", height=240,
-                               elem_id="monitoring-tools")
+                                  title="各版本👎比例 thumbs-down rate per adapter version (canary vs active)",
+                                  x_title="版本 version", y_title="👎 比例 rate", elem_id="monitoring-versions")
+            tools = gr.BarPlot(x="tool", y="calls", color="status", title="工具调用结果 tool calls by status",
+                               x_title="工具 tool", y_title="次数 calls", height=240, elem_id="monitoring-tools")
         daily = gr.Dataframe(label=i18n("monitoring_daily"), interactive=False, elem_id="monitoring-daily")
         with gr.Row():
             backlog = gr.Dataframe(label=i18n("monitoring_backlog"), interactive=False, elem_id="monitoring-backlog")
@@ -125,8 +128,9 @@ def build_monitoring_section(services, i18n, tab=None) -> None:
         figures = monitoring_figures(services, PERIODS.get(period_name, 7),
                                      department_scope(services, admin, "read.monitoring"))
         table = figures["daily"].assign(day=figures["daily"]["day"].dt.strftime("%Y-%m-%d"))
+        runs = figures["runs"].assign(day=pd.to_datetime(figures["runs"]["day"]).dt.strftime("%Y-%m-%d"))
         return (figures["trend"], figures["trend"].dropna(subset=["latency_p95_ms"]), figures["by_version"],
-                figures["tools"], table, figures["backlog"], figures["runs"])
+                figures["tools"], for_people(table), for_people(figures["backlog"]), for_people(runs))
 
     outputs = [messages, latency, versions, tools, daily, backlog, runs]
     on_open(tab, reload, show, [period], outputs)
@@ -160,7 +164,7 @@ def build_audit_section(services, i18n, tab=None) -> None:
         admin = caller(services, request, "admin")
         table = audit_search(services, admin, _filter(admin, user_name, since_day, until_day, contains, tool_name,
                                                       rated))
-        return table, f"{len(table)} conversations · {admin.department_id}"
+        return for_people(table), f"{len(table)} 个会话 conversations · {admin.department_id}"
 
     def do_open(value, request: gr.Request):
         admin = caller(services, request, "admin")
@@ -183,7 +187,7 @@ KEY_COLUMNS = ["id", "username", "name", "key_prefix", "created_at", "last_used_
 
 
 def keys_table(services, user) -> pd.DataFrame:
-    return pd.DataFrame(services.auth.keys_visible_to(user), columns=KEY_COLUMNS)
+    return for_people(pd.DataFrame(services.auth.keys_visible_to(user), columns=KEY_COLUMNS))
 
 
 def build_api_keys_section(services, i18n) -> None:

@@ -23,7 +23,7 @@ from webapp.ui.chat import render_items
 from webapp.ui.common import caller, download_path, on_open
 
 NO_TOOL = "(none)"
-QUEUE_HEADERS = ["id", "department", "rated", "question", "comment", "adapter"]
+QUEUE_HEADERS = ["# 编号", "部门 department", "评价 rated", "问题 question", "评论 comment", "版本 adapter"]
 # Alt+A approve, Alt+R reject, Alt+S skip: a reviewer works the queue from the keyboard.
 REVIEW_SHORTCUTS_JS = """
 <script>
