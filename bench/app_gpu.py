@@ -84,7 +84,7 @@ def start_app(model: str, data_dir: Path, port: int, new_tokens: int, log_path: 
               knowledge: bool = True, stacks: Path | None = None) -> subprocess.Popen:
     # launch.py as a user starts it; with `stacks`, under bench/stack_sampler.py
     sampler = [] if stacks is None else ["bench/stack_sampler.py", str(stacks)]
-    command = [sys.executable, *sampler, "launch.py", "--model", model, "--demo", "--data-dir", str(data_dir),
+    command = [sys.executable, *sampler, "launch.py", "--model", model, "--demo", "--no-demo-feedback", "--data-dir", str(data_dir),
                "--port", str(port), "--temperature", "0", "--max-new-tokens", str(new_tokens),
                "--generation-concurrency", "8", "--no-scheduler", "--min-new-samples", "1",
                "--general-replay", "8", "--augment-variants", "0", "--epochs", "1", "--eval-max-new-tokens", "16",

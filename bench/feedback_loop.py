@@ -233,7 +233,7 @@ def main() -> int:
     overrides = dict(item.split("=", 1) for item in args.set)
     base = settings_from_sources(cli={}, environ={f"HANGJIA_{k.upper()}": v for k, v in overrides.items()})
     settings = dataclasses.replace(
-        base, data_dir=Path(tempfile.mkdtemp(prefix="hangjia-bench-loop-")), demo=True, temperature=0.0,
+        base, data_dir=Path(tempfile.mkdtemp(prefix="hangjia-bench-loop-")), demo=True, demo_feedback=False, temperature=0.0,
         max_new_tokens=args.max_new_tokens, scheduler=False, min_new_samples=10, port=free_port(), max_tool_rounds=1)
     services = open_services(settings)
     train = sales_questions(TRAIN_TEMPLATES, args.train, seed=1)

@@ -40,7 +40,7 @@ def main() -> int:
 
     model = load_model_service(ModelSpec("embedded"), args.models_dir)
     data_dir = Path(tempfile.mkdtemp(prefix="hangjia-bench-refresh-"))
-    settings = Settings(data_dir=data_dir, demo=True, lora_r=args.lora_r, lora_alpha=16, learning_rate=2e-4,
+    settings = Settings(data_dir=data_dir, demo=True, demo_feedback=False, lora_r=args.lora_r, lora_alpha=16, learning_rate=2e-4,
                         lora_target_modules="q_proj,k_proj,v_proj", eval_max_new_tokens=48)
     services = open_services(settings, model=model)
     lines = []

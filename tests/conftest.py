@@ -141,7 +141,8 @@ def tiny_model(tiny_model_dir) -> ModelService:
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:
     values = dict(
-        data_dir=tmp_path / "data", demo=True, max_new_tokens=12, temperature=0.0, port=free_port(),
+        data_dir=tmp_path / "data", demo=True, demo_feedback=False, max_new_tokens=12, temperature=0.0,
+        port=free_port(),
     )
     values.update(overrides)
     return Settings(**values)

@@ -146,11 +146,13 @@ def test_reviewer_corrects_a_thumbs_down_with_a_tool_call(running_app, browser, 
 
 
 def test_admin_sees_every_tab_in_the_browsers_language(running_app, browser):
-    url, _ = running_app
+    url, services = running_app
     page = browser.new_page(locale="zh-CN")
     log_in(page, url, "finance-admin")
     page.get_by_role("tab", name="管理").wait_for(timeout=30_000)
     assert page.get_by_role("tab").all_inner_texts() == ["对话", "审核", "管理"]  # follows the browser
+    banner = page.locator("#demo-banner").inner_text()  # demo mode says what the model is and what to try
+    assert "演示模式 Demo" in banner and "Retrain now" in banner and services.model.name in banner
 
 
 def test_side_effect_action_is_approved_in_the_chat(running_app, browser, monkeypatch):

@@ -32,8 +32,8 @@ class AppProcess:
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
         self.process = subprocess.Popen(
-            [sys.executable, "launch.py", "--demo", "--model", str(model_dir), "--data-dir", str(data_dir),
-             "--port", str(self.port), "--no-knowledge", "--no-cache", "--no-scheduler", "--device", "cpu",
+            [sys.executable, "launch.py", "--demo", "--no-demo-feedback", "--model", str(model_dir),
+             "--data-dir", str(data_dir), "--port", str(self.port), "--no-knowledge", "--no-cache", "--no-scheduler", "--device", "cpu",
              "--temperature", "0", "--max-new-tokens", "8", *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

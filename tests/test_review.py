@@ -229,3 +229,30 @@ def test_review_api_refuses_other_departments_and_employees(running_app, monkeyp
     decided = finance.predict(answer["message_id"], "approved", "should_call_tool", "",
                               "query_sales", '{"region": "华东", "period": "last_quarter"}', "", api_name="/review_decide")
     assert decided["sample_id"] and "query_sales" in finance.predict(api_name="/samples_export")
+
+
+def test_demo_mode_starts_with_a_reviewed_history_and_cases_waiting(tmp_path, tiny_model, embedder):
+    """A newcomer's first Review tab: five thumbed-down sales answers wait in finance's queue,
+    and the reviewer's earlier corrections are training samples, so one Retrain shows the loop."""
+    from tests.conftest import make_settings
+    from webapp.services import open_services
+
+    services = open_services(make_settings(tmp_path, demo_feedback=True, knowledge=False), model=tiny_model,
+                             embedder=embedder)
+    try:
+        reviewer = services.auth.current_user("finance-reviewer")
+        waiting = services.reviews.queue(reviewer, rating=-1, department="finance")
+        assert len(waiting) == 5 and all(case["rating"] == -1 for case in waiting)
+        samples = services.db.query("SELECT department_id, origin, split FROM training_samples")
+        assert len(samples) == 25 and {s["department_id"] for s in samples} == {"finance"}
+        assert {s["origin"] for s in samples} == {"correction"}
+        hr = services.auth.current_user("hr-reviewer")
+        assert services.reviews.queue(hr, rating=-1, department="hr") == []  # finance's cases stay in finance
+    finally:
+        services.close()
+    reopened = open_services(make_settings(tmp_path, demo_feedback=True, knowledge=False), model=tiny_model,
+                             embedder=embedder)
+    try:  # seeded once, on the empty data dir only
+        assert reopened.db.scalar("SELECT count(*) FROM training_samples") == 25
+    finally:
+        reopened.close()

@@ -85,6 +85,18 @@ def test_cli_rejects_an_invalid_choice(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_help_lists_every_setting(capsys):
+    """`launch.py --help` prints (a help text with a literal % once crashed argparse)."""
+    from dataclasses import fields
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(["--help"], environ={})
+    assert exit_info.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert all(f"--{f.name.replace('_', '-')}" in printed for f in fields(Settings))
+    assert "17% of near-misses" in printed
+
+
 def test_readme_lists_every_setting_as_generated():
     assert settings_markdown_table() in README.read_text(encoding="utf-8"), (
         "docs/operations.md's settings table is out of date: paste the output of `python launch.py --settings-table`"

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from storage import chats
 from webapp.auth import LOGIN_CLIENT
+from webapp.demo import DEMO_PASSWORD
 from webapp.i18n import EN, build_i18n
 from webapp.review import REVIEW_ROLES
 from webapp.services import Services
@@ -43,6 +44,18 @@ def header_markdown(services: Services, user) -> str:
     )
 
 
+def demo_banner(services: Services) -> str:
+    """What a newcomer is looking at in demo mode, and the loop to try (both languages)."""
+    return (
+        f"🧪 **演示模式 Demo** · 模型 model: `{services.model.name}`（内置小模型，未经公司数据训练，常会答错 · the "
+        "small embedded model, not yet trained on company data: it often answers wrong）\n\n"
+        "试试这个循环 Try the loop: ① `finance-employee` 问 ask “上季度华东区的销售额是多少？” → ② `finance-reviewer` "
+        "在 “审核 Review” 里纠正一条（选 query_sales） correct a case → ③ `finance-admin` 在 “管理 Admin” 点 "
+        "“立即训练 Retrain now”，约十分钟 about ten minutes on 2 cores → ④ 再问一次 ask again: "
+        "答案来自新的 finance 适配器，版本显示在顶部 the answer comes from the new finance adapter, its version above. "
+        f"密码 password: `{DEMO_PASSWORD}`")
+
+
 def build_app(services: Services) -> gr.Blocks:
     i18n = build_i18n()
     # Gradio's copies of uploads and downloads go an hour after they were made, and all at shutdown.
@@ -50,6 +63,8 @@ def build_app(services: Services) -> gr.Blocks:
         with gr.Row(equal_height=True):
             header = gr.Markdown(elem_id="header")
             gr.Button(i18n("logout"), link="/logout", size="sm", scale=0, min_width=120, elem_id="logout")
+        if services.settings.demo:
+            gr.Markdown(demo_banner(services), elem_id="demo-banner")
         with gr.Tabs():
             with gr.Tab(i18n("tab_chat"), id="chat"):
                 chat = build_chat_tab(services, i18n)

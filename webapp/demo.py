@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
 from pathlib import Path
 
-from storage import accounts, company
+from storage import accounts, chats, company
 from storage.db import Database
 from webapp.auth import Auth
 
@@ -68,3 +69,29 @@ def seed_demo_documents(knowledge) -> int:
         reports = knowledge.add_files([(path.name, path.read_bytes())], departments, company_wide)
         added += sum(r.status == "added" for r in reports)
     return added
+
+
+DEMO_FEEDBACK = Path(__file__).with_name("demo_feedback.jsonl")
+
+
+def seed_demo_feedback(db: Database, auth: Auth, review, model_name: str) -> tuple[int, int]:
+    """The demo company's first weeks, so that one Retrain shows the loop: finance employees
+    asked for sales figures, the untrained model answered without looking them up, they
+    pressed 👎; a reviewer corrected most answers with the query_sales call (through the review
+    service, as the Review tab does). The rest wait in the review queue for the newcomer.
+    Returns (corrected, waiting)."""
+    employee, reviewer = auth.current_user("finance-employee"), auth.current_user("finance-reviewer")
+    corrected = waiting = 0
+    for line in DEMO_FEEDBACK.read_text(encoding="utf-8").splitlines():
+        case = json.loads(line)
+        _, (_, answer_id) = chats.start_conversation(
+            db, employee.id, employee.department_id, case["question"][:60],
+            [("user", case["question"], {}), ("assistant", case["answer"], {"model": model_name})])
+        chats.record_feedback(db, answer_id, employee.id, -1, case["comment"])
+        if case["reviewed"]:
+            review.decide(reviewer, answer_id, "approved", reason="should_call_tool", tool_name="query_sales",
+                          tool_arguments=case["call"])
+            corrected += 1
+        else:
+            waiting += 1
+    return corrected, waiting

@@ -16,6 +16,7 @@ from webapp.demo import (
     ensure_first_admin,
     seed_demo_company,
     seed_demo_documents,
+    seed_demo_feedback,
 )
 from webapp.engine import ChatEngine
 from webapp.knowledge.base import KnowledgeBase, KnowledgeSettings
@@ -127,10 +128,10 @@ def open_services(settings: Settings, model: ModelService | None = None,
         owners = {name.strip() for name in settings.owners.split(",") if name.strip()}
         auth = Auth(db, owners=frozenset(owners | ({DEMO_OWNER[0]} if settings.demo else set())))
         first_admin_password = None
-        if settings.demo:
-            if seed_demo_company(db, auth):
-                log.info("seeded the demo company (departments finance and hr)")
-        else:
+        seeded = settings.demo and seed_demo_company(db, auth)
+        if seeded:
+            log.info("seeded the demo company (departments finance and hr)")
+        elif not settings.demo:
             first_admin_password = ensure_first_admin(db, auth)
         knowledge = open_knowledge(db, settings, embedder) if settings.knowledge else None
         if knowledge is not None and settings.demo and seed_demo_documents(knowledge):
@@ -153,6 +154,9 @@ def open_services(settings: Settings, model: ModelService | None = None,
         engine = ChatEngine(db, model, turn_settings(settings), tools, knowledge, cache, metrics)
         review = ReviewService(db, engine, tools, ReviewSettings(
             settings.scrub_pii, settings.eval_fraction))
+        if seeded and settings.demo_feedback:
+            corrected, waiting = seed_demo_feedback(db, auth, review, model.name)
+            log.info("seeded the demo feedback: %d corrected answers, %d waiting for review", corrected, waiting)
         runner = RefreshRunner(
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),

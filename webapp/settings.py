@@ -55,6 +55,10 @@ class Settings:
     demo: bool = _setting(
         False, "Seed a demo company (departments finance and hr, one user per role) on an empty data dir."
     )
+    demo_feedback: bool = _setting(
+        True, "Demo mode: start with the demo company's first weeks of feedback (30 sales answers marked 👎, "
+        "25 corrected by the finance reviewer, 5 waiting in the review queue), so that one Retrain shows the loop."
+    )
     owners: str = _setting(
         "",
         "Usernames, comma-separated, granted the company-wide owner role: it reaches every department"
@@ -375,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(Settings):
         kind = _base_type(f)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        # argparse formats help with %: a literal one ("17% of near-misses") must be doubled
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f.metadata["help"].replace("%", "%%")}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
