@@ -235,7 +235,9 @@ def gate(candidate: dict[str, float], active: dict[str, float], margin: float = 
     must not pay for facts the department's answers lost. A per-case metric's fall must also
     exceed its noise (per_case_scores of active and candidate as `per_case`): on a handful of
     cases one keyword of one rephrased answer, or one stray call, is not a regression; many
-    cases falling, or one case losing everything it said, is.
+    cases falling is, and so is any fall of a mean past NOISE_CAP (one answer of six losing
+    every fact). With ten cases or more, one case alone moves a mean by NOISE_CAP at most:
+    there, one case never decides.
     `worse` (worse_cases) names, in each such reason, the cases that fell."""
     domain_gain = (sum(candidate[m] for m in DOMAIN_METRICS) - sum(active[m] for m in DOMAIN_METRICS)) / len(
         DOMAIN_METRICS)

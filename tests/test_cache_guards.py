@@ -33,6 +33,10 @@ def why(a: str, b: str) -> str | None:
     ("Is plan A better than plan B?", "Is plan B better than plan A?", "comparison order"),
     ("Did 2025 beat 2024 in units?", "Did 2024 beat 2025 in units?", "comparison order"),
     ("产品线A比产品线B卖得多吗？", "产品线B比产品线A卖得多吗？", "comparison order"),
+    ("Did 2025 beat 2024.", "Did 2024 beat 2025?", "comparison order"),
+    ("第三季度的销售额比第二季度高吗", "第二季度的销售额比第三季度高吗", "comparison order"),
+    ("上个月比本月卖得多吗", "本月比上个月卖得多吗", "comparison order"),
+    ("Did March beat April?", "Did April beat March?", "comparison order"),
 ])
 def test_a_near_miss_is_refused_for_its_slot(a, b, reason):
     assert why(a, b) == reason

@@ -259,8 +259,14 @@ REASONS = [  # the refresh's and the gate's reasons, English pattern -> Chinese
     (r"(\d+) new approved samples since the last refresh; (\d+) are needed", r"自上次训练以来新增 \1 条已审核样本，需要 \2 条"),
     (r"no approved training samples yet", "还没有已审核的训练样本"),
     (r"domain metrics improved by ([-+.\d]+), less than the margin ([.\d]+)", r"领域指标提升 \1，低于要求的 \2"),
-    (r"(\w+) fell by ([.\d]+), more than (?:the tolerance|its noise) ([.\d]+)", r"\1 下降 \2，超过允许的 \3"),
+    (r"(\w+) fell by ([.\d]+), more than (?:the tolerance|its noise) ([.\d]+)",
+     lambda m: f"{_zh_term(m.group(1))} 下降 {m.group(2)}，超过允许的 {m.group(3)}"),
 ]
+
+
+def _zh_term(code: str) -> str:
+    zh = TERMS.get(code, (code, code))[0]
+    return zh.split(" ", 1)[-1] if zh[:1] in "✅❌⏳🚫⏭⚠⏱⛔" else zh
 
 
 # Column names of the server's tables, as people read them (values of *_rate become percentages).
@@ -314,8 +320,6 @@ def reason_text(reason: str | None) -> str:
         translated = re.sub(pattern, zh, translated)
     if translated == reason:
         return reason
-    for code, (zh_term, _) in TERMS.items():
-        translated = translated.replace(code, zh_term.lstrip("✅❌⏳🚫⏭ "))
     return f"{translated.replace('; ', '；')}（{reason}）"
 
 

@@ -426,7 +426,8 @@ class ModelService(PromptsAndRouting):
             finished, last_piece = False, 0.0
             while not finished:
                 # wait out the interval (without the GIL): the tokens of the next few steps come as one piece
-                if (wait := last_piece + self.stream_interval_s - time.monotonic()) > 0:
+                ended = bool(request.tokens.queue) and request.tokens.queue[-1] is None  # no wait for the end
+                if (wait := last_piece + self.stream_interval_s - time.monotonic()) > 0 and not ended:
                     time.sleep(wait)
                 new: list[int] = []
                 for item in request.drain(timeout=600):

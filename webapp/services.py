@@ -155,8 +155,11 @@ def open_services(settings: Settings, model: ModelService | None = None,
         review = ReviewService(db, engine, tools, ReviewSettings(
             settings.scrub_pii, settings.eval_fraction))
         if seeded and settings.demo_feedback:
-            corrected, waiting = seed_demo_feedback(db, auth, review, model.name)
-            log.info("seeded the demo feedback: %d corrected answers, %d waiting for review", corrected, waiting)
+            try:
+                corrected, waiting = seed_demo_feedback(db, auth, review, model.name)
+                log.info("seeded the demo feedback: %d corrected answers, %d waiting for review", corrected, waiting)
+            except Exception:  # e.g. a --tools-file without the demo's query_sales: the demo starts without it
+                log.exception("could not seed the demo feedback; the demo starts without it")
         runner = RefreshRunner(
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),

@@ -170,6 +170,7 @@ class Slots:
     chars: str = ""  # Chinese content characters, in order
     chinese: bool = False  # asked in Chinese: the answer is in the asker's language
     values: tuple = ()  # codes, lone letters and numbers as written, in order (Q3, 2025, a)
+    period_order: tuple = ()  # the periods in the order the question names them
 
 
 def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
@@ -178,16 +179,25 @@ def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
     folded = unicodedata.normalize("NFKC", text)
     lower = folded.lower()
     periods: list[str] = []
+    found: list[tuple[int, str]] = []  # (position, period): the order a comparison names them in
     rest = lower
+
+    def blank(match: re.Match) -> str:  # same length: the periods found later keep their positions
+        return " " * len(match.group())
+
     for pattern, token in _PERIOD_RES:
         if pattern.search(rest):
             periods.append(token)
-            rest = pattern.sub(" ", rest)
-    periods += [f"M{_MONTHS.get(m.lower()) or next(v for k, v in _MONTHS.items() if k.startswith(m.lower()))}"
-                for m in _MONTH_RE.findall(rest)]
-    rest = _MONTH_RE.sub(" ", rest)
-    periods += [f"M{int(m) if m.isdigit() else _cn_to_int(m)}" for m in _CN_MONTH.findall(rest)]
-    rest = _CN_MONTH.sub(" ", rest)
+            found += [(m.start(), token) for m in pattern.finditer(rest)]
+            rest = pattern.sub(blank, rest)
+    months = [(m.start(), f"M{_MONTHS.get(m.group(1).lower()) or next(v for k, v in _MONTHS.items() if k.startswith(m.group(1).lower()))}")
+              for m in _MONTH_RE.finditer(rest)]
+    rest = _MONTH_RE.sub(blank, rest)
+    months += [(m.start(), f"M{int(m.group(1)) if m.group(1).isdigit() else _cn_to_int(m.group(1))}")
+               for m in _CN_MONTH.finditer(rest)]
+    rest = _CN_MONTH.sub(blank, rest)
+    periods += [token for _, token in months]
+    found += months
     entities = [canonical for _, canonical in sorted(_find_all(rest, vocabulary))]
     spellings = sorted(vocabulary, key=len, reverse=True)
     for spelling in spellings:  # entity words are neither numbers nor names
@@ -207,7 +217,7 @@ def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
     return Slots(lower, tuple(numbers), tuple(sorted(periods)), tuple(entities),
                  bool(_NEGATION.search(_A_NOT_A.sub(" ", lower))), bool(_COMPARISON.search(lower)),
                  tuple(sorted(people)), tuple(sorted(names)), words, chars, bool(_CJK.search(folded)),
-                 tuple(_VALUE.findall(lower)))
+                 tuple(_VALUE.findall(lower)), tuple(token for _, token in sorted(found)))
 
 
 def _is_period_or_unit(word: str) -> bool:
@@ -217,7 +227,7 @@ def _is_period_or_unit(word: str) -> bool:
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 # a code or number (q3, 2025, 3.5) or a lone letter (plan a, 产品线b), as written
-_VALUE = re.compile(r"(?<![a-z0-9.])(?:[a-z]*\d[a-z0-9.-]*|[a-z](?![a-z0-9]))")
+_VALUE = re.compile(r"(?<![a-z0-9.])(?:[a-z]*\d[a-z0-9-]*(?:\.\d+)*|[a-z](?![a-z0-9]))")
 _ENGLISH = re.compile(r"[a-z]+(?:'[a-z]+)?")
 # Words that do not change what is asked.
 _FILLER = frozenset("a an the is are was were be been do does did what what's whats which who how when where why "
@@ -301,7 +311,8 @@ def _missing(values: tuple, other_text: str) -> bool:
 def _reordered(a: Slots, b: Slots) -> bool:
     """Whether the things both questions name come in a different order (A than B / B than A,
     Q3 vs Q2 / Q2 vs Q3)."""
-    for first, second in ((a.words, b.words), (tuple(a.chars), tuple(b.chars)), (a.values, b.values)):
+    for first, second in ((a.words, b.words), (tuple(a.chars), tuple(b.chars)), (a.values, b.values),
+                          (a.period_order, b.period_order)):
         shared = set(first) & set(second)
         if [w for w in dict.fromkeys(first) if w in shared] != [w for w in dict.fromkeys(second) if w in shared]:
             return True

@@ -93,7 +93,8 @@ GATE_COLUMNS = ["指标 Metric", "在用 Active", "候选 Candidate", "变化 Ch
 
 def gate_table(services, department_id: str | None) -> pd.DataFrame:
     """The latest gate decision's comparison: each metric, active against candidate."""
-    versions = [v for v in registry.versions(services.db, department_id) if v["gate"]]
+    versions = sorted((v for v in registry.versions(services.db, department_id) if v["gate"]),
+                      key=lambda v: v["created_at"])
     if not versions:
         return pd.DataFrame(columns=GATE_COLUMNS)
     rows = json.loads(versions[-1]["gate"])["table"]
@@ -245,6 +246,8 @@ def _record(row: dict[str, Any]) -> dict[str, Any]:
     for people), times in ISO 8601, the stored metrics and gate decision as objects."""
     out = {}
     for key, value in row.items():
+        if key in ("path", "log_path"):  # where the server keeps files is not the caller's business
+            continue
         if hasattr(value, "isoformat"):
             value = value.isoformat()
         elif key in ("metrics", "gate", "losses") and isinstance(value, str):
