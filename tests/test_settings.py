@@ -94,7 +94,7 @@ def test_help_lists_every_setting(capsys):
     assert exit_info.value.code == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert all(f"--{f.name.replace('_', '-')}" in printed for f in fields(Settings))
-    assert "4.3% of near-misses" in printed
+    assert "4.3% of near" in printed  # a literal % (argparse may wrap at the hyphen)
 
 
 def test_readme_lists_every_setting_as_generated():
