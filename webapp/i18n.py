@@ -288,17 +288,30 @@ COLUMNS = {
 }
 
 
+MINUTE = "%Y-%m-%d %H:%M"  # times in people's tables
+
+
+def percent(value: object) -> str:
+    """A share as people read it: '57%' ('' for none)."""
+    return "" if value is None or value != value else f"{float(value):.0%}"
+
+
+def minute(value) -> str:
+    """A time to the minute ('' for none)."""
+    return value.strftime(MINUTE) if value is not None else ""
+
+
 def for_people(table):
     """A server table (pandas) with its columns named in both languages, rates as
     percentages, statuses as terms and times to the minute."""
     table = table.copy()
     for column in table.columns:
         if column.endswith("_rate"):
-            table[column] = [("" if v is None or v != v else f"{float(v):.0%}") for v in table[column]]
+            table[column] = [percent(v) for v in table[column]]
         elif column == "status":
             table[column] = [term(v) for v in table[column]]
         elif str(table[column].dtype).startswith("datetime"):
-            table[column] = table[column].dt.strftime("%Y-%m-%d %H:%M").fillna("")
+            table[column] = table[column].dt.strftime(MINUTE).fillna("")
     return table.rename(columns=COLUMNS)
 
 

@@ -16,7 +16,7 @@ from finetune.refresh import RefreshBusy
 from storage import adapters as registry
 from storage import chats
 from webapp.adapters import AdapterError
-from webapp.i18n import reason_text, term
+from webapp.i18n import minute, percent, reason_text, term
 from webapp.ui.common import (
     caller,
     department_choices,
@@ -25,14 +25,6 @@ from webapp.ui.common import (
     on_open,
     user_error,
 )
-
-
-def _percent(value: Any) -> str:
-    return "" if value is None else f"{float(value):.0%}"
-
-
-def _when(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M") if value is not None else ""
 
 
 def _duration(seconds: float | None) -> str:
@@ -62,7 +54,7 @@ def runs_table(services, department_id: str | None) -> pd.DataFrame:
         "状态 Status": term(r["status"]), "原因 Reason": reason_text(r["reason"]),
         "样本 Samples": r["samples"], "新样本 New": r["new_samples"], "步数 Steps": r["steps"],
         "最终损失 Final loss": "" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
-        "版本 Version": r["version"] or "", "开始 Started": _when(r["started_at"]),
+        "版本 Version": r["version"] or "", "开始 Started": minute(r["started_at"]),
         "用时 Took": _duration((r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] else None),
     } for r in rows], columns=RUN_COLUMNS)
 
@@ -82,9 +74,9 @@ def versions_table(services, department_id: str | None) -> pd.DataFrame:
         verdict = ("✅ 通过 passed" if gate.get("passed") else "❌ 未通过 refused: " + reason_text(
             "; ".join(gate.get("reasons", [])))) if gate else ""
         out.append([v["department_id"], v["version"], term(v["status"]),
-                    _percent(v["canary_share"]) if v["canary_share"] else "",
-                    _percent(candidate.get("tool_exact")), _percent(candidate.get("keyword_recall")), verdict,
-                    _when(v["created_at"]), _when(v["promoted_at"])])
+                    percent(v["canary_share"]) if v["canary_share"] else "",
+                    percent(candidate.get("tool_exact")), percent(candidate.get("keyword_recall")), verdict,
+                    minute(v["created_at"]), minute(v["promoted_at"])])
     return pd.DataFrame(out, columns=VERSION_COLUMNS)
 
 
@@ -98,14 +90,14 @@ def gate_table(services, department_id: str | None) -> pd.DataFrame:
     if not versions:
         return pd.DataFrame(columns=GATE_COLUMNS)
     rows = json.loads(versions[-1]["gate"])["table"]
-    return pd.DataFrame([[term(r["metric"]), _percent(r["active"]), _percent(r["candidate"]),
+    return pd.DataFrame([[term(r["metric"]), percent(r["active"]), percent(r["candidate"]),
                           f"{r['change'] * 100:+.1f} pp"] for r in rows], columns=GATE_COLUMNS)
 
 
 def feedback_table(services, department_id: str | None) -> pd.DataFrame:
     rows = registry.thumbs_down_by_version(services.db, department_id)
     return pd.DataFrame([[r["department_id"], term(r["version"]) if r["version"] == "base" else r["version"],
-                          r["rated"], r["thumbs_down"], _percent(r["thumbs_down_rate"])] for r in rows],
+                          r["rated"], r["thumbs_down"], percent(r["thumbs_down_rate"])] for r in rows],
                         columns=["部门 Department", "版本 Version", "已评价 Rated", "👎", "👎 比例 rate"])
 
 
