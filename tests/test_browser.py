@@ -133,8 +133,8 @@ def test_reviewer_corrects_a_thumbs_down_with_a_tool_call(running_app, browser, 
     page.keyboard.press("Control+A")
     page.keyboard.insert_text('{"region": "East China", "period": "last_quarter"}')
     page.locator("#review-answer textarea").fill("上季度华东区销售收入见查询结果。")
-    page.locator("#review-reason input").click()
-    page.get_by_role("option", name="Should have called a tool 应调用工具").click()
+    page.keyboard.press("Alt+2")  # "Should have called a tool", from the keyboard
+    assert page.get_by_label("2 · Should have called a tool 应调用工具").is_checked()
     page.keyboard.press("Alt+A")  # approve from the keyboard
     page.locator("#review-result").get_by_text("approved").wait_for(timeout=30_000)
     assert "0 cases waiting" in page.locator("#review-summary").inner_text()
@@ -143,6 +143,48 @@ def test_reviewer_corrects_a_thumbs_down_with_a_tool_call(running_app, browser, 
     messages = json.loads(sample["messages"])
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert json.loads(messages[2]["tool_calls"][0]["function"]["arguments"]) == {"region": "华东", "period": "last_quarter"}
+
+
+def test_a_reviewer_decides_twenty_cases_from_the_keyboard(running_app, browser, monkeypatch):
+    """Twenty thumbs-down cases worked without the mouse: each case opens with the cursor in
+    the correction box; the reviewer types the better answer, Alt+1 (wrong fact) and Alt+A, or
+    Alt+R for an answer that was not the model's fault. Each decision is saved before the next
+    case shows: the page only moves on once the server has the decision."""
+    import json
+
+    from storage import reviews
+    from tests.conftest import ScriptedModel
+
+    url, services = running_app
+    monkeypatch.setattr(services.model, "stream", ScriptedModel(*[f"Answer {n} was wrong." for n in range(20)]))
+    employee = services.auth.current_user("finance-employee")
+    asked = []
+    for n in range(20):
+        answer = list(services.engine.turns.stream_turn(employee, f"Question number {n}: what is policy {n}?"))[-1]
+        services.engine.conversations.rate(employee, answer.message_id, -1, f"wrong {n}")
+        asked.append(answer.message_id)
+
+    page = browser.new_page(locale="en-US")
+    log_in(page, url, "finance-reviewer")
+    page.get_by_role("tab", name="Review").click(timeout=30_000)
+    page.locator("#review-summary").get_by_text("20 cases waiting").wait_for(timeout=30_000)
+    for n, message_id in enumerate(asked):  # oldest first
+        page.locator("#review-case-info").get_by_text(f"Case {message_id}").wait_for(timeout=30_000)
+        wait_for(lambda: page.evaluate("document.activeElement.closest('#review-answer') !== null"),
+                 what=f"the cursor in case {message_id}'s correction box")
+        if n % 2 == 0:
+            page.keyboard.type(f"The right answer to question {n}.")
+            page.keyboard.press("Alt+1")
+            page.keyboard.press("Alt+A")
+        else:
+            page.keyboard.press("Alt+R")
+        page.locator("#review-result").get_by_text(f"case {message_id}").wait_for(timeout=30_000)
+        [decided] = reviews.decisions_of(services.db, message_id)
+        assert decided["decision"] == ("approved" if n % 2 == 0 else "rejected")
+    page.locator("#review-summary").get_by_text("0 cases waiting").wait_for(timeout=30_000)
+    samples = sorted(reviews.list_samples(services.db, "finance"), key=lambda sample: sample["id"])
+    assert [json.loads(sample["messages"])[-1]["content"] for sample in samples] == [
+        f"The right answer to question {n}." for n in range(0, 20, 2)]
 
 
 def test_admin_sees_every_tab_in_the_browsers_language(running_app, browser):
@@ -294,8 +336,7 @@ def test_the_loop_in_the_browser_thumbs_down_correction_retrain_and_the_new_vers
     reviewer.locator("#review-arguments .cm-content").click()
     reviewer.keyboard.press("Control+A")
     reviewer.keyboard.insert_text('{"region": "华东", "period": "last_quarter"}')
-    reviewer.locator("#review-reason input").click()
-    reviewer.get_by_role("option", name="Should have called a tool 应调用工具").click()
+    reviewer.get_by_label("2 · Should have called a tool 应调用工具").check()
     reviewer.keyboard.press("Alt+A")
     reviewer.locator("#review-result").get_by_text("approved").wait_for(timeout=30_000)
 

@@ -132,4 +132,4 @@ def on_open(tab, button, fn, inputs, outputs) -> None:
     import gradio as gr
 
     triggers = [button.click] + ([tab.select] if tab is not None else [])
-    gr.on(triggers, fn, inputs, outputs, api_visibility="private")
+    return gr.on(triggers, fn, inputs, outputs, api_visibility="private")
