@@ -64,6 +64,7 @@ NO_TOOL_QUESTIONS = [
 
 
 HELD_OUT_FILE = Path(__file__).resolve().parent / "data" / "loop_heldout.jsonl"
+RESULTS = Path(__file__).resolve().parent / "results" / "feedback_loop.jsonl"
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,11 @@ def measure(client, sales: list[SalesQuestion], no_tool: list[str]) -> dict:
             "false_calls": false_calls / max(len(no_tool), 1), "failures": failures}
 
 
+def brief(figures: dict[str, dict]) -> str:
+    return "; ".join(f"{name}: exact {f['exact']:.0%}, valid {f['valid']:.0%}, false calls {f['false_calls']:.0%}"
+                     for name, f in figures.items())
+
+
 def teach(employee, reviewer, questions: list[SalesQuestion]) -> dict:
     """Employees ask and thumb down what did not look the numbers up; the reviewer corrects."""
     asked = {}
@@ -180,6 +186,7 @@ def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools
         if measure_before:
             log("measuring before …")
             before = measure_all(employee)
+            log(f"before: {brief(before)}")
         log(f"teaching with {len(train)} questions …")
         taught = teach(employee, reviewer, train)
         log(f"{taught}; the nightly refresh runs now …")
@@ -194,6 +201,7 @@ def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools
         if measure_after:
             log("measuring after …")
             after = measure_all(employee)
+            log(f"after: {brief(after)}")
         unguided = None
         if compare_unguided:  # the same adapter, tool calls decoded without the schema guide
             log("measuring after, unguided …")
@@ -222,6 +230,9 @@ def main() -> int:
                         help="keep the run's data dir (DuckDB file, adapters; about 0.5 GB) instead of removing it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting for the refresh, e.g. --set learning_rate=5e-4 --set epochs=3")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="append the night's figures as one JSON line here (default: %(default)s)")
+    parser.add_argument("--label", default="", help="what this night varies, kept in its result row")
     args = parser.parse_args()
 
     import os
@@ -247,6 +258,16 @@ def main() -> int:
         if not args.keep_data:
             shutil.rmtree(settings.data_dir, ignore_errors=True)
     gate = (result["outcome"].gate or {}) if result["outcome"] else {}
+    from provenance import append, cpu_device
+
+    append(args.results, "bench/feedback_loop.py", cpu_device(), label=args.label, model=settings.model,
+           command=" ".join(sys.argv[1:]), overrides=overrides, taught=result["taught"],
+           refresh_s=round(result["refresh_s"], 1), mode=(result["run"] or {}).get("mode"),
+           gate_passed=bool(gate.get("passed")), gate_reasons=gate.get("reasons", []), gate_table=gate.get("table", []),
+           adapter_after=result["adapter_after"] or "base",
+           sets={name: {"sales": len(sales), "no_tool": len(no_tool)} for name, (sales, no_tool) in sets.items()},
+           **{column: {name: {k: v for k, v in figures.items() if k != "failures"} for name, figures in result[column].items()}
+              for column in ("before", "after", "unguided") if result[column]})
     lora = (f"LoRA r={settings.lora_r} alpha={settings.lora_alpha} on {settings.lora_target_modules}, "
             f"lr {settings.learning_rate}").replace("None", "(by model size)")
     data = settings.data_dir if args.keep_data else "removed (--keep-data keeps it)"

