@@ -31,7 +31,7 @@ def slot_vocabulary(tools: Iterable[tuple[str, Mapping[str, Any], Mapping[str, M
     value of every required parameter: the enum values themselves and their aliases.
     Required parameters name what a question is about (a region, a period); optional ones
     are modifiers spelled with common words ("sales", "units"), and swapping those wrote
-    questions like "How many revenue did ..." that taught the wrong metric (run F)."""
+    questions like "How many revenue did ..." that taught the wrong metric."""
     out: dict[str, dict[str, dict[str, str]]] = {}
     for name, parameters, aliases in tools:
         required = set(parameters.get("required") or ())

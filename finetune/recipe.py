@@ -59,9 +59,13 @@ class Hyperparameters:
     # Replay samples (marked "replay": true) trained on the model's own answer to their prompt,
     # as it stands before training, instead of the answer written in the replay file: replay
     # then holds the answers where they are instead of pulling them toward the file's style.
-    # Kept from the file: an answer that calls a tool or does not end within replay_answer_tokens.
+    # Kept from the file: an answer that calls a tool. One still going at replay_answer_tokens
+    # is learned that far, without an end. Short on purpose: a sample's loss is the mean over
+    # its learned tokens, so the first one (call a tool or answer) weighs 1/length; at 96 tokens
+    # the "answer, do not call" of the replay was too faint against the corrections' calls
+    # (5 stray calls of 26 on one night, none at 32).
     replay_own_answers: bool = True
-    replay_answer_tokens: int = 160
+    replay_answer_tokens: int = 32
     thinking: bool = False  # as the server renders prompts (--thinking): Qwen3's empty think block or not
     seed: int = 0
 
@@ -151,14 +155,21 @@ def tokenize_sample(tokenizer, sample: dict, max_seq_len: int, thinking: bool = 
     it; turns whose contexts extend each other token for token share one example (any ChatML
     template, and Qwen3's within earlier exchanges), others start their own (Qwen3's tool round
     trips: the call is learned after the empty think block, the answer after the call without
-    it). Examples longer than max_seq_len are left out."""
+    it). A sample marked "unfinished" (an own replay answer cut at its token budget) learns its
+    last answer without the end-of-turn marker. Examples longer than max_seq_len are left out."""
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     examples: list[dict[str, list[int]]] = []
     ids: list[int] = []
     labels: list[int] = []
-    for context, target in learned_turns(tokenizer, sample["messages"], sample.get("tools"), thinking):
+    turns = learned_turns(tokenizer, sample["messages"], sample.get("tools"), thinking)
+    if turns and sample.get("unfinished"):  # the last answer was cut: learn its text, not an end
+        context, target = turns[-1]
+        content = sample["messages"][-1].get("content") or ""
+        if content and content in target:
+            turns[-1] = (context, target[:target.index(content) + len(content)])
+    for context, target in turns:
         context_ids = encode(context)
         if ids and context_ids[:len(ids)] != ids:  # this turn's context is not the example so far
             examples.append({"input_ids": ids, "labels": labels})
@@ -571,6 +582,10 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     to the same prompt (the adapter as it starts: the active one, or none). Replay written by
     hand pulls the answers toward its own, shorter style (the gate's keyword recall fell from
     0.67 to 0.36 on one night's refresh); the model's own answers keep them where they were.
+    An answer still going at replay_answer_tokens is kept as far as it went, marked
+    "unfinished" (learned without an end): the file's answer in its place pulled the policy
+    answers away from the passages' figures (general recall 0.58 -> 0.33 on one night).
+    An answer that calls a tool keeps the file's.
     Data parallel (`world` processes): each decodes every world-th prompt, and all of them get
     all the answers."""
     import torch
@@ -586,7 +601,8 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
             replay.setdefault(prompt, []).append(number)
     prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in replay]
     mine = list(range(rank, len(prompts), world))
-    answers: dict[int, str | None] = {}  # prompt index -> the own answer, or None (the file's stays)
+    # prompt index -> (the own answer, whether it was cut at the token budget), or None (the file's stays)
+    answers: dict[int, tuple[str, bool] | None] = {}
     was_training = model.training
     model.eval()
     try:
@@ -598,8 +614,8 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
                                                         stop_ids=stop)) for i in mine]
                 for done, (index, request) in enumerate(zip(mine, requests), start=1):
                     answer = tokenizer.decode(request.collect(timeout=3600), skip_special_tokens=True).strip()
-                    keep = request.finish_reason == "stop" and answer and "<tool_call>" not in answer
-                    answers[index] = answer if keep else None
+                    keep = answer and "<tool_call>" not in answer
+                    answers[index] = (answer, request.finish_reason != "stop") if keep else None
                     report(cfg, "replay_answers", prompt=done, prompts=len(mine))
             finally:
                 engine.close()
@@ -612,12 +628,15 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     out = list(samples)
     for index, numbers in enumerate(replay.values()):
         if answers.get(index) is not None:
+            answer, cut = answers[index]
             for number in numbers:
-                out[number] = {**samples[number], "messages": [*samples[number]["messages"][:-1],
-                                                              {"role": "assistant", "content": answers[index]}]}
+                out[number] = {**samples[number], "unfinished": cut,
+                               "messages": [*samples[number]["messages"][:-1], {"role": "assistant", "content": answer}]}
     kept = sum(answer is not None for answer in answers.values())
-    log.info("replay: the model's own answers for %d of %d prompts (the others kept the file's)", kept, len(prompts))
-    report(cfg, "replay_answers_done", own=kept, prompts=len(prompts))
+    cut = sum(answer is not None and answer[1] for answer in answers.values())
+    log.info("replay: the model's own answers for %d of %d prompts (%d cut at %d tokens; the others kept the file's)",
+             kept, len(prompts), cut, cfg.replay_answer_tokens)
+    report(cfg, "replay_answers_done", own=kept, cut=cut, prompts=len(prompts))
     return out
 
 

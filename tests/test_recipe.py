@@ -483,10 +483,10 @@ def test_an_embedding_kept_on_the_host_trains_as_on_the_device(tiny_model_dir):
     assert training.packed_loss(model, packed, "cpu").item() == pytest.approx(on_device, rel=1e-6)
 
 
-def test_replay_trains_on_the_models_own_answers_where_they_end_without_a_tool(embedded_model_dir):
+def test_replay_trains_on_the_models_own_answers_as_far_as_they_go(embedded_model_dir):
     """replay_own_answers: a replay sample's answer becomes the model's own greedy answer to its
-    prompt, so replay keeps the answers where they were; an answer that does not end in time
-    keeps the file's, and samples that are not replay are never touched."""
+    prompt, so replay keeps the answers where they were; an answer that does not end in time is
+    learned as far as it went, without an end, and samples that are not replay are never touched."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.recipe import with_own_replay_answers
@@ -507,7 +507,17 @@ def test_replay_trains_on_the_models_own_answers_where_they_end_without_a_tool(e
     assert own != "Paris." and "Paris" in own and out[1] == out[0]
     assert out[0]["messages"][:-1] == question and out[0]["replay"]
     assert out[2] == samples[2]
-    assert out[3] == samples[3]  # 48 tokens are not enough for an essay: the file's answer stays
+    assert not out[0].get("unfinished")
+    # 48 tokens are not enough for an essay: its own answer is kept as far as it went, and is
+    # learned without the end-of-turn marker (the model is not taught to stop mid-essay)
+    essay_answer = out[3]["messages"][-1]["content"]
+    assert out[3]["unfinished"] and essay_answer not in ("", "Paris.")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for sample, ends in ((out[3], False), ({**out[3], "unfinished": False}, True), (out[0], True)):
+        example = tokenize_sample(tokenizer, sample, 4096)[-1]
+        learned = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+        assert (end in learned) == ends
+        assert tokenizer.decode(learned).replace("<|im_end|>", "").strip() == sample["messages"][-1]["content"]
     assert model.training  # given back as it came
 
 

@@ -63,7 +63,7 @@ def test_the_refresh_trains_with_the_replay_answer_length_set():
     from webapp.services import refresh_settings
 
     assert refresh_settings(Settings(replay_answer_tokens=320)).replay_answer_tokens == 320
-    assert refresh_settings(Settings()).replay_answer_tokens == 160
+    assert refresh_settings(Settings()).replay_answer_tokens == 32
 
 
 def test_the_refresh_can_keep_its_backward_in_bf16():

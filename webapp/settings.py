@@ -170,7 +170,7 @@ class Settings:
     min_new_samples: int = _setting(
         20, "New approved samples a department needs since its last refresh; fewer and the night is skipped."
     )
-    general_replay: int = _setting(55, "General samples mixed into each refresh against forgetting (0 to 55, the size of finetune/data/general_replay.jsonl).")
+    general_replay: int = _setting(79, "General samples mixed into each refresh against forgetting (0 to 79, the size of finetune/data/general_replay.jsonl).")
     augment_variants: int = _setting(
         4, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
     )
@@ -210,11 +210,12 @@ class Settings:
         "backward's 4-bit products in fp8, the forward and the loss in bf16 (+18% at 14B: 2.3-2.5x the stock recipe).")
     eval_max_new_tokens: int = _setting(96, "Tokens each evaluation answer may have.")
     replay_own_answers: bool = _setting(
-        True, "Train the general replay on the model's own answers to its prompts (decoded before training, "
-              "where they end without a tool call), not the answers written in the replay file: less forgetting.")
+        True, "Train the general replay on the model's own answers to its prompts (decoded before training; "
+              "where it calls a tool, the file's answer stays), not the answers written in the replay file: "
+              "less forgetting.")
     replay_answer_tokens: int = _setting(
-        160, "With replay_own_answers: the longest own answer in tokens; a prompt whose answer runs longer keeps "
-             "the replay file's answer.")
+        32, "With replay_own_answers: tokens of each own answer decoded and learned; an answer still going there "
+            "is learned as far as it went, without an end. Longer dilutes the replay's \"answer, do not call a tool\".")
     config: Path | None = _setting(None, "TOML file with any of these settings (keys as in this table).")
 
     def __post_init__(self) -> None:
