@@ -133,10 +133,21 @@ def make_lora_adapter(base_dir: Path, target: Path, seed: int) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir):
+    """The tiny model and its tokenizer loaded once, as the app loads them (load_base_model).
+    Loading the tokenizer is most of a load (about a second: tokenizer.json parsed and converted)."""
+    return load_base_model(str(tiny_model_dir), ModelSpec(str(tiny_model_dir), device="cpu"))
+
+
 @pytest.fixture
-def tiny_model(tiny_model_dir) -> ModelService:
-    model, tokenizer = load_base_model(str(tiny_model_dir), ModelSpec(str(tiny_model_dir), device="cpu"))
-    return ModelService(model=model, tokenizer=tokenizer, name="tiny-qwen3", path=str(tiny_model_dir))
+def tiny_model(tiny_base, tiny_model_dir) -> ModelService:
+    """A fresh copy of the tiny model for each test (adapters a test loads stay in its own
+    copy), sharing the session's tokenizer, which nothing changes once loaded."""
+    import copy
+
+    model, tokenizer = tiny_base
+    return ModelService(model=copy.deepcopy(model), tokenizer=tokenizer, name="tiny-qwen3", path=str(tiny_model_dir))
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:
@@ -188,11 +199,27 @@ class MemoEmbedder:
         return self._inner.floor(query_vector)
 
 
-@pytest.fixture
-def services(tmp_path, tiny_model, embedder):
+@pytest.fixture(scope="session")
+def seeded_data_dir(tmp_path_factory, tiny_base, tiny_model_dir, embedder) -> Path:
+    """A data dir as the demo's first start leaves it (schema, company, accounts, documents),
+    made once: each test starts from a copy instead of hashing the demo's passwords and
+    ingesting its documents again (about a second a test)."""
     from webapp.services import open_services
 
-    svc = open_services(make_settings(tmp_path), model=tiny_model, embedder=embedder)
+    model, tokenizer = tiny_base
+    settings = make_settings(tmp_path_factory.mktemp("seeded"), scheduler=False)
+    open_services(settings, model=ModelService(model=model, tokenizer=tokenizer, name="tiny-qwen3",
+                                               path=str(tiny_model_dir)), embedder=embedder).close()
+    return settings.data_dir
+
+
+@pytest.fixture
+def services(tmp_path, tiny_model, embedder, seeded_data_dir):
+    from webapp.services import open_services
+
+    settings = make_settings(tmp_path)
+    shutil.copytree(seeded_data_dir, settings.data_dir)
+    svc = open_services(settings, model=tiny_model, embedder=embedder)
     yield svc
     svc.close()
 

@@ -345,6 +345,7 @@ def broken_compiler(graph, example_inputs):
 broken_compiler.calls = 0
 
 
+@pytest.mark.slow  # compiles or spawns processes: the full suite's
 def test_compiled_layers_train_as_eager_ones_and_fall_back_to_them_when_the_compiler_fails(tiny_model_dir,
                                                                                           dynamo_config_restored):
     """finetune.training.compile_decoder_layers (the recipe's on CUDA): each layer compiled, its
@@ -544,6 +545,7 @@ def replay_answers_in_process(rank: int, world: int, model_dir: str, samples: li
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # compiles or spawns processes: the full suite's
 def test_data_parallel_processes_share_the_replay_answers_they_decode(embedded_model_dir, tmp_path):
     """--train-gpus 2: each process decodes every other replay prompt's own answer and they
     swap them, so both train on all the answers one process alone would have decoded."""
@@ -570,6 +572,7 @@ def test_data_parallel_processes_share_the_replay_answers_they_decode(embedded_m
         assert result == {"samples": alone, "decoded": 1}
 
 
+@pytest.mark.slow  # compiles or spawns processes: the full suite's
 def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding(tiny_model_dir,
                                                                                  dynamo_config_restored):
     """fp8 in the refresh's backward on a 4-bit base (compiled layers, each 4-bit product one
