@@ -234,6 +234,9 @@ def main() -> int:
                         help="append the night's figures as one JSON line here (default: %(default)s)")
     parser.add_argument("--label", default="", help="what this night varies, kept in its result row")
     args = parser.parse_args()
+    from provenance import commit
+
+    code = commit()  # the code this run measures, read before anything can move HEAD
 
     import os
 
@@ -260,7 +263,7 @@ def main() -> int:
     gate = (result["outcome"].gate or {}) if result["outcome"] else {}
     from provenance import append, cpu_device
 
-    append(args.results, "bench/feedback_loop.py", cpu_device(), label=args.label, model=settings.model,
+    append(args.results, "bench/feedback_loop.py", cpu_device(), code, label=args.label, model=settings.model,
            command=" ".join(sys.argv[1:]), overrides=overrides, taught=result["taught"],
            refresh_s=round(result["refresh_s"], 1), mode=(result["run"] or {}).get("mode"),
            gate_passed=bool(gate.get("passed")), gate_reasons=gate.get("reasons", []), gate_table=gate.get("table", []),

@@ -38,6 +38,9 @@ def main() -> int:
                         help="the sales question asked after the refresh (not one of the demo's corrections)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    from provenance import commit
+
+    code = commit()  # the code this run measures, read before anything can move HEAD
 
     from feedback_loop import first_call, launch
     from gradio_client import Client
@@ -87,7 +90,7 @@ def main() -> int:
         shutil.rmtree(settings.data_dir, ignore_errors=True)
     print(f"\nasked {args.question!r} after the refresh: served by {serving}; tool call "
           f"{json.dumps(call['arguments'], ensure_ascii=False) if call else 'none'}; answer {update['answer'][:160]!r}")
-    append(args.results, "bench/newcomer.py", cpu_device(), model=settings.model, question=args.question,
+    append(args.results, "bench/newcomer.py", cpu_device(), code, model=settings.model, question=args.question,
            minutes=marks, outcome=outcome, serving=serving,
            tool_call={"tool": call["tool"], "arguments": call["arguments"], "status": call["status"]} if call else None,
            answer=update["answer"][:400])

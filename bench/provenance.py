@@ -50,9 +50,10 @@ def versions() -> dict[str, str]:
     return found
 
 
-def append(path: Path, bench: str, device: str, **row) -> dict:
-    """Appends one row to `path` (JSON lines) and returns it."""
-    row = {"bench": bench, "commit": commit(), "device": device, "date": time.strftime("%Y-%m-%d"),
+def append(path: Path, bench: str, device: str, code: str | None, **row) -> dict:
+    """Appends one row to `path` (JSON lines) and returns it. `code`: commit() taken when the
+    run started (a long run may outlive the checkout it started from)."""
+    row = {"bench": bench, "commit": code, "device": device, "date": time.strftime("%Y-%m-%d"),
            "versions": versions(), **row}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
