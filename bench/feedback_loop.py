@@ -234,7 +234,7 @@ def main() -> int:
                         help="append the night's figures as one JSON line here (default: %(default)s)")
     parser.add_argument("--label", default="", help="what this night varies, kept in its result row")
     args = parser.parse_args()
-    from provenance import commit
+    from provenance import append, commit, cpu_device
 
     code = commit()  # the code this run measures, read before anything can move HEAD
 
@@ -261,8 +261,6 @@ def main() -> int:
         if not args.keep_data:
             shutil.rmtree(settings.data_dir, ignore_errors=True)
     gate = (result["outcome"].gate or {}) if result["outcome"] else {}
-    from provenance import append, cpu_device
-
     append(args.results, "bench/feedback_loop.py", cpu_device(), code, label=args.label, model=settings.model,
            command=" ".join(sys.argv[1:]), overrides=overrides, taught=result["taught"],
            refresh_s=round(result["refresh_s"], 1), mode=(result["run"] or {}).get("mode"),

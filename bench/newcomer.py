@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RESULTS = Path(__file__).resolve().parent / "results" / "newcomer.jsonl"
-CORRECTIONS = Path(__file__).resolve().parent.parent / "webapp" / "demo_feedback.jsonl"
 
 
 def main() -> int:
@@ -38,24 +37,23 @@ def main() -> int:
                         help="the sales question asked after the refresh (not one of the demo's corrections)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    from provenance import commit
+    from provenance import append, commit, cpu_device
 
     code = commit()  # the code this run measures, read before anything can move HEAD
 
     from feedback_loop import first_call, launch
     from gradio_client import Client
-    from provenance import append, cpu_device
 
     from tests.conftest import free_port
-    from webapp.demo import DEMO_PASSWORD
+    from webapp.demo import DEMO_FEEDBACK, DEMO_PASSWORD
     from webapp.services import open_services
     from webapp.settings import settings_from_sources
 
     settings = dataclasses.replace(settings_from_sources(cli={}, environ={}),
                                    data_dir=Path(tempfile.mkdtemp(prefix="hangjia-bench-newcomer-")), demo=True,
                                    demo_feedback=True, scheduler=False, port=free_port())
-    calls = {json.loads(line)["question"]: json.loads(line)["call"]
-             for line in CORRECTIONS.read_text(encoding="utf-8").splitlines() if line.strip()}
+    cases = [json.loads(line) for line in DEMO_FEEDBACK.read_text(encoding="utf-8").splitlines() if line.strip()]
+    calls = {case["question"]: case["call"] for case in cases}
     marks = {}
     started = time.perf_counter()
 

@@ -126,9 +126,9 @@ def download_path(filename: str, keep_s: float = FILES_KEEP_S) -> Path:
     return Path(tempfile.mkdtemp(dir=folder)) / filename
 
 
-def on_open(tab, button, fn, inputs, outputs) -> None:
+def on_open(tab, button, fn, inputs, outputs):
     """`fn` fills `outputs` when the tab is opened and again when `button` is pressed: a
-    screen shows its data without a click."""
+    screen shows its data without a click. Returns the event, for what follows it (.then)."""
     import gradio as gr
 
     triggers = [button.click] + ([tab.select] if tab is not None else [])
