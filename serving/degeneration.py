@@ -9,10 +9,14 @@ arguments nest two or three levels).
 
 from __future__ import annotations
 
+import re
+
 MAX_NESTING = 6  # JSON objects open at once, outside strings
 REPEATS = 4  # the same piece this many times in a row at the end of the text
 MIN_PERIOD, MAX_PERIOD = 8, 200  # characters of the repeated piece
-SAME_LINE = 5  # one line of 8+ characters this many times back to back
+SAME_LINE = 5  # one line of 8+ characters (or one numbered item) this many times back to back
+# a list item's number: "[12] ", "12. ", "12) ", "(12) ", "第12条 ", "- ", "* "
+ITEM_MARK = re.compile(r"^(?:\[\d+\]|\(\d+\)|\d+[.)、:]|第\d+\S?|[-*•])\s*")
 
 
 class DegenerationWatch:
@@ -57,14 +61,18 @@ def repetition(text: str) -> str | None:
         # a rule of one character ("=====", "-----") is layout, not a loop
         if len(set(piece.strip())) >= 3 and tail.endswith(piece * REPEATS):
             return "repeated text"
-    # the same line back to back (several tool calls or code repeat lines, but not in a row)
+    # the same line back to back (several tool calls or code repeat lines, but not in a row);
+    # numbered items count without their numbers ("[7] 屋槁", "[8] 屋槁", ...): a list that names
+    # one item five times is a loop however short the item, where five "}" closing code are not
     run, previous = 0, None
     for line in text[-2000:].splitlines():
         line = line.strip()
         if not line:
             continue
-        run = run + 1 if line == previous else 1
-        previous = line
-        if run >= SAME_LINE and len(line) >= 8:
+        item = ITEM_MARK.sub("", line, count=1)
+        numbered = item != line and bool(item)
+        run = run + 1 if item == previous else 1
+        previous = item
+        if run >= SAME_LINE and (len(item) >= 8 or numbered):
             return "repeated lines"
     return None

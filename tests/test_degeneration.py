@@ -12,6 +12,9 @@ SCHEMA_COPY = '{"name": "query_sales", "arguments": ' + "".join(
     '{"data": {"type": "object", "properties": ' for _ in range(40)) + '{"type": "string"}'
 LINES = "华东区销售额为1234万元。\n" * 30
 PHRASE = "The sales were good and " * 40
+# what the embedded model wrote for 上个月华南区的销售额是多少？ after a night: one short item, numbered
+NUMBERED = "[2] 在约场的走动\n\n[3] 恵案\n\n[4] 富少的生命\n\n" + "".join(f"[{n}] 屋槁\n\n" for n in range(5, 60))
+BULLETS = "".join(f"{n}. 华南\n" for n in range(1, 40))
 
 
 def watched(text: str, step: int = 7) -> int | None:
@@ -23,7 +26,8 @@ def watched(text: str, step: int = 7) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("junk", [SCHEMA_COPY, LINES, PHRASE], ids=["nested JSON", "lines", "phrase"])
+@pytest.mark.parametrize("junk", [SCHEMA_COPY, LINES, PHRASE, NUMBERED, BULLETS],
+                         ids=["nested JSON", "lines", "phrase", "numbered item", "numbered short item"])
 def test_a_loop_is_stopped_within_a_few_hundred_characters(junk):
     stopped = watched(junk)
     assert stopped is not None and stopped < 400
@@ -41,6 +45,8 @@ def test_a_loop_is_stopped_within_a_few_hundred_characters(junk):
     "".join(f'<tool_call>\n{{"name": "query_sales", "arguments": {{"region": "华东", "period": "{p}"}}}}\n</tool_call>\n'
             for p in ("2025-Q1", "2025-Q2", "2025-Q3", "2025-Q4", "2025")),  # five calls in one turn
     "Bands: [0, 10), [10, 20), [20, 30), [30, 40), [40, 50), [50, 60), [60, 70) and [70, 80).",
+    "Checklist:\n1. 发票\n2. 合同\n3. 发票\n4. 收据\n5. 发票\n6. 合同\n7. 发票\n- 是\n- 否\n- 是\n- 否",
+    "}\n}\n}\n}\n}\n}\n",
     "def check(row):\n    if not row:\n        return None\n    if row.bad:\n        return None\n    if row.old:\n"
     "        return None\n    if row.gone:\n        return None\n    if row.void:\n        return None\n    return row\n",
 ])
