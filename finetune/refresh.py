@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
-    general_replay: int = 79  # general samples mixed in against forgetting (the whole file)
+    general_replay: int = 90  # general samples mixed in against forgetting (the whole file)
     augment_variants: int = 4  # slot-swap copies per reviewed tool call (finetune/augment.py)
     replay_share: float = 0.4  # general replay repeated until it is at least this share of the mix
     start_from_active: bool = True

@@ -6,7 +6,14 @@ measures learning on the embedded model with the same code.)"""
 import pytest
 from gradio_client import Client
 
-from bench.feedback_loop import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, held_out_questions, run_scenario, sales_questions
+from bench.feedback_loop import (
+    HELD_OUT_FILES,
+    HELD_OUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    held_out_questions,
+    run_scenario,
+    sales_questions,
+)
 from storage import adapters as registry
 from tests.conftest import make_settings
 from tests.test_refresh import FAST
@@ -21,7 +28,7 @@ def test_a_night_of_feedback_trains_gates_and_the_promoted_adapter_answers(tmp_p
                              model=tiny_model, embedder=embedder)
     try:
         train = sales_questions(TRAIN_TEMPLATES, 4, seed=1)
-        held_out = held_out_questions()
+        held_out = held_out_questions(HELD_OUT_FILES["held-out-3"])
         sets = {"dev": (sales_questions(HELD_OUT_TEMPLATES, 2, seed=2), ["你好", "What is a balance sheet?"]),
                 "held-out": (held_out[0][:2], held_out[1][:1])}
         result = run_scenario(services, train, sets, log=lambda *_: None)

@@ -141,3 +141,37 @@ def test_tool_turn_through_the_app_api(running_app, monkeypatch):
     assert done["answer"] == "已发送。" and company.outbox(services.db)[0]["recipient"] == "lina@example.com"
     view = client.predict(answer["conversation_id"], api_name="/conversation")
     assert [i["type"] for i in view["items"] if i["type"] != "sources"] == ["user", "tool", "text", "user", "tool", "text"]
+
+
+@pytest.mark.parametrize("question, written, ran, overruled", [
+    # the question spells one period; the model wrote another from the same closed set
+    ("请问华南地区上一季度的销售额是多少？", dict(region="华南", period="this_quarter"),
+     dict(region="华南", period="last_quarter"), {"period": "this_quarter"}),
+    ("Southwest China revenue YTD please", dict(region="华南", period="last_year"),
+     dict(region="西南", period="this_year"), {"region": "华南", "period": "last_year"}),
+    # an explicit period the closed set does not hold is the model's reading: kept
+    ("西南去年四季度卖了多少台？", dict(region="西南", period="2025-Q4", metric="units"),
+     dict(region="西南", period="2025-Q4", metric="units"), {}),
+    # two periods spelled: which one is meant is the model's call
+    ("华东今年比去年多卖了多少？", dict(region="华东", period="this_year"), dict(region="华东", period="this_year"), {}),
+    # optional parameters are spelled with common words ("sales" in "unit sales"): never overruled
+    ("North China unit sales last quarter", dict(region="华北", period="last_quarter", metric="units"),
+     dict(region="华北", period="last_quarter", metric="units"), {}),
+])
+def test_closed_values_the_question_spells_overrule_the_models(services, script, question, written, ran, overruled):
+    script(call("query_sales", **written), "好的。")
+    user = services.auth.current_user("finance-employee")
+    final = run(services.engine.turns, user, question)[-1]
+    (tool,) = [i for i in final.items if i["type"] == "tool"]
+    assert tool["status"] == "ok" and tool["arguments"] == ran and tool["overruled"] == overruled
+    audit = tool_audit.latest_of_conversation(services.db, final.conversation_id)
+    assert json.loads(audit[0].arguments) == ran  # what ran is what was logged
+
+
+def test_an_attachment_spelling_a_period_does_not_overrule_the_call(services, script):
+    script(call("query_sales", region="华东", period="this_quarter"), "好的。")
+    user = services.auth.current_user("finance-employee")
+    report = "去年华东区的销售回顾：去年全年增长 8%。".encode()
+    final = list(services.engine.turns.stream_turn(user, "华东这个季度呢？", attachments=[("review.txt", report)]))[-1]
+    (tool,) = [i for i in final.items if i["type"] == "tool"]
+    assert tool["arguments"]["period"] == "this_quarter" and tool["overruled"] == {}

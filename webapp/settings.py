@@ -170,7 +170,7 @@ class Settings:
     min_new_samples: int = _setting(
         20, "New approved samples a department needs since its last refresh; fewer and the night is skipped."
     )
-    general_replay: int = _setting(79, "General samples mixed into each refresh against forgetting (0 to 79, the size of finetune/data/general_replay.jsonl).")
+    general_replay: int = _setting(90, "General samples mixed into each refresh against forgetting (0 to 90, the size of finetune/data/general_replay.jsonl).")
     augment_variants: int = _setting(
         4, "Per reviewed tool call, training copies with other values of the tool's closed parameters (enums and their aliases), question and call rewritten together; 0 turns it off."
     )

@@ -74,7 +74,8 @@ class TurnUpdate:
 
 def tool_item(outcome: ToolOutcome) -> dict[str, Any]:
     return {"type": "tool", "call_id": outcome.call_id, "tool": outcome.tool, "arguments": outcome.arguments,
-            "status": outcome.status, "summary": outcome.summary, "side_effect": outcome.side_effect}
+            "status": outcome.status, "summary": outcome.summary, "side_effect": outcome.side_effect,
+            "overruled": outcome.overruled}
 
 
 class TurnRunner:
@@ -199,6 +200,9 @@ class TurnRunner:
         system, window = self.system(), self.window()
         passages = self.conversations.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
         guide = self.guide(tools)
+        # what the user typed (without attachments): its closed values overrule the model's
+        question = next((m.content for m in reversed(chats.list_messages(self.db, update.conversation_id))
+                         if m.role == "user"), None)
         for round_index in range(self.settings.max_tool_rounds + 1):
             history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
             prompt = window.render([system, *window.trim(system, history, tools)], tools)
@@ -225,7 +229,7 @@ class TurnRunner:
                 return
             outcomes = [self.executor.record_malformed(user, e, message_id, update.conversation_id)
                         for e in parsed.errors]
-            outcomes += [self.executor.execute(user, call, message_id=message_id,
+            outcomes += [self.executor.execute(user, call, message_id=message_id, question=question,
                                                conversation_id=update.conversation_id) for call in parsed.calls]
             for outcome in outcomes:
                 update.items.append(tool_item(outcome))

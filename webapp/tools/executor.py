@@ -9,12 +9,13 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from storage import tool_audit
 from storage.accounts import User
 from storage.db import Database
+from webapp.tools.grounding import ground_arguments
 from webapp.tools.parser import ToolCall
 from webapp.tools.registry import ToolRegistry, ToolSpec
 
@@ -51,6 +52,7 @@ class ToolOutcome:
     side_effect: bool = False
     attempts: int = 0
     latency_ms: float = 0.0
+    overruled: dict[str, Any] = field(default_factory=dict)  # parameter -> the model's value, replaced
 
     @property
     def summary(self) -> str:
@@ -156,9 +158,11 @@ class ToolExecutor:
 
     def execute(self, user: User, call: ToolCall, *, call_id: str | None = None, message_id: int | None = None,
                 conversation_id: int | None = None, approved: bool = False,
-                acted_by: User | None = None) -> ToolOutcome:
+                acted_by: User | None = None, question: str | None = None) -> ToolOutcome:
         """Run `call` with `user`'s permissions. acted_by: someone running it on the user's behalf
-        (a reviewer fetching a correction's real result); the audit rows name both."""
+        (a reviewer fetching a correction's real result); the audit rows name both. question:
+        the user's message that led to the call; closed values it spells overrule the model's
+        (webapp.tools.grounding)."""
         call_id = call_id or new_call_id()
         audit = dict(message_id=message_id, conversation_id=conversation_id,
                      acted_by=acted_by.id if acted_by is not None else None)
@@ -173,19 +177,25 @@ class ToolExecutor:
             return ToolOutcome(call_id, call.name, call.arguments, status, f"Error: {message}")
 
         arguments = normalise_arguments(spec, call.arguments)
+        overruled = {}
+        if question:
+            arguments, overruled = ground_arguments(spec, arguments, question)
         errors = validation_errors(spec, arguments)
         if errors:
             message = f"invalid arguments for {spec.name}: " + " ".join(errors)
             self._audit(user, call_id, spec.name, arguments, "invalid", 0, **audit,
                         side_effect=spec.side_effect, error=message)
-            return ToolOutcome(call_id, spec.name, arguments, "invalid", f"Error: {message}", spec.side_effect)
+            return ToolOutcome(call_id, spec.name, arguments, "invalid", f"Error: {message}", spec.side_effect,
+                               overruled=overruled)
 
         if spec.side_effect and not approved:
             self._audit(user, call_id, spec.name, arguments, "pending", 0, **audit, side_effect=True)
             return ToolOutcome(call_id, spec.name, arguments, "pending",
-                               "Waiting for the user to approve this action.", True)
+                               "Waiting for the user to approve this action.", True, overruled=overruled)
 
-        return self._run(user, spec, arguments, call_id, audit)
+        outcome = self._run(user, spec, arguments, call_id, audit)
+        outcome.overruled = overruled
+        return outcome
 
     def _run(self, user: User, spec: ToolSpec, arguments: dict[str, Any], call_id: str,
              audit: dict[str, Any]) -> ToolOutcome:

@@ -46,7 +46,10 @@ def tool_card(item: dict[str, Any]) -> dict[str, Any]:
     arguments = json.dumps(item["arguments"], ensure_ascii=False, indent=1)
     status = item["status"]
     waiting = status == "pending"
-    body = f"**{item['tool']}**\n```json\n{arguments}\n```\n" + (
+    overruled = "".join(f"\n↪ {name}: {json.dumps(was, ensure_ascii=False)} → "
+                        f"{json.dumps(item['arguments'].get(name), ensure_ascii=False)} (按您的原话 as your message says)"
+                        for name, was in (item.get("overruled") or {}).items())
+    body = f"**{item['tool']}**\n```json\n{arguments}\n```{overruled}\n" + (
         "⏳ 等待您批准 / waiting for your approval" if waiting else f"{STATUS_ICON.get(status, '')} {status}: {item['summary']}"
     )
     return {"role": "assistant", "content": body, "metadata": {
