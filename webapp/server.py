@@ -203,5 +203,6 @@ class BackgroundServer:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        # nobody waits on an in-process server's open event streams: close them at once
+        self.server.should_exit = self.server.force_exit = True
         self.thread.join(timeout=30)
