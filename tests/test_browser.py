@@ -389,21 +389,58 @@ def test_an_employee_makes_an_api_key_the_openai_client_uses_and_the_admin_sees_
 
 
 @pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
-def test_the_review_and_admin_tabs_show_their_data_when_opened(running_app, browser, locale, tmp_path):
-    """Nobody presses Refresh: opening a tab fills it. A screenshot of each is kept as an artifact
-    (TEST_ARTIFACTS, else the test's temporary folder)."""
+def test_every_screen_shows_its_data_when_opened(running_app, browser, locale, tmp_path):
+    """Nobody presses Refresh: opening a tab (or an admin section) fills it, in the browser's
+    language. A screenshot of each is kept as an artifact (TEST_ARTIFACTS, else the test's
+    temporary folder)."""
     import os
 
+    from webapp.demo import seed_demo_feedback
+
     url, services = running_app
+    # the demo's first weeks, as a newcomer's first start leaves them: conversations, cases waiting
+    seed_demo_feedback(services.db, services.auth, services.reviews, services.model.name)
     artifacts = Path(os.environ.get("TEST_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
-    for username, tab, shows, says in [
-        ("finance-reviewer", "Review", "#review-summary", "cases waiting"),
-        ("finance-admin", "Admin", "#admin-scheduler", "Nightly refresh"),
+    zh = locale == "zh-CN"
+    names = ["对话", "审核", "管理"] if zh else ["Chat", "Review", "Admin"]
+
+    def shot(page, name):
+        page.screenshot(path=str(artifacts / f"{name}-{locale}.png"), full_page=True)
+
+    # chat: who is logged in, the department's adapter, and the employee's own conversations
+    page = browser.new_page(locale=locale)
+    log_in(page, url, "finance-employee")
+    wait_for(lambda: "finance-employee" in page.locator("#header").inner_text(), what="the header")
+    assert page.get_by_role("tab").all_inner_texts() == names[:1]
+    page.locator("#conversations label").first.wait_for(timeout=30_000)  # the demo's history is listed
+    shot(page, "chat")
+    page.close()
+
+    # review: the cases waiting, listed before anything is pressed
+    page = browser.new_page(locale=locale)
+    log_in(page, url, "finance-reviewer")
+    page.get_by_role("tab", name=names[1]).click(timeout=30_000)
+    page.locator("#review-summary").get_by_text("cases waiting").wait_for(timeout=30_000)
+    wait_for(lambda: "finance" in page.locator("#review-queue").inner_text(), what="the queue's rows")
+    shot(page, "review")
+    page.close()
+
+    # admin: the refresh schedule and versions, then each section as it is opened
+    page = browser.new_page(locale=locale)
+    log_in(page, url, "finance-admin")
+    page.get_by_role("tab", name=names[2]).click(timeout=30_000)
+    page.locator("#admin-scheduler").get_by_text("Nightly refresh").wait_for(timeout=30_000)
+    shot(page, "admin")
+    # thumbs-down per adapter version: the base model's 👎 share, before any version exists
+    wait_for(lambda: "finance" in page.locator("#admin-feedback").inner_text(), what="the 👎 rate per version")
+    for section, title, shows in [
+        ("knowledge", "公司知识库" if zh else "Company knowledge", ("#knowledge-documents", ".md")),
+        ("cache", "回答缓存" if zh else "Response cache", ("#cache-stats", "finance")),
+        ("monitoring", "运行监控" if zh else "Monitoring", ("#monitoring-daily", "finance")),
     ]:
-        page = browser.new_page(locale=locale)
-        log_in(page, url, username)
-        page.get_by_role("tab").nth({"Review": 1, "Admin": 2}[tab]).click(timeout=30_000)
-        page.locator(shows).get_by_text(says).wait_for(timeout=30_000)
-        page.screenshot(path=str(artifacts / f"{tab.lower()}-{locale}.png"), full_page=True)
-        page.close()
+        page.locator(f"#{section}").get_by_text(title).click()
+        time.sleep(3)
+        shot(page, section)
+        wait_for(lambda: shows[1] in page.locator(shows[0]).inner_text(), what=f"the {section} section's data")
+    page.close()

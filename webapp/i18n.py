@@ -284,7 +284,8 @@ COLUMNS = {
     "thumbs_down_rate": "👎 比例 rate", "entries": "条目 entries", "lookups": "查询 lookups",
     "exact_hits": "原句命中 exact hits", "semantic_hits": "近义命中 paraphrase hits", "guarded": "被拦下 guarded",
     "hit_rate": "命中率 hit rate", "saved_s": "节省秒数 saved s", "saved_tokens": "节省词元 saved tokens",
-    "avg_lookup_ms": "查询耗时 lookup ms",
+    "avg_lookup_ms": "查询耗时 lookup ms", "source_name": "文件 file", "readers": "可读部门 readers",
+    "chunks": "段落 passages", "chars": "字数 characters", "updated_at": "更新 updated",
 }
 
 
@@ -312,6 +313,8 @@ def for_people(table):
             table[column] = [term(v) for v in table[column]]
         elif str(table[column].dtype).startswith("datetime"):
             table[column] = table[column].dt.strftime(MINUTE).fillna("")
+        elif table[column].dtype.kind == "f" and table[column].isna().any():  # nothing to average yet
+            table[column] = ["" if v != v else v for v in table[column]]
     return table.rename(columns=COLUMNS)
 
 

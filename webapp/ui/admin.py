@@ -134,7 +134,7 @@ def build_admin_tab(services, i18n, tab=None) -> None:
         canary_share = gr.Slider(0, 0.5, value=0.1, step=0.05, label=i18n("admin_canary_share"))
         canary = gr.Button(i18n("admin_canary"), elem_id="admin-canary")
     admin_result = gr.Markdown(elem_id="admin-result")
-    feedback = gr.Dataframe(label=i18n("admin_feedback"), interactive=False)
+    feedback = gr.Dataframe(label=i18n("admin_feedback"), interactive=False, elem_id="admin-feedback")
     runs = gr.Dataframe(label=i18n("admin_runs"), interactive=False, elem_id="admin-runs")
 
     def everything(chosen, request: gr.Request):

@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from storage import accounts
 from webapp.i18n import bilingual, for_people
 from webapp.ui.common import caller, department_scope, in_department, on_open
 
@@ -17,11 +18,16 @@ STATS_COLUMNS = ["department_id", "entries", "lookups", "exact_hits", "semantic_
 
 
 def stats_table(services, department_id: str | None) -> pd.DataFrame:
-    """One department's figures (None: every department's)."""
+    """One department's figures (None: every department's); a department nobody has asked yet
+    is a row of zeros, not a missing row."""
     if services.cache is None:
         return pd.DataFrame(columns=STATS_COLUMNS)
-    rows = [r for r in services.cache.stats() if department_id in (None, r["department_id"])]
-    return pd.DataFrame(rows, columns=STATS_COLUMNS)
+    rows = {r["department_id"]: r for r in services.cache.stats() if department_id in (None, r["department_id"])}
+    departments = [department_id] if department_id else [d.id for d in accounts.list_departments(services.db)]
+    for department in departments:
+        rows.setdefault(department, {"department_id": department, "entries": 0, "lookups": 0, "exact_hits": 0,
+                                     "semantic_hits": 0, "guarded": 0, "saved_s": 0.0, "saved_tokens": 0})
+    return pd.DataFrame(sorted(rows.values(), key=lambda r: r["department_id"]), columns=STATS_COLUMNS)
 
 
 def clear_scoped(services, admin, department_id: str) -> int:

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from storage import accounts
-from webapp.i18n import bilingual
+from webapp.i18n import bilingual, for_people
 from webapp.knowledge.parsing import SUPPORTED
 from webapp.ui.common import caller, department_scope, on_open
 
@@ -81,7 +81,7 @@ def build_knowledge_section(services, i18n, tab=None) -> None:
     def listing(request: gr.Request):
         admin = caller(services, request, "admin")
         scope = department_scope(services, admin, "read.documents")
-        return gr.CheckboxGroup(choices=reader_choices(services, admin)), documents_table(services, scope)
+        return gr.CheckboxGroup(choices=reader_choices(services, admin)), for_people(documents_table(services, scope))
 
     def add_documents(paths, chosen, request: gr.Request, progress=gr.Progress()):
         user = caller(services, request, "admin")
@@ -94,8 +94,8 @@ def build_knowledge_section(services, i18n, tab=None) -> None:
         # outlive a later delete there. The upload box is emptied, so nobody sends these paths again.
         for p in paths:
             Path(p).unlink(missing_ok=True)
-        return reports_markdown(reports), documents_table(services, department_scope(services, user,
-                                                                                      "read.documents")), None
+        return reports_markdown(reports), for_people(documents_table(services, department_scope(
+            services, user, "read.documents"))), None
 
     def delete_document(value, request: gr.Request):
         admin = caller(services, request, "admin")
@@ -107,8 +107,8 @@ def build_knowledge_section(services, i18n, tab=None) -> None:
             raise gr.Error(f"{bilingual('not_allowed')} (document {document.id} is read by other departments too;"
                            " the owner manages it. 该文档由其他部门共用，只有公司管理者可以删除。)")
         services.knowledge.delete(document.id)
-        return f"🗑 document {document.id} deleted 已删除", documents_table(services, department_scope(
-            services, admin, "read.documents"))
+        return f"🗑 document {document.id} deleted 已删除", for_people(documents_table(services, department_scope(
+            services, admin, "read.documents")))
 
     on_open(tab, reload, listing, None, [readers, documents])
     add.click(add_documents, [files, readers], [result, documents, files], api_visibility="private")
