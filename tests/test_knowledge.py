@@ -325,7 +325,7 @@ def test_an_attachment_that_fits_goes_in_whole_and_stays_for_follow_ups(services
 def test_an_attachment_too_long_for_the_context_falls_back_to_passages_and_says_so(services, script):
     model = script("Answer.", "Summary.")
     user = services.auth.current_user("finance-employee")
-    filler = " ".join(f"Clause {n}: the parties meet quarterly to review delivery schedule item {n}." for n in range(300))
+    filler = " ".join(f"Clause {n}: the parties meet quarterly to review delivery schedule item {n}." for n in range(140))
     report = filler + " The penalty for late delivery is 2 percent of the order value per week. " + filler
     assert len(report) > 20_000
     final = list(services.engine.turns.stream_turn(user, "What is the penalty for late delivery?", None,

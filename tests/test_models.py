@@ -22,6 +22,7 @@ def generate(service, prompt, adapter=None, params=GREEDY):
     return text, result
 
 
+@pytest.mark.slow  # converts the real model (about 30 s)
 def test_embedded_model_is_real_and_answers(embedded_model_dir):
     model, tokenizer = load_base_model(str(embedded_model_dir), ModelSpec(str(embedded_model_dir)))
     service = ModelService(model, tokenizer, "SmolLM2-135M-Instruct")
@@ -36,6 +37,7 @@ def test_embedded_model_is_real_and_answers(embedded_model_dir):
     assert result.finish_reason == "stop" and 0 < result.completion_tokens < 20
 
 
+@pytest.mark.slow
 def test_conversion_is_reused(embedded_model_dir, tmp_path):
     from webapp.models import ensure_embedded_model
 

@@ -484,6 +484,7 @@ def test_an_embedding_kept_on_the_host_trains_as_on_the_device(tiny_model_dir):
     assert training.packed_loss(model, packed, "cpu").item() == pytest.approx(on_device, rel=1e-6)
 
 
+@pytest.mark.slow  # the real embedded model
 def test_replay_trains_on_the_models_own_answers_as_far_as_they_go(embedded_model_dir):
     """replay_own_answers: a replay sample's answer becomes the model's own greedy answer to its
     prompt, so replay keeps the answers where they were; an answer that does not end in time is
