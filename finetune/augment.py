@@ -83,19 +83,6 @@ def find_slots(question: str, arguments: Mapping[str, Any], spellings: Mapping[s
     return sorted(slots, key=lambda s: s.start)
 
 
-def spelled_values(question: str, table: Mapping[str, str]) -> set[str]:
-    """The closed values `question` spells (spelling -> value in `table`), each spelling
-    matched at most once, longest first, never inside a longer one ("今年以来" is not also "今年")."""
-    taken: list[tuple[int, int]] = []
-    values = set()
-    for spelling in sorted(table, key=len, reverse=True):
-        match = _find(question, spelling)
-        if match and not any(match.start() < end and start < match.end() for start, end in taken):
-            taken.append(match.span())
-            values.add(table[spelling])
-    return values
-
-
 def analogous_spelling(slot: Slot, target: str, table: Mapping[str, str]) -> str | None:
     """How the question would spell `target` the way it spelled `slot.value`: the same affix
     around the canonical value (华东区 -> 华北区), else a spelling of the same script and word

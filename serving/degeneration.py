@@ -14,9 +14,10 @@ import re
 MAX_NESTING = 6  # JSON objects open at once, outside strings
 REPEATS = 4  # the same piece this many times in a row at the end of the text
 MIN_PERIOD, MAX_PERIOD = 8, 200  # characters of the repeated piece
-SAME_LINE = 5  # one line of 8+ characters (or one numbered item) this many times back to back
-# a list item's number: "[12] ", "12. ", "12) ", "(12) ", "第12条 ", "- ", "* "
-ITEM_MARK = re.compile(r"^(?:\[\d+\]|\(\d+\)|\d+[.)、:]|第\d+\S?|[-*•])\s*")
+SAME_LINE = 5  # one line of 8+ characters this many times back to back
+SAME_ITEM = 10  # one item of a numbered list, numbered on (1, 2, 3 ...), this many times in a row
+# a list item's number: "[12] ", "(12) ", "12. ", "12) ", "12、" (not 1.50, 09:00 or 2.0.1)
+ITEM_NUMBER = re.compile(r"^(?:\[(\d+)\]\s*|\((\d+)\)\s*|(\d+)[.)]\s+|(\d+)、\s*)")
 
 
 class DegenerationWatch:
@@ -62,17 +63,24 @@ def repetition(text: str) -> str | None:
         if len(set(piece.strip())) >= 3 and tail.endswith(piece * REPEATS):
             return "repeated text"
     # the same line back to back (several tool calls or code repeat lines, but not in a row);
-    # numbered items count without their numbers ("[7] 屋槁", "[8] 屋槁", ...): a list that names
-    # one item five times is a loop however short the item, where five "}" closing code are not
-    run, previous = 0, None
+    # a numbered list that names one item over and over ("[7] 屋槁", "[8] 屋槁", ...) is a loop
+    # however short the item, but a checklist may answer "符合" five times: ten in a row
+    run, previous, items, last_item, last_number = 0, None, 0, None, None
     for line in text[-2000:].splitlines():
         line = line.strip()
         if not line:
             continue
-        item = ITEM_MARK.sub("", line, count=1)
-        numbered = item != line and bool(item)
-        run = run + 1 if item == previous else 1
-        previous = item
-        if run >= SAME_LINE and (len(item) >= 8 or numbered):
+        run = run + 1 if line == previous else 1
+        previous = line
+        if run >= SAME_LINE and len(line) >= 8:
             return "repeated lines"
+        numbered = ITEM_NUMBER.match(line)
+        if numbered:
+            number, item = int(next(g for g in numbered.groups() if g)), line[numbered.end():]
+            items = items + 1 if item and item == last_item and number == (last_number or 0) + 1 else 1
+            last_item, last_number = item, number
+            if items >= SAME_ITEM:
+                return "repeated lines"
+        else:
+            items, last_item, last_number = 0, None, None
     return None

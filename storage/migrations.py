@@ -385,6 +385,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE tool_calls ADD COLUMN acted_by BIGINT;
         """,
     ),
+    Migration(
+        "0011_tool_calls_overruled",
+        """
+        -- arguments the user's own words overruled (webapp/tools/grounding.py), as JSON
+        -- {parameter: the value the model wrote}: the arguments column holds what ran
+        ALTER TABLE tool_calls ADD COLUMN overruled VARCHAR;
+        """,
+    ),
 )
 
 

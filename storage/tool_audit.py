@@ -29,11 +29,12 @@ class ToolCallRow:
     error: str | None
     created_at: dt.datetime
     acted_by: int | None = None  # who ran it on user_id's behalf (a reviewer); None: the user
+    overruled: str | None = None  # JSON {parameter: the model's value} the user's words replaced
 
 
 _COLUMNS = (
     "id, call_id, message_id, conversation_id, user_id, department_id, tool, arguments, status,"
-    " attempt, side_effect, latency_ms, result, error, created_at, acted_by"
+    " attempt, side_effect, latency_ms, result, error, created_at, acted_by, overruled"
 )
 
 

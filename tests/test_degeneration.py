@@ -47,6 +47,11 @@ def test_a_loop_is_stopped_within_a_few_hundred_characters(junk):
     "Bands: [0, 10), [10, 20), [20, 30), [30, 40), [40, 50), [50, 60), [60, 70) and [70, 80).",
     "Checklist:\n1. 发票\n2. 合同\n3. 发票\n4. 收据\n5. 发票\n6. 合同\n7. 发票\n- 是\n- 否\n- 是\n- 否",
     "}\n}\n}\n}\n}\n}\n",
+    "".join(f"{n}. 符合\n" for n in range(1, 7)) + "以上六项均符合规定，可以报销。",  # a checklist, all compliant
+    "- PASS\n" * 6 + "- [ ]\n" * 6 + "1. ________\n2. ________\n3. ________\n4. ________\n5. ________\n",
+    "prices = [\n" + "  0.0,\n" * 8 + "]\n" + "".join(f"{n}.50\n" for n in range(1, 9)),
+    "".join(f"{h:02d}:00 空闲\n" for h in range(8, 18)) + "2.0.1 修复\n2.0.2 修复\n2.0.3 修复\n2.0.4 修复\n2.0.5 修复\n",
+
     "def check(row):\n    if not row:\n        return None\n    if row.bad:\n        return None\n    if row.old:\n"
     "        return None\n    if row.gone:\n        return None\n    if row.void:\n        return None\n    return row\n",
 ])

@@ -205,6 +205,7 @@ descripton = "typo"
 roles = ["boss"]
 kind = "http"
 url = "ftp://x/${NOT_SET_ANYWHERE}"
+ground = ["priority"]
 [tool.parameters]
 type = "array"
 """
@@ -214,5 +215,5 @@ type = "array"
     message = str(info.value)
     for expected in ("unknown key 'descripton'. Did you mean 'description'", "name must be letters",
                      "needs a description", "unknown roles ['boss']", "NOT_SET_ANYWHERE is not set",
-                     "url must start with http", 'type = "object"'):
+                     "url must start with http", 'type = "object"', "ground must list required parameters"):
         assert expected in message, expected

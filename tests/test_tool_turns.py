@@ -157,6 +157,18 @@ def test_tool_turn_through_the_app_api(running_app, monkeypatch):
     # optional parameters are spelled with common words ("sales" in "unit sales"): never overruled
     ("North China unit sales last quarter", dict(region="华北", period="last_quarter", metric="units"),
      dict(region="华北", period="last_quarter", metric="units"), {}),
+    # a spelling qualified by a number is a finer period than the closed set holds
+    ("今年3月华东的销售额是多少", dict(region="华东", period="this_month"), dict(region="华东", period="this_month"), {}),
+    ("华东去年四季度卖了多少？", dict(region="华东", period="last_quarter"),
+     dict(region="华东", period="last_quarter"), {}),
+    # comparisons and negations: the spelled value may be what the question is measured against
+    ("华东销售额比去年增长了多少？", dict(region="华东", period="this_year"), dict(region="华东", period="this_year"), {}),
+    ("How did East China do versus last quarter?", dict(region="华东", period="this_quarter"),
+     dict(region="华东", period="this_quarter"), {}),
+    ("华东的销售额，不要去年的", dict(region="华东", period="this_year"), dict(region="华东", period="this_year"), {}),
+    # a one-word spelling counts only as the tool file writes it
+    ("Eastern region sales last quarter, central estimate", dict(region="华东", period="last_quarter"),
+     dict(region="华东", period="last_quarter"), {}),
 ])
 def test_closed_values_the_question_spells_overrule_the_models(services, script, question, written, ran, overruled):
     script(call("query_sales", **written), "好的。")
@@ -165,7 +177,20 @@ def test_closed_values_the_question_spells_overrule_the_models(services, script,
     (tool,) = [i for i in final.items if i["type"] == "tool"]
     assert tool["status"] == "ok" and tool["arguments"] == ran and tool["overruled"] == overruled
     audit = tool_audit.latest_of_conversation(services.db, final.conversation_id)
-    assert json.loads(audit[0].arguments) == ran  # what ran is what was logged
+    assert json.loads(audit[0].arguments) == ran  # what ran is what was logged, and what it replaced
+    assert json.loads(audit[0].overruled or "{}") == overruled
+    shown, _ = services.engine.conversations.items(user, final.conversation_id)  # the chat reopened later
+    assert [i["overruled"] for i in shown if i["type"] == "tool"] == [overruled]
+
+
+def test_several_calls_in_a_turn_are_the_models_plan(services, script):
+    script(call("query_sales", region="华东", period="this_quarter") + call("query_sales", region="华南",
+                                                                            period="this_quarter"), "好的。")
+    user = services.auth.current_user("finance-employee")
+    final = run(services.engine.turns, user, "华东上一季度的销售额？")[-1]
+    tools = [i for i in final.items if i["type"] == "tool"]
+    assert [t["arguments"]["region"] for t in tools] == ["华东", "华南"]
+    assert [t["arguments"]["period"] for t in tools] == ["this_quarter"] * 2 and not any(t["overruled"] for t in tools)
 
 
 def test_an_attachment_spelling_a_period_does_not_overrule_the_call(services, script):

@@ -229,7 +229,9 @@ class TurnRunner:
                 return
             outcomes = [self.executor.record_malformed(user, e, message_id, update.conversation_id)
                         for e in parsed.errors]
-            outcomes += [self.executor.execute(user, call, message_id=message_id, question=question,
+            # the user's words hold a turn's single first call; several calls are the model's plan
+            held = question if round_index == 0 and len(parsed.calls) == 1 else None
+            outcomes += [self.executor.execute(user, call, message_id=message_id, question=held,
                                                conversation_id=update.conversation_id) for call in parsed.calls]
             for outcome in outcomes:
                 update.items.append(tool_item(outcome))

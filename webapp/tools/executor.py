@@ -133,13 +133,14 @@ class ToolExecutor:
     def _audit(self, user: User, call_id: str, tool: str, arguments: Any, status: str, attempt: int,
                message_id: int | None, conversation_id: int | None, side_effect: bool = False,
                latency_ms: float | None = None, result: str | None = None, error: str | None = None,
-               acted_by: int | None = None) -> None:
+               acted_by: int | None = None, overruled: dict | None = None) -> None:
         tool_audit.record_attempt(
             self.db, call_id=call_id, message_id=message_id, conversation_id=conversation_id,
             user_id=user.id, department_id=user.department_id, tool=tool[:200],
             arguments=json.dumps(arguments, ensure_ascii=False, default=str)[: self.max_result_chars],
             status=status, attempt=attempt, side_effect=side_effect, latency_ms=latency_ms,
             result=result, error=error, acted_by=acted_by,
+            overruled=json.dumps(overruled, ensure_ascii=False, default=str) if overruled else None,
         )
 
     def _truncate(self, text: str) -> str:
@@ -158,11 +159,12 @@ class ToolExecutor:
 
     def execute(self, user: User, call: ToolCall, *, call_id: str | None = None, message_id: int | None = None,
                 conversation_id: int | None = None, approved: bool = False,
-                acted_by: User | None = None, question: str | None = None) -> ToolOutcome:
+                acted_by: User | None = None, question: str | None = None,
+                overruled: dict[str, Any] | None = None) -> ToolOutcome:
         """Run `call` with `user`'s permissions. acted_by: someone running it on the user's behalf
         (a reviewer fetching a correction's real result); the audit rows name both. question:
         the user's message that led to the call; closed values it spells overrule the model's
-        (webapp.tools.grounding)."""
+        (webapp.tools.grounding); overruled: what they replaced when the call was proposed."""
         call_id = call_id or new_call_id()
         audit = dict(message_id=message_id, conversation_id=conversation_id,
                      acted_by=acted_by.id if acted_by is not None else None)
@@ -177,9 +179,11 @@ class ToolExecutor:
             return ToolOutcome(call_id, call.name, call.arguments, status, f"Error: {message}")
 
         arguments = normalise_arguments(spec, call.arguments)
-        overruled = {}
+        overruled = dict(overruled or {})
         if question:
-            arguments, overruled = ground_arguments(spec, arguments, question)
+            arguments, now = ground_arguments(spec, arguments, question)
+            overruled.update(now)
+        audit["overruled"] = overruled or None
         errors = validation_errors(spec, arguments)
         if errors:
             message = f"invalid arguments for {spec.name}: " + " ".join(errors)
@@ -244,9 +248,12 @@ class ToolExecutor:
         if last.status != "pending":
             raise LookupError(f"Action {call_id} was already {last.status}.")
         arguments = json.loads(last.arguments)
+        overruled = json.loads(last.overruled) if last.overruled else {}
         audit = dict(message_id=last.message_id, conversation_id=last.conversation_id)
         if not approve:
-            self._audit(user, call_id, last.tool, arguments, "declined", 0, **audit, side_effect=True)
+            self._audit(user, call_id, last.tool, arguments, "declined", 0, **audit, side_effect=True,
+                        overruled=overruled or None)
             return ToolOutcome(call_id, last.tool, arguments, "declined",
-                               f"The user declined to run {last.tool}; it was not executed.", True)
-        return self.execute(user, ToolCall(last.tool, arguments), call_id=call_id, approved=True, **audit)
+                               f"The user declined to run {last.tool}; it was not executed.", True, overruled=overruled)
+        return self.execute(user, ToolCall(last.tool, arguments), call_id=call_id, approved=True, overruled=overruled,
+                            **audit)

@@ -21,6 +21,8 @@ parameters, who may call it, and how it runs.
     type = "string"
     [tool.aliases.region]              # optional: values normalised before validation
     "East China" = "华东"
+    ground = ["region"]                # optional: closed parameters the user's own words hold
+                                       # (webapp/tools/grounding.py)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from storage.accounts import ROLES, User
 NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
 _KEYS = {
     "name", "description", "kind", "handler", "method", "url", "headers", "parameters", "roles",
-    "departments", "side_effect", "timeout_s", "retries", "backoff_s", "aliases",
+    "departments", "side_effect", "timeout_s", "retries", "backoff_s", "aliases", "ground",
 }
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEMO_TOOLS_FILE = Path(__file__).with_name("demo_tools.toml")
@@ -66,6 +68,7 @@ class ToolSpec:
     retries: int = 2
     backoff_s: float = 0.5
     aliases: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    ground: frozenset[str] = frozenset()  # parameters whose value the user's own words hold
     validator: Draft202012Validator | None = field(default=None, repr=False, compare=False)
 
     def allows(self, user: User) -> bool:
@@ -203,13 +206,17 @@ def load_tool_file(
             problems.append(f"{where}: timeout_s must be a positive number.")
         if not (isinstance(retries, int) and 0 <= retries <= 10):
             problems.append(f"{where}: retries must be an integer from 0 to 10.")
+        ground = entry.get("ground", [])
+        required = set(parameters.get("required") or ()) if isinstance(parameters, dict) else set()
+        if not (isinstance(ground, list) and all(isinstance(g, str) and g in required for g in ground)):
+            problems.append(f"{where}: ground must list required parameters of the tool (got {ground!r}).")
         if len(problems) > before:
             continue
         specs.append(_with_validator(ToolSpec(
             name=name, description=entry["description"].strip(), parameters=parameters, run=run,
             roles=frozenset(roles), departments=frozenset(departments) if departments is not None else None,
             side_effect=bool(entry.get("side_effect", False)), timeout_s=float(timeout_s), retries=retries,
-            backoff_s=float(backoff_s), aliases=entry.get("aliases", {}),
+            backoff_s=float(backoff_s), aliases=entry.get("aliases", {}), ground=frozenset(ground),
         )))
     if problems:
         raise ToolConfigError(problems)
