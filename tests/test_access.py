@@ -90,6 +90,7 @@ def blocks_of(running_app):
     return build_app(services)
 
 
+@pytest.mark.slow  # every handler under every role over HTTP (about 10 s)
 def test_every_server_function_refuses_roles_below_its_own_and_changes_nothing(running_app, blocks_of):
     url, services = running_app
     config = session(url, "finance-admin").get("config").json()

@@ -322,6 +322,7 @@ def test_an_attachment_that_fits_goes_in_whole_and_stays_for_follow_ups(services
     assert row == {"filename": "contract.txt", "mode": "whole"}
 
 
+@pytest.mark.slow  # embeds a 20,000-character attachment twice
 def test_an_attachment_too_long_for_the_context_falls_back_to_passages_and_says_so(services, script):
     model = script("Answer.", "Summary.")
     user = services.auth.current_user("finance-employee")
@@ -348,6 +349,7 @@ def test_an_unreadable_attachment_is_refused_before_anything_is_stored(services)
     assert services.db.scalar("SELECT count(*) FROM messages") == 0
 
 
+@pytest.mark.slow  # indexes 3,000 passages under tracemalloc
 def test_the_lexical_index_holds_postings_compactly_and_drops_removed_ones():
     """BM25 at a million chunks must fit in memory: a posting costs a few bytes plus its term's
     share. Lists of Python ints and a tuple of term strings per chunk took 156 bytes per

@@ -424,6 +424,7 @@ def test_only_runs_long_enough_to_pay_for_it_compile_their_layers():
     assert not compiles_layers(Hyperparameters(compile_layers=False), True, examples * 2, world=1)
 
 
+@pytest.mark.slow  # quantizes and dequantizes whole layers
 def test_nf4_dequantized_by_torch_operations_equals_bitsandbytes():
     """compile_decoder_layers(nf4="torch") trains on training.dequantize_nf4's weights: they must be
     bitsandbytes' own, bit for bit, with and without double quantization, eager and compiled,

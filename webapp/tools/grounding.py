@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from finetune.augment import slot_vocabulary
 from webapp.tools.registry import ToolSpec
 
 _CONTRAST = re.compile(r"比|较|相对|对比|不|没|非|除|别|vs\.?|versus|compared|than|against|relative|"
@@ -55,15 +54,23 @@ def spelled(question: str, table: dict[str, str]) -> tuple[set[str], bool]:
     return values, qualified
 
 
+def closed_spellings(spec: ToolSpec, parameter: str) -> dict[str, str]:
+    """Every spelling of the parameter's closed values -> the value: its enum and the tool
+    file's aliases."""
+    prop = (spec.parameters.get("properties") or {}).get(parameter) or {}
+    table = {value: value for value in prop.get("enum", ()) if isinstance(value, str)}
+    table.update({alias: value for alias, value in (spec.aliases.get(parameter) or {}).items() if isinstance(value, str)})
+    return table
+
+
 def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str) -> tuple[dict[str, Any], dict]:
     """(arguments, {parameter: the model's value}) for every argument the question overruled."""
     if not spec.ground or _CONTRAST.search(question):
         return dict(arguments), {}
-    spellings = slot_vocabulary([(spec.name, spec.parameters, spec.aliases)]).get(spec.name, {})
     result, overruled = dict(arguments), {}
     for parameter in sorted(spec.ground):
-        table = spellings.get(parameter)
-        if not table:
+        table = closed_spellings(spec, parameter)
+        if len(set(table.values())) < 2:
             continue
         values, qualified = spelled(question, table)
         if len(values) != 1 or qualified:
