@@ -408,9 +408,15 @@ def test_every_screen_shows_its_data_when_opened(running_app, browser, locale, t
     def shot(page, name):
         page.screenshot(path=str(artifacts / f"{name}-{locale}.png"), full_page=True)
 
-    # chat: who is logged in, the department's adapter, and the employee's own conversations
-    page = browser.new_page(locale=locale)
-    log_in(page, url, "finance-employee")
+    def opened(username, tab):
+        """A fresh page logged in as `username`, on tab number `tab`."""
+        page = browser.new_page(locale=locale)
+        log_in(page, url, username)
+        page.get_by_role("tab", name=names[tab]).click(timeout=30_000)
+        return page
+
+    # chat: who is logged in, in the browser's language, and the employee's own conversations
+    page = opened("finance-employee", 0)
     wait_for(lambda: "finance-employee" in page.locator("#header").inner_text(), what="the header")
     assert page.get_by_role("tab").all_inner_texts() == names[:1]
     page.locator("#conversations label").first.wait_for(timeout=30_000)  # the demo's history is listed
@@ -418,29 +424,24 @@ def test_every_screen_shows_its_data_when_opened(running_app, browser, locale, t
     page.close()
 
     # review: the cases waiting, listed before anything is pressed
-    page = browser.new_page(locale=locale)
-    log_in(page, url, "finance-reviewer")
-    page.get_by_role("tab", name=names[1]).click(timeout=30_000)
+    page = opened("finance-reviewer", 1)
     page.locator("#review-summary").get_by_text("cases waiting").wait_for(timeout=30_000)
     wait_for(lambda: "finance" in page.locator("#review-queue").inner_text(), what="the queue's rows")
     shot(page, "review")
     page.close()
 
-    # admin: the refresh schedule and versions, then each section as it is opened
-    page = browser.new_page(locale=locale)
-    log_in(page, url, "finance-admin")
-    page.get_by_role("tab", name=names[2]).click(timeout=30_000)
+    # admin: the refresh schedule and the 👎 rate per version (the base model's, before any
+    # version exists), then each section as it is opened
+    page = opened("finance-admin", 2)
     page.locator("#admin-scheduler").get_by_text("Nightly refresh").wait_for(timeout=30_000)
-    shot(page, "admin")
-    # thumbs-down per adapter version: the base model's 👎 share, before any version exists
     wait_for(lambda: "finance" in page.locator("#admin-feedback").inner_text(), what="the 👎 rate per version")
-    for section, title, shows in [
+    shot(page, "admin")
+    for section, title, (where, shows) in [
         ("knowledge", "公司知识库" if zh else "Company knowledge", ("#knowledge-documents", ".md")),
         ("cache", "回答缓存" if zh else "Response cache", ("#cache-stats", "finance")),
         ("monitoring", "运行监控" if zh else "Monitoring", ("#monitoring-daily", "finance")),
     ]:
         page.locator(f"#{section}").get_by_text(title).click()
-        time.sleep(3)
+        wait_for(lambda: shows in page.locator(where).inner_text(), what=f"the {section} section's data")
         shot(page, section)
-        wait_for(lambda: shows[1] in page.locator(shows[0]).inner_text(), what=f"the {section} section's data")
     page.close()

@@ -200,9 +200,10 @@ class TurnRunner:
         system, window = self.system(), self.window()
         passages = self.conversations.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
         guide = self.guide(tools)
-        # what the user typed (without attachments): its closed values overrule the model's
+        # what the user typed (without attachments): its closed values overrule the model's in a
+        # new turn's first call (not in the rounds that go on after an approval)
         question = next((m.content for m in reversed(chats.list_messages(self.db, update.conversation_id))
-                         if m.role == "user"), None)
+                         if m.role == "user"), None) if update.user_message_id is not None else None
         for round_index in range(self.settings.max_tool_rounds + 1):
             history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
             prompt = window.render([system, *window.trim(system, history, tools)], tools)
