@@ -59,8 +59,9 @@ def repetition(text: str) -> str | None:
     tail = text[-REPEATS * MAX_PERIOD:]
     for period in range(MIN_PERIOD, min(MAX_PERIOD, len(tail) // REPEATS) + 1):
         piece = tail[-period:]
-        # a rule of one character ("=====", "-----") is layout, not a loop
-        if len(set(piece.strip())) >= 3 and tail.endswith(piece * REPEATS):
+        # a rule ("=====", "-=-=-=", "─ ─ ─") is layout, not a loop; a word or two over and
+        # over ("走害走害走害…") is
+        if any(ch.isalnum() for ch in piece) and tail.endswith(piece * REPEATS):
             return "repeated text"
     # the same line back to back (several tool calls or code repeat lines, but not in a row);
     # a numbered list that names one item over and over ("[7] 屋槁", "[8] 屋槁", ...) is a loop

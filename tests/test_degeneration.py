@@ -15,6 +15,8 @@ PHRASE = "The sales were good and " * 40
 # what the embedded model wrote for 上个月华南区的销售额是多少？ after a night: one short item, numbered
 NUMBERED = "[2] 在约场的走动\n\n[3] 恵案\n\n[4] 富少的生命\n\n" + "".join(f"[{n}] 屋槁\n\n" for n in range(5, 60))
 BULLETS = "".join(f"{n}. 华南\n" for n in range(1, 40))
+# the same question after another night: two characters over and over
+PAIR = "[2] 团宝" + "走害" * 100
 
 
 def watched(text: str, step: int = 7) -> int | None:
@@ -26,8 +28,8 @@ def watched(text: str, step: int = 7) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("junk", [SCHEMA_COPY, LINES, PHRASE, NUMBERED, BULLETS],
-                         ids=["nested JSON", "lines", "phrase", "numbered item", "numbered short item"])
+@pytest.mark.parametrize("junk", [SCHEMA_COPY, LINES, PHRASE, NUMBERED, BULLETS, PAIR],
+                         ids=["nested JSON", "lines", "phrase", "numbered item", "numbered short item", "two characters"])
 def test_a_loop_is_stopped_within_a_few_hundred_characters(junk):
     stopped = watched(junk)
     assert stopped is not None and stopped < 400
@@ -47,6 +49,7 @@ def test_a_loop_is_stopped_within_a_few_hundred_characters(junk):
     "Bands: [0, 10), [10, 20), [20, 30), [30, 40), [40, 50), [50, 60), [60, 70) and [70, 80).",
     "Checklist:\n1. 发票\n2. 合同\n3. 发票\n4. 收据\n5. 发票\n6. 合同\n7. 发票\n- 是\n- 否\n- 是\n- 否",
     "}\n}\n}\n}\n}\n}\n",
+    "Total\n" + "-=" * 40 + "\n" + "─ " * 40 + "\n" + "* " * 30 + "\nDone.",  # rules of two characters
     "".join(f"{n}. 符合\n" for n in range(1, 7)) + "以上六项均符合规定，可以报销。",  # a checklist, all compliant
     "- PASS\n" * 6 + "- [ ]\n" * 6 + "1. ________\n2. ________\n3. ________\n4. ________\n5. ________\n",
     "prices = [\n" + "  0.0,\n" * 8 + "]\n" + "".join(f"{n}.50\n" for n in range(1, 9)),
