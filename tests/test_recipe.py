@@ -634,6 +634,7 @@ def test_fp8_in_backward_keeps_the_loss_and_moves_the_gradients_by_fp8s_rounding
         training.compile_decoder_layers(torch.nn.Module(), nf4="torch", fp8_recompute=True)
 
 
+@pytest.mark.slow  # torch.compile of the 4-bit layers
 def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_config_restored):
     """A weight whose double-quantized scales end in a partial block of 256 (320 x 320: 1,600
     scales), compiled on CPU: inductor's C++ code for nf4_absmax's indexing leaves that block's
