@@ -141,10 +141,11 @@ def measure(client, sales: list[SalesQuestion], no_tool: list[str]) -> dict:
     for q in sales:
         update = client.predict(q.text, None, True, api_name="/chat")
         call = first_call(update)
-        matched += exact(call, q.expected)
+        right = exact(call, q.expected)
+        matched += right
         written += exact(call, q.expected, as_written=True)
         valid += call is None or call["status"] not in ("invalid",) and call["tool"] != "(unparsed)"
-        if not exact(call, q.expected):
+        if not right:
             failures.append((q.text, call["arguments"] if call else update["answer"][:60]))
     false_calls = 0
     for text in no_tool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,11 @@ class ToolCallRow:
     created_at: dt.datetime
     acted_by: int | None = None  # who ran it on user_id's behalf (a reviewer); None: the user
     overruled: str | None = None  # JSON {parameter: the model's value} the user's words replaced
+
+    @property
+    def replaced(self) -> dict:
+        """The overruled column decoded: {parameter: the value the model wrote}."""
+        return json.loads(self.overruled) if self.overruled else {}
 
 
 _COLUMNS = (

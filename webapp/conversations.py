@@ -65,7 +65,7 @@ def source_item(passages: list[dict[str, Any]]) -> dict[str, Any]:
 def pending_item(row) -> dict[str, Any]:
     return {"type": "tool", "call_id": row.call_id, "tool": row.tool, "arguments": json.loads(row.arguments),
             "status": "pending", "summary": "Waiting for the user to approve this action.", "side_effect": True,
-            "overruled": json.loads(row.overruled) if row.overruled else {}}
+            "overruled": row.replaced}
 
 
 def _row_item(row) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def _row_item(row) -> dict[str, Any]:
     content = row.result if row.status == "ok" else f"Error: {row.error}"
     return {"type": "tool", "call_id": row.call_id, "tool": row.tool, "arguments": json.loads(row.arguments),
             "status": row.status, "summary": summarize(content), "side_effect": row.side_effect,
-            "overruled": json.loads(row.overruled) if row.overruled else {}}
+            "overruled": row.replaced}
 
 
 class Conversations:

@@ -166,7 +166,7 @@ class TurnRunner:
             update.items.append(source_item(passages))
         yield update.snapshot()
         last = update
-        for last in self._rounds(user, update, tools):
+        for last in self._rounds(user, update, tools, question=text):
             yield last
         if scope is not None:
             self._remember(user, scope, text, passages, last, (time.perf_counter() - started) * 1000)
@@ -193,17 +193,16 @@ class TurnRunner:
                           adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None,
                           adapter_slot=adapter.loaded_as if adapter else None)
 
-    def _rounds(self, user: User, update: TurnUpdate, tools: list[dict]) -> Iterator[TurnUpdate]:
+    def _rounds(self, user: User, update: TurnUpdate, tools: list[dict],
+                question: str | None = None) -> Iterator[TurnUpdate]:
         """Generate; run the tool calls; feed results back; until an answer without calls,
-        a pending approval, or the round limit."""
+        a pending approval, or the round limit. question: what the user typed this turn (not
+        its attachments; None in the rounds that go on after an approval): its closed values
+        hold the first call (webapp.tools.grounding)."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
         system, window = self.system(), self.window()
         passages = self.conversations.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
         guide = self.guide(tools)
-        # what the user typed (without attachments): its closed values overrule the model's in a
-        # new turn's first call (not in the rounds that go on after an approval)
-        question = next((m.content for m in reversed(chats.list_messages(self.db, update.conversation_id))
-                         if m.role == "user"), None) if update.user_message_id is not None else None
         for round_index in range(self.settings.max_tool_rounds + 1):
             history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
             prompt = window.render([system, *window.trim(system, history, tools)], tools)

@@ -248,7 +248,7 @@ class ToolExecutor:
         if last.status != "pending":
             raise LookupError(f"Action {call_id} was already {last.status}.")
         arguments = json.loads(last.arguments)
-        overruled = json.loads(last.overruled) if last.overruled else {}
+        overruled = last.replaced
         audit = dict(message_id=last.message_id, conversation_id=last.conversation_id)
         if not approve:
             self._audit(user, call_id, last.tool, arguments, "declined", 0, **audit, side_effect=True,
