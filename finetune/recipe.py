@@ -645,7 +645,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     static-cache decoder (each row with its own adapter): the cases share their decode steps."""
     from serving.chat_format import render_chat
     from serving.decoding import DecodeRequest, stop_token_ids
-    from serving.guided import TokenBytes, ToolCallGuide
+    from serving.guided import GuideVocabulary, ToolCallGuide
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     model.eval()
@@ -655,7 +655,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
                                      thinking=cfg.thinking), add_special_tokens=False)["input_ids"] for case in cases]
     stop = stop_token_ids(tokenizer, model)
     engine = greedy_engine(model, prompts, cfg.eval_max_new_tokens, 2 * len(cases))
-    token_bytes = TokenBytes(tokenizer)
+    vocabulary = GuideVocabulary(tokenizer)
     guides = [ToolCallGuide.from_tools(case["tools"]) if cfg.guided_tool_calls and case.get("tools") else None
               for case in cases]
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}
@@ -663,7 +663,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
         requests = {who: [engine.submit(DecodeRequest(
             prompt, cfg.eval_max_new_tokens, adapter="default" if who == "candidate" else (
                 "active" if cfg.active_adapter else None), stop_ids=stop,
-            guide=guide.session(token_bytes) if guide else None)) for prompt, guide in zip(prompts, guides)]
+            guide=guide.session(vocabulary) if guide else None)) for prompt, guide in zip(prompts, guides)]
             for who in ("candidate", "active")}
         for number in range(len(cases)):
             for who in ("candidate", "active"):

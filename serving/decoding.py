@@ -648,7 +648,7 @@ class BatchingEngine:
         """The row's next token: its guide (if any) removes candidates that would break a tool call."""
         if request.guide is not None and request.guide.active:
             logits = logits.float().clone()
-            request.guide.restrict(logits, greedy=request.temperature <= 0)
+            request.guide.restrict(logits)
         elif greedy_token is not None and request.temperature <= 0:
             return greedy_token
         return sample(logits, request.temperature, request.top_p)

@@ -1,14 +1,16 @@
-"""Tool calls guided by their schemas while they are decoded.
+"""Tool calls held to their whole schema while they are decoded, by xgrammar.
 
-Inside `<tool_call>{...}`, a token is allowed only if the call stays writable as a valid
-one: the tool name is one of the tools offered, argument names are the tool's own (where
-its schema forbids others), and a parameter with a closed set of string values (a schema
-enum, plus the spellings the tool file maps onto it) gets one of them. The model still
-chooses: among its own top candidates, the best one that keeps the call valid wins. A small
-model that would write `"metric": "units Sold"` (refused by the enum) writes `"units"`.
+Inside `<tool_call>…</tool_call>`, a token is allowed only if the call can still become a
+valid instance of one offered tool: its name, then arguments that satisfy that tool's JSON
+schema — types, enums (with the spellings the tool file maps onto them), patterns, required
+fields, numbers, arrays, nested objects, and no extra fields where the schema forbids them.
+The grammar is compiled from the schemas by xgrammar (the structured-output engine of vLLM,
+SGLang and TensorRT-LLM), which fills a token bitmask in a fraction of a millisecond.
 
-Free text, thinking, pattern-checked and open string values are left alone, and so is a
-value written with JSON escapes (the guide compares raw UTF-8 bytes).
+Outside a call — text, thinking — nothing is masked and the grammar costs nothing: the
+session only watches the bytes for `<tool_call>` (one token in Qwen3, several in smaller
+vocabularies) and starts a matcher there, fed whatever the opening token carried after
+the tag. After `</tool_call>` the text is free again, and a second call gets a fresh matcher.
 
 Used by both decoding paths: `GuideLogitsProcessor` for transformers' generate(), and
 `GuidedSession.restrict` called by the batching engine (serving/decoding.py).
@@ -16,275 +18,195 @@ Used by both decoding paths: `GuideLogitsProcessor` for transformers' generate()
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
+log = logging.getLogger(__name__)
+
 CALL_OPEN, CALL_CLOSE = b"<tool_call>", b"</tool_call>"
-_WHITESPACE = b" \t\r\n"
+# Whitespace the model may put around the call's JSON and inside it: Qwen3 writes one newline
+# on each side; a bound keeps a weak model from filling its budget with blank lines.
+_MAX_WHITESPACE = 4
+# After the JSON: the closing tag, then anything (the token that closes the call may carry the
+# text after it; the session drops the matcher as soon as the tag is written).
+_TAIL = f'root ::= [ \\t\\r\\n]{{0,{_MAX_WHITESPACE}}} "</tool_call>" [^]*'
+_HEAD = f"root ::= [ \\t\\r\\n]{{0,{_MAX_WHITESPACE}}}"
+
+
+def call_schemas(tools: Sequence[Mapping[str, Any]],
+                 aliases: Mapping[str, Mapping[str, Mapping[str, str]]] | None = None) -> list[dict]:
+    """For each offered tool (OpenAI function schemas, as rendered into the prompt), the schema
+    its calls match: {"name": <the tool>, "arguments": <its parameters>}. `aliases`: tool ->
+    parameter -> {spelling: canonical value}, spellings the executor maps onto an enum or
+    pattern-checked value — the parameter accepts them beside its own schema."""
+    choices = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        arguments = json.loads(json.dumps(function.get("parameters") or {"type": "object"}))
+        spellings = (aliases or {}).get(name) or {}
+        for parameter, spec in (arguments.get("properties") or {}).items():
+            mapped = sorted(s for s in spellings.get(parameter, {}) if s)
+            if mapped and isinstance(spec, dict):
+                arguments["properties"][parameter] = {"anyOf": [spec, {"type": "string", "enum": mapped}]}
+        choices.append(_call(name, arguments))
+    return choices
+
+
+def _call(name: str, arguments: dict) -> dict:
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+@lru_cache(maxsize=64)
+def _grammar(schema_json: str):
+    """The call's grammar: whitespace, the JSON, the closing tag. Cached: the same users see the
+    same tools turn after turn. Keys come in the schema's order ("name" first, as Qwen3 writes
+    calls; arguments as the tool file lists them): xgrammar's any-order mode does not hold
+    required fields, and a missing required argument is the worse error."""
+    import xgrammar as xgr
+
+    body = xgr.Grammar.from_json_schema(schema_json, any_whitespace=True, strict_mode=False,
+                                        max_whitespace_cnt=_MAX_WHITESPACE)
+    return xgr.Grammar.concat(xgr.Grammar.from_ebnf(_HEAD), body, xgr.Grammar.from_ebnf(_TAIL))
+
+
+def _expressible(choice: dict) -> dict:
+    """The tool's call schema, or — where xgrammar cannot express its parameters (a regex with a
+    lookbehind, a dangling $ref) — the call with any JSON object as arguments: the name is still
+    held, and the executor still validates the arguments against the full schema."""
+    try:
+        _grammar(json.dumps(choice, ensure_ascii=False, sort_keys=False))
+        return choice
+    except Exception as exc:  # xgrammar's converters raise RuntimeError with the reason
+        name = choice["properties"]["name"]["const"]
+        log.warning("the arguments of %s are decoded unguided (xgrammar: %s)", name, str(exc).splitlines()[0][:200])
+        return _call(name, {"type": "object"})
 
 
 @dataclass(frozen=True)
 class ToolCallGuide:
     """What a valid call may contain; built once per set of offered tools."""
 
-    names: frozenset[bytes]
-    keys: Mapping[bytes, frozenset[bytes]]  # tool -> its parameter names, where no others are allowed
-    values: Mapping[tuple[bytes, bytes], frozenset[bytes]]  # (tool, parameter) -> allowed values, lowercased
+    schema_json: str  # the calls' schema, serialized (key order kept): the cache key of the compiled grammar
 
     @classmethod
     def from_tools(cls, tools: Sequence[Mapping[str, Any]],
-                   aliases: Mapping[str, Mapping[str, Mapping[str, str]]] | None = None) -> "ToolCallGuide":
-        """`tools` as rendered into the prompt (OpenAI function schemas); `aliases`:
-        tool -> parameter -> {spelling: canonical value}, spellings the executor accepts."""
-        names, keys, values = set(), {}, {}
-        for tool in tools:
-            function = tool.get("function", tool)
-            name = function.get("name")
-            if not isinstance(name, str) or not name:
-                continue
-            encoded = name.encode()
-            names.add(encoded)
-            schema = function.get("parameters") or {}
-            properties = schema.get("properties") or {}
-            if schema.get("additionalProperties") is False and properties:
-                keys[encoded] = frozenset(p.encode() for p in properties)
-            for parameter, spec in properties.items():
-                enum = spec.get("enum") if isinstance(spec, Mapping) else None
-                if not enum or not all(isinstance(v, str) for v in enum):
-                    continue
-                spellings = set(enum) | set(((aliases or {}).get(name) or {}).get(parameter, {}))
-                values[(encoded, parameter.encode())] = frozenset(s.encode().lower() for s in spellings if s)
-        return cls(frozenset(names), keys, values)
+                   aliases: Mapping[str, Mapping[str, Mapping[str, str]]] | None = None) -> "ToolCallGuide | None":
+        """The guide for these tools (None when none is named)."""
+        choices = [_expressible(choice) for choice in call_schemas(tools, aliases)]
+        if not choices:
+            return None
+        schema = choices[0] if len(choices) == 1 else {"anyOf": choices}
+        return cls(json.dumps(schema, ensure_ascii=False, sort_keys=False))
 
-    def session(self, token_bytes: "TokenBytes") -> "GuidedSession":
-        return GuidedSession(self, token_bytes)
+    def session(self, vocabulary: "GuideVocabulary") -> "GuidedSession":
+        return GuidedSession(vocabulary.compile(self), vocabulary)
 
 
-class TokenBytes:
-    """The exact bytes each token id stands for, looked up lazily (only candidates are).
-    Byte-level BPE (Qwen, GPT-2, SmolLM) maps bytes to printable characters; SentencePiece
-    writes spaces as ▁ and raw bytes as <0xNN>; added tokens are their own text."""
-
-    _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+class GuideVocabulary:
+    """One tokenizer's side of guidance, built once per model (under a second for Qwen3's
+    151,669 tokens): xgrammar's view of the vocabulary, its compiler with its cache of
+    compiled grammars, and the bytes each token stands for."""
 
     def __init__(self, tokenizer):
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
+        import xgrammar as xgr
 
-        self.tokenizer = tokenizer
-        self._cache: dict[int, bytes] = {}
-        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer)
+        self.token_bytes: list[bytes] = self.info.decoded_vocab
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self._compiled: dict[str, Any] = {}
+        self._lock = threading.Lock()
 
-    def __call__(self, token_id: int) -> bytes:
-        cached = self._cache.get(token_id)
-        if cached is None:
-            cached = self._cache[token_id] = self._bytes(token_id)
-        return cached
+    def compile(self, guide: ToolCallGuide):
+        with self._lock:
+            compiled = self._compiled.get(guide.schema_json)
+            if compiled is None:
+                compiled = self._compiled[guide.schema_json] = self._compiler.compile_grammar(
+                    _grammar(guide.schema_json))
+            return compiled
 
-    def _bytes(self, token_id: int) -> bytes:
-        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
-        if piece is None:
-            return b""
-        if token_id in getattr(self.tokenizer, "all_special_ids", ()):
-            return piece.encode()
-        match = self._BYTE_TOKEN.match(piece)
-        if match:
-            return bytes([int(match.group(1), 16)])
-        if all(ch in self._byte_of for ch in piece):
-            return bytes(self._byte_of[ch] for ch in piece)
-        return piece.replace("▁", " ").encode()
-
-
-@dataclass
-class _Frame:
-    kind: str  # "object" or "array"
-    key: bytes | None = None  # the object's current key
-    expect: str = "key"  # object: key, colon, value, comma; array: value (or comma)
-
-
-@dataclass
-class _CallScanner:
-    """Reads one call's JSON byte by byte and says whether it can still become valid."""
-
-    guide: ToolCallGuide
-    stack: list[_Frame] = field(default_factory=list)
-    started: bool = False
-    done: bool = False  # the top-level object closed (or the body is not guided: a fence)
-    ok: bool = True
-    string: bytearray | None = None  # the string being read, if any
-    string_is_key: bool = False
-    escaped: bool = False
-    name: bytes | None = None
-
-    def copy(self) -> "_CallScanner":
-        return _CallScanner(self.guide, [_Frame(f.kind, f.key, f.expect) for f in self.stack], self.started,
-                            self.done, self.ok, None if self.string is None else bytearray(self.string),
-                            self.string_is_key, self.escaped, self.name)
-
-    def _allowed(self, is_key: bool) -> frozenset[bytes] | None:
-        """The closed set the current string must come from (None: any)."""
-        depth = len(self.stack)
-        top = self.stack[-1] if self.stack else None
-        if top is None or top.kind != "object":
-            return None
-        if depth == 1 and not is_key and top.key == b"name":
-            return self.guide.names
-        if depth == 2 and self.stack[0].key == b"arguments" and self.name is not None:
-            if is_key:
-                return self.guide.keys.get(self.name)
-            return self.guide.values.get((self.name, top.key or b""))
-        return None
-
-    def _check(self, complete: bool) -> None:
-        allowed = self._allowed(self.string_is_key)
-        if allowed is None or b"\\" in self.string:
-            return
-        text = bytes(self.string) if self.string_is_key else bytes(self.string).lower()
-        if complete:
-            self.ok = text in allowed
-        else:
-            self.ok = any(choice.startswith(text) for choice in allowed)
-
-    def _value_done(self) -> None:
-        if self.stack:
-            top = self.stack[-1]
-            top.expect = "comma"
-
-    def feed(self, data: bytes) -> None:
-        for byte in data:
-            if not self.ok or self.done:
-                return
-            char = bytes([byte])
-            if self.string is not None:
-                if self.escaped:
-                    self.escaped = False
-                    self.string.append(byte)
-                elif char == b"\\":
-                    self.escaped = True
-                    self.string.append(byte)
-                elif char == b'"':
-                    self._check(complete=True)
-                    text, self.string = bytes(self.string), None
-                    top = self.stack[-1] if self.stack else None
-                    if self.string_is_key and top is not None:
-                        top.key, top.expect = text, "colon"
-                    else:
-                        if len(self.stack) == 1 and top is not None and top.key == b"name":
-                            self.name = text
-                        self._value_done()
-                else:
-                    self.string.append(byte)
-                    self._check(complete=False)
-                continue
-            if char in _WHITESPACE:
-                continue
-            if not self.started:
-                if char != b"{":  # a fenced or otherwise unusual call: not guided
-                    self.done = True
-                    return
-                self.started = True
-                self.stack.append(_Frame("object"))
-                continue
-            top = self.stack[-1] if self.stack else None
-            if top is None:
-                self.done = True
-                return
-            if char == b'"':
-                is_key = top.kind == "object" and top.expect == "key"
-                self.string, self.string_is_key, self.escaped = bytearray(), is_key, False
-                self._check(complete=False)
-            elif char == b":" and top.kind == "object":
-                top.expect = "value"
-            elif char == b",":
-                top.expect = "key" if top.kind == "object" else "value"
-            elif char in (b"{", b"["):
-                if self._allowed(is_key=False) is not None:
-                    self.ok = False  # a closed string value cannot be an object or an array
-                    return
-                self.stack.append(_Frame("object" if char == b"{" else "array",
-                                         expect="key" if char == b"{" else "value"))
-            elif char in (b"}", b"]"):
-                self.stack.pop()
-                if not self.stack:
-                    self.done = True
-                    return
-                self._value_done()
-            elif top.kind == "object" and top.expect == "value" and self._allowed(is_key=False) is not None:
-                self.ok = False  # a number or literal where a closed string value belongs
-            # other bytes (numbers, true/false/null) need no guidance
+    def bytes_of(self, token_id: int) -> bytes:
+        return self.token_bytes[token_id] if 0 <= token_id < len(self.token_bytes) else b""
 
 
 class GuidedSession:
     """One generation's guide: fed every emitted token, asked to restrict the next."""
 
-    def __init__(self, guide: ToolCallGuide, token_bytes: TokenBytes, first_candidates: int = 32):
-        self.guide = guide
-        self.token_bytes = token_bytes
-        self.first_candidates = first_candidates
+    def __init__(self, compiled: Any, vocabulary: GuideVocabulary):
+        self.compiled = compiled
+        self.vocabulary = vocabulary
         self.text = bytearray()
-        self.scanner: _CallScanner | None = None  # set while inside <tool_call>
+        self.call_start: int | None = None  # where the open call's JSON begins in `text`
+        self.matcher: Any = None  # set while inside a guided call
+        self._bitmask: Any = None
+
+    def _open_matcher(self, rest: bytes) -> None:
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(self.compiled)
+        if rest and not self.matcher.accept_string(rest):
+            # the opening token carried what no valid call begins with: unguided to its end
+            log.debug("tool call began off the grammar: %r", rest[:40])
+            self.matcher = None
 
     def advance(self, token_id: int) -> None:
-        piece = self.token_bytes(token_id)
+        piece = self.vocabulary.bytes_of(int(token_id))
         before = len(self.text)
         self.text += piece
-        search_from = max(0, before - len(CALL_OPEN))  # a tag may have begun in the previous token
-        if self.scanner is not None:
-            self.scanner.feed(piece)
-            close = self.text.find(CALL_CLOSE, max(0, before - len(CALL_CLOSE)))
+        if self.call_start is not None:
+            if self.matcher is not None and not self.matcher.accept_token(int(token_id)):
+                self.matcher = None  # a token chosen around the mask (never when restrict ran)
+            close = self.text.find(CALL_CLOSE, max(self.call_start, before - len(CALL_CLOSE)))
             if close < 0:
                 return
-            self.scanner = None
+            self.call_start, self.matcher = None, None
             search_from = close + len(CALL_CLOSE)  # a second call may open in the same token
+        else:
+            search_from = max(0, before - len(CALL_OPEN))  # a tag may have begun in the previous token
         start = self.text.find(CALL_OPEN, search_from)
         if start >= 0:
-            self.scanner = _CallScanner(self.guide)
-            self.scanner.feed(bytes(self.text[start + len(CALL_OPEN):]))
+            self.call_start = start + len(CALL_OPEN)
+            rest = bytes(self.text[self.call_start:])
+            if CALL_CLOSE in rest:  # opened and closed within one token: nothing left to guide
+                self.call_start = None
+                return
+            self._open_matcher(rest)
 
     @property
     def active(self) -> bool:
-        return self.scanner is not None and not self.scanner.done
+        return self.matcher is not None
 
-    def allows(self, token_id: int) -> bool:
-        if not self.active:
-            return True
-        trial = self.scanner.copy()
-        trial.feed(self.token_bytes(token_id))
-        return trial.ok
-
-    def restrict(self, scores, greedy: bool) -> None:
-        """Mask (in place, to -inf) the model's top candidates that would break the call.
-        Greedy: up to the first allowed one. Sampling: every refused one among the first
-        `first_candidates`. If none of those is allowed, the next 256 are tried."""
-        if not self.active:
+    def restrict(self, scores) -> None:
+        """Set (in place) every token that would break the open call to -inf; `scores` is one
+        row of logits, as wide as the model's output (which may exceed the tokenizer)."""
+        if self.matcher is None:
             return
-        import torch
+        import xgrammar as xgr
 
-        first = min(self.first_candidates, scores.shape[-1])
-        order = torch.topk(scores, min(first + 256, scores.shape[-1])).indices.tolist()
-        refused = []
-        found = False
-        for rank, token_id in enumerate(order):
-            if rank == first and found:  # sampling: past the first candidates only if none was allowed
-                break
-            if self.allows(token_id):
-                found = True
-                if greedy:
-                    break
-            else:
-                refused.append(token_id)
-        if refused:
-            scores[refused] = float("-inf")
+        size = self.vocabulary.info.vocab_size
+        if self._bitmask is None:
+            self._bitmask = xgr.allocate_token_bitmask(1, size)
+        self.matcher.fill_next_token_bitmask(self._bitmask)
+        if scores.shape[-1] > size:  # rows past the tokenizer are no tokens at all
+            scores[size:] = float("-inf")
+        row = scores[:size].view(1, -1)
+        bitmask = self._bitmask if row.device.type == "cpu" else self._bitmask.to(row.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(row, bitmask, vocab_size=min(size, row.shape[-1]))
 
 
 class GuideLogitsProcessor:
     """transformers LogitsProcessor for one row of generate(): follows the row's tokens
     after the prompt and restricts each step's scores with its GuidedSession."""
 
-    def __init__(self, session: GuidedSession, prompt_tokens: int, greedy: bool):
+    def __init__(self, session: GuidedSession, prompt_tokens: int):
         self.session = session
-        self.prompt_tokens = prompt_tokens
-        self.greedy = greedy
         self.seen = prompt_tokens
 
     def __call__(self, input_ids, scores):
@@ -292,5 +214,5 @@ class GuideLogitsProcessor:
         for token_id in row[self.seen:].tolist():
             self.session.advance(token_id)
         self.seen = int(row.shape[0])
-        self.session.restrict(scores[0], self.greedy)
+        self.session.restrict(scores[0])
         return scores

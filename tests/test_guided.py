@@ -1,25 +1,30 @@
-"""Tool calls guided while decoded (serving/guided.py), with the embedded model's and Qwen3's
-real tokenizers: a model that would write a value the tool refuses writes an accepted one, and
-nothing outside a tool call changes."""
+"""Tool calls held to their whole schema while decoded (serving/guided.py, xgrammar), with the
+embedded model's and Qwen3's real tokenizers: a model that would write a call the tool refuses
+writes an accepted one, and nothing outside a tool call changes."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from serving.decoding import BatchingEngine, DecodeRequest
-from serving.guided import GuideLogitsProcessor, TokenBytes, ToolCallGuide
+from serving.guided import GuideLogitsProcessor, GuideVocabulary, ToolCallGuide
 from webapp.models import GenerationParams
 
+PERIOD = "^(\\d{4}(-Q[1-4]|-(0[1-9]|1[0-2]))?|this_month|last_month|this_quarter|last_quarter|this_year|last_year)$"
 SALES = {"type": "function", "function": {"name": "query_sales", "parameters": {
     "type": "object", "required": ["region", "period"], "additionalProperties": False, "properties": {
         "region": {"type": "string", "enum": ["华东", "华南", "华北", "西南", "华中"]},
-        "period": {"type": "string", "pattern": "^.*$"},
-        "metric": {"type": "string", "enum": ["revenue", "units"], "default": "revenue"}}}}}
+        "period": {"type": "string", "pattern": PERIOD},
+        "metric": {"type": "string", "enum": ["revenue", "units"], "default": "revenue"},
+        "top": {"type": "integer", "minimum": 1, "maximum": 20}}}}}
 LOOKUP = {"type": "function", "function": {"name": "lookup_customer", "parameters": {
     "type": "object", "properties": {"name_or_id": {"type": "string"}}}}}
-ALIASES = {"query_sales": {"region": {"North China": "华北"}, "metric": {"销量": "units"}}}
+ALIASES = {"query_sales": {"region": {"North China": "华北"}, "metric": {"销量": "units"},
+                           "period": {"上季度": "last_quarter"}}}
 
 GOOD = '<tool_call>\n{"name": "query_sales", "arguments": {"region": "华北", "period": "last_month", "metric": "units"}}\n</tool_call>'
 
@@ -31,6 +36,11 @@ def tokenizer(request, test_tokenizer_dir):
     if request.param == "qwen3":
         return AutoTokenizer.from_pretrained(request.getfixturevalue("qwen3_tokenizer_dir"))
     return AutoTokenizer.from_pretrained(test_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def vocabulary(tokenizer):
+    return GuideVocabulary(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +67,29 @@ def decode(tokenizer, wanted: list[str], session, limit: int = 80) -> str:
             break
         scores = scripted_scores(tokenizer, wanted, ids)
         if session is not None:
-            session.restrict(scores, greedy=True)
+            session.restrict(scores)
         ids.append(int(scores.argmax()))
         if session is not None:
             session.advance(ids[-1])
     return tokenizer.decode(ids)
 
 
-def test_token_bytes_rebuild_the_text_byte_for_byte(tokenizer):
+def follows(tokenizer, session, text: str) -> list[str]:
+    """Feed `text` token by token; the tokens the guide would have masked."""
+    masked = []
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        scores = torch.zeros(len(tokenizer))
+        session.restrict(scores)
+        if scores[token] == float("-inf"):
+            masked.append(tokenizer.decode([token]))
+        session.advance(token)
+    return masked
+
+
+def test_token_bytes_rebuild_the_text_byte_for_byte(tokenizer, vocabulary):
     text = 'Sure.\n<tool_call>\n{"name": "lookup_customer", "arguments": {"name_or_id": "龘鱻贸易 华北地区", "metric": "销量"}}\n</tool_call>'
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    token_bytes = TokenBytes(tokenizer)
-    assert b"".join(token_bytes(i) for i in ids) == text.encode()
+    assert b"".join(vocabulary.bytes_of(i) for i in ids) == text.encode()
 
     def whole_characters(piece: bytes) -> bool:
         try:
@@ -78,7 +99,7 @@ def test_token_bytes_rebuild_the_text_byte_for_byte(tokenizer):
             return False
 
     # rarer Chinese characters span several byte tokens in both: the guide must compare bytes, not text
-    assert not all(whole_characters(token_bytes(i)) for i in ids)
+    assert not all(whole_characters(vocabulary.bytes_of(i)) for i in ids)
 
 
 @pytest.mark.parametrize("bad", [
@@ -86,55 +107,87 @@ def test_token_bytes_rebuild_the_text_byte_for_byte(tokenizer):
     GOOD.replace('"华北"', '"Span China"'),  # not a value and not a spelling the tool file maps
     GOOD.replace('"query_sales"', '"sales_query"'),  # no such tool
     GOOD.replace('"metric"', '"metrics"'),  # no such parameter, and the schema allows no others
+    GOOD.replace('"last_month"', '"year-to-date"'),  # the period's pattern refuses it
+    GOOD.replace('"last_month"', '"Q1 2026"'),
+    GOOD.replace('"last_month"', '["last_month"]'),  # a list where the schema wants a string
+    GOOD.replace('"region": "华北", ', ''),  # a required parameter left out
+    GOOD.replace('\n{"name"', '\n```json\n{"name"'),  # a fenced call
+    # keys in another order than the schema's (xgrammar holds required keys only in order)
+    GOOD.replace('{"region": "华北", "period": "last_month"', '{"period": "last_month", "region": "华北"'),
 ])
-def test_a_refused_value_is_steered_to_the_next_valid_choice(tokenizer, guide, bad):
+def test_a_refused_call_is_steered_to_the_next_valid_choice(tokenizer, vocabulary, guide, bad):
     wanted = [bad, GOOD]
     assert decode(tokenizer, wanted, None) == bad  # what the model writes unguided
-    assert decode(tokenizer, wanted, guide.session(TokenBytes(tokenizer))) == GOOD
+    assert decode(tokenizer, wanted, guide.session(vocabulary)) == GOOD
 
 
-def test_valid_calls_aliases_and_text_are_left_alone(tokenizer, guide):
-    token_bytes = TokenBytes(tokenizer)
+def test_valid_calls_aliases_and_text_are_left_alone(tokenizer, vocabulary, guide):
     for text in [
         GOOD,
         GOOD.replace('"华北"', '"North China"'),  # an alias from the tool file
-        GOOD.replace('"units"', '"销量"'),  # open values and other keys where the schema allows them, below
-        GOOD.replace('"units"', '"Units"'),  # the executor matches spellings case-insensitively
+        GOOD.replace('"units"', '"销量"'),
+        GOOD.replace('"last_month"', '"上季度"'),  # an alias beside the pattern
+        GOOD.replace('"last_month"', '"2026-Q3"').replace('"units"}', '"units", "top": 5}'),
         'The region "Span China" is not ours. ' + GOOD + ' And "metric": "units Sold" outside a call.',
+        '<think>\n先查一下 "period": "year-to-date" 不对\n</think>\n\n' + GOOD + '\n' + GOOD,  # two calls
         '<tool_call>\n{"name": "lookup_customer", "arguments": {"name_or_id": "ACME 有限公司", "note": {"nested": ["any", 1]}}}\n</tool_call>',
-        '<tool_call>\n```json\n{"name": "anything"}\n```\n</tool_call>',  # a fenced call is not guided
     ]:
-        session = guide.session(token_bytes)
-        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            assert session.allows(token), (text, tokenizer.decode([token]))
-            session.advance(token)
+        assert follows(tokenizer, guide.session(vocabulary), text) == [], text
 
 
-def test_a_closed_value_must_be_a_string(tokenizer, guide):
-    session = guide.session(TokenBytes(tokenizer))
-    prefix = '<tool_call>\n{"name": "query_sales", "arguments": {"metric": '
-    for token in tokenizer(prefix, add_special_tokens=False)["input_ids"]:
+@pytest.mark.parametrize("top, refused", [("12", False), ("50", True), ("0", True), ("-3", True), ("2.5", True)])
+def test_numbers_are_held_to_their_type_and_bounds(tokenizer, vocabulary, guide, top, refused):
+    call = GOOD.replace('"units"}', f'"units", "top": {top}}}')
+    assert bool(follows(tokenizer, guide.session(vocabulary), call)) == refused
+
+
+def test_outside_a_call_nothing_is_masked_and_inside_only_what_fits(tokenizer, vocabulary, guide):
+    session = guide.session(vocabulary)
+    for token in tokenizer("好的，我查一下。", add_special_tokens=False)["input_ids"]:
         session.advance(token)
-    assert not session.allows(tokenizer("1", add_special_tokens=False)["input_ids"][0])
-    assert not session.allows(tokenizer("[", add_special_tokens=False)["input_ids"][0])
-    assert session.allows(tokenizer(' "', add_special_tokens=False)["input_ids"][0])
+    assert not session.active
+    scores = torch.zeros(len(tokenizer))
+    session.restrict(scores)
+    assert torch.isfinite(scores).all()
+    call = '<tool_call>\n{"name": "query_sales", "arguments": {"region": "华北", "period": "last_month", "metric": '
+    for token in tokenizer(call, add_special_tokens=False)["input_ids"]:
+        session.advance(token)
+    assert session.active
+    scores = torch.zeros(len(tokenizer) + 64)  # a model's output rows often outnumber its tokens
+    session.restrict(scores)
+    assert (scores[len(tokenizer):] == float("-inf")).all()
+    allowed = {tokenizer.decode([i]) for i in torch.isfinite(scores).nonzero().flatten().tolist()}
+    assert allowed and all(piece.strip().startswith('"') or not piece.strip() for piece in allowed), sorted(allowed)[:20]
 
 
-def test_the_batching_engine_and_generate_paths_apply_the_guide(tokenizer, guide):
-    bad = GOOD.replace('"units"', '"units Sold"')
+def test_a_schema_xgrammar_cannot_express_leaves_only_that_tools_arguments_free(tokenizer, vocabulary, caplog):
+    odd = {"type": "function", "function": {"name": "odd", "parameters": {
+        "type": "object", "properties": {"code": {"type": "string", "pattern": "(?<=x)y"}}}}}
+    with caplog.at_level(logging.WARNING, logger="serving.guided"):
+        guide = ToolCallGuide.from_tools([SALES, odd], ALIASES)
+    assert "odd" in caplog.text
+    assert follows(tokenizer, guide.session(vocabulary),
+                   '<tool_call>\n{"name": "odd", "arguments": {"code": "anything", "n": 1}}\n</tool_call>') == []
+    bad = GOOD.replace('"last_month"', '"year-to-date"')
+    assert decode(tokenizer, [bad, GOOD], guide.session(vocabulary)) == GOOD  # the other tool is still held
+
+
+def test_the_batching_engine_and_generate_paths_apply_the_guide(tokenizer, vocabulary, guide):
+    bad = GOOD.replace('"last_month"', '"current_quarter"')
     wanted = [bad, GOOD]
-    token_bytes = TokenBytes(tokenizer)
-    # the batching engine's choice for one row
-    request = DecodeRequest([1], 80, guide=guide.session(token_bytes))
-    ids: list[int] = []
-    for _ in range(80):
-        if tokenizer.decode(ids) in wanted:
-            break
-        ids.append(BatchingEngine._pick(request, scripted_scores(tokenizer, wanted, ids)))
-        request.guide.advance(ids[-1])
-    assert tokenizer.decode(ids) == GOOD
+    # the batching engine's choice for one row, greedy and sampled
+    for temperature in (0.0, 0.7):
+        request = DecodeRequest([1], 80, temperature=temperature, top_p=0.5, guide=guide.session(vocabulary))
+        ids: list[int] = []
+        for _ in range(80):
+            if tokenizer.decode(ids) in wanted:
+                break
+            scores = scripted_scores(tokenizer, wanted, ids)
+            ids.append(BatchingEngine._pick(request, scores, int(scores.argmax())))
+            request.guide.advance(ids[-1])
+        assert tokenizer.decode(ids) == GOOD, temperature
     # transformers' generate(): the processor follows the row after the prompt
-    processor = GuideLogitsProcessor(guide.session(token_bytes), prompt_tokens=3, greedy=True)
+    processor = GuideLogitsProcessor(guide.session(vocabulary), prompt_tokens=3)
     ids = [7, 8, 9]
     for _ in range(80):
         if tokenizer.decode(ids[3:]) in wanted:
@@ -157,8 +210,11 @@ def test_a_guided_answer_without_a_call_equals_the_unguided_one(tiny_model, guid
 
 
 def test_the_engine_guides_with_the_users_tools_and_their_aliases(services):
-    employee = services.auth.current_user("finance-employee")
-    guide = services.engine.turns.guide(services.engine.turns.tools_for(employee))
-    assert b"query_sales" in guide.names
-    region = guide.values[(b"query_sales", b"region")]
-    assert {"华北".encode(), b"north china"} <= region and b"span china" not in region
+    turns = services.engine.turns
+    vocabulary = GuideVocabulary(services.model.tokenizer)
+    finance = turns.guide(turns.tools_for(services.auth.current_user("finance-employee")))
+    call = '<tool_call>\n{"name": "query_sales", "arguments": {"region": "%s", "period": "上季度"}}\n</tool_call>'
+    assert follows(services.model.tokenizer, finance.session(vocabulary), call % "North China") == []
+    assert follows(services.model.tokenizer, finance.session(vocabulary), call % "Span China")
+    hr = turns.guide(turns.tools_for(services.auth.current_user("hr-employee")))
+    assert follows(services.model.tokenizer, hr.session(vocabulary), call % "华北")  # not HR's tool

@@ -251,7 +251,7 @@ class ModelService(PromptsAndRouting):
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     engine: Any = None  # a decoding.BatchingEngine when batched decoding is on
-    _token_bytes: Any = field(default=None, repr=False)  # guided.TokenBytes of the tokenizer, built on first use
+    _guide_vocabulary: Any = field(default=None, repr=False)  # guided.GuideVocabulary, built on first guided turn
     stream_interval_s: float = 0.0  # batched decoding: least time between two streamed pieces
 
     def enable_batched_decoding(self, max_batch: int, max_len: int, stream_interval_ms: int = 0) -> None:
@@ -361,8 +361,7 @@ class ModelService(PromptsAndRouting):
         if session is not None:
             from serving.guided import GuideLogitsProcessor
 
-            kwargs["logits_processor"] = LogitsProcessorList([GuideLogitsProcessor(
-                session, result.prompt_tokens, greedy=params.temperature <= 0)])
+            kwargs["logits_processor"] = LogitsProcessorList([GuideLogitsProcessor(session, result.prompt_tokens)])
         if hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [adapter if adapter else BASE_ADAPTER]
         elif adapter:
@@ -403,11 +402,11 @@ class ModelService(PromptsAndRouting):
     def _guided_session(self, guide: Any):
         if guide is None:
             return None
-        from serving.guided import TokenBytes
+        from serving.guided import GuideVocabulary
 
-        if self._token_bytes is None:
-            self._token_bytes = TokenBytes(self.tokenizer)
-        return guide.session(self._token_bytes)
+        if self._guide_vocabulary is None:
+            self._guide_vocabulary = GuideVocabulary(self.tokenizer)
+        return guide.session(self._guide_vocabulary)
 
     def _stream_batched(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None,
                         result: GenerationResult, guide: Any = None) -> Iterator[str]:

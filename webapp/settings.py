@@ -125,8 +125,9 @@ class Settings:
         None, "TOML file of company tools (HTTP systems, permissions); see webapp/tools/registry.py."
     )
     guided_tool_calls: bool = _setting(
-        True, "Keep tool calls valid while they are decoded: tool names, argument names and enum values "
-        "(with the tool file's aliases) are steered to ones the tools accept (local backend).")
+        True, "Keep tool calls valid while they are decoded: inside <tool_call>, only tokens that keep the call a "
+        "valid instance of an offered tool's JSON schema (with the tool file's aliases) may be written; text and "
+        "thinking stay free (local backend, xgrammar).")
     max_tool_rounds: int = _setting(3, "Rounds of tool calls the model may make in one turn before it must answer.")
     tool_result_max_chars: int = _setting(4000, "Longest tool result given back to the model; longer ones are cut.")
     knowledge: bool = _setting(True, "Answer from the company's documents (retrieval); --no-knowledge turns it off.")

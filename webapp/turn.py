@@ -42,7 +42,7 @@ class TurnSettings:
     thinking: bool
     generation: GenerationParams
     max_tool_rounds: int = 3
-    guided_tool_calls: bool = True  # tool names, argument names and enum values kept valid while decoded
+    guided_tool_calls: bool = True  # tool calls held to the offered tools' schemas while decoded (serving/guided.py)
 
 
 @dataclass
