@@ -200,7 +200,7 @@ Sets = dict[str, tuple[list[SalesQuestion], list[str]]]  # name -> (sales questi
 
 
 def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools.partial(print, flush=True),
-                 measure_before: bool = True, measure_after: bool = True, compare_unguided: bool = False) -> dict:
+                 measure_before: bool = True, measure_after: bool = True, compare_guides: bool = False) -> dict:
     """The whole night, through the launched app. Returns before/after figures per set, and the run."""
     from gradio_client import Client
 
@@ -234,13 +234,29 @@ def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools
             log("measuring after …")
             after = measure_all(employee)
             log(f"after: {brief(after)}")
-        unguided = None
-        if compare_unguided:  # the same adapter, tool calls decoded without the schema guide
+        handwritten = unguided = None
+        if compare_guides:  # the same adapter, tool calls decoded with the hand-written guide, then with none
+            from handwritten_guide import ToolCallGuide as HandwrittenGuide
+
+            turns = services.engine.turns
+            product_guide = turns.guide
+
+            def handwritten_guide(tools: list[dict]):
+                specs = [turns.executor.registry.get(tool["function"]["name"]) for tool in tools]
+                return HandwrittenGuide.from_tools(tools, {spec.name: spec.aliases for spec in specs if spec})
+
+            turns.guide = handwritten_guide
+            log("measuring after, hand-written guide …")
+            handwritten = measure_all(employee)
+            log(f"after, hand-written guide: {brief(handwritten)}")
+            turns.guide = product_guide
+            turns.settings = dataclasses.replace(turns.settings, guided_tool_calls=False)
             log("measuring after, unguided …")
-            services.engine.turns.settings = dataclasses.replace(services.engine.turns.settings, guided_tool_calls=False)
             unguided = measure_all(employee)
+            log(f"after, unguided: {brief(unguided)}")
         run = next((r for r in registry.runs(services.db) if outcome and r["id"] == outcome.run_id), None)
-        return {"before": before, "after": after, "unguided": unguided, "taught": taught, "refresh_s": refresh_s,
+        return {"before": before, "after": after, "handwritten": handwritten, "unguided": unguided, "taught": taught,
+                "refresh_s": refresh_s,
                 "outcome": outcome, "adapter_after": after_adapter, "run": run}
     finally:
         app.close()
@@ -258,8 +274,9 @@ def main() -> int:
                         help="do not measure the untrained model (it is deterministic: greedy decoding)")
     parser.add_argument("--gate-only", action="store_true",
                         help="stop after the night's gate decision (reruns of the same night)")
-    parser.add_argument("--compare-unguided", action="store_true",
-                        help="measure the trained adapter a second time without guided tool calls")
+    parser.add_argument("--compare-guides", action="store_true",
+                        help="measure the trained adapter twice more: with the hand-written guide hangjia used "
+                             "before xgrammar (bench/handwritten_guide.py), and without a guide")
     parser.add_argument("--keep-data", action="store_true",
                         help="keep the run's data dir (DuckDB file, adapters; about 0.5 GB) instead of removing it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -294,7 +311,7 @@ def main() -> int:
     sets = {name: available[name]() for name in chosen}
     try:
         result = run_scenario(services, train, sets, measure_before=not args.skip_before and not args.gate_only,
-                              measure_after=not args.gate_only, compare_unguided=args.compare_unguided)
+                              measure_after=not args.gate_only, compare_guides=args.compare_guides)
     finally:
         services.close()
         if not args.keep_data:
@@ -307,7 +324,7 @@ def main() -> int:
            adapter_after=result["adapter_after"] or "base",
            sets={name: {"sales": len(sales), "no_tool": len(no_tool)} for name, (sales, no_tool) in sets.items()},
            **{column: {name: {k: v for k, v in figures.items() if k != "failures"} for name, figures in result[column].items()}
-              for column in ("before", "after", "unguided") if result[column]})
+              for column in ("before", "after", "handwritten", "unguided") if result[column]})
     lora = (f"LoRA r={settings.lora_r} alpha={settings.lora_alpha} on {settings.lora_target_modules}, "
             f"lr {settings.learning_rate}").replace("None", "(by model size)")
     data = settings.data_dir if args.keep_data else "removed (--keep-data keeps it)"
@@ -317,7 +334,8 @@ def main() -> int:
     print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
           f"{'passed' if gate.get('passed') else 'failed: ' + '; '.join(gate.get('reasons', []))}; "
           f"serving after: {result['adapter_after'] or 'base'}\n")
-    columns = [("before", result["before"]), ("after", result["after"]), ("after, unguided", result["unguided"])]
+    columns = [("before", result["before"]), ("after", result["after"]),
+               ("after, hand-written guide", result["handwritten"]), ("after, unguided", result["unguided"])]
     columns = [(label, figures) for label, figures in columns if figures]
     print("| set | metric | " + " | ".join(label for label, _ in columns) + " |")
     print("|---|---|" + "---|" * len(columns))
