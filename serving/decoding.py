@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from serving.guided import mask_rows
+
 log = logging.getLogger(__name__)
 
 
@@ -645,11 +647,8 @@ class BatchingEngine:
 
     @staticmethod
     def _pick(request: DecodeRequest, logits: torch.Tensor, greedy_token: int | None = None) -> int:
-        """The row's next token: its guide (if any) removes candidates that would break a tool call."""
-        if request.guide is not None and request.guide.active:
-            logits = logits.float().clone()
-            request.guide.restrict(logits)
-        elif greedy_token is not None and request.temperature <= 0:
+        """The row's next token from its logits (already masked by its guide, if any)."""
+        if greedy_token is not None and request.temperature <= 0:
             return greedy_token
         return sample(logits, request.temperature, request.top_p)
 
@@ -726,6 +725,9 @@ class BatchingEngine:
                 continue
             if self.on_step:
                 self.on_step(len(active))
+            guides = {slot: self._slots[slot].guide for slot in active if self._slots[slot].guide is not None}
+            if guides:  # rows inside a tool call keep only the tokens that keep it valid
+                mask_rows(logits, guides)
             greedy = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
             for slot in active:
                 request = self._slots[slot]

@@ -145,7 +145,6 @@ class GuidedSession:
         self.text = bytearray()
         self.call_start: int | None = None  # where the open call's JSON begins in `text`
         self.matcher: Any = None  # set while inside a guided call
-        self._bitmask: Any = None
 
     def _open_matcher(self, rest: bytes) -> None:
         import xgrammar as xgr
@@ -186,19 +185,29 @@ class GuidedSession:
     def restrict(self, scores) -> None:
         """Set (in place) every token that would break the open call to -inf; `scores` is one
         row of logits, as wide as the model's output (which may exceed the tokenizer)."""
-        if self.matcher is None:
-            return
-        import xgrammar as xgr
+        mask_rows(scores.view(1, -1), {0: self})
 
-        size = self.vocabulary.info.vocab_size
-        if self._bitmask is None:
-            self._bitmask = xgr.allocate_token_bitmask(1, size)
-        self.matcher.fill_next_token_bitmask(self._bitmask)
-        if scores.shape[-1] > size:  # rows past the tokenizer are no tokens at all
-            scores[size:] = float("-inf")
-        row = scores[:size].view(1, -1)
-        bitmask = self._bitmask if row.device.type == "cpu" else self._bitmask.to(row.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(row, bitmask, vocab_size=min(size, row.shape[-1]))
+
+def mask_rows(logits, sessions: Mapping[int, GuidedSession]) -> None:
+    """Mask, in place, the rows of a batch of logits whose session is inside a call: each
+    matcher fills its row of one bitmask on the CPU, which is applied to all of them at once
+    (one copy and one kernel on a GPU, whatever the number of rows)."""
+    import xgrammar as xgr
+
+    rows = sorted(row for row, session in sessions.items() if session.matcher is not None)
+    if not rows:
+        return
+    vocabulary = sessions[rows[0]].vocabulary
+    size = vocabulary.info.vocab_size
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], size)
+    for row in rows:
+        sessions[row].matcher.fill_next_token_bitmask(bitmask, row)
+    width = min(size, logits.shape[-1])
+    if logits.shape[-1] > size:  # rows past the tokenizer are no tokens at all
+        logits[rows, size:] = float("-inf")
+    if logits.device.type != "cpu":
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
 
 
 class GuideLogitsProcessor:

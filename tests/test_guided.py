@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from serving.decoding import BatchingEngine, DecodeRequest
-from serving.guided import GuideLogitsProcessor, GuideVocabulary, ToolCallGuide
+from serving.guided import GuideLogitsProcessor, GuideVocabulary, ToolCallGuide, mask_rows
 from webapp.models import GenerationParams
 
 PERIOD = "^(\\d{4}(-Q[1-4]|-(0[1-9]|1[0-2]))?|this_month|last_month|this_quarter|last_quarter|this_year|last_year)$"
@@ -175,15 +175,18 @@ def test_a_schema_xgrammar_cannot_express_leaves_only_that_tools_arguments_free(
 def test_the_batching_engine_and_generate_paths_apply_the_guide(tokenizer, vocabulary, guide):
     bad = GOOD.replace('"last_month"', '"current_quarter"')
     wanted = [bad, GOOD]
-    # the batching engine's choice for one row, greedy and sampled
+    # the batching engine's step: guided rows of the batch masked together, then each row's pick,
+    # greedy and sampled; a row without a guide beside them is left as it is
     for temperature in (0.0, 0.7):
         request = DecodeRequest([1], 80, temperature=temperature, top_p=0.5, guide=guide.session(vocabulary))
         ids: list[int] = []
         for _ in range(80):
             if tokenizer.decode(ids) in wanted:
                 break
-            scores = scripted_scores(tokenizer, wanted, ids)
-            ids.append(BatchingEngine._pick(request, scores, int(scores.argmax())))
+            batch = torch.stack([scripted_scores(tokenizer, wanted, ids)] * 3)
+            mask_rows(batch, {1: request.guide})
+            assert torch.equal(batch[0], scripted_scores(tokenizer, wanted, ids))
+            ids.append(BatchingEngine._pick(request, batch[1], int(batch[1].argmax())))
             request.guide.advance(ids[-1])
         assert tokenizer.decode(ids) == GOOD, temperature
     # transformers' generate(): the processor follows the row after the prompt
