@@ -125,7 +125,7 @@ class Settings:
         None, "TOML file of company tools (HTTP systems, permissions); see webapp/tools/registry.py."
     )
     guided_tool_calls: bool = _setting(
-        True, "Keep tool calls valid while they are decoded: inside <tool_call>, only tokens that keep the call a "
+        True, "Keep tool calls valid while they are decoded: inside `<tool_call>`, only tokens that keep the call a "
         "valid instance of an offered tool's JSON schema (with the tool file's aliases) may be written; text and "
         "thinking stay free (local backend, xgrammar).")
     max_tool_rounds: int = _setting(3, "Rounds of tool calls the model may make in one turn before it must answer.")
