@@ -78,7 +78,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
     started = time.perf_counter()
-    vocabulary = GuideVocabulary(tokenizer)
+    vocabulary = GuideVocabulary.for_model(tokenizer, model)
     vocabulary_s = time.perf_counter() - started
     tools, aliases = demo_tools()
     started = time.perf_counter()

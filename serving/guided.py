@@ -113,16 +113,38 @@ class ToolCallGuide:
 class GuideVocabulary:
     """One tokenizer's side of guidance, built once per model (under a second for Qwen3's
     151,669 tokens): xgrammar's view of the vocabulary, its compiler with its cache of
-    compiled grammars, and the bytes each token stands for."""
+    compiled grammars, and the bytes each token stands for. `vocab_size`: the width of the
+    model's logits, which may exceed the tokenizer (Qwen3: 151,936); ids past the tokenizer
+    are never allowed inside a call."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, vocab_size: int | None = None):
         import xgrammar as xgr
 
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer)
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.token_bytes: list[bytes] = self.info.decoded_vocab
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
         self._compiled: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._buffers = threading.local()  # per decoding thread: the engine's and generate()'s
+
+    @classmethod
+    def for_model(cls, tokenizer, model) -> "GuideVocabulary":
+        width = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+        return cls(tokenizer, vocab_size=max(len(tokenizer), width))
+
+    def bitmasks(self, rows: int, device) -> tuple[Any, Any]:
+        """This thread's bitmask for `rows` rows: (on the CPU, pinned when a GPU waits for it;
+        on `device`). Reused step after step: a step's copy is done before its tokens are read."""
+        import torch
+        import xgrammar as xgr
+
+        held = getattr(self._buffers, "masks", None)
+        if held is None or held[0].shape[0] < rows or held[1].device != torch.device(device):
+            cpu = xgr.allocate_token_bitmask(max(rows, 8), self.info.vocab_size)
+            if torch.device(device).type == "cuda":
+                cpu = cpu.pin_memory()
+            held = self._buffers.masks = (cpu, cpu.to(device))
+        return held[0][:rows], held[1][:rows]
 
     def compile(self, guide: ToolCallGuide):
         with self._lock:
@@ -190,26 +212,28 @@ class GuidedSession:
 
 def mask_rows(logits, sessions: Mapping[int, GuidedSession]) -> None:
     """Mask, in place, the rows of a batch of logits whose session is inside a call: each
-    matcher fills its row of one bitmask on the CPU, which is applied to all of them at once
-    (one copy and one kernel on a GPU, whatever the number of rows)."""
-    import torch
+    matcher fills its row of one bitmask on the CPU (while a GPU still computes the logits),
+    applied to the whole batch in one pass — other rows' masks allow everything — with one
+    asynchronous copy and one kernel on a GPU."""
     import xgrammar as xgr
 
-    rows = sorted(row for row, session in sessions.items() if session.matcher is not None)
+    rows = [row for row, session in sessions.items() if session.matcher is not None]
     if not rows:
         return
     vocabulary = sessions[rows[0]].vocabulary
-    size = vocabulary.info.vocab_size
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], size)
+    cpu, device = vocabulary.bitmasks(logits.shape[0], logits.device)
+    xgr.reset_token_bitmask(cpu)
     for row in rows:
-        sessions[row].matcher.fill_next_token_bitmask(bitmask, row)
-    width = min(size, logits.shape[-1])
-    if logits.shape[-1] > size:  # rows past the tokenizer are no tokens at all
+        sessions[row].matcher.fill_next_token_bitmask(cpu, row)
+    if device.device.type != "cpu":
+        device.copy_(cpu, non_blocking=True)
+    width = min(vocabulary.info.vocab_size, logits.shape[-1])
+    xgr.apply_token_bitmask_inplace(logits, device, vocab_size=width)
+    if logits.shape[-1] > width:  # wider than the vocabulary the guide was built for: no tokens
+        import torch
+
         with torch.inference_mode():  # the decoder's logits are inference tensors
-            logits[rows, size:] = float("-inf")
-    if logits.device.type != "cpu":
-        bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
+            logits[rows, width:] = float("-inf")
 
 
 class GuideLogitsProcessor:

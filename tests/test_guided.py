@@ -232,7 +232,7 @@ def test_the_engine_holds_a_qwen3_call_from_its_first_step(tiny_qwen3_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir).eval()
-    session = ToolCallGuide.from_tools([SALES, LOOKUP], ALIASES).session(GuideVocabulary(tokenizer))
+    session = ToolCallGuide.from_tools([SALES, LOOKUP], ALIASES).session(GuideVocabulary.for_model(tokenizer, model))
     opening = '<tool_call>\n{"name": "query_sales", "arguments": {"region": "'
     for token in tokenizer(opening, add_special_tokens=False)["input_ids"]:
         session.advance(token)
@@ -248,3 +248,15 @@ def test_the_engine_holds_a_qwen3_call_from_its_first_step(tiny_qwen3_dir):
     assert all(token < len(tokenizer) for token in guided)
     written = tokenizer.decode(guided)
     assert any(written.startswith(region + '"') for region in ["华东", "华南", "华北", "西南", "华中", "North China"]), written
+
+
+def test_ids_past_the_tokenizer_are_never_allowed_inside_a_call(tokenizer, guide):
+    width = len(tokenizer) + 64  # a model's output rows often outnumber its tokens
+    session = guide.session(GuideVocabulary(tokenizer, vocab_size=width))
+    for token in tokenizer('<tool_call>\n{"name": "lookup_customer", "arguments": {"name_or_id": "',
+                           add_special_tokens=False)["input_ids"]:
+        session.advance(token)
+    scores = torch.zeros(width)
+    session.restrict(scores)
+    assert (scores[len(tokenizer):] == float("-inf")).all()
+    assert torch.isfinite(scores[:len(tokenizer)]).sum() > len(tokenizer) // 2  # an open string: most tokens fit

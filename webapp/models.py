@@ -405,7 +405,7 @@ class ModelService(PromptsAndRouting):
         from serving.guided import GuideVocabulary
 
         if self._guide_vocabulary is None:
-            self._guide_vocabulary = GuideVocabulary(self.tokenizer)
+            self._guide_vocabulary = GuideVocabulary.for_model(self.tokenizer, self.model)
         return guide.session(self._guide_vocabulary)
 
     def _stream_batched(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None,
