@@ -18,14 +18,17 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "gradio", "sentenc
 
 
 def commit() -> str | None:
+    """The commit measured; BENCH_COMMIT names it where the copy that runs has no history of its own."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         head = git("rev-parse", "--short", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):  # a copy without git (a GPU machine): the caller names it
-        return os.environ.get("BENCH_COMMIT")
+    except (OSError, subprocess.CalledProcessError):
+        return None
     return head + ("+changes" if changed else "")
 
 
