@@ -7,7 +7,8 @@ engine unguided, in one process, alternating.
 
 The guide is the demo company's tools (webapp/tools/demo_tools.toml, with their aliases),
 compiled by xgrammar for the model's tokenizer. Each user's session is opened inside a call
-and reopened whenever the call closes, so every row of every step is masked. Prompts are
+(a free string, an enum, a pattern-checked value, a row each in turn) and reopened whenever
+the call is complete, so every row of every step is masked. Prompts are
 random tokens, answers a fixed length, greedy. Rows go to bench/results/guided_cost.jsonl
 ($OUT/guided_cost.jsonl where OUT is set); a table is printed.
 """
@@ -85,24 +86,30 @@ def main() -> int:
     guide = ToolCallGuide.from_tools(tools, aliases)
     vocabulary.compile(guide)
     compile_s = time.perf_counter() - started
-    opening = tokenizer('<tool_call>\n{"name": "lookup_customer", "arguments": {"name_or_id": "',
-                        add_special_tokens=False)["input_ids"]
+    # the rows' calls begin in a free string, in an enum, in a pattern-checked value
+    openings = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (
+        '<tool_call>\n{"name": "lookup_customer", "arguments": {"name_or_id": "',
+        '<tool_call>\n{"name": "query_sales", "arguments": {"region": "',
+        '<tool_call>\n{"name": "query_sales", "arguments": {"region": "华东", "period": "')]
 
     class AlwaysInCall(GuidedSession):
-        """A session that opens a call again as soon as one closes: every step is guided."""
+        """A session that opens a call again as soon as one is complete: every step is guided."""
 
-        masked_steps = 0
+        def __init__(self, number: int):
+            super().__init__(vocabulary.compile(guide), vocabulary)
+            self.opening = openings[number % len(openings)]
+            self.reopen()
 
         def advance(self, token_id: int) -> None:
             super().advance(token_id)
             if self.matcher is None:
-                for token in opening:
-                    super().advance(token)
+                self.reopen()
 
-        def reopen(self) -> "AlwaysInCall":
-            for token in opening:
+        def reopen(self) -> None:
+            self.text.clear()
+            self.call_start = None
+            for token in self.opening:
                 super().advance(token)
-            return self
 
     generator = torch.Generator().manual_seed(7)
     limit = min(len(tokenizer), model.config.vocab_size) - 300
@@ -111,7 +118,7 @@ def main() -> int:
     engine = BatchingEngine(decoder)
 
     def run(guided: bool) -> tuple[float, list[list[int]]]:
-        sessions = [AlwaysInCall(vocabulary.compile(guide), vocabulary).reopen() if guided else None for _ in prompts]
+        sessions = [AlwaysInCall(number) if guided else None for number in range(len(prompts))]
         sync()
         started = time.perf_counter()
         requests = [engine.submit(DecodeRequest(list(p), max_new_tokens=args.new_tokens, guide=s))

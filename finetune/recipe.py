@@ -655,9 +655,13 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
                                      thinking=cfg.thinking), add_special_tokens=False)["input_ids"] for case in cases]
     stop = stop_token_ids(tokenizer, model)
     engine = greedy_engine(model, prompts, cfg.eval_max_new_tokens, 2 * len(cases))
-    vocabulary = GuideVocabulary.for_model(tokenizer, model)
     guides = [ToolCallGuide.from_tools(case["tools"]) if cfg.guided_tool_calls and case.get("tools") else None
               for case in cases]
+    try:  # as serving does: where the grammar cannot be built, calls are decoded unguided
+        vocabulary = GuideVocabulary.for_model(tokenizer, model) if any(guides) else None
+    except Exception as exc:
+        print(f"tool calls evaluated unguided: {exc}", file=sys.stderr)
+        guides = [None] * len(cases)
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}
     try:
         requests = {who: [engine.submit(DecodeRequest(

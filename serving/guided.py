@@ -10,7 +10,11 @@ SGLang and TensorRT-LLM), which fills a token bitmask in a fraction of a millise
 Outside a call — text, thinking — nothing is masked and the grammar costs nothing: the
 session only watches the bytes for `<tool_call>` (one token in Qwen3, several in smaller
 vocabularies) and starts a matcher there, fed whatever the opening token carried after
-the tag. After `</tool_call>` the text is free again, and a second call gets a fresh matcher.
+the tag. Until the call's JSON is complete, no control token (end of text, `</tool_call>`,
+`<think>` …) may be written, nor the ordinary tokens that would spell `</tool_call>` inside a
+string; once it is complete, the text is free again (the model closes the tag), and a
+second call gets a fresh matcher. A `<tool_call>` written while thinking is not guided
+(calls in thinking are not run), and a call longer than the parser takes is let go.
 
 Used by both decoding paths: `GuideLogitsProcessor` for transformers' generate(), and
 `GuidedSession.restrict` called by the batching engine (serving/decoding.py).
@@ -28,13 +32,14 @@ from typing import Any, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 CALL_OPEN, CALL_CLOSE = b"<tool_call>", b"</tool_call>"
+THINK_OPEN, THINK_CLOSE = b"<think>", b"</think>"
 # Whitespace the model may put around the call's JSON and inside it: Qwen3 writes one newline
 # on each side; a bound keeps a weak model from filling its budget with blank lines.
 _MAX_WHITESPACE = 4
-# After the JSON: the closing tag, then anything (the token that closes the call may carry the
-# text after it; the session drops the matcher as soon as the tag is written).
-_TAIL = f'root ::= [ \\t\\r\\n]{{0,{_MAX_WHITESPACE}}} "</tool_call>" [^]*'
-_HEAD = f"root ::= [ \\t\\r\\n]{{0,{_MAX_WHITESPACE}}}"
+_SPACE = f"root ::= [ \\t\\r\\n]{{0,{_MAX_WHITESPACE}}}"
+# A call longer than this is refused by the parser (webapp/tools/parser.py MAX_CALL_CHARS):
+# past it the guide lets go, so that the model may stop.
+MAX_CALL_BYTES = 20_000
 
 
 def call_schemas(tools: Sequence[Mapping[str, Any]],
@@ -66,7 +71,7 @@ def _call(name: str, arguments: dict) -> dict:
 
 @lru_cache(maxsize=64)
 def _grammar(schema_json: str):
-    """The call's grammar: whitespace, the JSON, the closing tag. Cached: the same users see the
+    """The call's grammar: whitespace, the JSON, whitespace. Cached: the same users see the
     same tools turn after turn. Keys come in the schema's order ("name" first, as Qwen3 writes
     calls; arguments as the tool file lists them): xgrammar's any-order mode does not hold
     required fields, and a missing required argument is the worse error."""
@@ -74,20 +79,25 @@ def _grammar(schema_json: str):
 
     body = xgr.Grammar.from_json_schema(schema_json, any_whitespace=True, strict_mode=False,
                                         max_whitespace_cnt=_MAX_WHITESPACE)
-    return xgr.Grammar.concat(xgr.Grammar.from_ebnf(_HEAD), body, xgr.Grammar.from_ebnf(_TAIL))
+    return xgr.Grammar.concat(xgr.Grammar.from_ebnf(_SPACE), body, xgr.Grammar.from_ebnf(_SPACE))
 
 
 def _expressible(choice: dict) -> dict:
     """The tool's call schema, or — where xgrammar cannot express its parameters (a regex with a
     lookbehind, a dangling $ref) — the call with any JSON object as arguments: the name is still
     held, and the executor still validates the arguments against the full schema."""
-    try:
-        _grammar(json.dumps(choice, ensure_ascii=False, sort_keys=False))
-        return choice
+    return json.loads(_expressible_json(json.dumps(choice, ensure_ascii=False, sort_keys=False)))
+
+
+@lru_cache(maxsize=256)
+def _expressible_json(choice_json: str) -> str:
+    try:  # cached, so a schema xgrammar refuses is warned about once
+        _grammar(choice_json)
+        return choice_json
     except Exception as exc:  # xgrammar's converters raise RuntimeError with the reason
-        name = choice["properties"]["name"]["const"]
+        name = json.loads(choice_json)["properties"]["name"]["const"]
         log.warning("the arguments of %s are decoded unguided (xgrammar: %s)", name, str(exc).splitlines()[0][:200])
-        return _call(name, {"type": "object"})
+        return json.dumps(_call(name, {"type": "object"}), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,32 @@ class GuideVocabulary:
         self._compiled: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._buffers = threading.local()  # per decoding thread: the engine's and generate()'s
+        # Never inside a call's JSON: the tokenizer's added tokens (end of text, the chat and call
+        # tags, thinking tags; xgrammar reads them as text) and any token holding `</tool_call>`.
+        control = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        control |= {i for i, piece in enumerate(self.token_bytes) if CALL_CLOSE in piece}
+        self._closers: dict[int, Any] = {0: self._allowed_row(control)}
+
+    def _allowed_row(self, forbidden: set[int]):
+        """A bitmask row allowing every token but `forbidden`."""
+        import xgrammar as xgr
+
+        row = xgr.allocate_token_bitmask(1, self.info.vocab_size)[0]
+        for token in forbidden:
+            if 0 <= token < self.info.vocab_size:
+                row[token // 32] &= ~(1 << (token % 32))
+        return row
+
+    def outside_tag(self, spelled: int):
+        """The allowed-row for a text that ends with the first `spelled` bytes of `</tool_call>`:
+        no control token, and no token that would complete the tag (a vocabulary that spells
+        the tag in several tokens could otherwise close the call inside a string)."""
+        row = self._closers.get(spelled)
+        if row is None:
+            rest = CALL_CLOSE[spelled:]
+            completing = {i for i, piece in enumerate(self.token_bytes) if piece.startswith(rest)}
+            row = self._closers[spelled] = self._closers[0] & self._allowed_row(completing)
+        return row
 
     @classmethod
     def for_model(cls, tokenizer, model) -> "GuideVocabulary":
@@ -166,7 +202,7 @@ class GuidedSession:
         self.vocabulary = vocabulary
         self.text = bytearray()
         self.call_start: int | None = None  # where the open call's JSON begins in `text`
-        self.matcher: Any = None  # set while inside a guided call
+        self.matcher: Any = None  # set while a call's JSON is being written under guidance
 
     def _open_matcher(self, rest: bytes) -> None:
         import xgrammar as xgr
@@ -177,13 +213,24 @@ class GuidedSession:
             log.debug("tool call began off the grammar: %r", rest[:40])
             self.matcher = None
 
+    def _thinking_at(self, position: int) -> bool:
+        return self.text.rfind(THINK_OPEN, 0, position) > self.text.rfind(THINK_CLOSE, 0, position)
+
     def advance(self, token_id: int) -> None:
         piece = self.vocabulary.bytes_of(int(token_id))
         before = len(self.text)
         self.text += piece
         if self.call_start is not None:
-            if self.matcher is not None and not self.matcher.accept_token(int(token_id)):
-                self.matcher = None  # a token chosen around the mask (never when restrict ran)
+            if self.matcher is not None:
+                try:
+                    accepted = self.matcher.accept_token(int(token_id))
+                except Exception:  # never let the guide stop an answer
+                    log.exception("the tool-call matcher failed; the call goes on unguided")
+                    accepted = False
+                if not accepted or self.matcher.is_completed() or len(self.text) - self.call_start > MAX_CALL_BYTES:
+                    # complete (the model writes the closing tag), a token chosen around the mask
+                    # (never when restrict ran), or longer than any call the parser takes
+                    self.matcher = None
             close = self.text.find(CALL_CLOSE, max(self.call_start, before - len(CALL_CLOSE)))
             if close < 0:
                 return
@@ -192,7 +239,7 @@ class GuidedSession:
         else:
             search_from = max(0, before - len(CALL_OPEN))  # a tag may have begun in the previous token
         start = self.text.find(CALL_OPEN, search_from)
-        if start >= 0:
+        if start >= 0 and not self._thinking_at(start):  # a call written while thinking is not run
             self.call_start = start + len(CALL_OPEN)
             rest = bytes(self.text[self.call_start:])
             if CALL_CLOSE in rest:  # opened and closed within one token: nothing left to guide
@@ -204,6 +251,23 @@ class GuidedSession:
     def active(self) -> bool:
         return self.matcher is not None
 
+    def spelled_close(self) -> int:
+        """How many leading bytes of `</tool_call>` the text ends with (0 to 11)."""
+        for spelled in range(len(CALL_CLOSE) - 1, 0, -1):
+            if self.text.endswith(CALL_CLOSE[:spelled]):
+                return spelled
+        return 0
+
+    def fill(self, bitmask, row: int) -> None:
+        """Write the allowed tokens into `bitmask[row]` (one bit per token)."""
+        try:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+        except Exception:  # never let the guide stop an answer
+            log.exception("the tool-call matcher failed; the call goes on unguided")
+            self.matcher = None
+            return
+        bitmask[row] &= self.vocabulary.outside_tag(self.spelled_close())
+
     def restrict(self, scores) -> None:
         """Set (in place) every token that would break the open call to -inf; `scores` is one
         row of logits, as wide as the model's output (which may exceed the tokenizer)."""
@@ -213,8 +277,8 @@ class GuidedSession:
 def mask_rows(logits, sessions: Mapping[int, GuidedSession]) -> None:
     """Mask, in place, the rows of a batch of logits whose session is inside a call: each
     matcher fills its row of one bitmask on the CPU (while a GPU still computes the logits),
-    applied to the whole batch in one pass — other rows' masks allow everything — with one
-    asynchronous copy and one kernel on a GPU."""
+    applied in one pass — on a GPU to the whole batch (other rows' masks allow everything),
+    with one asynchronous copy and one kernel."""
     import xgrammar as xgr
 
     rows = [row for row, session in sessions.items() if session.matcher is not None]
@@ -224,11 +288,13 @@ def mask_rows(logits, sessions: Mapping[int, GuidedSession]) -> None:
     cpu, device = vocabulary.bitmasks(logits.shape[0], logits.device)
     xgr.reset_token_bitmask(cpu)
     for row in rows:
-        sessions[row].matcher.fill_next_token_bitmask(cpu, row)
-    if device.device.type != "cpu":
-        device.copy_(cpu, non_blocking=True)
+        sessions[row].fill(cpu, row)
     width = min(vocabulary.info.vocab_size, logits.shape[-1])
-    xgr.apply_token_bitmask_inplace(logits, device, vocab_size=width)
+    if device.device.type != "cpu":  # the whole batch: an index list would be one more (blocking) copy
+        device.copy_(cpu, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, device, vocab_size=width)
+    else:  # the guided rows only: on a CPU each row costs about half a millisecond at Qwen3's width
+        xgr.apply_token_bitmask_inplace(logits, cpu, vocab_size=width, indices=rows)
     if logits.shape[-1] > width:  # wider than the vocabulary the guide was built for: no tokens
         import torch
 

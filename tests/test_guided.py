@@ -4,6 +4,7 @@ writes an accepted one, and nothing outside a tool call changes."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -161,13 +162,14 @@ def test_outside_a_call_nothing_is_masked_and_inside_only_what_fits(tokenizer, v
 
 
 def test_a_schema_xgrammar_cannot_express_leaves_only_that_tools_arguments_free(tokenizer, vocabulary, caplog):
-    odd = {"type": "function", "function": {"name": "odd", "parameters": {
+    name = f"odd_{len(tokenizer)}"  # warned once per schema: one of its own per tokenizer
+    odd = {"type": "function", "function": {"name": name, "parameters": {
         "type": "object", "properties": {"code": {"type": "string", "pattern": "(?<=x)y"}}}}}
     with caplog.at_level(logging.WARNING, logger="serving.guided"):
         guide = ToolCallGuide.from_tools([SALES, odd], ALIASES)
-    assert "odd" in caplog.text
+    assert name in caplog.text
     assert follows(tokenizer, guide.session(vocabulary),
-                   '<tool_call>\n{"name": "odd", "arguments": {"code": "anything", "n": 1}}\n</tool_call>') == []
+                   '<tool_call>\n{"name": "%s", "arguments": {"code": "anything", "n": 1}}\n</tool_call>' % name) == []
     bad = GOOD.replace('"last_month"', '"year-to-date"')
     assert decode(tokenizer, [bad, GOOD], guide.session(vocabulary)) == GOOD  # the other tool is still held
 
@@ -240,8 +242,8 @@ def test_the_engine_holds_a_qwen3_call_from_its_first_step(tiny_qwen3_dir):
     engine = BatchingEngine(StaticDecoder(model, max_batch=2, max_len=64))
     try:
         plain_alone = engine.submit(DecodeRequest(prompt, 12)).collect()
-        guided, plain = engine.submit(DecodeRequest(prompt, 12, guide=session)), engine.submit(DecodeRequest(prompt, 12))
-        guided, plain = guided.collect(), plain.collect()
+        plain, guided = engine.submit(DecodeRequest(prompt, 12)), engine.submit(DecodeRequest(prompt, 12, guide=session))
+        plain, guided = plain.collect(), guided.collect()  # the guided row is the batch's second
     finally:
         engine.close()
     assert plain == plain_alone
@@ -260,3 +262,32 @@ def test_ids_past_the_tokenizer_are_never_allowed_inside_a_call(tokenizer, guide
     session.restrict(scores)
     assert (scores[len(tokenizer):] == float("-inf")).all()
     assert torch.isfinite(scores[:len(tokenizer)]).sum() > len(tokenizer) // 2  # an open string: most tokens fit
+
+
+def test_a_string_cannot_close_the_call_nor_the_answer_end_inside_it(tokenizer, vocabulary, guide):
+    """`</tool_call>` (one token in Qwen3, five in the embedded vocabulary) and the end-of-text
+    tokens read as string content to the grammar: they stay masked until the JSON is complete."""
+    good = '<tool_call>\n{"name": "lookup_customer", "arguments": {"name_or_id": "ACME"}}\n</tool_call>'
+    bad = good.replace('ACME"}}', 'ACME</tool_call>')
+    assert decode(tokenizer, [bad, good], None) == bad
+    written = decode(tokenizer, [bad, good], guide.session(vocabulary))
+    if "</tool_call>" in written:  # closed only once the JSON is whole
+        json.loads(written.split("<tool_call>")[1].split("</tool_call>")[0])
+    session = guide.session(vocabulary)
+    for token in tokenizer(good.split("ACME")[0] + "ACME", add_special_tokens=False)["input_ids"]:
+        session.advance(token)
+    scores = torch.zeros(len(tokenizer))
+    session.restrict(scores)
+    ends = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])} - {None}
+    assert all(scores[token] == float("-inf") for token in ends if token < len(tokenizer))
+    for token in tokenizer('"}}', add_special_tokens=False)["input_ids"]:
+        session.advance(token)
+    assert not session.active  # complete: the closing tag and the end are the model's again
+
+
+def test_a_call_written_while_thinking_is_not_guided(tokenizer, vocabulary, guide):
+    session = guide.session(vocabulary)
+    thinking = '<think>\n<tool_call>\n{"name": "sales_query", "args": 1}\n</tool_call>\n'
+    assert follows(tokenizer, session, thinking) == []
+    follows(tokenizer, session, '</think>\n\n<tool_call>\n{"name": "')
+    assert session.active

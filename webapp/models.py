@@ -252,6 +252,7 @@ class ModelService(PromptsAndRouting):
     _executor: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     engine: Any = None  # a decoding.BatchingEngine when batched decoding is on
     _guide_vocabulary: Any = field(default=None, repr=False)  # guided.GuideVocabulary, built on first guided turn
+    _guide_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     stream_interval_s: float = 0.0  # batched decoding: least time between two streamed pieces
 
     def enable_batched_decoding(self, max_batch: int, max_len: int, stream_interval_ms: int = 0) -> None:
@@ -404,9 +405,14 @@ class ModelService(PromptsAndRouting):
             return None
         from serving.guided import GuideVocabulary
 
-        if self._guide_vocabulary is None:
-            self._guide_vocabulary = GuideVocabulary.for_model(self.tokenizer, self.model)
-        return guide.session(self._guide_vocabulary)
+        try:  # built once, on the first guided turn (under a second for Qwen3's vocabulary)
+            with self._guide_lock:
+                if self._guide_vocabulary is None:
+                    self._guide_vocabulary = GuideVocabulary.for_model(self.tokenizer, self.model)
+            return guide.session(self._guide_vocabulary)
+        except Exception:  # the turn goes on unguided; the executor still validates every call
+            log.exception("tool calls are decoded unguided: the grammar could not be built")
+            return None
 
     def _stream_batched(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None,
                         result: GenerationResult, guide: Any = None) -> Iterator[str]:
