@@ -6,11 +6,8 @@ import datetime as dt
 import json
 import secrets
 from pathlib import Path
-from typing import Callable
 
 from storage import accounts, chats, company
-from storage import knowledge as knowledge_store
-from storage.accounts import User
 from storage.db import Database
 from webapp.auth import Auth
 
@@ -77,25 +74,19 @@ def seed_demo_documents(knowledge) -> int:
 DEMO_FEEDBACK = Path(__file__).with_name("demo_feedback.jsonl")
 
 
-def seed_demo_feedback(db: Database, auth: Auth, review, model_name: str,
-                       served_passages: Callable[[User, str], list[dict]] | None = None) -> tuple[int, int]:
+def seed_demo_feedback(db: Database, auth: Auth, review, model_name: str) -> tuple[int, int]:
     """The demo company's first weeks, so that one Retrain shows the loop: finance employees
     asked for sales figures, the untrained model answered without looking them up, they
     pressed 👎; a reviewer corrected most answers with the query_sales call (through the review
     service, as the Review tab does). The rest wait in the review queue for the newcomer.
-    `served_passages(user, question)`: the documents' passages the chat would have put beside
-    each question; they are stored with it, so the corrections train on the prompt a sales
-    question is really served with (trained without them, the adapter continued the passage
-    list instead of calling the tool). Returns (corrected, waiting)."""
+    Returns (corrected, waiting)."""
     employee, reviewer = auth.current_user("finance-employee"), auth.current_user("finance-reviewer")
     corrected = waiting = 0
     for line in DEMO_FEEDBACK.read_text(encoding="utf-8").splitlines():
         case = json.loads(line)
-        _, (question_id, answer_id) = chats.start_conversation(
+        _, (_, answer_id) = chats.start_conversation(
             db, employee.id, employee.department_id, case["question"][:60],
             [("user", case["question"], {}), ("assistant", case["answer"], {"model": model_name})])
-        if served_passages is not None:
-            knowledge_store.log_retrievals(db, question_id, "auto", served_passages(employee, case["question"]))
         chats.record_feedback(db, answer_id, employee.id, -1, case["comment"])
         if case["reviewed"]:
             review.decide(reviewer, answer_id, "approved", reason="should_call_tool", tool_name="query_sales",

@@ -156,9 +156,7 @@ def open_services(settings: Settings, model: ModelService | None = None,
             settings.scrub_pii, settings.eval_fraction))
         if seeded and settings.demo_feedback:
             try:
-                turns = engine.turns
-                corrected, waiting = seed_demo_feedback(db, auth, review, model.name, lambda user, question: (
-                    turns.passages(user, question, turns.tools_for(user))))
+                corrected, waiting = seed_demo_feedback(db, auth, review, model.name)
                 log.info("seeded the demo feedback: %d corrected answers, %d waiting for review", corrected, waiting)
             except Exception:  # e.g. a --tools-file without the demo's query_sales: the demo starts without it
                 log.exception("could not seed the demo feedback; the demo starts without it")

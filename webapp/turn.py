@@ -104,12 +104,6 @@ class TurnRunner:
     def tools_for(self, user: User) -> list[dict]:
         return [spec.function_schema() for spec in self.executor.tools_for(user)] if self.executor else []
 
-    def passages(self, user: User, text: str, tools: list[dict]) -> list[dict]:
-        """The department's passages this question is served with: the relevant ones that fit
-        the context beside the system prompt and the tools."""
-        hits = self.knowledge.relevant(user.department_id, text) if self.knowledge is not None else []
-        return self.window().passages_that_fit(self.system(), text, tools, [h.as_dict() for h in hits])
-
     def guide(self, tools: list[dict]) -> ToolCallGuide | None:
         """What keeps tool calls valid while they are decoded: the tools offered in the prompt,
         with the spellings their tool file maps onto enum values."""
@@ -149,8 +143,9 @@ class TurnRunner:
                 yield self._serve_cached(user, text, hit)
                 return
         started = time.perf_counter()
+        hits = self.knowledge.relevant(user.department_id, text) if self.knowledge is not None else []
         system, window = self.system(), self.window()
-        passages = self.passages(user, text, tools)
+        passages = window.passages_that_fit(system, text, tools, [h.as_dict() for h in hits])
         prepared = window.attachments(attachments or [], text, tools, system, passages,
                                       self.knowledge.embedder if self.knowledge is not None else None)
         content = "\n\n".join([text, *(a["prompt_text"] for a in prepared)])
