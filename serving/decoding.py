@@ -729,12 +729,7 @@ class BatchingEngine:
                 self.on_step(len(active))
             guides = {slot: self._slots[slot].guide for slot in active if self._slots[slot].guide is not None}
             if guides:  # rows inside a tool call keep only the tokens that keep it valid
-                try:
-                    mask_rows(logits, guides)
-                except Exception:  # the answers go on unguided rather than fail
-                    log.exception("guided decoding failed; these calls go on unguided")
-                    for guide in guides.values():
-                        guide.matcher = None
+                mask_rows(logits, guides)
             greedy = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
             for slot in active:
                 request = self._slots[slot]

@@ -278,12 +278,21 @@ def mask_rows(logits, sessions: Mapping[int, GuidedSession]) -> None:
     """Mask, in place, the rows of a batch of logits whose session is inside a call: each
     matcher fills its row of one bitmask on the CPU (while a GPU still computes the logits),
     applied in one pass — on a GPU to the whole batch (other rows' masks allow everything),
-    with one asynchronous copy and one kernel."""
-    import xgrammar as xgr
-
+    with one asynchronous copy and one kernel. A failure leaves those calls unguided."""
     rows = [row for row, session in sessions.items() if session.matcher is not None]
     if not rows:
         return
+    try:
+        _apply(logits, rows, sessions)
+    except Exception:  # never let the guide stop an answer: these calls go on unguided
+        log.exception("guided decoding failed; the open calls go on unguided")
+        for row in rows:
+            sessions[row].matcher = None
+
+
+def _apply(logits, rows: list[int], sessions: Mapping[int, GuidedSession]) -> None:
+    import xgrammar as xgr
+
     vocabulary = sessions[rows[0]].vocabulary
     cpu, device = vocabulary.bitmasks(logits.shape[0], logits.device)
     xgr.reset_token_bitmask(cpu)
