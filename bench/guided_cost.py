@@ -101,9 +101,14 @@ def main() -> int:
             self.reopen()
 
         def advance(self, token_id: int) -> None:
+            started = time.perf_counter()
             super().advance(token_id)
+            host["advance"] += time.perf_counter() - started
             if self.matcher is None:
+                started = time.perf_counter()
                 self.reopen()
+                host["reopen"] += time.perf_counter() - started
+                host["reopens"] += 1
 
         def reopen(self) -> None:
             self.text.clear()
@@ -111,6 +116,20 @@ def main() -> int:
             for token in self.opening:
                 super().advance(token)
 
+    # the host's share of a guided step: the matchers' advancing (on the step's critical path)
+    # and mask_rows (filling overlaps the GPU's forward pass); reopening is the bench's own
+    import serving.decoding as decoding
+
+    host = dict(advance=0.0, reopen=0.0, reopens=0, mask=0.0, steps=0)
+    masking = decoding.mask_rows
+
+    def timed_mask_rows(logits, sessions):
+        started = time.perf_counter()
+        masking(logits, sessions)
+        host["mask"] += time.perf_counter() - started
+        host["steps"] += 1
+
+    decoding.mask_rows = timed_mask_rows
     generator = torch.Generator().manual_seed(7)
     limit = min(len(tokenizer), model.config.vocab_size) - 300
     prompts = torch.randint(0, limit, (args.users, args.prompt_len), generator=generator).tolist()
@@ -133,6 +152,7 @@ def main() -> int:
         run(False), run(True)  # warm-up: graphs, the mask kernel's compilation
         steps = {False: [], True: []}
         texts = []
+        host.update(advance=0.0, reopen=0.0, reopens=0, mask=0.0, steps=0)
         for _ in range(args.rounds):
             for guided in (False, True):
                 ms, outputs = run(guided)
@@ -147,7 +167,10 @@ def main() -> int:
                ms_per_step_unguided=round(plain, 3), ms_per_step_guided=round(guided, 3),
                overhead_ms=round(guided - plain, 3), overhead_pct=round(100 * (guided - plain) / plain, 2),
                all_unguided=[round(x, 3) for x in steps[False]], all_guided=[round(x, 3) for x in steps[True]],
-               vocabulary_s=round(vocabulary_s, 3), compile_s=round(compile_s, 3),
+               host_ms_per_step=dict(mask_rows=round(1000 * host["mask"] / max(host["steps"], 1), 3),
+                                     advance=round(1000 * host["advance"] / max(host["steps"], 1), 3),
+                                     bench_reopen=round(1000 * host["reopen"] / max(host["steps"], 1), 3)),
+               reopens=host["reopens"], vocabulary_s=round(vocabulary_s, 3), compile_s=round(compile_s, 3),
                tokenizer_tokens=len(tokenizer), sample_guided_output=texts[0][:300] if texts else "")
     out = Path(os.environ.get("OUT", ROOT / "bench/results")) / "guided_cost.jsonl"
     append(out, "bench/guided_cost.py", gpu_device() if cuda else cpu_device(), code, **row)
