@@ -4,9 +4,9 @@ For each labelled pair (Chinese and English; true paraphrases, and near-misses t
 region, product, period, number, negation, comparison order, person/name or content), question
 a is answered and cached, then b is asked. Two sets, side by side: the development set
 bench/data/cache_pairs.jsonl (written with the cache) and the held-out set
-bench/data/cache_heldout.jsonl and bench/data/cache_heldout2.jsonl (each written independently,
-frozen before any tuning against it; the first has since been read while tuning, the second only
-measured). A paraphrase should hit; a near-miss must not. Baseline, in the same run: the same
+bench/data/cache_heldout.jsonl, cache_heldout2.jsonl and cache_heldout3.jsonl (each written
+independently, frozen before any tuning against it; the first has since been read while tuning,
+the second has been measured and its misses read, the third is new). A paraphrase should hit; a near-miss must not. Baseline, in the same run: the same
 similarity with no slot guards (what a plain semantic cache does), at each threshold.
 Then the hit latency through TurnRunner.stream_turn against a generation on the embedded
 model. Targets: 0 wrong hits, >= 70% paraphrase hits, hit latency <= 1% of a generation.
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SETS = {"development": Path(__file__).parent / "data" / "cache_pairs.jsonl",
         "held-out": Path(__file__).parent / "data" / "cache_heldout.jsonl",
-        "held-out-2": Path(__file__).parent / "data" / "cache_heldout2.jsonl"}
+        "held-out-2": Path(__file__).parent / "data" / "cache_heldout2.jsonl",
+        "held-out-3": Path(__file__).parent / "data" / "cache_heldout3.jsonl"}
 
 
 def load_pairs(path: Path) -> list[dict]:
