@@ -82,7 +82,8 @@ class RefreshRunner:
     def __init__(self, db: Database, settings: RefreshSettings, base_model: Callable[[], str], adapters_dir: Path,
                  runs_dir: Path, tools_for_department: Callable[[str], list[dict]],
                  promote: Callable[[str, str], None],
-                 vocabulary_for_department: Callable[[str], Vocabulary] = lambda department: {}):
+                 vocabulary_for_department: Callable[[str], Vocabulary] = lambda department: {},
+                 passages_for: Callable[[str, str], list[dict]] = lambda department, question: []):
         self.db = db
         self.settings = settings
         self.base_model = base_model  # the folder the app serves (the embedded model is converted lazily)
@@ -91,6 +92,7 @@ class RefreshRunner:
         self.tools_for_department = tools_for_department
         self.promote = promote
         self.vocabulary_for_department = vocabulary_for_department
+        self.passages_for = passages_for  # (department, question) -> the passages the app would give it
         self._running: dict[str, threading.Event] = {}  # department -> cancel event
         self._guard = threading.Lock()
 
@@ -146,7 +148,8 @@ class RefreshRunner:
         eval_rows = reviews.list_samples(self.db, department_id, "eval")
         variants = self._variants(department_id, reviewed, eval_rows)
         if variants:
-            on_progress({"event": "augmented", "samples": len(reviewed), "variants": len(variants)})
+            on_progress({"event": "augmented", "samples": len(reviewed), "variants": len(variants),
+                         "with_passages": sum(1 for v in variants if _has_passages(v["messages"]))})
         lines = [json.dumps(sample, ensure_ascii=False) for sample in reviewed + variants]
         tools = self.tools_for_department(department_id)
         general = [json.loads(line) for line in GENERAL_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -229,6 +232,15 @@ class RefreshRunner:
             made = slot_variants(sample, vocabulary, count, rng, avoid)
             avoid |= {normalize_question(last_question(v["messages"])) for v in made}
             variants += made
+        # Each variant carries the passages the app would retrieve for its question today, as
+        # a live question does: a correction reviewed without passages otherwise teaches the call
+        # only for prompts without them, and a live sales question that draws a loosely related
+        # passage is answered by continuing the passage list instead of calling the tool.
+        for variant in variants:
+            if not _has_passages(variant["messages"]):
+                found = self.passages_for(department_id, last_question(variant["messages"]))
+                if found:
+                    variant["messages"] = with_passages(variant["messages"], found)
         return variants
 
     def _run_recipe(self, run_dir: Path, progress: Path, cancel: threading.Event,
@@ -267,3 +279,7 @@ class RefreshRunner:
         if not any(e["event"] == "eval" for e in events):
             return "failed", "the training process ended without an evaluation", events
         return "succeeded", None, events
+
+
+def _has_passages(messages: list[dict]) -> bool:
+    return any(m.get("passages") for m in messages)

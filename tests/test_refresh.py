@@ -84,10 +84,15 @@ def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(re
                              {"role": "user", "content": "华南 2020 年销售额？"},
                              tool_call_message("query_sales", {"region": "华南", "period": "2020"}, "c")]}
     import_jsonl(services.db, json.dumps(held_out, ensure_ascii=False), "finance", None, eval_fraction=1.0)
+    # what a finance question would be served with, and what finance must never see
+    services.knowledge.add_files([("区域销售统计.md", "各区域年销售额由财务部按年统计：华东、华南、华北、华中。".encode())],
+                                 ["finance"], False)
+    services.knowledge.add_files([("人事销售奖金.md", "人事机密：各区域年销售额排名决定销售奖金。".encode())], ["hr"], False)
     events = []
     outcome = services.refresh.refresh("finance", "manual", force=True, on_progress=events.append)
     assert outcome.status == "succeeded", outcome
-    assert {"event": "augmented", "samples": 3, "variants": 6} in events
+    augmented = next(e for e in events if e["event"] == "augmented")
+    assert (augmented["samples"], augmented["variants"]) == (3, 6)
     lines = [json.loads(line) for line in (services.settings.data_dir / "runs" / f"run-{outcome.run_id}" /
                                            "train.jsonl").read_text(encoding="utf-8").splitlines()]
     tool_samples = [line for line in lines if any(m.get("tool_calls") for m in line["messages"])]
@@ -100,6 +105,12 @@ def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(re
         questions.append(question)
     assert "华南 2020 年销售额？" not in questions  # the evaluation question is never trained
     assert len(set(questions)) == 9
+    # the twins carry the passages a live question gets (the department's own only); the
+    # reviewed samples stay as they were approved
+    given = [" ".join(p["text"] for p in m["passages"]) for line in tool_samples for m in line["messages"]
+             if m.get("passages")]
+    assert augmented["with_passages"] == len(given) > 0
+    assert all("由财务部按年统计" in text and "人事机密" not in text for text in given), given
     replay = len(lines) - len(tool_samples)
     assert replay == 9  # two general samples cycled up to half of the mix
 

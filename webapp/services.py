@@ -163,7 +163,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
         runner = RefreshRunner(
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),
-            adapters.activate, lambda department: department_vocabulary(tools, department))
+            adapters.activate, lambda department: department_vocabulary(tools, department),
+            department_passages(knowledge))
         nightly = NightlyRefresh(db, runner, settings.refresh_cron,
                                  housekeeping=[cache.prune_lookups] if cache is not None else [])
     except BaseException:
@@ -185,6 +186,19 @@ def load_generation_backend(settings: Settings):
                                  settings.backend_model, settings.context_tokens)
     spec = ModelSpec(settings.model, settings.device, settings.dtype, settings.load_in_4bit)
     return load_model_service(spec, settings.models_dir, settings.context_tokens)
+
+
+def department_passages(knowledge):
+    """(department, question) -> the passages a turn would give the question (the relevance
+    gate's, within the department), for the refresh to train its variants with."""
+    if knowledge is None:
+        return lambda department, question: []
+
+    def passages(department: str, question: str) -> list[dict]:
+        return [{key: hit.as_dict().get(key) for key in ("title", "location", "text")}
+                for hit in knowledge.relevant(department, question)]
+
+    return passages
 
 
 def refresh_settings(settings: Settings) -> RefreshSettings:
