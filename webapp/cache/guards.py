@@ -2,8 +2,10 @@
 
 A semantic match is served only when both questions are in one language and agree on every
 slot below: numbers with their units, dates and periods, named entities (regions, products
-and other closed values of the tools), codes (产品线A, X200, INV-2026-0117), names of people, negation, the order of
-compared things, and, when the two are the same sentence with a piece swapped, that piece.
+and other closed values of the tools), codes (产品线A, X200, INV-2026-0117), names of people,
+negation, the order of compared things, the alternatives a question picks from (gross or net,
+apply or cancel, interns or full-time staff, higher or lower, average or median), and, when the
+two are the same sentence with a piece swapped, that piece.
 Embedding similarity alone cannot see these (GPTCache issue #694: a question and its reversal
 at cosine 0.83-0.9997), so they are compared as data. Where a slot cannot be read with
 confidence the guard errs towards a miss: a miss costs one generation, a wrong hit trust.
@@ -156,6 +158,75 @@ _QUESTION_WORDS = frozenset("What Which Who Whom Whose When Where Why How Is Are
                             "Vs Versus Than To By From Has Have Had Hi Hello Hey If Any Are Am".split())
 
 
+# -- contrasts: words that name one of a few alternatives ----------------------------------------
+# Each group names alternatives that give different answers (gross or net, apply or cancel,
+# interns or full-time staff, higher or lower). Two questions that name different members of
+# a group differ however they are worded; where a group qualifies what is asked (a kind of
+# margin, a group of staff), naming a member against naming none differs too ("net margin"
+# is not "margin"). A group's words are matched in the folded, lower-case question.
+_W = r"(?<![a-z])"  # an English word starts here
+_CONTRASTS: list[tuple[str, bool, dict[str, str]]] = [
+    ("profit kind", True, {
+        "gross": _W + r"gross|毛利", "net": _W + r"net" + _END + r"|净利|净收入|净额|净资产",
+        "operating": _W + r"operating (?:profit|margin|income)|营业利润|经营利润"}),
+    ("metric", False, {
+        "revenue": _W + r"revenue|sales amount|income|营收|收入|销售额|营业额",
+        "volume": _W + r"units? sold|sales volume|volume|销量|销售量|出货量",
+        "profit": _W + r"profit|earnings|利润|盈利",
+        "cost": _W + r"costs?" + _END + r"|expenses?|spend(?:ing)?" + _END + r"|成本|费用|开支|支出",
+        "headcount": _W + r"headcount|head count|number of (?:staff|employees)|人数|员工数|编制",
+        "attrition": _W + r"attrition|turnover rate|leavers|离职率|流失率|离职人数",
+        "receivable": _W + r"receivables?|应收",
+        "payable": _W + r"payables?|应付",
+        "inventory": _W + r"inventory|stock level|库存|存货",
+    }),
+    ("statistic", False, {
+        "average": _W + r"average|mean" + _END + r"|平均|均值|人均",
+        "median": _W + r"median|中位数",
+        "total": _W + r"total|in all|altogether|总额|总计|合计|总数|总共",
+        "highest": _W + r"highest|maximum|max" + _END + r"|top" + _END + r"|最高|最多|最大",
+        "lowest": _W + r"lowest|minimum|min" + _END + r"|bottom|最低|最少|最小",
+    }),
+    ("direction", False, {
+        "up": _W + r"(?:higher|more|greater|bigger|larger|longer|faster|better|above|over|exceed\w*|increase\w*|"
+              r"rise|rose|grow\w*|up)" + _END + r"|高于|多于|超过|超出|大于|长于|增长|增加|上升|上涨|提高|上调|"
+              r"比[^，。？?,]{0,10}?(?:多|高|长|大|快|好|贵)",
+        "down": _W + r"(?:lower|less|fewer|smaller|shorter|slower|worse|below|under|decrease\w*|decline\w*|"
+                r"drop\w*|fell|fall\w*|cut|reduce\w*|down)" + _END + r"|低于|少于|不到|不如|不及|小于|短于|下降|"
+                r"减少|下跌|降低|下调|比[^，。？?,]{0,10}?(?:少|低|短|小|慢|差|便宜)",
+    }),
+    # each pair its own group: "申请离职" and "离职" name one operation, not two
+    ("operation", False, {"apply": _W + r"apply|applying|application|sign up|enrol\w*|register\w*|申请|报名|开通",
+                          "cancel": _W + r"cancel\w*|withdraw\w*|revok\w*|retract\w*|undo|取消|撤销|撤回|作废|退订"}),
+    ("operation", False, {"approve": _W + r"approv\w*|sign off|批准|审批通过|同意",
+                          "reject": _W + r"reject\w*|declin\w*|deny|denied|驳回|拒绝|退回"}),
+    ("operation", False, {"add": _W + r"add|adding|grant\w*|give access|添加|新增|授予",
+                          "remove": _W + r"remov\w*|delet\w*|take away|删除|移除|收回"}),
+    ("operation", False, {"buy": _W + r"buy\w*|bought|purchas\w*|procure\w*|采购|购买|买入",
+                          "sell": _W + r"sell\w*|sold|出售|卖出"}),
+    ("operation", False, {"import": _W + r"import\w*|进口", "export": _W + r"export\w*|出口"}),
+    ("operation", False, {"join": _W + r"onboard\w*|入职|报到",
+                          "leave": _W + r"resign\w*|quit\w*|offboard\w*|离职|辞职"}),
+    ("staff", True, {
+        "full-time": _W + r"full[- ]time|permanent staff|正式员工|全职|正编",
+        "part-time": _W + r"part[- ]time|兼职",
+        "intern": _W + r"interns?" + _END + r"|internship|实习",
+        "contractor": _W + r"contractors?|outsourc\w*|vendor staff|temp(?:orary)? staff|外包|劳务派遣|临时工",
+        "new hire": _W + r"new (?:hires?|joiners?|employees?|staff)|newcomers?|新员工|新入职|新人|新同事",
+        "executive": _W + r"executives?|vps?" + _END + r"|高管|总监级",
+        "manager": _W + r"managers?" + _END + r"|people leads?|管理层|主管们|经理们",
+    }),
+]
+_CONTRAST_RES = [(name, qualifies, {member: re.compile(pattern) for member, pattern in members.items()})
+                 for name, qualifies, members in _CONTRASTS]
+
+
+def _contrasts(lower: str) -> tuple:
+    """The members each contrast group's question names, group by group (empty: none)."""
+    return tuple(tuple(sorted(member for member, pattern in members.items() if pattern.search(lower)))
+                 for _, _, members in _CONTRAST_RES)
+
+
 @dataclass(frozen=True)
 class Slots:
     text: str  # folded (NFKC, lower case): where a slot of the other question is looked for
@@ -171,6 +242,7 @@ class Slots:
     chinese: bool = False  # asked in Chinese: the answer is in the asker's language
     values: tuple = ()  # codes, lone letters and numbers as written, in order (Q3, 2025, a)
     period_order: tuple = ()  # the periods in the order the question names them
+    contrasts: tuple = ()  # the members named, per contrast group
 
 
 def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
@@ -217,7 +289,7 @@ def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
     return Slots(lower, tuple(numbers), tuple(sorted(periods)), tuple(entities),
                  bool(_NEGATION.search(_A_NOT_A.sub(" ", lower))), bool(_COMPARISON.search(lower)),
                  tuple(sorted(people)), tuple(sorted(names)), words, chars, bool(_CJK.search(folded)),
-                 tuple(_VALUE.findall(lower)), tuple(token for _, token in sorted(found)))
+                 tuple(_VALUE.findall(lower)), tuple(token for _, token in sorted(found)), _contrasts(lower))
 
 
 def _is_period_or_unit(word: str) -> bool:
@@ -290,6 +362,9 @@ def disagreement(a: Slots, b: Slots) -> str | None:
         return "negation"
     if _missing(a.people, b.text) or _missing(b.people, a.text):
         return "person"
+    contrast = _contrast(a, b)
+    if contrast:
+        return contrast
     if _missing(a.names, b.text) or _missing(b.names, a.text):
         return "name"
     if a.compares or b.compares:
@@ -297,6 +372,13 @@ def disagreement(a: Slots, b: Slots) -> str | None:
             return "comparison order"
     if _swapped(a.words, b.words) or _swapped(tuple(a.chars), tuple(b.chars)):
         return "content"
+    return None
+
+
+def _contrast(a: Slots, b: Slots) -> str | None:
+    for (name, qualifies, _), first, second in zip(_CONTRAST_RES, a.contrasts, b.contrasts):
+        if first != second and ((first and second) or qualifies):
+            return name
     return None
 
 
