@@ -76,7 +76,8 @@ def test_a_refresh_trains_evaluates_gates_and_promotes_and_the_next_message_uses
 
 
 @pytest.mark.slow
-def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(refresh_services):
+def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(refresh_services, monkeypatch):
+    monkeypatch.setattr("finetune.refresh.TWINS_PER_PASSAGES", 2)
     services = refresh_services(augment_variants=2, replay_share=0.5, general_replay=2, gate_margin=-1.0,
                                 gate_tolerance=1.0)
     add_samples(services, 3)  # 华东 2020..2022 年销售额？ -> query_sales(region=华东, period=year)
@@ -111,6 +112,7 @@ def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(re
              if m.get("passages")]
     assert augmented["with_passages"] == len(given) > 0
     assert all("由财务部按年统计" in text and "人事机密" not in text for text in given), given
+    assert max(given.count(text) for text in given) <= 2  # one set of passages on two twins at most
     replay = len(lines) - len(tool_samples)
     assert replay == 9  # two general samples cycled up to half of the mix
 
