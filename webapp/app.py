@@ -51,7 +51,7 @@ def demo_banner(services: Services) -> str:
         "small embedded model, not yet trained on company data: it often answers wrong）\n\n"
         "试试这个循环 Try the loop: ① `finance-employee` 问 ask “上季度华东区的销售额是多少？” → ② `finance-reviewer` "
         "在 “审核 Review” 里纠正一条（选 query_sales） correct a case → ③ `finance-admin` 在 “管理 Admin” 点 "
-        "“立即训练 Retrain now”，约十五分钟 about fifteen minutes on 2 cores → ④ 再问一次 ask again: "
+        "“立即训练 Retrain now”，约十二分钟 about twelve minutes on 2 cores → ④ 再问一次 ask again: "
         "答案来自新的 finance 适配器，版本显示在顶部 the answer comes from the new finance adapter, its version above. "
         f"密码 password: `{DEMO_PASSWORD}`")
 
