@@ -238,13 +238,17 @@ class RefreshRunner:
         # Each variant carries the passages the app would retrieve for its question today, as
         # a live question does: a correction reviewed without passages otherwise teaches the call
         # only for prompts without them, and a live sales question that draws a loosely related
-        # passage is answered by continuing the passage list instead of calling the tool.
-        # One set of passages teaches that lesson in a few twins; on every twin that draws it, it
-        # made the night half again as long (a loosely related passage drew 48 of 100 twins).
+        # passage is answered by continuing the passage list instead of calling the tool. One set
+        # of passages teaches that in a few twins; on every twin that draws it, it lengthens the
+        # night by half (a loosely related passage drew 48 of 100 twins).
         taught: dict[str, int] = {}
         for variant in variants:
             if not _has_passages(variant["messages"]):
-                found = self.passages_for(department_id, last_question(variant["messages"]))
+                try:
+                    found = self.passages_for(department_id, last_question(variant["messages"]))
+                except Exception:  # retrieval failing costs the twins their passages, not the night
+                    log.exception("could not retrieve passages for the twins; they train without")
+                    break
                 key = json.dumps(found, ensure_ascii=False, sort_keys=True)
                 if found and taught.get(key, 0) < TWINS_PER_PASSAGES:
                     taught[key] = taught.get(key, 0) + 1

@@ -230,3 +230,19 @@ def test_the_general_replay_default_is_the_whole_shipped_file_and_renders_its_pa
     assert question["role"] == "user" and question["passages"] == grounded[0]["passages"]
     block = knowledge_block(grounded[0]["passages"])
     assert block.startswith("Passages from") and f"[1] {grounded[0]['passages'][0]['title']}" in block
+
+
+@pytest.mark.slow
+def test_a_knowledge_base_that_fails_costs_the_twins_their_passages_not_the_night(refresh_services):
+    services = refresh_services(augment_variants=2, gate_margin=-1.0, gate_tolerance=1.0)
+    add_samples(services, 3)
+
+    def broken(department, question):
+        raise RuntimeError("the embedder is gone")
+
+    services.refresh.passages_for = broken
+    events = []
+    outcome = services.refresh.refresh("finance", "manual", force=True, on_progress=events.append)
+    assert outcome.status == "succeeded", outcome
+    augmented = next(e for e in events if e["event"] == "augmented")
+    assert (augmented["variants"], augmented["with_passages"]) == (6, 0)
