@@ -174,47 +174,50 @@ _CONTRASTS: list[tuple[str, bool, dict[str, str]]] = [
         "volume": _W + r"units? sold|sales volume|volume|销量|销售量|出货量",
         "profit": _W + r"profit|earnings|利润|盈利",
         "cost": _W + r"costs?" + _END + r"|expenses?|spend(?:ing)?" + _END + r"|成本|费用|开支|支出",
-        "headcount": _W + r"headcount|head count|number of (?:staff|employees)|人数|员工数|编制",
+        "headcount": _W + r"headcount|head count|number of (?:staff|employees)|人数|员工数",
         "attrition": _W + r"attrition|turnover rate|leavers|离职率|流失率|离职人数",
         "receivable": _W + r"receivables?|应收",
         "payable": _W + r"payables?|应付",
         "inventory": _W + r"inventory|stock level|库存|存货",
     }),
     ("statistic", False, {
-        "average": _W + r"average|mean" + _END + r"|平均|均值|人均",
+        "average": _W + r"average|平均|均值|人均",
         "median": _W + r"median|中位数",
-        "total": _W + r"total|in all|altogether|总额|总计|合计|总数|总共",
+        "total": _W + r"total|altogether|总额|总计|合计|总数|总共",
         "highest": _W + r"highest|maximum|max" + _END + r"|top" + _END + r"|最高|最多|最大",
         "lowest": _W + r"lowest|minimum|min" + _END + r"|bottom|最低|最少|最小",
     }),
+    # 比…多 / 比…少, but not the 多少 of "比…多多少" nor 比例
     ("direction", False, {
-        "up": _W + r"(?:higher|more|greater|bigger|larger|longer|faster|better|above|over|exceed\w*|increase\w*|"
-              r"rise|rose|grow\w*|up)" + _END + r"|高于|多于|超过|超出|大于|长于|增长|增加|上升|上涨|提高|上调|"
-              r"比[^，。？?,]{0,10}?(?:多|高|长|大|快|好|贵)",
-        "down": _W + r"(?:lower|less|fewer|smaller|shorter|slower|worse|below|under|decrease\w*|decline\w*|"
-                r"drop\w*|fell|fall\w*|cut|reduce\w*|down)" + _END + r"|低于|少于|不到|不如|不及|小于|短于|下降|"
-                r"减少|下跌|降低|下调|比[^，。？?,]{0,10}?(?:少|低|短|小|慢|差|便宜)",
+        "up": _W + r"(?:higher|more than|greater|bigger|larger|longer|faster|better|above|exceed\w*|increase\w*|"
+              r"rise|rose|grow\w*)" + _END + r"|高于|多于|超过|超出|大于|长于|增长|增加|上升|上涨|提高|上调|"
+              r"比(?!例|率|重)[^，。？?,]{0,10}?(?:多(?!少)|高|长|大|快|好|贵)",
+        "down": _W + r"(?:lower|less than|fewer|smaller|shorter|slower|worse|below|decrease\w*|decline\w*|"
+                r"drop\w*|fell|fall\w*|reduce\w*)" + _END + r"|低于|少于|不到|不如|不及|小于|短于|下降|"
+                r"减少|下跌|降低|下调|比(?!例|率|重)[^，。？?,]{0,10}?(?:(?<!多)少|低|短|小|慢|差|便宜)",
     }),
     # each pair its own group: "申请离职" and "离职" name one operation, not two
-    ("operation", False, {"apply": _W + r"apply|applying|application|sign up|enrol\w*|register\w*|申请|报名|开通",
+    ("operation", False, {"apply": _W + r"apply|applying|application|sign up|enrol\w*|register\w*|"
+                                   r"申请(?!撤|取消)|报名|开通",
                           "cancel": _W + r"cancel\w*|withdraw\w*|revok\w*|retract\w*|undo|取消|撤销|撤回|作废|退订"}),
     ("operation", False, {"approve": _W + r"approv\w*|sign off|批准|审批通过|同意",
                           "reject": _W + r"reject\w*|declin\w*|deny|denied|驳回|拒绝|退回"}),
-    ("operation", False, {"add": _W + r"add|adding|grant\w*|give access|添加|新增|授予",
+    ("operation", False, {"add": _W + r"(?:add|adds|added|adding)" + _END + r"|grant\w*|give access|添加|新增|授予",
                           "remove": _W + r"remov\w*|delet\w*|take away|删除|移除|收回"}),
     ("operation", False, {"buy": _W + r"buy\w*|bought|purchas\w*|procure\w*|采购|购买|买入",
                           "sell": _W + r"sell\w*|sold|出售|卖出"}),
-    ("operation", False, {"import": _W + r"import\w*|进口", "export": _W + r"export\w*|出口"}),
+    ("operation", False, {"import": _W + r"import(?:s|ed|ing)?" + _END + r"|进口",
+                          "export": _W + r"export(?:s|ed|ing)?" + _END + r"|出口"}),
     ("operation", False, {"join": _W + r"onboard\w*|入职|报到",
-                          "leave": _W + r"resign\w*|quit\w*|offboard\w*|离职|辞职"}),
+                          "leave": _W + r"resign\w*|quit(?:s|ting)?" + _END + r"|offboard\w*|离职|辞职"}),
     ("staff", True, {
         "full-time": _W + r"full[- ]time|permanent staff|正式员工|全职|正编",
         "part-time": _W + r"part[- ]time|兼职",
         "intern": _W + r"interns?" + _END + r"|internship|实习",
         "contractor": _W + r"contractors?|outsourc\w*|vendor staff|temp(?:orary)? staff|外包|劳务派遣|临时工",
-        "new hire": _W + r"new (?:hires?|joiners?|employees?|staff)|newcomers?|新员工|新入职|新人|新同事",
+        "new hire": _W + r"new (?:hires?|joiners?|employees?|staff)|newcomers?|新员工|新入职|新同事",
         "executive": _W + r"executives?|vps?" + _END + r"|高管|总监级",
-        "manager": _W + r"managers?" + _END + r"|people leads?|管理层|主管们|经理们",
+        "manager": _W + r"managers" + _END + r"|people leads|管理层|主管们|经理们",
     }),
 ]
 _CONTRAST_RES = [(name, qualifies, {member: re.compile(pattern) for member, pattern in members.items()})
