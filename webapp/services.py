@@ -195,7 +195,7 @@ def department_passages(knowledge):
         return lambda department, question: []
 
     def passages(department: str, question: str) -> list[dict]:
-        return [{key: hit.as_dict().get(key) for key in ("title", "location", "text")}
+        return [{"title": hit.title, "location": hit.location, "text": hit.text}
                 for hit in knowledge.relevant(department, question)]
 
     return passages
