@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU benchmarks in one run, hangjia beside the stock baseline on the same
 # random-weight Qwen3-14B checkpoint (kept on a tmpfs between runs on the same machine).
-#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve guided app nf4 fp8 profile multi
+#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve long guided app nf4 fp8 profile multi
 # Wheels in .whl/ (and its sub-folders) are installed first (what the machine's image lacks);
 # BASELINE names the folder of the stock baseline scripts (make_ckpt.py, bench_train.py,
 # bench_infer.py); the tokenizer the model folder needs (app, multi) comes from TOKENIZER.
@@ -44,6 +44,7 @@ for P in "$@"; do
                   phase trainb 100 python3 bench/gpu_train.py --model $CKPT --seq 2048 --variants $V; done ;;
     stockserve) phase stockserve 100 python3 $BASELINE/bench_infer.py --ckpt $CKPT --mode 4bit --batches ${STOCK_BATCHES:-1,8} ;;
     serve)      phase serve 100 python3 bench/gpu_serve.py --model $CKPT ${SERVE_ARGS:-} ;;
+    long)       phase long 150 python3 bench/gpu_long.py --model $CKPT ${LONG_ARGS:-} ;;
     guided)     tokenizer_to $CKPT  # the guide compiles its grammar for the model's tokenizer
                 phase guided 120 python3 bench/guided_cost.py --model $CKPT ${GUIDED_ARGS:-} ;;
     app)        tokenizer_to $CKPT  # the app loads the tokenizer from the model folder

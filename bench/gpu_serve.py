@@ -1,4 +1,4 @@
-"""hangjia's serving path at Qwen3-14B scale, 4-bit NF4, on one GPU: the batched static-cache
+"""hangjia's serving path at Qwen3-14B scale, 4-bit NF4, on one GPU: the batched paged-cache
 decoder (serving/decoding.py) against transformers' generate() on the same loaded model.
 
     python bench/gpu_serve.py --model Qwen/Qwen3-14B
@@ -88,7 +88,7 @@ def main() -> int:
     parser.add_argument("--skip-generate", action="store_true", help="leave out generate() on this model")
     parser.add_argument("--variants", type=int, default=8, help="how many of hangjia's variants to run (1: the default only)")
     parser.add_argument("--only", nargs="*", help="run the variants whose label contains one of these words")
-    parser.add_argument("--max-len", type=int, help="tokens per KV-cache slot (default: prompt + answer + 64)")
+    parser.add_argument("--max-len", type=int, help="longest turn in tokens (default: prompt + answer + 64)")
     args = parser.parse_args()
 
     import torch
@@ -109,7 +109,7 @@ def main() -> int:
             fh.write(json.dumps(row) + "\n")
         print("RESULT", json.dumps(row), flush=True)
 
-    # the app's slots hold --decode-max-len tokens (8,192 by default); --max-len 8192 serves as it does
+    # a turn of the app may take up to --decode-max-len tokens (the model's context by default)
     max_len = args.max_len or args.prompt_len + args.new_tokens + 64
     greedy_ours: list[int] = []
     first_user: dict[str, list[int]] = {}
@@ -119,7 +119,6 @@ def main() -> int:
     before = dict(graph_prefill=False, join_lora=False)
     variants = [("hangjia: decode steps on the tensor-core NF4 kernel", {}, None),
                 ("hangjia before: bitsandbytes' GEMV / dequantize + matmul for decode steps", {}, on_bitsandbytes),
-                ("the same, attention over the whole cache (no spans)", dict(attention_spans=()), on_bitsandbytes),
                 ("hangjia before: LoRA per layer, prefill as a CUDA graph", dict(join_lora=False), on_bitsandbytes),
                 (eager_prefill, before, on_bitsandbytes),
                 ("static cache + CUDA graphs + compiled norms/rope", dict(before, fused_nf4=False), None)]

@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: int):
-    """A batching engine over a static-cache decoder sized for `requests` answers of up to
+    """A batching engine over a paged-cache decoder sized for `requests` answers of up to
     `new_tokens` after the longest of `prompts`. All answers share
     one batch where memory allows: on CPU a step costs about the weights' read, so 16 rows take
     ~1.3x the time of 8; the 14B KV cache of 16 rows would crowd a 24 GB GPU."""
@@ -642,7 +642,7 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
 
 def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     """Candidate and active adapter answer every case greedily, all in one batch through the
-    static-cache decoder (each row with its own adapter): the cases share their decode steps."""
+    paged-cache decoder (each row with its own adapter): the cases share their decode steps."""
     from serving.chat_format import render_chat
     from serving.decoding import DecodeRequest, stop_token_ids
     from serving.guided import GuideVocabulary, ToolCallGuide

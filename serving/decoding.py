@@ -1,23 +1,27 @@
-"""Batched decoding with a preallocated KV cache, for serving many users from one GPU (the
-app) and for answering the refresh's evaluation cases in one batch (the recipe).
+"""Batched decoding with a paged KV cache, for serving many users from one GPU (the app) and
+for answering the refresh's evaluation cases in one batch (the recipe).
 
-`StaticDecoder` runs a Qwen3/Llama-family model's layers itself over a KV cache of fixed
-shape (slots x max_len), so one decode step has the same shapes every time and is captured
-once per batch size as a CUDA graph: the ~50 ms of Python and kernel launches per token of
-`generate()` become one graph replay. A prompt's prefill is a graph too, one per padded length
-(64 to 2,048 tokens). Each cache row is a slot a request keeps from prefill
-to its last token. LoRA adapters are applied per row (stacked per layer, a 0/1 mask per row), so
-users of different departments share one batch and one graph.
+`StaticDecoder` runs a Qwen3/Llama-family model's layers itself over a pool of KV pages of a
+fixed size (`kv_tokens` in all, shared by every user). A request is given the pages its prompt
+and answer need when it is admitted, not a worst case per user, so one 32k-token report and a
+few short chats share the memory of eight 8k slots. The shapes a decode step sees are fixed per
+(batch bucket, page-count bucket), so a step is captured once per bucket as a CUDA graph: the
+~50 ms of Python and kernel launches per token of `generate()` become one graph replay. A
+prompt's prefill is a graph too, one per padded length (64 to 2,048 tokens); longer prompts are
+prefilled in chunks between the other users' decode steps. LoRA adapters are applied per row
+(stacked per layer, a 0/1 mask per row), so users of different departments share one batch and
+one graph.
 
 `BatchingEngine` is the thread that owns the decoder: requests join free slots between
-steps (continuous batching), every step decodes all active slots together, tokens stream
-back through each request's queue.
+steps (continuous batching) once their pages are free, every step decodes all active slots
+together, tokens stream back through each request's queue.
 
 On CPU the same code runs without graphs; `generate()` stays the default there.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from serving.guided import mask_rows
 
@@ -74,6 +79,23 @@ def _add_lora(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     """base + each row's own LoRA: (x A^T, masked to the row's rank block) B^T, the add inside the matmul."""
     low = (x @ a.T) * mask
     return torch.addmm(base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]), b.T).view(base.shape)
+
+
+def _paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pair_rows: torch.Tensor,
+                     pair_pages: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One decode step's attention over pages. q: (rows, kv heads, query heads per kv head, dim);
+    keys/values: (pages, kv heads, page size, dim). Each (row, page) pair is scored on its own,
+    then each row's pairs are joined under the row's highest score (as flash-decoding joins its
+    splits), so a step reads the pages its rows have written and no padding up to the longest row."""
+    k, v = keys[pair_pages], values[pair_pages]
+    scores = torch.matmul(q[pair_rows], k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5 + bias
+    peak = scores.amax(-1)
+    top = torch.full((q.shape[0],) + peak.shape[1:], torch.finfo(torch.float32).min, device=q.device)
+    top = top.scatter_reduce(0, pair_rows[:, None, None].expand_as(peak), peak, "amax")
+    weights = torch.exp(scores - top[pair_rows][..., None])
+    total = torch.zeros(top.shape, device=q.device).index_add(0, pair_rows, weights.sum(-1))
+    out = torch.zeros(q.shape, device=q.device).index_add(0, pair_rows, torch.matmul(weights.to(v.dtype), v).float())
+    return (out / total[..., None]).to(q.dtype)
 
 
 def causal_lm_of(model):
@@ -141,11 +163,15 @@ def fuse_layers(layers) -> dict[tuple[int, str], Any]:
 
 
 class StaticDecoder:
-    """The model's forward over a static KV cache; decode steps replayed as CUDA graphs."""
+    """The model's forward over a paged KV cache; decode steps replayed as CUDA graphs.
 
-    def __init__(self, model, max_batch: int = 8, max_len: int = 4096, fused_nf4: bool | None = None,
-                 graph_prefill: bool | None = None, join_lora: bool = True,
-                 attention_spans: Sequence[int] = (256, 512, 1024, 2048, 4096),
+    `kv_tokens` is the cache's size in tokens (default: every slot at `max_len`); it is cut
+    into pages of `page_size` tokens, plus page 0, where idle rows and padding write and no
+    request reads. `max_len` is the longest prompt + answer one request may have."""
+
+    def __init__(self, model, max_batch: int = 8, max_len: int = 4096, kv_tokens: int | None = None,
+                 page_size: int = 128, fused_nf4: bool | None = None, graph_prefill: bool | None = None,
+                 join_lora: bool = True,
                  prefill_lengths: Sequence[int] = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)):
         self.model = model
         self.decoder, self.head = decoder_and_head(model)
@@ -157,36 +183,46 @@ class StaticDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.device = self.decoder.embed_tokens.weight.device
         self.dtype = self.decoder.embed_tokens.weight.dtype
-        self.max_batch, self.max_len = max_batch, max_len
-        shape = (len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim)
+        self.max_batch, self.max_len, self.page_size = max_batch, max_len, page_size
+        self.table_width = -(-max_len // page_size)  # pages of the longest request
+        kv_tokens = kv_tokens or max_batch * self.table_width * page_size
+        self.total_pages = -(-kv_tokens // page_size)
+        shape = (len(self.layers), self.total_pages + 1, self.kv_heads, page_size, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Pages by slot: a live request's, or a finished one's kept as a prompt start to copy
+        # (parked) until their pages are needed. Page 0 is nobody's.
+        self._row_pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self._live: set[int] = set()
+        self._parked: list[int] = []  # slots with parked pages, least recently parked first
+        self._free: list[int] = list(range(self.total_pages, 0, -1))
         self.use_graphs = self.device.type == "cuda"
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32) if b < max_batch} | {max_batch})
-        # A step's tokens and positions, copied in with one transfer from a pinned staging
-        # buffer (two blocking copies and a fill were ~0.1 ms of an 11 ms step with the GPU idle)
-        self._step_inputs = torch.full((2, max_batch, 1), max_len - 1, dtype=torch.long, device=self.device)
-        self._ids, self._positions = self._step_inputs[0], self._step_inputs[1]
-        self._ids.zero_()
+        # A step reads the pages its rows have written: (row, page, first position) triples, as
+        # many as the bucket above their count (every row has at least one; padding sees nothing).
+        self.max_pairs = self.total_pages + max_batch
+        self.pair_buckets = sorted({b for b in (2 ** n for n in range(3, 40)) if b < self.max_pairs}
+                                   | {self.max_pairs})
+        # A step's inputs (tokens, positions, where each row writes, the pages each row reads),
+        # copied in with one transfer from a pinned staging buffer (two blocking copies and a
+        # fill were ~0.1 ms of an 11 ms step with the GPU idle)
+        size = 4 * max_batch + 3 * self.max_pairs
+        self._step_inputs = torch.zeros(size, dtype=torch.long, device=self.device)
         # zeros, not torch.empty: a batch bucket's idle rows are embedded too, and an uninitialised id
         # there is out of the vocabulary (an IndexError on CPU, a device assert on CUDA)
-        self._staging = torch.zeros(2, max_batch, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._staging = torch.zeros(size, dtype=torch.long, pin_memory=self.device.type == "cuda")
         # recorded after each transfer: the staging buffer is written again only once it is done
         self._staged = torch.cuda.Event() if self.device.type == "cuda" else None
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
-        # A decode step attends over the cache up to the next of these lengths past the furthest
-        # row, not over all of max_len: with the app's 8,192-token slots, attention over the whole
-        # cache would cost more than the rest of a short answer's step. One graph per (batch, span).
-        self.attention_spans = sorted({n for n in attention_spans if n < max_len} | {max_len})
         self._pool = None
         # A prompt's prefill replayed as a CUDA graph too, padded to the next of these lengths:
         # eager, a 512-token prefill at 14B is ~1,200 kernel launches from Python (60-110 ms,
-        # host-bound). Longer prompts than the largest length run eagerly. (Without graphs,
-        # graph_prefill=True runs the same padded prefill eagerly: how the CPU tests check it.)
+        # host-bound). Longer prompts than the largest length run eagerly, in chunks. (Without
+        # graphs, graph_prefill=True runs the same padded prefill eagerly: how the CPU tests check it.)
         self.graph_prefill = self.use_graphs if graph_prefill is None else graph_prefill
         self.prefill_lengths = sorted(n for n in set(prefill_lengths) if n < max_len)
         self._prefill_runs: dict[int, tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]] = {}
-        self._prefill_slot = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._prefill_pages = torch.zeros(self.table_width, dtype=torch.long, device=self.device)
         self._prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
         self._slot_prompts: list[tuple[str | None, tuple[int, ...]] | None] = [None] * max_batch
         self.reused_tokens = 0  # prompt tokens copied from another slot instead of computed
@@ -206,6 +242,59 @@ class StaticDecoder:
         if cuda if fused_nf4 is None else fused_nf4:
             self._fused = fuse_layers(self.layers)
         self.refresh_adapters()
+
+    # -- pages ---------------------------------------------------------------------------
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def can_hold(self, tokens: int) -> bool:
+        """Whether one request of `tokens` (prompt + answer) fits this decoder at all."""
+        return tokens < self.max_len - 1 and self.pages_for(tokens) <= self.total_pages
+
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Give `slot` the pages for a request of `tokens`, if the pool has them now: free pages
+        first, then the pages other finished requests left parked (least recently finished
+        first). The slot's own parked pages stay first in its list: they may hold the start of
+        its next prompt. False (and nothing changed) when the pool cannot hold it yet."""
+        need = self.pages_for(tokens)
+        own = self._row_pages[slot]
+        parked_elsewhere = sum(len(self._row_pages[s]) for s in self._parked if s != slot)
+        if need > len(own) + len(self._free) + parked_elsewhere:
+            return False
+        if slot in self._parked:
+            self._parked.remove(slot)
+        self._free.extend(reversed(own[need:]))
+        del own[need:]
+        for other in list(self._parked):
+            if len(own) + len(self._free) >= need:
+                break
+            self._evict(other)
+        while len(own) < need:
+            own.append(self._free.pop())
+        self._live.add(slot)
+        return True
+
+    def release(self, slot: int) -> None:
+        """The request in `slot` is done: its pages stay parked, as a prompt start another
+        request may copy, until the pool needs them."""
+        self._live.discard(slot)
+        if self._row_pages[slot] and self._slot_prompts[slot] is not None:
+            self._parked.append(slot)
+        else:
+            self._evict(slot)
+
+    def _evict(self, slot: int) -> None:
+        if slot in self._parked:
+            self._parked.remove(slot)
+        self._slot_prompts[slot] = None
+        self._free.extend(reversed(self._row_pages[slot]))
+        self._row_pages[slot] = []
+
+    @property
+    def free_tokens(self) -> int:
+        """Tokens a new request can be given now (free and parked pages)."""
+        return self.page_size * (len(self._free) + sum(len(self._row_pages[s]) for s in self._parked))
 
     # -- adapters ------------------------------------------------------------------------
 
@@ -234,6 +323,8 @@ class StaticDecoder:
         self._stack_groups()
         self.adapter_index = {name: i for i, name in enumerate(sorted(names))}
         self._slot_prompts = [None] * self.max_batch  # cached prompts were computed with the old weights
+        for slot in list(self._parked):  # so their pages hold nothing worth keeping
+            self._evict(slot)
         # rows in flight keep their adapter (its new weights, after a promotion)
         previous = getattr(self, "_row_adapter", [None] * self.max_batch)
         self._row_adapter = [None] * self.max_batch
@@ -317,29 +408,32 @@ class StaticDecoder:
     def _eps(norm) -> float:
         return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: int | torch.Tensor | None, start: int = 0,
-                 last: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
-        """Logits of each row's last token (or of token `last`). slot=None: a decode step over
-        rows 0..B-1 (one token each, at their own positions). slot=k: the prefill of one prompt
-        into slot k, from position `start` on (the slot's cache already holds the positions
-        before it). slot=tensor([[k]]): a whole prompt's prefill with every index a tensor, as a
-        graph replays it: padding after the prompt sits at position max_len-1, never read.
-        A decode step attends over cache positions below `span` (default: all)."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot_pages: torch.Tensor | None = None,
+                 start: int = 0, last: torch.Tensor | None = None, step: tuple | None = None) -> torch.Tensor:
+        """Logits of each row's last token (or of token `last`).
+        Decode: `step` = (write page, write offset) per row and (row, page, first position) per
+        page read: rows 0..B-1, one token each at its own position.
+        Prefill: one row into the pages `slot_pages` (the slot's, in order), from position `start`
+        on (its pages already hold the positions before it); padding sits at position max_len-1,
+        never read."""
         rows, length = ids.shape
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         groups = self.heads // self.kv_heads
-        if slot is None:
-            row_index = torch.arange(rows, device=self.device)[:, None]
-            span = span or self.max_len
-            visible = (torch.arange(span, device=self.device)[None, :] <= positions)[:, None, None, :]
-            # as an additive mask once per step: attention turns a boolean one into this in every layer
-            visible = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
-                ~visible, torch.finfo(self.dtype).min)
+        if step is not None:
+            write_page, write_offset, pair_rows, pair_pages, pair_starts = step
+            # as an additive mask once per step: each pair's positions up to its row's
+            seen = pair_starts[:, None] + torch.arange(self.page_size, device=self.device) <= positions[pair_rows]
+            bias = torch.zeros(seen.shape, device=self.device).masked_fill(~seen, torch.finfo(torch.float32).min)
+            bias = bias[:, None, None, :]
+        else:
+            write_page = slot_pages[positions[0] // self.page_size]
+            write_offset = positions[0] % self.page_size
+            context = slot_pages[: self.pages_for(start + length)] if start else None
         # decode steps run the compiled elementwise kernels; a prefill's shapes vary
         norm, rope, add_norm, gated, norm_rope = (
-            (self._norm, self._rope, self._add_norm, self._gated, self._norm_rope) if slot is None
+            (self._norm, self._rope, self._add_norm, self._gated, self._norm_rope) if step is not None
             else (_rms_norm, _rope, _add_norm, _gated, _norm_rope))
         update = None  # the last MLP output, not yet added to hidden
         for number, layer in enumerate(self.layers):
@@ -358,33 +452,24 @@ class StaticDecoder:
                                  self._eps(attention.k_norm), cos, sin)
             else:
                 q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            v = v.transpose(1, 2)
-            if isinstance(slot, torch.Tensor):
-                self.keys[number][slot, :, positions] = k.transpose(1, 2)
-                self.values[number][slot, :, positions] = v.transpose(1, 2)
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=True)
-                out = out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
-            elif slot is None:
-                # each row writes its token at its own position; all rows read their slot
-                self.keys[number][row_index, :, positions] = k.transpose(1, 2)
-                self.values[number][row_index, :, positions] = v.transpose(1, 2)
-                # grouped-query attention without copying keys: a kv head's query heads
-                # take the place of the query length
-                grouped = q.reshape(rows, self.kv_heads, groups, self.head_dim)
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    grouped, self.keys[number, :rows, :, :span], self.values[number, :rows, :, :span],
-                    attn_mask=visible)
+            keys, values = self.keys[number], self.values[number]
+            if step is not None:
+                # each row writes its token at its own page and offset, then reads its pages
+                keys[write_page, :, write_offset] = k[:, :, 0]
+                values[write_page, :, write_offset] = v[:, 0]
+                out = _paged_attention(q.reshape(rows, self.kv_heads, groups, self.head_dim), keys, values,
+                                       pair_rows, pair_pages, bias)
                 out = out.reshape(rows, 1, self.heads * self.head_dim)
             else:
-                self.keys[number, slot, :, start:start + length] = k[0]
-                self.values[number, slot, :, start:start + length] = v[0]
-                if start:  # the new tokens also see the cached prefix
-                    k = self.keys[number, slot, :, :start + length][None]
-                    v = self.values[number, slot, :, :start + length][None]
+                keys[write_page, :, write_offset] = k[0].transpose(0, 1)
+                values[write_page, :, write_offset] = v[0]
+                k, v = k, v.transpose(1, 2)
+                if context is not None:  # the new tokens also see the positions before them
+                    k = keys[context].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[None, :, :start + length]
+                    v = values[context].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[None, :, :start + length]
                 out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
-                    is_causal=not start, attn_mask=self._prefill_mask(start, length) if start else None)
+                    q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=not start,
+                    attn_mask=causal_lower_right(length, start + length) if start else None)
                 out = out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
             hidden, x = add_norm(hidden, self._project(number, "o", out)[0], layer.post_attention_layernorm.weight,
                                  self._eps(layer.post_attention_layernorm))
@@ -393,11 +478,6 @@ class StaticDecoder:
         hidden = hidden + update
         final = hidden[:, -1] if last is None else hidden.index_select(1, last)[:, 0]
         return self.head(self.decoder.norm(final)).float()
-
-    def _prefill_mask(self, start: int, length: int) -> torch.Tensor:
-        """Causal mask of `length` new tokens at positions start.. over keys 0..start+length-1."""
-        keys = torch.arange(start + length, device=self.device)
-        return keys[None, :] <= (start + torch.arange(length, device=self.device))[:, None]
 
     # A shared prompt start shorter than this is recomputed: the copy would not pay.
     MIN_REUSED_PREFIX = 16
@@ -420,15 +500,31 @@ class StaticDecoder:
         return (best, source) if best >= self.MIN_REUSED_PREFIX else (0, None)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, prompt_ids: Sequence[int], adapter: str | None) -> torch.Tensor:
-        """Run the prompt into the slot's cache; the logits for the first new token. A start
-        of the prompt that another slot computed with the same adapter is copied, not recomputed."""
-        if len(prompt_ids) >= self.max_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the decoder holds {self.max_len - 1}")
-        length = self._prefill_length(len(prompt_ids))
-        # looked up before the slot's own entry is cleared: a slot may reuse its previous prompt
-        start, source = (0, None) if length else self._reusable_prefix(prompt_ids, adapter)
-        self._slot_prompts[slot] = None  # overwritten below; not a source until complete
+    def prefill(self, slot: int, prompt_ids: Sequence[int], adapter: str | None, done: int = 0,
+                limit: int | None = None) -> tuple[int, torch.Tensor | None]:
+        """Run the prompt into the slot's pages (reserve() first) from token `done` on, at most
+        `limit` tokens (all by default). Returns the prompt's tokens now in the cache and, once
+        all of them are, the logits for the first new token (else None). On the first call a
+        start of the prompt that another slot computed with the same adapter is copied, not
+        recomputed."""
+        total = len(prompt_ids)
+        if total >= self.max_len:
+            raise ValueError(f"the prompt has {total} tokens; the decoder holds {self.max_len - 1}")
+        if len(self._row_pages[slot]) < self.pages_for(total):
+            raise ValueError(f"slot {slot} has no pages for a {total}-token prompt: reserve() it first")
+        length = None
+        if not done:
+            length = self._prefill_length(total) if limit is None or total <= limit else None
+            # looked up before the slot's own entry is cleared: a slot may reuse its previous prompt
+            done, source = (0, None) if length else self._reusable_prefix(prompt_ids, adapter)
+            self._slot_prompts[slot] = None  # overwritten below; not a source until complete
+            if source is not None and source != slot:
+                copied = torch.tensor(self._row_pages[source][:self.pages_for(done)], device=self.device)
+                into = torch.tensor(self._row_pages[slot][:self.pages_for(done)], device=self.device)
+                self.keys[:, into] = self.keys[:, copied]
+                self.values[:, into] = self.values[:, copied]
+            self.reused_tokens += done
+        stop = total if limit is None else min(total, done + limit)
         # the prefill is one row: row 0 of the masks carries this slot's adapter meanwhile
         row_zero = self._row_adapter[0]
         self.set_row_adapter(0, adapter)
@@ -436,22 +532,21 @@ class StaticDecoder:
             if length:  # a graph replay computes the whole prompt faster than eager code copies a start
                 logits = self._graphed_prefill(slot, prompt_ids, length)
             else:
-                logits = self._eager_prefill(slot, prompt_ids, start, source)
-            self._slot_prompts[slot] = (adapter, tuple(prompt_ids))
-            return logits
+                logits = self._eager_prefill(slot, prompt_ids[done:stop], done)
         finally:
             self.set_row_adapter(0, row_zero)
             self.set_row_adapter(slot, adapter)
+        if stop < total:
+            return stop, None
+        self._slot_prompts[slot] = (adapter, tuple(prompt_ids))
+        return total, logits
 
-    def _eager_prefill(self, slot: int, prompt_ids: Sequence[int], start: int, source: int | None) -> torch.Tensor:
-        """The prompt from `start` on; the positions before it copied from slot `source`."""
-        if source is not None and source != slot:
-            self.keys[:, slot, :, :start] = self.keys[:, source, :, :start]
-            self.values[:, slot, :, :start] = self.values[:, source, :, :start]
-        self.reused_tokens += start
-        ids = torch.tensor([list(prompt_ids[start:])], device=self.device)
-        positions = torch.arange(start, len(prompt_ids), device=self.device)[None, :]
-        return self._forward(ids, positions, slot, start)[0]
+    def _eager_prefill(self, slot: int, part: Sequence[int], start: int) -> torch.Tensor:
+        """The tokens `part` at positions start.. (the slot's pages already hold those before)."""
+        ids = torch.tensor([list(part)], device=self.device)
+        positions = torch.arange(start, start + len(part), device=self.device)[None, :]
+        pages = torch.tensor(self._row_pages[slot], device=self.device)
+        return self._forward(ids, positions, pages, start)[0]
 
     def _prefill_length(self, tokens: int) -> int | None:
         if not self.graph_prefill:
@@ -462,26 +557,26 @@ class StaticDecoder:
         if length not in self._prefill_runs:
             self._prefill_runs[length] = self._prefill_run(length)
         run, ids, positions = self._prefill_runs[length]
-        tokens = len(prompt_ids)
+        tokens, pages = len(prompt_ids), self._row_pages[slot]
         ids[0, :tokens] = torch.tensor(list(prompt_ids), device=self.device)
         ids[0, tokens:] = 0
         positions[0, :tokens] = torch.arange(tokens, device=self.device)
         positions[0, tokens:] = self.max_len - 1
-        self._prefill_slot.fill_(slot)
+        self._prefill_pages.copy_(torch.tensor(pages + [0] * (self.table_width - len(pages))))
         self._prefill_last.fill_(tokens - 1)
         return run()[0].clone()
 
     def _prefill_run(self, length: int):
         """(run, its token ids, their positions): a prefill of `length` tokens over fixed
-        tensors, captured as a CUDA graph where graphs are on (warm-up writes at position
-        max_len-1 only, which no request reaches)."""
+        tensors, captured as a CUDA graph where graphs are on (warm-up writes into page 0,
+        which no request reads)."""
         ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
         positions = torch.full((1, length), self.max_len - 1, dtype=torch.long, device=self.device)
-        self._prefill_slot.zero_()
+        self._prefill_pages.zero_()
         self._prefill_last.zero_()
 
         def step():
-            return self._forward(ids, positions, self._prefill_slot, last=self._prefill_last)
+            return self._forward(ids, positions, self._prefill_pages, last=self._prefill_last)
 
         if not self.use_graphs:
             return step, ids, positions
@@ -511,39 +606,69 @@ class StaticDecoder:
     def bucket(self, rows: int) -> int:
         return next(b for b in self.batch_sizes if b >= rows)
 
+    def _step_layout(self, batch: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Views of the step's inputs for a (batch, pairs) bucket: ids, positions, and the rest
+        of _forward's `step`. One buffer, laid out per bucket, so the host sends one copy."""
+        inputs = self._step_inputs
+        ids, positions = inputs[:batch].view(batch, 1), inputs[batch:2 * batch].view(batch, 1)
+        write_page, write_offset = inputs[2 * batch:3 * batch], inputs[3 * batch:4 * batch]
+        base = 4 * batch
+        pair_rows, pair_pages = inputs[base:base + pairs], inputs[base + pairs:base + 2 * pairs]
+        pair_starts = inputs[base + 2 * pairs:base + 3 * pairs]
+        return ids, positions, (write_page, write_offset, pair_rows, pair_pages, pair_starts)
+
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One step for rows 0..len(tokens)-1: token i sits at positions[i] (a row with
-        position max_len-1 is idle). Returns (rows, vocab) float logits."""
-        rows = len(tokens)
+        """One step for rows 0..len(tokens)-1: token i sits at positions[i] of slot i's pages (a
+        row at position max_len-1 is idle). Returns (rows, vocab) float logits."""
+        rows, size, idle = len(tokens), self.page_size, self.max_len - 1
         batch = self.bucket(rows)
-        furthest = max((p for p in positions if p < self.max_len - 1), default=0)
-        span = next(n for n in self.attention_spans if n > furthest)
+        ids, places, writes, offsets, pair_rows, pair_pages, pair_starts = [], [], [], [], [], [], []
+        for row in range(batch):
+            position = positions[row] if row < rows else idle
+            ids.append(tokens[row] if row < rows else 0)  # idle rows: a valid id, written into page 0
+            places.append(position)
+            if position >= idle:
+                writes.append(0)
+                offsets.append(0)
+                reads = 1
+                pair_pages.append(0)
+            else:
+                pages = self._row_pages[row]
+                writes.append(pages[position // size])
+                offsets.append(position % size)
+                reads = position // size + 1
+                pair_pages.extend(pages[:reads])
+            pair_rows.extend([row] * reads)
+            pair_starts.extend(range(0, reads * size, size))
+        pairs = next(b for b in self.pair_buckets if b >= len(pair_rows))
+        padding = pairs - len(pair_rows)  # pairs that see nothing: their first position is past every row's
+        flat = (ids + places + writes + offsets + pair_rows + [0] * padding + pair_pages + [0] * padding
+                + pair_starts + [self.max_len] * padding)
         if self._staged is not None:
             self._staged.synchronize()
-        self._staging[0, :rows, 0] = torch.tensor(list(tokens))
-        self._staging[1, :rows, 0] = torch.tensor(list(positions))
-        self._staging[0, rows:batch, 0] = 0  # idle rows: a valid id at the never-read position
-        self._staging[1, rows:batch, 0] = self.max_len - 1
-        self._step_inputs[:, :batch].copy_(self._staging[:, :batch], non_blocking=True)
+        self._staging[:len(flat)] = torch.tensor(flat)
+        self._step_inputs[:len(flat)].copy_(self._staging[:len(flat)], non_blocking=True)
         if self._staged is not None:
             self._staged.record()
+        ids, places, step = self._step_layout(batch, pairs)
         if not self.use_graphs:
-            return self._forward(self._ids[:batch], self._positions[:batch], None, span=span)[:rows]
-        if (batch, span) not in self._graphs:
-            self._capture(batch, span)
-        graph, logits = self._graphs[(batch, span)]
+            return self._forward(ids, places, step=step)[:rows]
+        if (batch, pairs) not in self._graphs:
+            self._capture(batch, pairs, len(flat))
+        graph, logits = self._graphs[(batch, pairs)]
         graph.replay()
         return logits[:rows]
 
-    def _capture(self, batch: int, span: int) -> None:
-        """Warm up on a side stream, then capture one decode step for this batch size and span.
-        Warm-up rows write at position max_len-1, which no request reaches."""
-        saved = self._positions[:batch].clone()
-        self._positions[:batch] = self.max_len - 1
-        self._graphs[(batch, span)] = self._graph(
-            lambda: self._forward(self._ids[:batch], self._positions[:batch], None, span=span))
-        self._positions[:batch] = saved
+    def _capture(self, batch: int, pairs: int, used: int) -> None:
+        """Warm up on a side stream, then capture one decode step for this bucket. Warm-up
+        rows are idle: they write into page 0 and read it."""
+        saved = self._step_inputs[:used].clone()
+        ids, places, step = self._step_layout(batch, pairs)
+        self._step_inputs[:used].zero_()
+        places.fill_(self.max_len - 1)
+        self._graphs[(batch, pairs)] = self._graph(lambda: self._forward(ids, places, step=step))
+        self._step_inputs[:used] = saved
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> int:
@@ -595,15 +720,21 @@ class DecodeRequest:
 
 
 class BatchingEngine:
-    """The thread that owns a StaticDecoder: admits requests into free slots between steps
-    and decodes every active slot in one step. `guard` is held around each step, so whoever
-    swaps adapters (holding the same lock) never does it mid-step."""
+    """The thread that owns a StaticDecoder: admits requests into free slots between steps,
+    in the order they came, once the decoder has their pages; prefills them, at most
+    `prefill_chunk` prompt tokens between two decode steps (a 32k-token report is prefilled in
+    pieces while the others keep receiving tokens); decodes every active slot in one step.
+    `guard` is held around each step, so whoever swaps adapters (holding the same lock) never
+    does it mid-step."""
 
-    def __init__(self, decoder: StaticDecoder, guard: threading.Lock | None = None):
+    def __init__(self, decoder: StaticDecoder, guard: threading.Lock | None = None, prefill_chunk: int = 2048):
         self.decoder = decoder
         self.guard = guard or threading.Lock()
+        self.prefill_chunk = prefill_chunk
         self._waiting: "queue.Queue[DecodeRequest]" = queue.Queue()
+        self._pending: "collections.deque[DecodeRequest]" = collections.deque()  # arrived, not yet given pages
         self._slots: list[DecodeRequest | None] = [None] * decoder.max_batch
+        self._prefilled: dict[int, int] = {}  # slot -> prompt tokens in its cache, while it is prefilled
         self._positions = [0] * decoder.max_batch
         self._last = [0] * decoder.max_batch
         self._thread: threading.Thread | None = None
@@ -612,7 +743,8 @@ class BatchingEngine:
         self.on_step: Callable[[int], None] | None = None  # rows decoded per step (for benchmarks)
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
-        return prompt_tokens + max_new_tokens < self.decoder.max_len - 1
+        """Whether the decoder can hold this request at all (it may wait for pages)."""
+        return self.decoder.can_hold(prompt_tokens + max_new_tokens)
 
     def submit(self, request: DecodeRequest) -> DecodeRequest:
         if not self.fits(len(request.prompt_ids), request.max_new_tokens):
@@ -634,7 +766,9 @@ class BatchingEngine:
     def _finish(self, slot: int, reason: str) -> None:
         request = self._slots[slot]
         self._slots[slot] = None
+        self._prefilled.pop(slot, None)
         self._positions[slot] = self.decoder.max_len - 1
+        self.decoder.release(slot)
         if request is not None:
             request.finish_reason = request.finish_reason or reason
             request.tokens.put(None)
@@ -642,6 +776,9 @@ class BatchingEngine:
     def _fail(self, slot: int | None, request: DecodeRequest, exc: BaseException) -> None:
         if slot is not None:
             self._slots[slot] = None
+            self._prefilled.pop(slot, None)
+            self._positions[slot] = self.decoder.max_len - 1
+            self.decoder.release(slot)
         request.finish_reason = "error"
         request.tokens.put(exc)
 
@@ -668,27 +805,57 @@ class BatchingEngine:
             return
         self._last[slot] = token
 
-    def _admit(self, block: bool) -> None:
-        while None in self._slots:
+    def _admit(self, block: bool) -> bool:
+        """Move arrivals behind the pending ones; give the first pending requests free slots and
+        their pages, in order (a long request at the head waits for pages; those behind it wait
+        too, so it is not passed forever). False once close() was called."""
+        while True:
             try:
-                request = self._waiting.get(block=block, timeout=None if block else 0)
+                arrived = self._waiting.get(block=block and not self._pending, timeout=None)
             except queue.Empty:
-                return
-            if request is None:  # close()
-                return
+                break
+            if arrived is None:  # close()
+                return False
+            self._pending.append(arrived)
             block = False
+        while self._pending:
+            request = self._pending[0]
             if request.cancelled.is_set():
+                self._pending.popleft()
                 request.finish_reason = "cancelled"
                 request.tokens.put(None)
                 continue
+            if None not in self._slots:
+                break
             slot = self._slots.index(None)
+            if not self.decoder.reserve(slot, len(request.prompt_ids) + request.max_new_tokens):
+                break
+            self._pending.popleft()
+            self._slots[slot] = request
+            self._prefilled[slot] = 0
+        return True
+
+    def _prefill_some(self) -> None:
+        """Prefill the admitted requests in order, about prefill_chunk prompt tokens in all: a
+        short prompt whole, a long one a chunk at a time."""
+        budget = self.prefill_chunk
+        for slot in list(self._prefilled):
+            if budget <= 0:
+                break
+            request, done = self._slots[slot], self._prefilled[slot]
+            left = len(request.prompt_ids) - done
+            limit = None if left <= budget else max(budget, 1)
             try:
                 with self.guard:
-                    logits = self.decoder.prefill(slot, request.prompt_ids, request.adapter)
+                    done, logits = self.decoder.prefill(slot, request.prompt_ids, request.adapter, done, limit)
             except Exception as exc:  # this request fails; the others go on
-                self._fail(None, request, exc)
+                self._fail(slot, request, exc)
                 continue
-            self._slots[slot] = request
+            budget -= left if limit is None else limit
+            if logits is None:
+                self._prefilled[slot] = done
+                continue
+            del self._prefilled[slot]
             self._positions[slot] = len(request.prompt_ids)
             if request.guide is not None:  # a session may begin inside a call (a continued answer)
                 mask_rows(logits.view(1, -1), {0: request.guide})
@@ -702,21 +869,27 @@ class BatchingEngine:
             for slot, request in enumerate(self._slots):
                 if request is not None:
                     self._fail(slot, request, exc)
+            for request in self._pending:
+                self._fail(None, request, exc)
             raise
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            active = [i for i, r in enumerate(self._slots) if r is not None]
-            self._admit(block=not active)
+            busy = any(r is not None for r in self._slots)
+            if not self._admit(block=not busy):
+                return
             for slot, request in enumerate(self._slots):
                 if request is not None and request.cancelled.is_set():
                     self._finish(slot, "cancelled")
-            active = [i for i, r in enumerate(self._slots) if r is not None]
+            if self._prefilled:
+                self._prefill_some()
+            active = [i for i, r in enumerate(self._slots) if r is not None and i not in self._prefilled]
             if not active:
                 continue
             rows = max(active) + 1
-            tokens = [self._last[i] if self._slots[i] else 0 for i in range(rows)]
-            positions = [self._positions[i] if self._slots[i] else self.decoder.max_len - 1 for i in range(rows)]
+            idle = self.decoder.max_len - 1
+            tokens = [self._last[i] if i in active else 0 for i in range(rows)]
+            positions = [self._positions[i] if i in active else idle for i in range(rows)]
             try:
                 with self.guard:
                     logits = self.decoder.decode(tokens, positions)

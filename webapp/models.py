@@ -255,14 +255,21 @@ class ModelService(PromptsAndRouting):
     _guide_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     stream_interval_s: float = 0.0  # batched decoding: least time between two streamed pieces
 
-    def enable_batched_decoding(self, max_batch: int, max_len: int, stream_interval_ms: int = 0) -> None:
-        """Serve through the batched static-cache decoder (serving/decoding.py) from now on."""
+    def enable_batched_decoding(self, max_batch: int, max_len: int = 0, stream_interval_ms: int = 0,
+                                kv_tokens: int | None = None, prefill_chunk: int = 2048) -> None:
+        """Serve through the batched paged-cache decoder (serving/decoding.py) from now on: turns
+        of up to `max_len` tokens (0: the model's context), `kv_tokens` shared by all users
+        (default: every user at max_len)."""
         from serving.decoding import BatchingEngine, StaticDecoder
 
         self.stream_interval_s = stream_interval_ms / 1000
+        max_len = min(max_len or self.max_context, self.max_context)
         with self._lock:
-            decoder = StaticDecoder(self.model, max_batch=max_batch, max_len=min(max_len, self.max_context))
-            self.engine = BatchingEngine(decoder, guard=self._lock)
+            decoder = StaticDecoder(self.model, max_batch=max_batch, max_len=max_len, kv_tokens=kv_tokens)
+            self.engine = BatchingEngine(decoder, guard=self._lock, prefill_chunk=prefill_chunk)
+        log.info("batched decoding: %d users, turns up to %d tokens, KV cache of %d tokens (%.1f GiB)", max_batch,
+                 max_len, decoder.total_pages * decoder.page_size,
+                 (decoder.keys.nbytes + decoder.values.nbytes) / 2**30)
 
     def close(self) -> None:
         """Stop the decoding threads (a later request starts the plain path afresh)."""

@@ -143,7 +143,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
             model = load_generation_backend(settings)
         if isinstance(model, ModelService) and (settings.decoding == "batched" or (
                 settings.decoding == "auto" and model.device.type == "cuda")):
-            model.enable_batched_decoding(settings.decode_batch, settings.decode_max_len, settings.stream_interval_ms)
+            model.enable_batched_decoding(settings.decode_batch, settings.decode_max_len, settings.stream_interval_ms,
+                                          settings.decode_kv_tokens, settings.decode_prefill_chunk)
         adapters = AdapterManager(db, model, settings.resolved_adapters_dir, settings.model)
         adapters.load_active()
         cache = None

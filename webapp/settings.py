@@ -93,13 +93,23 @@ class Settings:
         "decoding, set it to decode_batch: concurrent turns then share decode steps."
     )
     decoding: str = _setting(
-        "auto", "How answers are decoded: 'batched' (static KV cache, CUDA-graph steps, concurrent users "
+        "auto", "How answers are decoded: 'batched' (paged KV cache, CUDA-graph steps, concurrent users "
         "share steps, adapters per user), 'generate' (transformers' generate(), one at a time), or 'auto' "
         "(batched on CUDA, generate elsewhere)."
     )
     decode_batch: int = _setting(8, "Batched decoding: users decoded together (KV-cache slots).")
     decode_max_len: int = _setting(
-        8192, "Batched decoding: longest prompt + answer in tokens a slot holds; longer turns use generate()."
+        0, "Batched decoding: longest prompt + answer in tokens one turn may have; 0 means the model's context "
+        "(context_tokens). Longer turns, and turns larger than decode_kv_tokens, use generate()."
+    )
+    decode_kv_tokens: int = _setting(
+        65536, "Batched decoding: the KV cache in tokens, shared by all users and given in pages of 128 tokens "
+        "as each turn needs them (prompt + answer); a turn waits while it is full. A token costs 2 x layers x "
+        "kv heads x head dim x 2 bytes: 160 KiB for Qwen3-14B, so 65,536 tokens take 10 GiB of GPU memory."
+    )
+    decode_prefill_chunk: int = _setting(
+        2048, "Batched decoding: prompt tokens prefilled between two decode steps; a longer prompt (an attached "
+        "report) is prefilled in pieces, so the other users keep receiving tokens meanwhile."
     )
     stream_interval_ms: int = _setting(
         20, "Batched decoding: least time between two pieces of one streamed answer; tokens decoded meanwhile "
@@ -303,8 +313,10 @@ def _validate(s: Settings) -> list[str]:
                         "cache_max_entries >= 1; cache_lookups_kept_days >= 1.")
     if s.decoding not in ("auto", "batched", "generate"):
         problems.append(f"decoding={s.decoding!r}: choose auto, batched or generate.")
-    if s.decode_batch < 1 or s.decode_max_len < 64:
-        problems.append("decode_batch must be at least 1 and decode_max_len at least 64.")
+    if s.decode_batch < 1 or (s.decode_max_len and s.decode_max_len < 64) or s.decode_kv_tokens < 256 \
+            or s.decode_prefill_chunk < 64:
+        problems.append("decode_batch must be at least 1, decode_max_len 0 or at least 64, decode_kv_tokens "
+                        "at least 256 and decode_prefill_chunk at least 64.")
     if s.generation_concurrency < 1:
         problems.append(f"generation_concurrency={s.generation_concurrency}: must be at least 1.")
     if s.session_hours <= 0:
