@@ -205,3 +205,41 @@ def test_import_refresh_promote_and_answer_with_the_new_version_over_http(tiny_q
     finally:
         server.stop()
         services.close()
+
+
+def test_a_20000_character_chinese_report_goes_in_whole_and_the_batched_engine_answers_it(qwen3):
+    """The annual-report case on Qwen3's own tokenizer with a 32k context: the report is given to
+    the model whole (about 15k tokens, more than one of the old 8k decode slots held), the
+    batched engine takes the turn itself (prefilled in chunks) instead of handing it to
+    generate(), and the answer is generate()'s."""
+    from types import SimpleNamespace
+
+    from webapp.models import GenerationParams
+    from webapp.prompt import ContextWindow
+
+    service = ModelService(model=qwen3.model, tokenizer=qwen3.tokenizer, name="tiny-qwen3-32k", context_tokens=32768)
+    regions, causes = ["华东", "华南", "华北", "西南", "华中"], ["渠道拓展", "成本控制", "新产品上市", "客户结构优化"]
+    report = "\n".join(
+        f"第{n}节　{regions[n % 5]}区第{n % 4 + 1}季度营业收入为{1000 + 37 * n}万元，同比增长{n % 17}.{n % 10}%，"
+        f"毛利率为{20 + n % 13}%，应收账款周转天数{40 + n % 23}天。管理层认为，{causes[n % 4]}是变动的主要原因，"
+        f"下一季度将继续关注库存与现金流。" for n in range(1, 300))
+    assert len(report) > 20_000
+    window = ContextWindow(service, SimpleNamespace(generation=GenerationParams(max_new_tokens=12), thinking=False))
+    question = "这份年报里华南区的营业收入趋势如何？"
+    [attached] = window.attachments([("2026年报.txt", report.encode())], question, [], SYSTEM, [])
+    assert attached["mode"] == "whole" and 8192 < attached["tokens"] < 32768
+    assert "完整" in attached["notice"]
+    prompt = window.fit(SYSTEM, [], attached["prompt_text"] + "\n\n" + question, [], [])
+    params = GenerationParams(max_new_tokens=12, temperature=0.0)
+    expected = "".join(service.stream(prompt, params))  # generate()
+
+    service.enable_batched_decoding(max_batch=2, kv_tokens=20480, prefill_chunk=4096)
+    submitted = []
+    submit = service.engine.submit
+    service.engine.submit = lambda request: submitted.append(len(request.prompt_ids)) or submit(request)
+    try:
+        served = "".join(service.stream(prompt, params))
+    finally:
+        service.close()
+    assert submitted and submitted[0] > 8192
+    assert served == expected and served
