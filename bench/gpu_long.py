@@ -53,9 +53,11 @@ def main() -> int:
 
     import torch
     from gpu_train import load_4bit
+    from provenance import append, commit, cpu_device, gpu_device
 
     from serving.decoding import BatchingEngine, DecodeRequest, StaticDecoder
 
+    code = commit()
     cuda = torch.cuda.is_available()
     model = add_adapters(load_4bit(model_path(args)), 64)
     config = model.config
@@ -69,14 +71,12 @@ def main() -> int:
 
     out = Path(os.environ.get("OUT", "bench/results")) / "gpu_long.jsonl"
     rows: list[dict] = []
+    device = gpu_device() if cuda else cpu_device()
 
     def record(**row):
-        row = {"commit": os.environ.get("BENCH_COMMIT", ""), "device": torch.cuda.get_device_name() if cuda else "cpu",
-               **row}
+        row = append(out, "bench/gpu_long.py", device, code, variant=row.get("path", row.get("setup")), **row)
         rows.append(row)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print("RESULT", json.dumps(row), flush=True)
+        print("RESULT", json.dumps(row, ensure_ascii=False), flush=True)
 
     def peak_gib() -> float | None:
         return round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
