@@ -74,7 +74,8 @@ def main() -> int:
     device = gpu_device() if cuda else cpu_device()
 
     def record(**row):
-        row = append(out, "bench/gpu_long.py", device, code, variant=row.get("path", row.get("setup")), **row)
+        variant = row.pop("path", None) or row["setup"]
+        row = append(out, "bench/gpu_long.py", device, code, variant=variant, **row)
         rows.append(row)
         print("RESULT", json.dumps(row, ensure_ascii=False), flush=True)
 
@@ -200,7 +201,7 @@ def main() -> int:
         if cuda:
             free, total = torch.cuda.mem_get_info()
             held = torch.cuda.memory_reserved()
-            activations = max(r.get("peak_gib") or 0 for r in rows if r.get("path") == "hangjia engine") * 2**30 \
+            activations = max(r.get("peak_gib") or 0 for r in rows if r.get("variant") == "hangjia engine") * 2**30 \
                 - (decoder.keys.nbytes + decoder.values.nbytes) - (weights_gib or 0) * 2**30
             per_user = kv_token_bytes * (longest + args.new_tokens)
             room = total - (weights_gib or 0) * 2**30 - max(activations, 0) - 2**30  # 1 GiB for CUDA's own
@@ -214,8 +215,8 @@ def main() -> int:
     print("\n| path | scenario | prompt tokens | TTFT ms | decode tok/s | per-user tok/s | worst gap ms | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        if "path" in row:
-            print(f"| {row['path']} | {row['scenario']} | {row.get('prompt_tokens', row.get('long_prompt_tokens', ''))} "
+        if "scenario" in row:
+            print(f"| {row['variant']} | {row['scenario']} | {row.get('prompt_tokens', row.get('long_prompt_tokens', ''))} "
                   f"| {row.get('ttft_ms', row.get('long_ttft_ms', ''))} | {row.get('decode_tok_s', '')} "
                   f"| {row.get('per_user_tok_s', '')} "
                   f"| {row.get('worst_gap_during_long_prefill_ms', row.get('worst_gap_ms', ''))} | {row['peak_gib']} |")

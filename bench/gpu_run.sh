@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU benchmarks in one run, hangjia beside the stock baseline on the same
 # random-weight Qwen3-14B checkpoint (kept on a tmpfs between runs on the same machine).
-#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve long guided app nf4 fp8 profile multi
+#   bash bench/gpu_run.sh train serve          # phases: stocktrain train trainb stockserve serve long guided app nf4 paged fp8 profile multi
 # Wheels in .whl/ (and its sub-folders) are installed first (what the machine's image lacks);
 # BASELINE names the folder of the stock baseline scripts (make_ckpt.py, bench_train.py,
 # bench_infer.py); the tokenizer the model folder needs (app, multi) comes from TOKENIZER.
@@ -50,6 +50,7 @@ for P in "$@"; do
     app)        tokenizer_to $CKPT  # the app loads the tokenizer from the model folder
                 phase app 200 python3 bench/app_gpu.py --model $CKPT ${APP_ARGS:-} ;;
     nf4)        phase nf4 60 python3 bench/nf4_kernel.py ;;
+    paged)      phase paged 40 python3 bench/paged_attention.py ;;
     fp8)        phase fp8 60 python3 bench/fp8_weights.py ;;
     profile)    phase profile 60 python3 bench/gpu_profile.py --model $CKPT ;;
     multi)      tokenizer_to $CKPT  # the recipe loads the tokenizer from the model folder

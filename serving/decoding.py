@@ -33,6 +33,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from serving.guided import mask_rows
+from serving.paged_attention import paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +80,6 @@ def _add_lora(base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     """base + each row's own LoRA: (x A^T, masked to the row's rank block) B^T, the add inside the matmul."""
     low = (x @ a.T) * mask
     return torch.addmm(base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]), b.T).view(base.shape)
-
-
-def _paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pair_rows: torch.Tensor,
-                     pair_pages: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """One decode step's attention over pages. q: (rows, kv heads, query heads per kv head, dim);
-    keys/values: (pages, kv heads, page size, dim). Each (row, page) pair is scored on its own,
-    then each row's pairs are joined under the row's highest score (as flash-decoding joins its
-    splits), so a step reads the pages its rows have written and no padding up to the longest row."""
-    k, v = keys[pair_pages], values[pair_pages]
-    scores = torch.matmul(q[pair_rows], k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5 + bias
-    peak = scores.amax(-1)
-    top = torch.full((q.shape[0],) + peak.shape[1:], torch.finfo(torch.float32).min, device=q.device)
-    top = top.scatter_reduce(0, pair_rows[:, None, None].expand_as(peak), peak, "amax")
-    weights = torch.exp(scores - top[pair_rows][..., None])
-    total = torch.zeros(top.shape, device=q.device).index_add(0, pair_rows, weights.sum(-1))
-    out = torch.zeros(q.shape, device=q.device).index_add(0, pair_rows, torch.matmul(weights.to(v.dtype), v).float())
-    return (out / total[..., None]).to(q.dtype)
 
 
 def causal_lm_of(model):
@@ -198,22 +182,19 @@ class StaticDecoder:
         self._free: list[int] = list(range(self.total_pages, 0, -1))
         self.use_graphs = self.device.type == "cuda"
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32) if b < max_batch} | {max_batch})
-        # A step reads the pages its rows have written: (row, page, first position) triples, as
-        # many as the bucket above their count (every row has at least one; padding sees nothing).
-        self.max_pairs = self.total_pages + max_batch
-        self.pair_buckets = sorted({b for b in (2 ** n for n in range(3, 40)) if b < self.max_pairs}
-                                   | {self.max_pairs})
-        # A step's inputs (tokens, positions, where each row writes, the pages each row reads),
+        # Each slot's pages in order, on the device for the attention kernels: written when a
+        # request is given its pages (all of them at once), cleared when they are taken back
+        self._table = torch.zeros(max_batch, self.table_width, dtype=torch.int32, device=self.device)
+        # A step's inputs (tokens, positions, where each row writes, how far each row reads),
         # copied in with one transfer from a pinned staging buffer (two blocking copies and a
         # fill were ~0.1 ms of an 11 ms step with the GPU idle)
-        size = 4 * max_batch + 3 * self.max_pairs
-        self._step_inputs = torch.zeros(size, dtype=torch.long, device=self.device)
+        self._step_inputs = torch.zeros(5, max_batch, dtype=torch.long, device=self.device)
         # zeros, not torch.empty: a batch bucket's idle rows are embedded too, and an uninitialised id
         # there is out of the vocabulary (an IndexError on CPU, a device assert on CUDA)
-        self._staging = torch.zeros(size, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._staging = torch.zeros(5, max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
         # recorded after each transfer: the staging buffer is written again only once it is done
         self._staged = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._pool = None
         # A prompt's prefill replayed as a CUDA graph too, padded to the next of these lengths:
         # eager, a 512-token prefill at 14B is ~1,200 kernel launches from Python (60-110 ms,
@@ -273,6 +254,7 @@ class StaticDecoder:
         while len(own) < need:
             own.append(self._free.pop())
         self._live.add(slot)
+        self._table[slot] = torch.tensor(own + [0] * (self.table_width - len(own)), dtype=torch.int32)
         return True
 
     def release(self, slot: int) -> None:
@@ -290,6 +272,7 @@ class StaticDecoder:
         self._slot_prompts[slot] = None
         self._free.extend(reversed(self._row_pages[slot]))
         self._row_pages[slot] = []
+        self._table[slot] = 0
 
     @property
     def free_tokens(self) -> int:
@@ -411,8 +394,8 @@ class StaticDecoder:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slot_pages: torch.Tensor | None = None,
                  start: int = 0, last: torch.Tensor | None = None, step: tuple | None = None) -> torch.Tensor:
         """Logits of each row's last token (or of token `last`).
-        Decode: `step` = (write page, write offset) per row and (row, page, first position) per
-        page read: rows 0..B-1, one token each at its own position.
+        Decode: `step` = (page, offset) each row writes its token at, and how many positions each
+        row reads (its slot's pages, from the table): rows 0..B-1, one token each.
         Prefill: one row into the pages `slot_pages` (the slot's, in order), from position `start`
         on (its pages already hold the positions before it); padding sits at position max_len-1,
         never read."""
@@ -422,11 +405,8 @@ class StaticDecoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         groups = self.heads // self.kv_heads
         if step is not None:
-            write_page, write_offset, pair_rows, pair_pages, pair_starts = step
-            # as an additive mask once per step: each pair's positions up to its row's
-            seen = pair_starts[:, None] + torch.arange(self.page_size, device=self.device) <= positions[pair_rows]
-            bias = torch.zeros(seen.shape, device=self.device).masked_fill(~seen, torch.finfo(torch.float32).min)
-            bias = bias[:, None, None, :]
+            write_page, write_offset, lengths = step
+            table = self._table[:rows]
         else:
             write_page = slot_pages[positions[0] // self.page_size]
             write_offset = positions[0] % self.page_size
@@ -457,8 +437,7 @@ class StaticDecoder:
                 # each row writes its token at its own page and offset, then reads its pages
                 keys[write_page, :, write_offset] = k[:, :, 0]
                 values[write_page, :, write_offset] = v[:, 0]
-                out = _paged_attention(q.reshape(rows, self.kv_heads, groups, self.head_dim), keys, values,
-                                       pair_rows, pair_pages, bias)
+                out = paged_attention(q[:, :, 0], keys, values, table, lengths)
                 out = out.reshape(rows, 1, self.heads * self.head_dim)
             else:
                 keys[write_page, :, write_offset] = k[0].transpose(0, 1)
@@ -606,69 +585,47 @@ class StaticDecoder:
     def bucket(self, rows: int) -> int:
         return next(b for b in self.batch_sizes if b >= rows)
 
-    def _step_layout(self, batch: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        """Views of the step's inputs for a (batch, pairs) bucket: ids, positions, and the rest
-        of _forward's `step`. One buffer, laid out per bucket, so the host sends one copy."""
-        inputs = self._step_inputs
-        ids, positions = inputs[:batch].view(batch, 1), inputs[batch:2 * batch].view(batch, 1)
-        write_page, write_offset = inputs[2 * batch:3 * batch], inputs[3 * batch:4 * batch]
-        base = 4 * batch
-        pair_rows, pair_pages = inputs[base:base + pairs], inputs[base + pairs:base + 2 * pairs]
-        pair_starts = inputs[base + 2 * pairs:base + 3 * pairs]
-        return ids, positions, (write_page, write_offset, pair_rows, pair_pages, pair_starts)
-
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """One step for rows 0..len(tokens)-1: token i sits at positions[i] of slot i's pages (a
-        row at position max_len-1 is idle). Returns (rows, vocab) float logits."""
+        row at position max_len-1 is idle: it writes into page 0 and reads one position).
+        Returns (rows, vocab) float logits."""
         rows, size, idle = len(tokens), self.page_size, self.max_len - 1
         batch = self.bucket(rows)
-        ids, places, writes, offsets, pair_rows, pair_pages, pair_starts = [], [], [], [], [], [], []
-        for row in range(batch):
-            position = positions[row] if row < rows else idle
-            ids.append(tokens[row] if row < rows else 0)  # idle rows: a valid id, written into page 0
-            places.append(position)
-            if position >= idle:
-                writes.append(0)
-                offsets.append(0)
-                reads = 1
-                pair_pages.append(0)
-            else:
-                pages = self._row_pages[row]
-                writes.append(pages[position // size])
-                offsets.append(position % size)
-                reads = position // size + 1
-                pair_pages.extend(pages[:reads])
-            pair_rows.extend([row] * reads)
-            pair_starts.extend(range(0, reads * size, size))
-        pairs = next(b for b in self.pair_buckets if b >= len(pair_rows))
-        padding = pairs - len(pair_rows)  # pairs that see nothing: their first position is past every row's
-        flat = (ids + places + writes + offsets + pair_rows + [0] * padding + pair_pages + [0] * padding
-                + pair_starts + [self.max_len] * padding)
+        places = [positions[row] if row < rows else idle for row in range(batch)]
+        live = [row < rows and places[row] < idle for row in range(batch)]
+        inputs = [[tokens[row] if row < rows else 0 for row in range(batch)],  # idle rows: a valid id
+                  places,
+                  [self._row_pages[row][places[row] // size] if live[row] else 0 for row in range(batch)],
+                  [places[row] % size if live[row] else 0 for row in range(batch)],
+                  [places[row] + 1 if live[row] else 1 for row in range(batch)]]
         if self._staged is not None:
             self._staged.synchronize()
-        self._staging[:len(flat)] = torch.tensor(flat)
-        self._step_inputs[:len(flat)].copy_(self._staging[:len(flat)], non_blocking=True)
+        self._staging[:, :batch] = torch.tensor(inputs)
+        self._step_inputs[:, :batch].copy_(self._staging[:, :batch], non_blocking=True)
         if self._staged is not None:
             self._staged.record()
-        ids, places, step = self._step_layout(batch, pairs)
         if not self.use_graphs:
-            return self._forward(ids, places, step=step)[:rows]
-        if (batch, pairs) not in self._graphs:
-            self._capture(batch, pairs, len(flat))
-        graph, logits = self._graphs[(batch, pairs)]
+            return self._step(batch)[:rows]
+        if batch not in self._graphs:
+            self._capture(batch)
+        graph, logits = self._graphs[batch]
         graph.replay()
         return logits[:rows]
 
-    def _capture(self, batch: int, pairs: int, used: int) -> None:
-        """Warm up on a side stream, then capture one decode step for this bucket. Warm-up
-        rows are idle: they write into page 0 and read it."""
-        saved = self._step_inputs[:used].clone()
-        ids, places, step = self._step_layout(batch, pairs)
-        self._step_inputs[:used].zero_()
-        places.fill_(self.max_len - 1)
-        self._graphs[(batch, pairs)] = self._graph(lambda: self._forward(ids, places, step=step))
-        self._step_inputs[:used] = saved
+    def _step(self, batch: int) -> torch.Tensor:
+        ids, places, writes, offsets, lengths = (self._step_inputs[i, :batch] for i in range(5))
+        return self._forward(ids[:, None], places[:, None], step=(writes, offsets, lengths))
+
+    def _capture(self, batch: int) -> None:
+        """Warm up on a side stream, then capture one decode step for this batch size. Warm-up
+        rows are idle: they write into page 0 and read one position."""
+        saved = self._step_inputs[:, :batch].clone()
+        self._step_inputs[:, :batch] = 0
+        self._step_inputs[1, :batch] = self.max_len - 1
+        self._step_inputs[4, :batch] = 1
+        self._graphs[batch] = self._graph(lambda: self._step(batch))
+        self._step_inputs[:, :batch] = saved
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> int:
