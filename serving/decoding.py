@@ -245,8 +245,12 @@ class StaticDecoder:
             return False
         if slot in self._parked:
             self._parked.remove(slot)
-        self._free.extend(reversed(own[need:]))
-        del own[need:]
+        if len(own) > need:  # the pages given back held the rest of the old prompt: it is a source no longer
+            self._free.extend(reversed(own[need:]))
+            del own[need:]
+            if self._slot_prompts[slot] is not None:
+                adapter, prompt = self._slot_prompts[slot]
+                self._slot_prompts[slot] = (adapter, prompt[:need * self.page_size])
         for other in list(self._parked):
             if len(own) + len(self._free) >= need:
                 break
@@ -470,7 +474,7 @@ class StaticDecoder:
             if cached is None or cached[0] != adapter:
                 continue
             previous = cached[1]
-            limit = min(len(previous), len(prompt_ids) - 1)
+            limit = min(len(previous), len(prompt_ids) - 1, len(self._row_pages[slot]) * self.page_size)
             same = 0
             while same < limit and previous[same] == prompt_ids[same]:
                 same += 1
@@ -706,26 +710,33 @@ class BatchingEngine:
     def submit(self, request: DecodeRequest) -> DecodeRequest:
         if not self.fits(len(request.prompt_ids), request.max_new_tokens):
             raise ValueError("the request does not fit the decoder's cache")
-        with self._starting:  # concurrent first requests must start one engine thread, not several
+        # concurrent first requests must start one engine thread, not several; queued under the same
+        # lock, so a dying engine either ends this request too or has already made way for a new one
+        with self._starting:
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
                 self._thread.start()
-        self._waiting.put(request)
+            self._waiting.put(request)
         return request
 
     def close(self) -> None:
-        self._stop.set()
-        self._waiting.put(None)  # type: ignore[arg-type]
-        if self._thread:
-            self._thread.join(timeout=10)
+        """Stop the engine thread; requests it still holds or has queued end as cancelled."""
+        with self._starting:
+            thread = self._thread
+            self._stop.set()
+            if thread is not None:
+                self._waiting.put(None)  # type: ignore[arg-type]
+        if thread is not None:
+            thread.join(timeout=10)
 
     def _finish(self, slot: int, reason: str) -> None:
         request = self._slots[slot]
         self._slots[slot] = None
         self._prefilled.pop(slot, None)
         self._positions[slot] = self.decoder.max_len - 1
-        self.decoder.release(slot)
+        with self.guard:
+            self.decoder.release(slot)
         if request is not None:
             request.finish_reason = request.finish_reason or reason
             request.tokens.put(None)
@@ -735,7 +746,8 @@ class BatchingEngine:
             self._slots[slot] = None
             self._prefilled.pop(slot, None)
             self._positions[slot] = self.decoder.max_len - 1
-            self.decoder.release(slot)
+            with self.guard:
+                self.decoder.release(slot)
         request.finish_reason = "error"
         request.tokens.put(exc)
 
@@ -785,7 +797,9 @@ class BatchingEngine:
             if None not in self._slots:
                 break
             slot = self._slots.index(None)
-            if not self.decoder.reserve(slot, len(request.prompt_ids) + request.max_new_tokens):
+            with self.guard:  # refresh_adapters() evicts parked pages from another thread, under the guard
+                reserved = self.decoder.reserve(slot, len(request.prompt_ids) + request.max_new_tokens)
+            if not reserved:
                 break
             self._pending.popleft()
             self._slots[slot] = request
@@ -823,12 +837,36 @@ class BatchingEngine:
             self._loop()
         except BaseException as exc:  # never leave requests waiting on a dead thread
             log.exception("the batching engine stopped")
-            for slot, request in enumerate(self._slots):
-                if request is not None:
-                    self._fail(slot, request, exc)
-            for request in self._pending:
-                self._fail(None, request, exc)
+            self._abandon(exc)
             raise
+        self._abandon(None)
+
+    def _abandon(self, exc: BaseException | None) -> None:
+        """End every request the engine holds or has queued (with `exc`, or cancelled after
+        close()), and let the next submit start a new engine thread."""
+        with self._starting:
+            held = [(slot, request) for slot, request in enumerate(self._slots) if request is not None]
+            queued = list(self._pending)
+            self._pending.clear()
+            while True:
+                try:
+                    queued.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+            self._thread = None
+        for slot, request in held:
+            if exc is None:
+                self._finish(slot, "cancelled")
+            else:
+                self._fail(slot, request, exc)
+        for request in queued:
+            if request is None:
+                continue
+            if exc is None:
+                request.finish_reason = "cancelled"
+                request.tokens.put(None)
+            else:
+                self._fail(None, request, exc)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -350,3 +350,50 @@ def test_idle_rows_of_a_batch_bucket_never_embed_garbage(two_adapter_model):
         assert decoder.reserve(slot, 8)
     logits = decoder.decode([5, 17, 42], [0, 0, 0])
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()
+
+
+def test_a_parked_prompt_cut_down_by_its_slots_next_request_is_reused_only_as_far_as_its_pages_go(two_adapter_model):
+    """A finished 60-token prompt stays parked in slot 1; slot 1 is then given to a short
+    request (2 pages kept, the rest given back) before a request sharing 50 tokens of that
+    prompt is prefilled in slot 0. Only the 16 tokens slot 1 still holds may be copied: its
+    first token must be what a clean prefill gives (copying 50 took garbage pages)."""
+    model = two_adapter_model
+    prompt = [(7 * i + 3) % 150 + 2 for i in range(60)]
+    asking = prompt[:50] + [5, 17]
+
+    def first_logits(decoder, slot):
+        assert decoder.reserve(slot, len(asking) + 4)
+        return decoder.prefill(slot, asking, "finance")[1]
+
+    clean = first_logits(StaticDecoder(model, max_batch=2, max_len=96, page_size=8), 0)
+    decoder = StaticDecoder(model, max_batch=2, max_len=96, page_size=8)
+    assert decoder.reserve(1, 70)
+    decoder.prefill(1, prompt, "finance")
+    decoder.release(1)  # parked: a prompt start to copy
+    assert decoder.reserve(1, 10)  # a short request takes slot 1: two of its pages stay
+    torch.testing.assert_close(first_logits(decoder, 0), clean)
+    assert decoder.reused_tokens == 16
+
+
+def test_an_engine_that_fails_ends_every_request_once_and_the_next_one_is_served(two_adapter_model):
+    """A request whose sampling cannot run kills the engine thread: it and the request queued
+    behind it get the error (once; neither is decoded afterwards), and a request submitted
+    next starts a new engine and gets its answer. close() ends what is still queued."""
+    engine = BatchingEngine(StaticDecoder(two_adapter_model, max_batch=1, max_len=64))
+    try:
+        broken = engine.submit(DecodeRequest([1, 2, 3], max_new_tokens=5, temperature=1.0, top_p=-1.0))
+        behind = engine.submit(DecodeRequest([4, 5, 6], max_new_tokens=5))
+        for request in (broken, behind):
+            with pytest.raises(RuntimeError):
+                request.collect(timeout=30)
+            assert request.tokens.empty() and request.finish_reason == "error"
+        after = engine.submit(DecodeRequest([4, 5, 6], max_new_tokens=5))
+        assert after.collect(timeout=30) == reference(two_adapter_model, [4, 5, 6], None, 5)
+        long = engine.submit(DecodeRequest([7, 8, 9], max_new_tokens=50))
+        waiting = engine.submit(DecodeRequest([1, 1, 1], max_new_tokens=5))
+        assert long.tokens.get(timeout=30) is not None
+    finally:
+        engine.close()
+    assert len(waiting.collect(timeout=10)) < 5 and waiting.finish_reason == "cancelled"
+    long.collect(timeout=10)
+    assert long.finish_reason == "cancelled"
