@@ -208,3 +208,20 @@ def test_a_streamed_answer_comes_in_fewer_pieces_no_closer_than_the_interval(tin
     assert len(pieces) < len(every)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:-1])]  # the last piece may follow at once
     assert all(gap >= 0.055 for gap in gaps), gaps
+
+
+def test_a_turn_larger_than_the_batched_cache_is_answered_by_generate_and_logged(tiny_model, caplog):
+    """A 256-token cache: a turn that needs more is not refused or cut; generate() answers it
+    alone, as it would without batching, and the log tells the operator which setting to raise."""
+    params = GenerationParams(max_new_tokens=16, temperature=0.0)
+    prompt = tiny_model.render_prompt([{"role": "user", "content": "季度销售报告：" + "华东区收入增长，成本下降。" * 40}])
+    assert tiny_model.count_tokens(prompt) + 16 > 256
+    expected = generate(tiny_model, prompt, params=params)
+    tiny_model.enable_batched_decoding(max_batch=2, max_len=1024, kv_tokens=256)
+    try:
+        with caplog.at_level("WARNING", logger="webapp.models"):
+            served = generate(tiny_model, prompt, params=params)
+    finally:
+        tiny_model.close()
+    assert served[0] == expected[0] and served[0]
+    assert "larger than the batched decoder holds" in caplog.text

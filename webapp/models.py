@@ -350,9 +350,15 @@ class ModelService(PromptsAndRouting):
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         result.prompt_tokens = int(inputs["input_ids"].shape[1])
         session = self._guided_session(guide)
-        if self.engine is not None and self.engine.fits(result.prompt_tokens, params.max_new_tokens):
-            yield from self._stream_batched(inputs["input_ids"][0].tolist(), params, adapter, result, session)
-            return
+        if self.engine is not None:
+            if self.engine.fits(result.prompt_tokens, params.max_new_tokens):
+                yield from self._stream_batched(inputs["input_ids"][0].tolist(), params, adapter, result, session)
+                return
+            # outside the shared batch: an operator raises --decode-kv-tokens / --decode-max-len if this is common
+            log.warning("a turn of %d prompt + %d answer tokens is larger than the batched decoder holds (%d-token "
+                        "turns, %d-token cache): generate() answers it alone", result.prompt_tokens,
+                        params.max_new_tokens, self.engine.decoder.max_len,
+                        self.engine.decoder.total_pages * self.engine.decoder.page_size)
         cancel = threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs: dict[str, Any] = dict(
