@@ -97,7 +97,7 @@ class Settings:
         "share steps, adapters per user), 'generate' (transformers' generate(), one at a time), or 'auto' "
         "(batched on CUDA, generate elsewhere)."
     )
-    decode_batch: int = _setting(8, "Batched decoding: users decoded together (KV-cache slots).")
+    decode_batch: int = _setting(8, "Batched decoding: users decoded together in one step; they share decode_kv_tokens.")
     decode_max_len: int = _setting(
         0, "Batched decoding: longest prompt + answer in tokens one turn may have; 0 means the model's context "
         "(context_tokens). Longer turns, and turns larger than decode_kv_tokens, use generate()."
