@@ -177,7 +177,6 @@ class StaticDecoder:
         # Pages by slot: a live request's, or a finished one's kept as a prompt start to copy
         # (parked) until their pages are needed. Page 0 is nobody's.
         self._row_pages: list[list[int]] = [[] for _ in range(max_batch)]
-        self._live: set[int] = set()
         self._parked: list[int] = []  # slots with parked pages, least recently parked first
         self._free: list[int] = list(range(self.total_pages, 0, -1))
         self.use_graphs = self.device.type == "cuda"
@@ -257,14 +256,12 @@ class StaticDecoder:
             self._evict(other)
         while len(own) < need:
             own.append(self._free.pop())
-        self._live.add(slot)
         self._table[slot] = torch.tensor(own + [0] * (self.table_width - len(own)), dtype=torch.int32)
         return True
 
     def release(self, slot: int) -> None:
         """The request in `slot` is done: its pages stay parked, as a prompt start another
         request may copy, until the pool needs them."""
-        self._live.discard(slot)
         if self._row_pages[slot] and self._slot_prompts[slot] is not None:
             self._parked.append(slot)
         else:
@@ -277,11 +274,6 @@ class StaticDecoder:
         self._free.extend(reversed(self._row_pages[slot]))
         self._row_pages[slot] = []
         self._table[slot] = 0
-
-    @property
-    def free_tokens(self) -> int:
-        """Tokens a new request can be given now (free and parked pages)."""
-        return self.page_size * (len(self._free) + sum(len(self._row_pages[s]) for s in self._parked))
 
     # -- adapters ------------------------------------------------------------------------
 
@@ -446,7 +438,7 @@ class StaticDecoder:
             else:
                 keys[write_page, :, write_offset] = k[0].transpose(0, 1)
                 values[write_page, :, write_offset] = v[0]
-                k, v = k, v.transpose(1, 2)
+                v = v.transpose(1, 2)
                 if context is not None:  # the new tokens also see the positions before them
                     k = keys[context].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[None, :, :start + length]
                     v = values[context].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[None, :, :start + length]
