@@ -116,8 +116,8 @@ def main() -> int:
             for token in self.opening:
                 super().advance(token)
 
-    # the host's share of a guided step: the matchers' advancing (on the step's critical path)
-    # and mask_rows (filling overlaps the GPU's forward pass); reopening is the bench's own
+    # the host's share of a guided step: the matchers' advancing and mask_rows (both run while the
+    # GPU computes the step: the advancing follows the last step's tokens); reopening is the bench's own
     import serving.decoding as decoding
 
     host = dict(advance=0.0, reopen=0.0, reopens=0, mask=0.0, steps=0)

@@ -690,6 +690,7 @@ class BatchingEngine:
         self._prefilled: dict[int, int] = {}  # slot -> prompt tokens in its cache, while it is prefilled
         self._positions = [0] * decoder.max_batch
         self._last = [0] * decoder.max_batch
+        self._advances: list[tuple[Any, int]] = []  # (guide, token) emitted, not yet followed by the guide
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()
         self._stop = threading.Event()
@@ -752,8 +753,8 @@ class BatchingEngine:
 
     def _emit(self, slot: int, token: int) -> None:
         request = self._slots[slot]
-        if request.guide is not None:
-            request.guide.advance(token)
+        if request.guide is not None:  # advanced once the next step is launched, while the GPU computes it
+            self._advances.append((request.guide, token))
         request.generated += 1
         if request.generated == 1:
             request.first_token_at = time.perf_counter()
@@ -882,11 +883,16 @@ class BatchingEngine:
                     logits = self.decoder.decode(tokens, positions)
             except Exception as exc:
                 log.exception("decode step failed")
+                self._advances.clear()  # every row with a token to follow has failed
                 for slot in active:
                     self._fail(slot, self._slots[slot], exc)
                 continue
             if self.on_step:
                 self.on_step(len(active))
+            # the guides follow the last step's tokens while the GPU computes this one (their masks apply to it)
+            for guide, token in self._advances:
+                guide.advance(token)
+            self._advances.clear()
             guides = {slot: self._slots[slot].guide for slot in active if self._slots[slot].guide is not None}
             if guides:  # rows inside a tool call keep only the tokens that keep it valid
                 mask_rows(logits, guides)
