@@ -93,7 +93,7 @@ def main() -> int:
     steps: list[tuple[float, int]] = []
     engine.on_step = lambda active: steps.append((time.perf_counter(), active))
     kv_token_bytes = (decoder.keys.nbytes + decoder.values.nbytes) // ((decoder.total_pages + 1) * decoder.page_size)
-    record(setup="engine", weights_gib=weights_gib, kv_tokens=decoder.total_pages * decoder.page_size,
+    record(setup="engine", weights_gib=weights_gib, kv_tokens=decoder.kv_tokens,
            kv_gib=round((decoder.keys.nbytes + decoder.values.nbytes) / 2**30, 2), kv_kib_per_token=kv_token_bytes / 1024,
            page_size=decoder.page_size, chunk=args.chunk, max_len=max_len)
 

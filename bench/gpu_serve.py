@@ -121,7 +121,7 @@ def main() -> int:
                 ("hangjia before: bitsandbytes' GEMV / dequantize + matmul for decode steps", {}, on_bitsandbytes),
                 ("hangjia before: LoRA per layer, prefill as a CUDA graph", dict(join_lora=False), on_bitsandbytes),
                 (eager_prefill, before, on_bitsandbytes),
-                ("static cache + CUDA graphs + compiled norms/rope", dict(before, fused_nf4=False), None)]
+                ("paged cache + CUDA graphs + compiled norms/rope", dict(before, fused_nf4=False), None)]
     chosen = [v for v in variants if not args.only or any(word in v[0] for word in args.only)]
     for label, options, change in (chosen[:args.variants] if cuda else variants[:1]):
         decoder = engine = None

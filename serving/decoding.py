@@ -4,9 +4,10 @@ for answering the refresh's evaluation cases in one batch (the recipe).
 `StaticDecoder` runs a Qwen3/Llama-family model's layers itself over a pool of KV pages of a
 fixed size (`kv_tokens` in all, shared by every user). A request is given the pages its prompt
 and answer need when it is admitted, not a worst case per user, so one 32k-token report and a
-few short chats share the memory of eight 8k slots. The shapes a decode step sees are fixed per
-(batch bucket, page-count bucket), so a step is captured once per bucket as a CUDA graph: the
-~50 ms of Python and kernel launches per token of `generate()` become one graph replay. A
+few short chats share the memory of eight 8k slots. A decode step's shapes depend only on its
+batch size (each row reads its own pages, up to its own length), so a step is captured once per
+batch size as a CUDA graph: the ~50 ms of Python and kernel launches per token of `generate()`
+become one graph replay. A
 prompt's prefill is a graph too, one per padded length (64 to 2,048 tokens); longer prompts are
 prefilled in chunks between the other users' decode steps. LoRA adapters are applied per row
 (stacked per layer, a 0/1 mask per row), so users of different departments share one batch and
@@ -171,6 +172,7 @@ class StaticDecoder:
         self.table_width = -(-max_len // page_size)  # pages of the longest request
         kv_tokens = kv_tokens or max_batch * self.table_width * page_size
         self.total_pages = -(-kv_tokens // page_size)
+        self.kv_tokens = self.total_pages * page_size
         shape = (len(self.layers), self.total_pages + 1, self.kv_heads, page_size, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -494,8 +496,8 @@ class StaticDecoder:
             done, source = (0, None) if length else self._reusable_prefix(prompt_ids, adapter)
             self._slot_prompts[slot] = None  # overwritten below; not a source until complete
             if source is not None and source != slot:
-                copied = torch.tensor(self._row_pages[source][:self.pages_for(done)], device=self.device)
-                into = torch.tensor(self._row_pages[slot][:self.pages_for(done)], device=self.device)
+                copied = self._table[source, :self.pages_for(done)].long()
+                into = self._table[slot, :self.pages_for(done)].long()
                 self.keys[:, into] = self.keys[:, copied]
                 self.values[:, into] = self.values[:, copied]
             self.reused_tokens += done
@@ -520,8 +522,7 @@ class StaticDecoder:
         """The tokens `part` at positions start.. (the slot's pages already hold those before)."""
         ids = torch.tensor([list(part)], device=self.device)
         positions = torch.arange(start, start + len(part), device=self.device)[None, :]
-        pages = torch.tensor(self._row_pages[slot], device=self.device)
-        return self._forward(ids, positions, pages, start)[0]
+        return self._forward(ids, positions, self._table[slot].long(), start)[0]
 
     def _prefill_length(self, tokens: int) -> int | None:
         if not self.graph_prefill:
@@ -532,12 +533,12 @@ class StaticDecoder:
         if length not in self._prefill_runs:
             self._prefill_runs[length] = self._prefill_run(length)
         run, ids, positions = self._prefill_runs[length]
-        tokens, pages = len(prompt_ids), self._row_pages[slot]
+        tokens = len(prompt_ids)
         ids[0, :tokens] = torch.tensor(list(prompt_ids), device=self.device)
         ids[0, tokens:] = 0
         positions[0, :tokens] = torch.arange(tokens, device=self.device)
         positions[0, tokens:] = self.max_len - 1
-        self._prefill_pages.copy_(torch.tensor(pages + [0] * (self.table_width - len(pages))))
+        self._prefill_pages.copy_(self._table[slot])
         self._prefill_last.fill_(tokens - 1)
         return run()[0].clone()
 
@@ -723,24 +724,24 @@ class BatchingEngine:
         if thread is not None:
             thread.join(timeout=10)
 
-    def _finish(self, slot: int, reason: str) -> None:
-        request = self._slots[slot]
+    def _vacate(self, slot: int) -> None:
+        """The slot is free again; its pages are parked or freed."""
         self._slots[slot] = None
         self._prefilled.pop(slot, None)
         self._positions[slot] = self.decoder.max_len - 1
         with self.guard:
             self.decoder.release(slot)
+
+    def _finish(self, slot: int, reason: str) -> None:
+        request = self._slots[slot]
+        self._vacate(slot)
         if request is not None:
             request.finish_reason = request.finish_reason or reason
             request.tokens.put(None)
 
     def _fail(self, slot: int | None, request: DecodeRequest, exc: BaseException) -> None:
         if slot is not None:
-            self._slots[slot] = None
-            self._prefilled.pop(slot, None)
-            self._positions[slot] = self.decoder.max_len - 1
-            with self.guard:
-                self.decoder.release(slot)
+            self._vacate(slot)
         request.finish_reason = "error"
         request.tokens.put(exc)
 
@@ -808,7 +809,7 @@ class BatchingEngine:
                 break
             request, done = self._slots[slot], self._prefilled[slot]
             left = len(request.prompt_ids) - done
-            limit = None if left <= budget else max(budget, 1)
+            limit = None if left <= budget else budget
             try:
                 with self.guard:
                     done, logits = self.decoder.prefill(slot, request.prompt_ids, request.adapter, done, limit)

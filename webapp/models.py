@@ -268,8 +268,7 @@ class ModelService(PromptsAndRouting):
             decoder = StaticDecoder(self.model, max_batch=max_batch, max_len=max_len, kv_tokens=kv_tokens)
             self.engine = BatchingEngine(decoder, guard=self._lock, prefill_chunk=prefill_chunk)
         log.info("batched decoding: %d users, turns up to %d tokens, KV cache of %d tokens (%.1f GiB)", max_batch,
-                 max_len, decoder.total_pages * decoder.page_size,
-                 (decoder.keys.nbytes + decoder.values.nbytes) / 2**30)
+                 max_len, decoder.kv_tokens, (decoder.keys.nbytes + decoder.values.nbytes) / 2**30)
 
     def close(self) -> None:
         """Stop the decoding threads (a later request starts the plain path afresh)."""
@@ -357,8 +356,7 @@ class ModelService(PromptsAndRouting):
             # outside the shared batch: an operator raises --decode-kv-tokens / --decode-max-len if this is common
             log.warning("a turn of %d prompt + %d answer tokens is larger than the batched decoder holds (%d-token "
                         "turns, %d-token cache): generate() answers it alone", result.prompt_tokens,
-                        params.max_new_tokens, self.engine.decoder.max_len,
-                        self.engine.decoder.total_pages * self.engine.decoder.page_size)
+                        params.max_new_tokens, self.engine.decoder.max_len, self.engine.decoder.kv_tokens)
         cancel = threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs: dict[str, Any] = dict(
