@@ -208,6 +208,8 @@ url = "ftp://x/${NOT_SET_ANYWHERE}"
 ground = ["priority"]
 [tool.parameters]
 type = "array"
+[tool.spellings.level]
+"urgent" = "p0"
 """
     )
     with pytest.raises(ToolConfigError) as info:
@@ -215,5 +217,6 @@ type = "array"
     message = str(info.value)
     for expected in ("unknown key 'descripton'. Did you mean 'description'", "name must be letters",
                      "needs a description", "unknown roles ['boss']", "NOT_SET_ANYWHERE is not set",
-                     "url must start with http", 'type = "object"', "ground must list required parameters"):
+                     "url must start with http", 'type = "object"', "ground must list required parameters",
+                     "spellings.level must map words to values of the parameter's enum"):
         assert expected in message, expected

@@ -181,7 +181,7 @@ class ToolExecutor:
         arguments = normalise_arguments(spec, call.arguments)
         overruled = dict(overruled or {})
         if question:
-            arguments, now = ground_arguments(spec, arguments, question)
+            arguments, now = ground_arguments(spec, arguments, question, self.today())
             overruled.update(now)
         audit["overruled"] = overruled or None
         errors = validation_errors(spec, arguments)

@@ -7,20 +7,28 @@ file names every spelling of every closed value (enums and their aliases), and l
 question spells exactly one value of such a parameter and the model wrote another value from
 the same closed set, or nothing, the spelled value is used.
 
+A parameter whose pattern takes calendar periods (2026-Q3, 2026-07, 2026) is held to the one
+period the question names by the calendar (2025年3月, 去年四季度, Q1 2026, March of last year:
+webapp/tools/calendar.py), which a small model writes wrong in ways no closed set can hold
+("3", "Q1 2026", last_quarter for Sept 2026).
+
 The model's reading stands wherever the question may mean something else than the value it
-spells: a value outside the closed set (an explicit "2025-Q4"); a spelling qualified by a
-number next to it (今年3月, 去年四季度, Q4 last year: a finer period than the closed set
-holds); a comparison or a negation anywhere in the question (比去年, versus last quarter,
-不要去年的); two values spelled. A one-word Latin spelling counts only as the tool file writes
+spells: a spelling qualified by a number next to it that the calendar does not read; a period
+no tool form holds (上半年, H1 2025); a comparison or a negation anywhere in the question (比去年,
+versus last quarter, 不要去年的); two values spelled (2025年3月到6月, 上个月也就是11月); a period
+from a point on (2025年3月以来). A one-word Latin spelling counts only as the tool file writes
 it ("Central", not "central estimate"). Only a turn's single first call is held: several
 calls (each region's share, this year and last) are the model's plan.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import unicodedata
 from typing import Any
 
+from webapp.tools import calendar
 from webapp.tools.registry import ToolSpec
 
 _CONTRAST = re.compile(r"比|较|相对|对比|不|没|非|除|别|vs\.?|versus|compared|than|against|relative|"
@@ -56,28 +64,54 @@ def spelled(question: str, table: dict[str, str]) -> tuple[set[str], bool]:
 
 def closed_spellings(spec: ToolSpec, parameter: str) -> dict[str, str]:
     """Every spelling of the parameter's closed values -> the value: its enum and the tool
-    file's aliases."""
+    file's spellings for questions, or, where it has none, its aliases."""
     prop = (spec.parameters.get("properties") or {}).get(parameter) or {}
     table = {value: value for value in prop.get("enum", ()) if isinstance(value, str)}
-    table.update({alias: value for alias, value in (spec.aliases.get(parameter) or {}).items() if isinstance(value, str)})
+    words = spec.spellings.get(parameter) or spec.aliases.get(parameter) or {}
+    table.update({word: value for word, value in words.items() if isinstance(value, str)})
     return table
 
 
-def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str) -> tuple[dict[str, Any], dict]:
+_CALENDAR_FORMS = ("2026-07", "2026-Q3", "2026")
+
+
+def _takes_calendar(spec: ToolSpec, parameter: str) -> str | None:
+    """The parameter's pattern where it takes calendar periods."""
+    pattern = ((spec.parameters.get("properties") or {}).get(parameter) or {}).get("pattern")
+    try:
+        return pattern if pattern and any(re.fullmatch(pattern, form) for form in _CALENDAR_FORMS) else None
+    except re.error:
+        return None
+
+
+def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
+                     today: dt.date | None = None) -> tuple[dict[str, Any], dict]:
     """(arguments, {parameter: the model's value}) for every argument the question overruled."""
     if not spec.ground or _CONTRAST.search(question):
         return dict(arguments), {}
+    question = unicodedata.normalize("NFKC", question)
+    today = today or dt.date.today()
+    period, named = calendar.the_period(question, today)
+    # the calendar's words are its own: 今年 in 今年3月 spells no closed value
+    rest = question
+    for mention in calendar.read(question, today):
+        rest = rest[:mention.start] + " " * (mention.end - mention.start) + rest[mention.end:]
     result, overruled = dict(arguments), {}
     for parameter in sorted(spec.ground):
         table = closed_spellings(spec, parameter)
-        if len(set(table.values())) < 2:
+        values, qualified = spelled(rest, table)
+        current = result.get(parameter)
+        pattern = _takes_calendar(spec, parameter)
+        if named and pattern:  # the question names the calendar: it holds the value, or nothing does
+            if period is not None and not values and re.fullmatch(pattern, period.form) and current != period.form:
+                overruled[parameter] = current
+                result[parameter] = period.form
             continue
-        values, qualified = spelled(question, table)
-        if len(values) != 1 or qualified:
+        if len(set(table.values())) < 2 or len(values) != 1 or qualified:
             continue
         (value,) = values
-        current = result.get(parameter)
-        if current != value and (current is None or current in table.values()):
+        default = ((spec.parameters.get("properties") or {}).get(parameter) or {}).get("default")
+        if (current if current is not None else default) != value and (current is None or current in table.values()):
             overruled[parameter] = current
             result[parameter] = value
     return result, overruled

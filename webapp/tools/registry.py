@@ -23,6 +23,10 @@ parameters, who may call it, and how it runs.
     "East China" = "华东"
     ground = ["region"]                # optional: closed parameters the user's own words hold
                                        # (webapp/tools/grounding.py)
+    [tool.spellings.metric]            # optional: words of questions that name a closed value,
+    "销量" = "units"                    # read by grounding in place of the aliases (which are what
+                                       # a model may write: "sales" is also in "unit sales"); an
+                                       # optional parameter is grounded only with spellings
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from storage.accounts import ROLES, User
 NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
 _KEYS = {
     "name", "description", "kind", "handler", "method", "url", "headers", "parameters", "roles",
-    "departments", "side_effect", "timeout_s", "retries", "backoff_s", "aliases", "ground",
+    "departments", "side_effect", "timeout_s", "retries", "backoff_s", "aliases", "ground", "spellings",
 }
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEMO_TOOLS_FILE = Path(__file__).with_name("demo_tools.toml")
@@ -69,6 +73,7 @@ class ToolSpec:
     backoff_s: float = 0.5
     aliases: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     ground: frozenset[str] = frozenset()  # parameters whose value the user's own words hold
+    spellings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # question words -> closed value
     validator: Draft202012Validator | None = field(default=None, repr=False, compare=False)
 
     def allows(self, user: User) -> bool:
@@ -206,10 +211,17 @@ def load_tool_file(
             problems.append(f"{where}: timeout_s must be a positive number.")
         if not (isinstance(retries, int) and 0 <= retries <= 10):
             problems.append(f"{where}: retries must be an integer from 0 to 10.")
-        ground = entry.get("ground", [])
+        ground, spellings = entry.get("ground", []), entry.get("spellings", {})
+        properties = (parameters.get("properties") or {}) if isinstance(parameters, dict) else {}
         required = set(parameters.get("required") or ()) if isinstance(parameters, dict) else set()
-        if not (isinstance(ground, list) and all(isinstance(g, str) and g in required for g in ground)):
-            problems.append(f"{where}: ground must list required parameters of the tool (got {ground!r}).")
+        if not (isinstance(ground, list) and all(isinstance(g, str) and (g in required or g in spellings)
+                                                 for g in ground)):
+            problems.append(f"{where}: ground must list required parameters of the tool, or optional ones with "
+                            f"[tool.spellings.<parameter>] (got {ground!r}).")
+        for parameter, table in spellings.items() if isinstance(spellings, dict) else ():
+            allowed = (properties.get(parameter) or {}).get("enum")
+            if not allowed or not isinstance(table, dict) or any(v not in allowed for v in table.values()):
+                problems.append(f"{where}: spellings.{parameter} must map words to values of the parameter's enum.")
         if len(problems) > before:
             continue
         specs.append(_with_validator(ToolSpec(
@@ -217,6 +229,7 @@ def load_tool_file(
             roles=frozenset(roles), departments=frozenset(departments) if departments is not None else None,
             side_effect=bool(entry.get("side_effect", False)), timeout_s=float(timeout_s), retries=retries,
             backoff_s=float(backoff_s), aliases=entry.get("aliases", {}), ground=frozenset(ground),
+            spellings=spellings,
         )))
     if problems:
         raise ToolConfigError(problems)
