@@ -200,8 +200,10 @@ Sets = dict[str, tuple[list[SalesQuestion], list[str]]]  # name -> (sales questi
 
 
 def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools.partial(print, flush=True),
-                 measure_before: bool = True, measure_after: bool = True, compare_guides: bool = False) -> dict:
-    """The whole night, through the launched app. Returns before/after figures per set, and the run."""
+                 measure_before: bool = True, measure_after: bool = True, compare_guides: bool = False,
+                 night: bool = True) -> dict:
+    """The whole night, through the launched app. Returns before/after figures per set, and the run.
+    night=False: the night already ran in this data dir (--reuse); only what it serves is measured."""
     from gradio_client import Client
 
     from storage import adapters as registry
@@ -219,15 +221,17 @@ def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools
             log("measuring before …")
             before = measure_all(employee)
             log(f"before: {brief(before)}")
-        log(f"teaching with {len(train)} questions …")
-        taught = teach(employee, reviewer, train)
-        log(f"{taught}; the nightly refresh runs now …")
-        started = time.perf_counter()
-        outcomes = services.nightly.run_nightly()
-        refresh_s = time.perf_counter() - started
-        finance_runs = {r["id"] for r in registry.runs(services.db) if r["department_id"] == "finance"}
-        outcome = next((o for o in outcomes if o.run_id in finance_runs), None)
-        log(f"refresh: {outcome}")
+        taught, outcome, refresh_s = {}, None, 0.0
+        if night:
+            log(f"teaching with {len(train)} questions …")
+            taught = teach(employee, reviewer, train)
+            log(f"{taught}; the nightly refresh runs now …")
+            started = time.perf_counter()
+            outcomes = services.nightly.run_nightly()
+            refresh_s = time.perf_counter() - started
+            finance_runs = {r["id"] for r in registry.runs(services.db) if r["department_id"] == "finance"}
+            outcome = next((o for o in outcomes if o.run_id in finance_runs), None)
+            log(f"refresh: {outcome}")
         after_adapter = employee.predict(api_name="/whoami")["adapter_version"]
         after = {}
         if measure_after:
@@ -254,7 +258,8 @@ def run_scenario(services, train: list[SalesQuestion], sets: Sets, log=functools
             log("measuring after, unguided …")
             unguided = measure_all(employee)
             log(f"after, unguided: {brief(unguided)}")
-        run = next((r for r in registry.runs(services.db) if outcome and r["id"] == outcome.run_id), None)
+        finance = [r for r in registry.runs(services.db) if r["department_id"] == "finance"]
+        run = next((r for r in finance if (r["id"] == outcome.run_id if outcome else r["status"] == "succeeded")), None)
         return {"before": before, "after": after, "handwritten": handwritten, "unguided": unguided, "taught": taught,
                 "refresh_s": refresh_s,
                 "outcome": outcome, "adapter_after": after_adapter, "run": run}
@@ -279,6 +284,9 @@ def main() -> int:
                              "before xgrammar (bench/handwritten_guide.py), and without a guide")
     parser.add_argument("--keep-data", action="store_true",
                         help="keep the run's data dir (DuckDB file, adapters; about 0.5 GB) instead of removing it")
+    parser.add_argument("--reuse", type=Path, metavar="DATA_DIR",
+                        help="measure again what a kept night's data dir (--keep-data) serves, without teaching or "
+                             "training: a serving change compared on the same adapter")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting for the refresh, e.g. --set learning_rate=5e-4 --set epochs=3")
     parser.add_argument("--results", type=Path, default=RESULTS,
@@ -298,7 +306,7 @@ def main() -> int:
     overrides = dict(item.split("=", 1) for item in args.set)
     base = settings_from_sources(cli={}, environ={f"HANGJIA_{k.upper()}": v for k, v in overrides.items()})
     settings = dataclasses.replace(
-        base, data_dir=Path(tempfile.mkdtemp(prefix="hangjia-bench-loop-")), demo=True, demo_feedback=False, temperature=0.0,
+        base, data_dir=args.reuse or Path(tempfile.mkdtemp(prefix="hangjia-bench-loop-")), demo=True, demo_feedback=False, temperature=0.0,
         max_new_tokens=args.max_new_tokens, scheduler=False, min_new_samples=10, port=free_port(), max_tool_rounds=1)
     services = open_services(settings)
     train = sales_questions(TRAIN_TEMPLATES, args.train, seed=1)
@@ -311,14 +319,16 @@ def main() -> int:
     sets = {name: available[name]() for name in chosen}
     try:
         result = run_scenario(services, train, sets, measure_before=not args.skip_before and not args.gate_only,
-                              measure_after=not args.gate_only, compare_guides=args.compare_guides)
+                              measure_after=not args.gate_only, compare_guides=args.compare_guides,
+                              night=args.reuse is None)
     finally:
         services.close()
-        if not args.keep_data:
+        if not args.keep_data and args.reuse is None:
             shutil.rmtree(settings.data_dir, ignore_errors=True)
     gate = (result["outcome"].gate or {}) if result["outcome"] else {}
     append(args.results, "bench/feedback_loop.py", cpu_device(), code, label=args.label, model=settings.model,
-           command=" ".join(sys.argv[1:]), overrides=overrides, taught=result["taught"],
+           command=" ".join(a for a in sys.argv[1:] if a != str(args.reuse)), overrides=overrides,
+           night="reused: a kept night measured again" if args.reuse else "run", taught=result["taught"],
            refresh_s=round(result["refresh_s"], 1), mode=(result["run"] or {}).get("mode"),
            gate_passed=bool(gate.get("passed")), gate_reasons=gate.get("reasons", []), gate_table=gate.get("table", []),
            adapter_after=result["adapter_after"] or "base",
@@ -327,13 +337,16 @@ def main() -> int:
               for column in ("before", "after", "handwritten", "unguided") if result[column]})
     lora = (f"LoRA r={settings.lora_r} alpha={settings.lora_alpha} on {settings.lora_target_modules}, "
             f"lr {settings.learning_rate}").replace("None", "(by model size)")
-    data = settings.data_dir if args.keep_data else "removed (--keep-data keeps it)"
+    data = settings.data_dir if args.keep_data or args.reuse else "removed (--keep-data keeps it)"
     print(f"\nmachine: {os.cpu_count()} CPUs; model {settings.model}; data {data}; {lora},"
           f" {settings.epochs} epochs; overrides {overrides or 'none'}")
     print(f"refresh mode: {(result['run'] or {}).get('mode')}")
-    print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
-          f"{'passed' if gate.get('passed') else 'failed: ' + '; '.join(gate.get('reasons', []))}; "
-          f"serving after: {result['adapter_after'] or 'base'}\n")
+    if args.reuse:
+        print(f"the night kept in {args.reuse}, measured again; serving: {result['adapter_after'] or 'base'}\n")
+    else:
+        print(f"taught: {result['taught']}; refresh {result['refresh_s']:.0f} s; gate "
+              f"{'passed' if gate.get('passed') else 'failed: ' + '; '.join(gate.get('reasons', []))}; "
+              f"serving after: {result['adapter_after'] or 'base'}\n")
     columns = [("before", result["before"]), ("after", result["after"]),
                ("after, hand-written guide", result["handwritten"]), ("after, unguided", result["unguided"])]
     columns = [(label, figures) for label, figures in columns if figures]
