@@ -318,7 +318,9 @@ def main() -> int:
         parser.error(f"unknown sets {unknown}; choose from {list(available)}")
     sets = {name: available[name]() for name in chosen}
     try:
-        result = run_scenario(services, train, sets, measure_before=not args.skip_before and not args.gate_only,
+        # a reused night's app serves its adapter already: there is no "before" to measure
+        result = run_scenario(services, train, sets,
+                              measure_before=not (args.skip_before or args.gate_only or args.reuse),
                               measure_after=not args.gate_only, compare_guides=args.compare_guides,
                               night=args.reuse is None)
     finally:
