@@ -188,6 +188,12 @@ YEAR = dt.date.today().year  # the executor's today, as the services are opened
     ("华东上个月销售额", dict(region="华东", period="last_month"), dict(region="华东", period="last_month"), {}),
     ("华中这个月业绩怎么样", dict(region="华中", period="this_month", metric="units"),
      dict(region="华中", period="this_month", metric="units"), {}),
+    ("Which business units in East China did best last quarter?", dict(region="华东", period="last_quarter"),
+     dict(region="华东", period="last_quarter"), {}),
+    ("How many customers did East China have last quarter?", dict(region="华东", period="last_quarter"),
+     dict(region="华东", period="last_quarter"), {}),
+    ("Revenue last month for every region ｅｘｃｅｐｔ East?", dict(region="华南", period="last_month"),
+     dict(region="华南", period="last_month"), {}),
     # a relative year with a month or quarter is one calendar period, not the closed value
     ("今年3月华东的销售额是多少", dict(region="华东", period="this_month"), dict(region="华东", period=f"{YEAR}-03"),
      {"period": "this_month"}),

@@ -10,7 +10,8 @@ Each reading keeps its place in the question, so the caller can tell a question 
 period from one that names two (2025年3月到6月, Q1 to Q3 2025), or a period plus a month or
 quarter whose year it does not say. Periods no such form holds (上半年, H1 2025, weeks) are read
 too, as a form no tool pattern accepts, so that they are never mistaken for the one period
-asked about. Fiscal years (FY2025) are not read: their months depend on the company.
+asked about. A question with a fiscal year (FY2025, 财年) names no calendar period this module
+hands over: its months depend on the company.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 _CN_DIGIT = {"一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9, "十": 10}
 _MONTH_NAMES = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "jun": 6, "jul": 7, "aug": 8, "sep": 9,
                 "oct": 10, "nov": 11, "dec": 12}
-_ORDINAL = {"first": 1, "1st": 1, "second": 2, "2nd": 2, "third": 3, "3rd": 3, "fourth": 4, "4th": 4, "last": 4}
+_ORDINAL = {"first": 1, "1st": 1, "second": 2, "2nd": 2, "third": 3, "3rd": 3, "fourth": 4, "4th": 4}
 _RELATIVE_YEAR = {"今年": 0, "本年": 0, "去年": -1, "上年": -1, "前年": -2, "明年": 1,
                   "this year": 0, "current year": 0, "last year": -1, "previous year": -1, "next year": 1}
 
@@ -48,7 +49,7 @@ def _cn_number(text: str) -> int | None:
 
 
 def _year(text: str, today: dt.date) -> int | None:
-    text = text.strip().lower().rstrip("'s").strip()
+    text = re.sub(r"['’]s$", "", text.strip().lower()).strip()
     if text in _RELATIVE_YEAR:
         return today.year + _RELATIVE_YEAR[text]
     digits = text.lstrip("'’")
@@ -67,47 +68,57 @@ def _month(text: str) -> int | None:
     return value if value and 1 <= value <= 12 else None
 
 
-# A year: 2025年, 25年 (two digits only before a month or quarter), 今年, 去年, 2025年度.
-_ZH_YEAR = r"(?:(?<![0-9])(?P<year>\d{4}|\d{2})|(?P<rel>今|本|去|上|前|明))\s*年度?(?:的)?\s*"
+# A year: 2025年, 25年 (two digits from 20 to 39, only before a month or quarter: 近10年3月 is ten
+# years), 今年, 去年, 2025年度. A relative year word only where it is one (说明年度 is not 明年).
+_NOT_BEFORE_RELATIVE = "说目提当之以眼如至从空先此事向跟面生现古迄而过失进出回下离死除聪透"
+_ZH_YEAR = (r"(?:(?<![0-9A-Za-z\-_/.])(?P<year>(?:19|20)\d\d)|(?<![0-9A-Za-z\-_/.近去这了营干做作用第过多几来共每后前])"
+            r"(?P<yy>[23]\d)|(?<![" + _NOT_BEFORE_RELATIVE + r"])(?P<rel>今|本|去|上|前|明))\s*年度?(?:的)?\s*")
 _ZH_QUARTER = r"(?:第?(?P<q>[一二三四1-4])\s*(?:季度|季)|[Qq](?P<qq>[1-4])(?![0-9]))"
 _ZH_MONTH = r"(?P<m>1[0-2]|0?[1-9]|十[一二]?|[一二三四五六七八九])\s*月份?"
 _ZH_HALF = r"(?P<h>上|下)半年"
 _EN_MONTH = (r"(?P<mn>jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|"
              r"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)(?![a-z])\.?")
-_EN_YEAR = r"(?P<ey>(?:19|20)\d\d|['’]\d\d|this year|current year|last year|previous year|next year)(?:['’]s)?"
+_EN_YEAR = r"(?P<ey>(?:19|20)\d\d|['’][23]\d|this year|current year|last year|previous year|next year)(?:['’]s)?"
 _EN_QUARTER = r"(?:q(?P<eq>[1-4])|(?:the\s+)?(?P<eo>first|second|third|fourth|1st|2nd|3rd|4th)\s+quarter)"
 _EN_HALF = r"(?:h(?P<eh>[12])|(?:the\s+)?(?P<eho>first|second)\s+half)"
+_EN_JOIN = r"(?:\s+of\s+|\s+in\s+|\s*,\s*|\s+|(?=['’]))"  # Q1 2026, Q1, 2026, Q1 of 2026, Q1'26
+_NOT_CODE = r"(?<![0-9A-Za-z\-_/.])"  # HT-2025-07 and HT2025-08 are contract numbers
 
 _PATTERNS: list[tuple[str, re.Pattern]] = [
     ("zh-quarter", re.compile(_ZH_YEAR + _ZH_QUARTER)),
     ("zh-month", re.compile(_ZH_YEAR + _ZH_MONTH)),
     ("zh-half", re.compile(_ZH_YEAR + _ZH_HALF)),
-    ("iso-quarter", re.compile(r"(?<![0-9])(?P<year>(?:19|20)\d\d)\s*[-/ ]?\s*[Qq](?P<qq>[1-4])(?![0-9])")),
-    ("iso-month", re.compile(r"(?<![0-9])(?P<year>(?:19|20)\d\d)\s*[-/.]\s*(?P<m>1[0-2]|0?[1-9])(?![0-9])")),
-    ("en-quarter", re.compile(r"(?<![a-z0-9])" + _EN_QUARTER + r"(?:\s*,?\s*(?:of\s+|in\s+)?)" + _EN_YEAR
-                              + r"(?![0-9])", re.I)),
+    ("iso-quarter", re.compile(_NOT_CODE + r"(?P<year>(?:19|20)\d\d)\s*-?\s*[Qq](?P<qq>[1-4])(?![0-9A-Za-z])")),
+    ("iso-month", re.compile(_NOT_CODE + r"(?P<year>(?:19|20)\d\d)[-/](?P<m>1[0-2]|0?[1-9])(?![0-9A-Za-z.])")),
+    ("en-quarter", re.compile(r"(?<![a-z0-9])" + _EN_QUARTER + _EN_JOIN + _EN_YEAR + r"(?![0-9])", re.I)),
     ("en-year-quarter", re.compile(r"(?<![a-z0-9])" + _EN_YEAR + r"\s+" + _EN_QUARTER + r"(?![a-z0-9])", re.I)),
-    ("en-half", re.compile(r"(?<![a-z0-9])" + _EN_HALF + r"(?:\s*,?\s*(?:of\s+|in\s+)?)" + _EN_YEAR
-                           + r"(?![0-9])", re.I)),
-    ("en-month", re.compile(r"(?<![a-z])" + _EN_MONTH + r"(?:\s*,?\s*(?:of\s+|in\s+)?)" + _EN_YEAR
-                            + r"(?![0-9])", re.I)),
-    ("en-year-month", re.compile(r"(?<![a-z0-9])" + _EN_YEAR + r"\s+" + _EN_MONTH + r"(?![a-z])", re.I)),
-    # a year alone: 2025年 / 2025年度 / 2025全年 in Chinese; in English only where the words
-    # around it make it a year (in 2025, for 2025, 2025 as a whole), not a quantity (2025 units)
-    ("zh-year", re.compile(r"(?<![0-9])(?P<year>(?:19|20)\d\d)\s*(?:年度?|全年)(?!\s*(?:\d|[一二三四五六七八九十]|第|[Qq]\d))")),
-    ("en-year", re.compile(r"(?:(?<![a-z])(?:in|for|during|throughout|over|of|year|calendar year)\s+"
-                           r"(?P<ey>(?:19|20)\d\d)(?![0-9])(?!\s*(?:units?|pcs|people|yuan|rmb|usd|dollars?)\b)"
-                           r"|(?<![0-9a-z])(?P<ey2>(?:19|20)\d\d)(?:['’]s|\s+(?:as a whole|full[- ]year|overall|in total))"
-                           r"(?![a-z]))", re.I)),
+    ("en-half", re.compile(r"(?<![a-z0-9])" + _EN_HALF + _EN_JOIN + _EN_YEAR + r"(?![0-9])", re.I)),
+    # a month name and a year with nothing between (Jan 2025, March of last year): "Hi Jan, 2025
+    # revenue" names a person
+    ("en-month", re.compile(r"(?<![a-z])" + _EN_MONTH + r"(?:\s+|\s+of\s+)" + _EN_YEAR + r"(?![0-9])", re.I)),
+    # a year alone: 2025年 / 2025年度 / 2025全年 in Chinese; in English where a preposition makes it
+    # a year and nothing follows that makes it a quantity (in 2025; not "of 2000 orders")
+    ("zh-year", re.compile(_NOT_CODE + r"(?P<year>(?:19|20)\d\d)\s*(?:年\s*(?:全年|整年|度)?|全年)")),
+    ("en-year", re.compile(r"(?:(?<![a-z])(?:in|for|during|throughout)\s+|" + _NOT_CODE + r")"
+                           r"(?P<ey>(?:19|20)\d\d)(?:['’]s|\s+as a whole|\s+full[- ]year)"
+                           r"|(?<![a-z])(?:in|for|during|throughout)\s+(?P<ey2>(?:19|20)\d\d)(?![0-9])"
+                           r"(?=\s*$|\s*[?!,;:)\]，。？！；、]|\.(?!\d)|\s+(?:for|in|at|from)\b|\s*[\u4e00-\u9fff])",
+                           re.I)),
 ]
-# What names a month, quarter or half without its year: with a period read above, a second one.
-_BARE = re.compile(r"第?[一二三四1-4]\s*季度|(?<![0-9a-z])[qh][1-4](?![0-9])|(?<![0-9])(?:1[0-2]|0?[1-9])\s*月(?!底|初)|"
-                   r"[一二三四五六七八九十]{1,2}\s*月(?!底|初)|[上下]半年|(?<![a-z])(?:january|february|march|april|june|july|"
-                   r"august|september|october|november|december|jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec)\.?(?![a-z])|"
-                   r"(?:first|second|third|fourth|1st|2nd|3rd|4th)\s+(?:quarter|half)", re.I)
-# A period from one point on, or between two: not one period the tool can be asked for.
-_SPAN = re.compile(r"以来|至今|截至|截止|起至|之后|以后|之前|以前|since|until|through|onwards?|so far|to date|"
-                   r"between|before|after", re.I)
+# Anything else that says when, beside the periods read: a second period, a narrower or wider
+# one (2025年底, first 3 months of 2025, 2025年同期, 每月), a span (以来, since), a number whose
+# meaning is not read (a day, another year), a fiscal year. With one of these the question
+# does not name one period this module can hand over.
+_OTHER_TIME = re.compile(
+    r"[0-9]|[一二三四五六七八九十两几]\s*(?:个|年|月|季|周|天|日)|年|月|季|周|星期|礼拜|日|号|天|底|末|初|旬|头|最后|近|过去|"
+    r"期|节|国庆|元旦|双十一|每|同|时|以来|至今|截|起|开始|往后|之后|以后|之前|以前|后|前|到|至|~|～|—|–|财年|财政年度|"
+    r"(?<![a-z])(?:fy|fiscal|since|until|till|through|thru|up to|onwards?|to date|so far|ytd|qtd|mtd|cumulative|"
+    r"before|after|between|starting|beginning|end|start|first|last|past|next|early|mid|late|week|weekly|month|"
+    r"monthly|daily|quarter|quarterly|half|season|holiday|same|q[1-4]|h[12]|year|years|annual|jan|feb|mar|apr|"
+    r"jun|jul|aug|sept?|oct|nov|dec|january|february|march|april|june|july|august|september|october|november|"
+    r"december)(?![a-z])", re.I)
+# "from March 2025", "by March 2025": on from it, or up to it
+_FROM = re.compile(r"(?<![a-z])(?:from|starting|by|to|till|until|through|thru|up to)\s*$|(?:从|自|到|至|截至|截止)\s*$", re.I)
 
 
 def read(question: str, today: dt.date) -> list[Mention]:
@@ -126,7 +137,7 @@ def read(question: str, today: dt.date) -> list[Mention]:
 
 
 def _form(kind: str, groups: dict, today: dt.date) -> str | None:
-    raw_year = groups.get("year") or (groups["rel"] + "年" if groups.get("rel") else None)
+    raw_year = groups.get("year") or groups.get("yy") or (groups["rel"] + "年" if groups.get("rel") else None)
     year = _year(raw_year or groups.get("ey") or groups.get("ey2") or "", today)
     if year is None or not 1990 <= year <= 2099:
         return None
@@ -147,16 +158,18 @@ def _form(kind: str, groups: dict, today: dt.date) -> str | None:
 
 def the_period(question: str, today: dt.date) -> tuple[Mention | None, bool]:
     """(the one explicit period the question names, whether it names any). None with True:
-    it names several, or one with another month or quarter beside it, or one from a point
-    on (2025年3月以来, since March 2025): which period is meant is not this module's to say."""
-    mentions = read(question, today)
+    it names several, or one with anything else that says when beside it (another month or
+    year, 年底, a span such as 以来 or since, a fiscal year): which period is meant is then not
+    this module's to say."""
+    text = unicodedata.normalize("NFKC", question)
+    mentions = read(text, today)
     if not mentions:
         return None, False
-    if len({m.form for m in mentions}) > 1 or _SPAN.search(question):
+    if len({m.form for m in mentions}) > 1 or any(_FROM.search(text[:m.start]) for m in mentions):
         return None, True
-    rest = unicodedata.normalize("NFKC", question)
+    rest = text
     for m in mentions:
         rest = rest[:m.start] + " " * (m.end - m.start) + rest[m.end:]
-    if _BARE.search(rest):
+    if _OTHER_TIME.search(rest):
         return None, True
     return mentions[0], True

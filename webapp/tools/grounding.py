@@ -63,12 +63,13 @@ def spelled(question: str, table: dict[str, str]) -> tuple[set[str], bool]:
 
 
 def closed_spellings(spec: ToolSpec, parameter: str) -> dict[str, str]:
-    """Every spelling of the parameter's closed values -> the value: its enum and the tool
-    file's spellings for questions, or, where it has none, its aliases."""
+    """Every spelling of the parameter's closed values -> the value: the tool file's spellings
+    for questions where it lists them, else the enum and its aliases."""
+    if spec.spellings.get(parameter):  # the whole list: an enum value may be a common word ("units")
+        return {word: value for word, value in spec.spellings[parameter].items() if isinstance(value, str)}
     prop = (spec.parameters.get("properties") or {}).get(parameter) or {}
     table = {value: value for value in prop.get("enum", ()) if isinstance(value, str)}
-    words = spec.spellings.get(parameter) or spec.aliases.get(parameter) or {}
-    table.update({word: value for word, value in words.items() if isinstance(value, str)})
+    table.update({alias: value for alias, value in (spec.aliases.get(parameter) or {}).items() if isinstance(value, str)})
     return table
 
 
@@ -87,9 +88,9 @@ def _takes_calendar(spec: ToolSpec, parameter: str) -> str | None:
 def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
                      today: dt.date | None = None) -> tuple[dict[str, Any], dict]:
     """(arguments, {parameter: the model's value}) for every argument the question overruled."""
+    question = unicodedata.normalize("NFKC", question)  # ｅｘｃｅｐｔ is except
     if not spec.ground or _CONTRAST.search(question):
         return dict(arguments), {}
-    question = unicodedata.normalize("NFKC", question)
     today = today or dt.date.today()
     period, named = calendar.the_period(question, today)
     # the calendar's words are its own: 今年 in 今年3月 spells no closed value
