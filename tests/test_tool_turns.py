@@ -199,9 +199,14 @@ YEAR = dt.date.today().year  # the executor's today, as the services are opened
      {"period": "this_month"}),
     ("华东去年四季度卖了多少？", dict(region="华东", period="last_quarter"),
      dict(region="华东", period=f"{YEAR - 1}-Q4"), {"period": "last_quarter"}),
-    # a spelling qualified by a number the calendar does not read is the model's
-    ("华东上季度前3名客户的销售额", dict(region="华东", period="this_quarter"),
-     dict(region="华东", period="this_quarter"), {}),
+    # a period spelling qualified by a number the calendar does not read is the model's
+    ("华东上个月3号的销售额", dict(region="华东", period="this_month"), dict(region="华东", period="this_month"), {}),
+    # a calendar value the model made up gives way to the one closed value the question spells
+    ("麻烦帮我查一下华南片区上月销量", dict(region="华南", period="2026-Q3", metric="units"),
+     dict(region="华南", period="last_month", metric="units"), {"period": "2026-Q3"}),
+    # numbers beside other values are what is asked about
+    ("华东年初至今一共卖了多少台啊", dict(region="华东", period="this_year", metric="revenue"),
+     dict(region="华东", period="this_year", metric="units"), {"metric": "revenue"}),
     # comparisons and negations: the spelled value may be what the question is measured against
     ("华东销售额比去年增长了多少？", dict(region="华东", period="this_year"), dict(region="华东", period="this_year"), {}),
     ("How did East China do versus last quarter?", dict(region="华东", period="this_quarter"),

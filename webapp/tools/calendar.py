@@ -156,6 +156,11 @@ def _form(kind: str, groups: dict, today: dt.date) -> str | None:
     return str(year)
 
 
+def says_when(text: str) -> bool:
+    """Whether `text` has a word or number that says when (a month, 同期, 2025, up to ...)."""
+    return bool(_OTHER_TIME.search(unicodedata.normalize("NFKC", text)))
+
+
 def the_period(question: str, today: dt.date) -> tuple[Mention | None, bool]:
     """(the one explicit period the question names, whether it names any). None with True:
     it names several, or one with anything else that says when beside it (another month or
@@ -170,6 +175,6 @@ def the_period(question: str, today: dt.date) -> tuple[Mention | None, bool]:
     rest = text
     for m in mentions:
         rest = rest[:m.start] + " " * (m.end - m.start) + rest[m.end:]
-    if _OTHER_TIME.search(rest):
+    if says_when(rest):
         return None, True
     return mentions[0], True

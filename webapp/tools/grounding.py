@@ -1,24 +1,26 @@
 """A tool call's closed arguments held to what the user's own words spell.
 
 A small model that learned to call `query_sales` still slips on values: asked about 上一季度
-(last quarter) it may write this_quarter, asked about 去年 it may write this_year. The tool
-file names every spelling of every closed value (enums and their aliases), and lists in
-`ground` the required parameters a question names directly (a region, a period). When the
-question spells exactly one value of such a parameter and the model wrote another value from
-the same closed set, or nothing, the spelled value is used.
+(last quarter) it may write this_quarter, asked about 销量 it may write revenue. The tool file
+names every spelling of every closed value (enums and their aliases, or `[tool.spellings]`:
+the words questions use) and lists in `ground` the parameters a question names directly (a
+region, a period, a metric). When the question spells exactly one value of such a parameter and
+the model wrote another value from the same closed set, or nothing, the spelled value is used.
 
 A parameter whose pattern takes calendar periods (2026-Q3, 2026-07, 2026) is held to the one
 period the question names by the calendar (2025年3月, 去年四季度, Q1 2026, March of last year:
 webapp/tools/calendar.py), which a small model writes wrong in ways no closed set can hold
-("3", "Q1 2026", last_quarter for Sept 2026).
+("3", "Q1 2026", last_quarter for Sept 2026); where the question names none and spells one
+closed value (上月), a calendar value the model made up (2026-Q3) gives way to it.
 
 The model's reading stands wherever the question may mean something else than the value it
-spells: a spelling qualified by a number next to it that the calendar does not read; a period
-no tool form holds (上半年, H1 2025); a comparison or a negation anywhere in the question (比去年,
-versus last quarter, 不要去年的); two values spelled (2025年3月到6月, 上个月也就是11月); a period
-from a point on (2025年3月以来). A one-word Latin spelling counts only as the tool file writes
-it ("Central", not "central estimate"). Only a turn's single first call is held: several
-calls (each region's share, this year and last) are the model's plan.
+spells: a period spelling qualified by a number next to it that the calendar does not read
+(上个月3号); a period no tool form holds (上半年, H1 2025); a comparison or a negation anywhere
+in the question (比去年, versus last quarter, 不要去年的); two values spelled (2025年3月到6月,
+上个月也就是11月); anything else beside a calendar period that says when (2025年底, 以来, up to,
+a fiscal year). A one-word Latin spelling counts only as the tool file writes it ("Central",
+not "central estimate"). Only a turn's single first call is held: several calls (each region's
+share, this year and last) are the model's plan.
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ def spelled(question: str, table: dict[str, str]) -> tuple[set[str], bool]:
             values.add(table[spelling])
             qualified |= bool(_NUMBER.search(question[max(0, start - _NEAR):start] + question[end:end + _NEAR]))
     return values, qualified
+
+
+def _says_more(question: str, table: dict[str, str]) -> bool:
+    """Whether the question says when in more words than the table's spellings."""
+    for spelling in sorted(table, key=len, reverse=True):
+        for match in list(_matches(question, spelling)):
+            question = question[:match.start()] + " " * len(spelling) + question[match.end():]
+    return calendar.says_when(question)
 
 
 def closed_spellings(spec: ToolSpec, parameter: str) -> dict[str, str]:
@@ -108,11 +118,17 @@ def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
                 overruled[parameter] = current
                 result[parameter] = period.form
             continue
-        if len(set(table.values())) < 2 or len(values) != 1 or qualified:
+        # a number beside a spelled period makes it a finer one (上个月3号); beside other values
+        # it is what is asked about (一共卖了多少台, 前3名)
+        if len(set(table.values())) < 2 or len(values) != 1 or (qualified and pattern):
             continue
         (value,) = values
         default = ((spec.parameters.get("properties") or {}).get(parameter) or {}).get("default")
-        if (current if current is not None else default) != value and (current is None or current in table.values()):
+        # a calendar value the model wrote where the spelled value is all the question says of
+        # when (上月 -> 2026-Q3) is its own guess; beside other words of time (去年同期, the last
+        # quarter of 2025) it may be the better reading. Other values outside the set: validation's.
+        if (current if current is not None else default) != value and (
+                current is None or current in table.values() or (pattern and not _says_more(rest, table))):
             overruled[parameter] = current
             result[parameter] = value
     return result, overruled
