@@ -1,4 +1,5 @@
-"""The calls a kept night's adapter made, held by this commit's grounding and by another's.
+"""The calls a kept night's adapter made, held by this commit's grounding and by another's
+(its code and its tool file).
 
 Grounding (webapp/tools/grounding.py) changes a call's values after the model wrote it, and the
 model's first call does not depend on it. So the calls one measured night logged (the audit
@@ -30,23 +31,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def grounding_of(commit: str):
-    """webapp/tools/grounding.py (and its calendar reader, where it has one) as of `commit`."""
+    """(webapp/tools/grounding.py, with its calendar reader where it has one, and the demo's
+    query_sales as that commit's tool file defines it) as of `commit`."""
+    from webapp.tools.builtin import BUILTINS
+    from webapp.tools.registry import load_registry
+
     folder = Path(tempfile.mkdtemp(prefix="hangjia-grounding-"))
+
+    def show(path: str) -> str | None:
+        shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        return shown.stdout if shown.returncode == 0 else None
+
     modules = {}
     for name in ("calendar", "grounding"):
-        shown = subprocess.run(["git", "show", f"{commit}:webapp/tools/{name}.py"], cwd=ROOT, capture_output=True,
-                               text=True)
-        if shown.returncode != 0:
+        source = show(f"webapp/tools/{name}.py")
+        if source is None:
             continue
         path = folder / f"{name}.py"
         # the module of that commit reads its sibling of that commit, not today's
-        path.write_text(shown.stdout.replace("from webapp.tools import calendar", "import calendar_then as calendar"))
+        path.write_text(source.replace("from webapp.tools import calendar", "import calendar_then as calendar"))
         spec = importlib.util.spec_from_file_location(f"{name}_then", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"{name}_then"] = module
         spec.loader.exec_module(module)
         modules[name] = module
-    return modules["grounding"]
+    tools = folder / "demo_tools.toml"
+    tools.write_text(show("webapp/tools/demo_tools.toml"))
+    return modules["grounding"], load_registry([tools], BUILTINS).get("query_sales")
 
 
 def main() -> int:
@@ -69,7 +80,7 @@ def main() -> int:
     from webapp.tools.registry import DEMO_TOOLS_FILE, load_registry
 
     code = commit()
-    then = grounding_of(args.against)
+    then, then_spec = grounding_of(args.against)
     spec = load_registry([DEMO_TOOLS_FILE], BUILTINS).get("query_sales")
     today = args.today or dt.date.today()
     db = Database(args.data_dir / "hangjia.duckdb")
@@ -100,7 +111,7 @@ def main() -> int:
             written = {**call, "arguments": call["written"], "overruled": {}}
             now = {**call, "arguments": grounding.ground_arguments(spec, call["written"], q.text, today)[0]}
             dated = "today" in inspect.signature(then.ground_arguments).parameters  # older code reads no date
-            then_arguments = then.ground_arguments(spec, call["written"], q.text, *([today] if dated else []))[0]
+            then_arguments = then.ground_arguments(then_spec, call["written"], q.text, *([today] if dated else []))[0]
             counts["written"] += exact(written, q.expected)
             counts["then"] += exact({**call, "arguments": then_arguments}, q.expected)
             counts["now"] += exact(now, q.expected)
