@@ -20,6 +20,8 @@
    (webapp/tools/grounding.py).
 
     .venv/bin/python bench/feedback_loop.py [--train 30] [--dev 40] [--no-tool 20] [--sets dev,held-out-3]
+    .venv/bin/python bench/feedback_loop.py --gate-only --keep-data     # the night alone, its data dir kept
+    .venv/bin/python bench/feedback_loop.py --reuse DIR --sets held-out-3   # a serving change, same adapter
 
 The same scenario runs in CI on the tiny random model (tests/test_feedback_loop.py).
 """
