@@ -55,6 +55,9 @@ def test_one_explicit_period_is_read_as_a_tool_form(question, form):
     "revenue from March 2025, East China",
     # fiscal years: their months are the company's
     "FY2025Q3 East China", "财年2025年第三季度华东营收",
+    # relative periods no closed set holds
+    "华东上上个月销量", "华东上上季度的销售额", "East China revenue the month before last",
+    "East China revenue two quarters ago", "华东三个月前的销量",
 ])
 def test_several_periods_or_a_span_are_not_one_period(question):
     assert the_period(question, TODAY)[0] is None

@@ -173,8 +173,9 @@ YEAR = dt.date.today().year  # the executor's today, as the services are opened
     ("H1 2025 East China revenue", dict(region="华东", period="2025"), dict(region="华东", period="2025"), {}),
     ("上个月也就是2026年11月，华东的销售额", dict(region="华东", period="this_month"),
      dict(region="华东", period="this_month"), {}),
+    # a number beside a period spelling may be a date the rule does not read: the model's reading
     ("East China sold 2025 units last month?", dict(region="华东", period="this_month", metric="units"),
-     dict(region="华东", period="last_month", metric="units"), {"period": "this_month"}),
+     dict(region="华东", period="this_month", metric="units"), {}),
     # two periods spelled: which one is meant is the model's call
     ("华东今年比去年多卖了多少？", dict(region="华东", period="this_year"), dict(region="华东", period="this_year"), {}),
     # an optional parameter is held by the tool file's spellings for questions, not by its aliases
@@ -201,6 +202,12 @@ YEAR = dt.date.today().year  # the executor's today, as the services are opened
      dict(region="华东", period=f"{YEAR - 1}-Q4"), {"period": "last_quarter"}),
     # a period spelling qualified by a number the calendar does not read is the model's
     ("华东上个月3号的销售额", dict(region="华东", period="this_month"), dict(region="华东", period="this_month"), {}),
+    # a closed spelling inside a longer period (上上个月 is two months ago) or beside other words of time
+    ("华东上上个月销量", dict(region="华东", period="this_month", metric="units"),
+     dict(region="华东", period="this_month", metric="units"), {}),
+    ("华东上个季度之前那个季度的销售额", dict(region="华东", period="this_quarter"),
+     dict(region="华东", period="this_quarter"), {}),
+    ("华东去年同期的销售额", dict(region="华东", period="2025-12"), dict(region="华东", period="2025-12"), {}),
     # a calendar value the model made up gives way to the one closed value the question spells
     ("麻烦帮我查一下华南片区上月销量", dict(region="华南", period="2026-Q3", metric="units"),
      dict(region="华南", period="last_month", metric="units"), {"period": "2026-Q3"}),

@@ -33,7 +33,7 @@ _RELATIVE_YEAR = {"今年": 0, "本年": 0, "去年": -1, "上年": -1, "前年"
 class Mention:
     start: int
     end: int
-    form: str  # 2025-03, 2025-Q4, 2025; 2025-H1 or ? where no tool form holds it
+    form: str  # 2025-03, 2025-Q4, 2025; 2025-H1, or ? (上上个月, two months ago), where no tool form holds it
 
 
 def _cn_number(text: str) -> int | None:
@@ -85,6 +85,11 @@ _EN_JOIN = r"(?:\s+of\s+|\s+in\s+|\s*,\s*|\s+|(?=['’]))"  # Q1 2026, Q1, 2026,
 _NOT_CODE = r"(?<![0-9A-Za-z\-_/.])"  # HT-2025-07 and HT2025-08 are contract numbers
 
 _PATTERNS: list[tuple[str, re.Pattern]] = [
+    # relative periods no closed set holds: read so that 上个月 in 上上个月 is not taken for one
+    ("other", re.compile(r"上上个?(?:月|季度?|年|周|星期)|大前年|(?:[两二三四五六七八九十几]|\d+)\s*个?(?:月|季度|年|周|星期)"
+                         r"(?:以前|之前|前)|(?<![a-z])(?:the\s+)?(?:month|quarter|year|week)\s+before\s+(?:last|that)"
+                         r"|(?<![a-z])(?:two|three|four|five|six|\d+)\s+(?:months?|quarters?|years?|weeks?)\s+ago(?![a-z])",
+                         re.I)),
     ("zh-quarter", re.compile(_ZH_YEAR + _ZH_QUARTER)),
     ("zh-month", re.compile(_ZH_YEAR + _ZH_MONTH)),
     ("zh-half", re.compile(_ZH_YEAR + _ZH_HALF)),
@@ -137,6 +142,8 @@ def read(question: str, today: dt.date) -> list[Mention]:
 
 
 def _form(kind: str, groups: dict, today: dt.date) -> str | None:
+    if kind == "other":
+        return "?"
     raw_year = groups.get("year") or groups.get("yy") or (groups["rel"] + "年" if groups.get("rel") else None)
     year = _year(raw_year or groups.get("ey") or groups.get("ey2") or "", today)
     if year is None or not 1990 <= year <= 2099:
@@ -170,7 +177,8 @@ def the_period(question: str, today: dt.date) -> tuple[Mention | None, bool]:
     mentions = read(text, today)
     if not mentions:
         return None, False
-    if len({m.form for m in mentions}) > 1 or any(_FROM.search(text[:m.start]) for m in mentions):
+    if len({m.form for m in mentions}) > 1 or mentions[0].form == "?" or any(_FROM.search(text[:m.start])
+                                                                             for m in mentions):
         return None, True
     rest = text
     for m in mentions:

@@ -17,8 +17,8 @@ The model's reading stands wherever the question may mean something else than th
 spells: a period spelling qualified by a number next to it that the calendar does not read
 (上个月3号); a period no tool form holds (上半年, H1 2025); a comparison or a negation anywhere
 in the question (比去年, versus last quarter, 不要去年的); two values spelled (2025年3月到6月,
-上个月也就是11月); anything else beside a calendar period that says when (2025年底, 以来, up to,
-a fiscal year). A one-word Latin spelling counts only as the tool file writes it ("Central",
+上个月也就是11月); anything else beside a period that says when (2025年底, 去年同期, 以来, up to,
+a fiscal year); a relative period no closed set holds (上上个月, two months ago). A one-word Latin spelling counts only as the tool file writes it ("Central",
 not "central estimate"). Only a turn's single first call is held: several calls (each region's
 share, this year and last) are the model's plan.
 """
@@ -124,11 +124,14 @@ def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
             continue
         (value,) = values
         default = ((spec.parameters.get("properties") or {}).get(parameter) or {}).get("default")
+        # a period spelling beside other words of time (去年同期, 上个季度之前那个季度, the last
+        # quarter of 2025) is part of a longer reading: the model's may be the better one
+        if pattern and _says_more(rest, table):
+            continue
         # a calendar value the model wrote where the spelled value is all the question says of
-        # when (上月 -> 2026-Q3) is its own guess; beside other words of time (去年同期, the last
-        # quarter of 2025) it may be the better reading. Other values outside the set: validation's.
+        # when (上月 -> 2026-Q3) is its own guess; other values outside the set: validation's
         if (current if current is not None else default) != value and (
-                current is None or current in table.values() or (pattern and not _says_more(rest, table))):
+                current is None or current in table.values() or pattern):
             overruled[parameter] = current
             result[parameter] = value
     return result, overruled
