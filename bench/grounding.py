@@ -30,18 +30,11 @@ SETS = {"development": DATA / "grounding_dev.jsonl", "held-out": DATA / "groundi
 TODAY = dt.date(2026, 12, 7)  # both sets were written for this day
 
 
-def score(path: Path, spec, show: bool, module=None) -> dict:
-    """module: the grounding module to score (default: this commit's)."""
-    import inspect
-
+def score(path: Path, spec, show: bool, ground_arguments=None) -> dict:
+    """ground_arguments: the grounding to score (default: this commit's)."""
     from webapp.tools import grounding
 
-    module = module or grounding
-    dated = "today" in inspect.signature(module.ground_arguments).parameters  # older code reads no date
-
-    def ground_arguments(spec, written, question, today):
-        return module.ground_arguments(spec, written, question, *([today] if dated else []))
-
+    ground_arguments = ground_arguments or grounding.ground_arguments
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if "_header" not in r]
     out = {"overrule": 0, "keep": 0, "right_overrule": 0, "right_keep": 0, "wrong_overrule": 0, "missed": 0}
@@ -84,8 +77,8 @@ def main() -> int:
         if args.against:
             from grounding_ab import grounding_of
 
-            module, then_spec = grounding_of(args.against)
-            against[name] = score(path, then_spec, False, module)
+            ground, then_spec = grounding_of(args.against)
+            against[name] = score(path, then_spec, False, ground)
     print("| set | grounding | cases | overrules due: made right | keeps due: kept | wrong overrules | missed |")
     print("|---|---|---|---|---|---|---|")
     for name in table:

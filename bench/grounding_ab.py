@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def grounding_of(commit: str):
-    """(webapp/tools/grounding.py, with its calendar reader where it has one, and the demo's
-    query_sales as that commit's tool file defines it) as of `commit`."""
+    """(ground(spec, arguments, question, today) -> (arguments, overruled) by that commit's
+    webapp/tools/grounding.py, with its calendar reader where it has one; the demo's query_sales
+    as that commit's tool file defines it)."""
     from webapp.tools.builtin import BUILTINS
     from webapp.tools.registry import load_registry
 
@@ -57,7 +58,13 @@ def grounding_of(commit: str):
         modules[name] = module
     tools = folder / "demo_tools.toml"
     tools.write_text(show("webapp/tools/demo_tools.toml"))
-    return modules["grounding"], load_registry([tools], BUILTINS).get("query_sales")
+    then = modules["grounding"].ground_arguments
+    dated = "today" in inspect.signature(then).parameters  # older code reads no date
+
+    def ground(spec, arguments: dict, question: str, today: dt.date) -> tuple[dict, dict]:
+        return then(spec, arguments, question, *([today] if dated else []))
+
+    return ground, load_registry([tools], BUILTINS).get("query_sales")
 
 
 def main() -> int:
@@ -110,8 +117,7 @@ def main() -> int:
                 continue
             written = {**call, "arguments": call["written"], "overruled": {}}
             now = {**call, "arguments": grounding.ground_arguments(spec, call["written"], q.text, today)[0]}
-            dated = "today" in inspect.signature(then.ground_arguments).parameters  # older code reads no date
-            then_arguments = then.ground_arguments(then_spec, call["written"], q.text, *([today] if dated else []))[0]
+            then_arguments = then(then_spec, call["written"], q.text, today)[0]
             counts["written"] += exact(written, q.expected)
             counts["then"] += exact({**call, "arguments": then_arguments}, q.expected)
             counts["now"] += exact(now, q.expected)

@@ -168,21 +168,29 @@ def says_when(text: str) -> bool:
     return bool(_OTHER_TIME.search(unicodedata.normalize("NFKC", text)))
 
 
+def blank(text: str, spans) -> str:
+    """`text` with each (start, end) span turned into spaces: the other positions stay put."""
+    for start, end in spans:
+        text = text[:start] + " " * (end - start) + text[end:]
+    return text
+
+
 def the_period(question: str, today: dt.date) -> tuple[Mention | None, bool]:
     """(the one explicit period the question names, whether it names any). None with True:
     it names several, or one with anything else that says when beside it (another month or
     year, 年底, a span such as 以来 or since, a fiscal year): which period is meant is then not
     this module's to say."""
     text = unicodedata.normalize("NFKC", question)
-    mentions = read(text, today)
+    return one_period(text, read(text, today))
+
+
+def one_period(text: str, mentions: list[Mention]) -> tuple[Mention | None, bool]:
+    """the_period of a folded (NFKC) text whose mentions are read already."""
     if not mentions:
         return None, False
     if len({m.form for m in mentions}) > 1 or mentions[0].form == "?" or any(_FROM.search(text[:m.start])
                                                                              for m in mentions):
         return None, True
-    rest = text
-    for m in mentions:
-        rest = rest[:m.start] + " " * (m.end - m.start) + rest[m.end:]
-    if says_when(rest):
+    if says_when(blank(text, ((m.start, m.end) for m in mentions))):
         return None, True
     return mentions[0], True

@@ -67,8 +67,7 @@ def spelled(question: str, table: dict[str, str]) -> tuple[set[str], bool]:
 def _says_more(question: str, table: dict[str, str]) -> bool:
     """Whether the question says when in more words than the table's spellings."""
     for spelling in sorted(table, key=len, reverse=True):
-        for match in list(_matches(question, spelling)):
-            question = question[:match.start()] + " " * len(spelling) + question[match.end():]
+        question = calendar.blank(question, [match.span() for match in _matches(question, spelling)])
     return calendar.says_when(question)
 
 
@@ -102,11 +101,10 @@ def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
     if not spec.ground or _CONTRAST.search(question):
         return dict(arguments), {}
     today = today or dt.date.today()
-    period, named = calendar.the_period(question, today)
+    mentions = calendar.read(question, today)
+    period, named = calendar.one_period(question, mentions)
     # the calendar's words are its own: 今年 in 今年3月 spells no closed value
-    rest = question
-    for mention in calendar.read(question, today):
-        rest = rest[:mention.start] + " " * (mention.end - mention.start) + rest[mention.end:]
+    rest = calendar.blank(question, ((m.start, m.end) for m in mentions))
     result, overruled = dict(arguments), {}
     for parameter in sorted(spec.ground):
         table = closed_spellings(spec, parameter)
