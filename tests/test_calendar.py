@@ -13,6 +13,8 @@ TODAY = dt.date(2026, 12, 7)
     ("西南片区2025年第三季度销量是多少，谢谢", "2025-Q3"),
     ("华南25年Q2的销售收入有多少？", "2025-Q2"),
     ("西南2026年7月份销售额", "2026-07"),
+    ("西南24年全年销量", "2024"),  # two digits and a whole year
+    ("华东25年度营收", "2025"),
     ("2026年十一月华东卖了多少台", "2026-11"),
     ("今年3月华东的销售额是多少", "2026-03"),
     ("华东去年四季度卖了多少？", "2025-Q4"),
@@ -67,6 +69,8 @@ def test_several_periods_or_a_span_are_not_one_period(question):
     "华东上个月销售额",  # relative periods are the tool file's closed values, not the calendar's
     "East China sold 2025 units last month?",  # a quantity, not a year
     "工作25年的员工有多少",
+    "华东24年销售额",  # two digits alone may be a count of years
+    "近24年度的销量",
     "FY2025 revenue",  # fiscal years: their months depend on the company
     "华东上半年销量",  # half of which year?
     "What's the market share in East China?",  # mar- is not March
