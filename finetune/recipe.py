@@ -8,6 +8,8 @@ in a file the app reads. Reads top to bottom; the order of setup matters where n
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import logging
 import math
@@ -18,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger("hangjia.recipe")
 
@@ -576,6 +578,35 @@ def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: in
     return BatchingEngine(decoder)
 
 
+def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int]], Any]],
+                   tools: Sequence[Sequence[dict] | None], done: Callable[[int], None] | None = None,
+                   ) -> list[tuple[list[int], str]]:
+    """The greedy answer to each request as the app serves it: one that copies its offered tools'
+    definitions back is decoded again without its first token (webapp/turn.py does the same),
+    at most COPY_RETRIES times; the decodings again join the batch still running.
+    `requests[i](not_first)` builds request i. Returns (tokens, finish reason) per request, in
+    order; `done(count)` as each answer is final."""
+    from serving.degeneration import COPY_RETRIES, copied, tool_copies
+
+    copies = [tool_copies(offered or ()) for offered in tools]
+    waiting = collections.deque((i, frozenset(), engine.submit(make(frozenset()))) for i, make in enumerate(requests))
+    out: list[tuple[list[int], str] | None] = [None] * len(requests)
+    final = 0
+    while waiting:
+        i, banned, request = waiting.popleft()
+        tokens = request.collect(timeout=3600)
+        if tokens and len(banned) < COPY_RETRIES and copied(tokenizer.decode(tokens, skip_special_tokens=True),
+                                                            copies[i]):
+            banned = banned | {tokens[0]}
+            waiting.append((i, banned, engine.submit(requests[i](banned))))
+            continue
+        out[i] = (tokens, request.finish_reason)
+        final += 1
+        if done is not None:
+            done(final)
+    return out
+
+
 def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[dict], rank: int = 0,
                             world: int = 1) -> list[dict]:
     """`samples` with each replay sample's last answer replaced by the model's own greedy answer
@@ -594,12 +625,15 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     from serving.decoding import DecodeRequest, stop_token_ids
 
     replay = {}  # distinct prompt -> the samples that ask it (the replay file is cycled)
+    tools = {}  # distinct prompt -> the tools it offers
     for number, sample in enumerate(samples):
         if sample.get("replay") and sample["messages"][-1].get("role") == "assistant":
             prompt = render_chat(tokenizer, sample["messages"][:-1], sample.get("tools"), add_generation_prompt=True,
                                  thinking=cfg.thinking)
             replay.setdefault(prompt, []).append(number)
+            tools[prompt] = sample.get("tools")
     prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in replay]
+    offered = list(tools.values())
     mine = list(range(rank, len(prompts), world))
     # prompt index -> (the own answer, whether it was cut at the token budget), or None (the file's stays)
     answers: dict[int, tuple[str, bool] | None] = {}
@@ -610,13 +644,16 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
             engine = greedy_engine(model, [prompts[i] for i in mine], cfg.replay_answer_tokens, len(mine))
             stop = stop_token_ids(tokenizer, model)
             try:
-                requests = [engine.submit(DecodeRequest(prompts[i], cfg.replay_answer_tokens, adapter="default",
-                                                        stop_ids=stop)) for i in mine]
-                for done, (index, request) in enumerate(zip(mine, requests), start=1):
-                    answer = tokenizer.decode(request.collect(timeout=3600), skip_special_tokens=True).strip()
+                own = served_answers(
+                    engine, tokenizer, [functools.partial(
+                        lambda prompt, not_first: DecodeRequest(prompt, cfg.replay_answer_tokens, adapter="default",
+                                                                stop_ids=stop, not_first=not_first), prompts[i])
+                        for i in mine], [offered[i] for i in mine],
+                    lambda done: report(cfg, "replay_answers", prompt=done, prompts=len(mine)))
+                for index, (tokens, finish) in zip(mine, own):
+                    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                     keep = answer and "<tool_call>" not in answer
-                    answers[index] = (answer, request.finish_reason != "stop") if keep else None
-                    report(cfg, "replay_answers", prompt=done, prompts=len(mine))
+                    answers[index] = (answer, finish != "stop") if keep else None
             finally:
                 engine.close()
     finally:
@@ -662,20 +699,22 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     except Exception as exc:
         print(f"tool calls evaluated unguided: {exc}", file=sys.stderr)
         guides = [None] * len(cases)
-    outputs: dict[str, list[str]] = {"candidate": [], "active": []}
+    def request(number: int, who: str, not_first: frozenset[int]) -> DecodeRequest:
+        guide = guides[number]
+        return DecodeRequest(prompts[number], cfg.eval_max_new_tokens, adapter="default" if who == "candidate" else (
+            "active" if cfg.active_adapter else None), stop_ids=stop, not_first=not_first,
+            guide=guide.session(vocabulary) if guide else None)
+
+    order = [(number, who) for number in range(len(cases)) for who in ("candidate", "active")]
     try:
-        requests = {who: [engine.submit(DecodeRequest(
-            prompt, cfg.eval_max_new_tokens, adapter="default" if who == "candidate" else (
-                "active" if cfg.active_adapter else None), stop_ids=stop,
-            guide=guide.session(vocabulary) if guide else None)) for prompt, guide in zip(prompts, guides)]
-            for who in ("candidate", "active")}
-        for number in range(len(cases)):
-            for who in ("candidate", "active"):
-                tokens = requests[who][number].collect(timeout=3600)
-                outputs[who].append(tokenizer.decode(tokens, skip_special_tokens=True))
-            report(cfg, "eval_progress", case=number + 1, cases=len(cases))
+        answers = served_answers(engine, tokenizer, [functools.partial(request, n, who) for n, who in order],
+                                 [cases[n].get("tools") for n, _ in order],
+                                 lambda done: report(cfg, "eval_progress", case=(done + 1) // 2, cases=len(cases)))
     finally:
         engine.close()
+    outputs: dict[str, list[str]] = {"candidate": [], "active": []}
+    for (_, who), (tokens, _) in zip(order, answers):
+        outputs[who].append(tokenizer.decode(tokens, skip_special_tokens=True))
     report(cfg, "eval", **outputs)
 
 

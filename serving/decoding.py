@@ -637,6 +637,25 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(order[choice])
 
 
+def ban_first(logits: torch.Tensor, tokens: frozenset[int]) -> torch.Tensor:
+    """The answer's first-step logits with those of `tokens` at -inf, unless nothing else is
+    allowed (a guide may allow only one token)."""
+    if not tokens:
+        return logits
+    kept = logits.index_fill(-1, torch.tensor(sorted(tokens), device=logits.device), float("-inf"))
+    return kept if torch.isfinite(kept).any() else logits
+
+
+class FirstTokenBan:
+    """transformers LogitsProcessor for generate(): ban_first at the answer's first step."""
+
+    def __init__(self, tokens: frozenset[int], prompt_tokens: int):
+        self.tokens, self.prompt_tokens = tokens, prompt_tokens
+
+    def __call__(self, input_ids, scores):
+        return ban_first(scores, self.tokens) if input_ids.shape[1] == self.prompt_tokens else scores
+
+
 @dataclass
 class DecodeRequest:
     prompt_ids: list[int]
@@ -646,6 +665,7 @@ class DecodeRequest:
     adapter: str | None = None
     stop_ids: frozenset[int] = frozenset()
     guide: Any = None  # a guided.GuidedSession: tool calls kept valid while decoded
+    not_first: frozenset[int] = frozenset()  # tokens the answer may not open with (a copy that went wrong)
     tokens: "queue.Queue[int | None | BaseException]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finish_reason: str = ""
@@ -824,7 +844,7 @@ class BatchingEngine:
             self._positions[slot] = len(request.prompt_ids)
             if request.guide is not None:  # a session may begin inside a call (a continued answer)
                 mask_rows(logits.view(1, -1), {0: request.guide})
-            self._emit(slot, self._pick(request, logits))
+            self._emit(slot, self._pick(request, ban_first(logits, request.not_first)))
 
     def _run(self) -> None:
         try:

@@ -5,16 +5,25 @@ the same line (or phrase) over and over, and JSON that nests deeper and deeper (
 tool schemas back: `"data": {"type": "object", "properties": {"data": {...`). Both are read
 from the text as it streams; real answers and real tool calls are neither (a tool call's
 arguments nest two or three levels).
+
+A third failure is not a loop but is no answer either: the offered tools' definitions copied
+back from the prompt (```{"type": "function", "function": {"name": "query_sales", ...` or a
+tool's description written out as code), where the model reached for a tool in the wrong
+form. It is read the same way, and the turn decodes again without the copy's first token.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, Iterable, Mapping
 
 MAX_NESTING = 6  # JSON objects open at once, outside strings
 REPEATS = 4  # the same piece this many times in a row at the end of the text
 MIN_PERIOD, MAX_PERIOD = 8, 200  # characters of the repeated piece
 SAME_LINE = 5  # one line of 8+ characters this many times back to back
+COPIED_TOOLS = "tool definitions copied"
+COPY_RETRIES = 2  # decodings again of an answer that copied the tool definitions back
+COPY_PIECE = 24  # characters (whitespace aside) of a tool's or parameter's description that make a copy
 SAME_ITEM = 10  # one item of a numbered list, numbered on (1, 2, 3 ...), this many times in a row
 # a list item's number: "[12] ", "(12) ", "12. ", "12) ", "12、" (not 1.50, 09:00 or 2.0.1)
 ITEM_NUMBER = re.compile(r"^(?:\[(\d+)\]\s*|\((\d+)\)\s*|(\d+)[.)]\s+|(\d+)、\s*)")
@@ -25,16 +34,18 @@ class DegenerationWatch:
     reads only what arrived since the last one and a bounded tail, so a long answer costs
     the same per character as a short one."""
 
-    def __init__(self, check_every: int = 16):
+    def __init__(self, check_every: int = 16, tools: Iterable[Mapping[str, Any]] = ()):
         self.check_every, self._read = check_every, 0
         self._depth, self._in_string, self._escaped = 0, False, False
+        self._copies = tool_copies(tools)
         self.why: str | None = None
 
     def degenerate(self, text: str) -> bool:
         if self.why is None and len(text) - self._read >= self.check_every:
             self._nest(text[self._read:])
             self._read = len(text)
-            self.why = ("nested JSON" if self._depth > MAX_NESTING else None) or repetition(text)
+            self.why = (("nested JSON" if self._depth > MAX_NESTING else None) or repetition(text)
+                        or (COPIED_TOOLS if copied(text, self._copies, tail=400) else None))
         return self.why is not None
 
     def _nest(self, new: str) -> None:
@@ -85,3 +96,34 @@ def repetition(text: str) -> str | None:
         else:
             items, last_item, last_number = 0, None, None
     return None
+
+
+def tool_copies(tools: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """What an answer copying the offered tools back contains, whitespace removed: the marker
+    of a tool definition and the start of each tool's and parameter's description."""
+    descriptions = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        descriptions.append(function.get("description") or "")
+        properties = (function.get("parameters") or {}).get("properties") or {}
+        descriptions += [spec.get("description") or "" for spec in properties.values() if isinstance(spec, dict)]
+    pieces = {_squash(d)[:COPY_PIECE] for d in descriptions}
+    return ('"type":"function"', *sorted(p for p in pieces if len(p) == COPY_PIECE)) if descriptions else ()
+
+
+def copied(text: str, copies: tuple[str, ...], tail: int | None = None) -> bool:
+    """The answer (not its thinking, where a model may well quote a tool) copies a tool
+    definition back; `copies` from tool_copies. `tail`: read only the answer's last characters
+    (a watch reads the text as it grows)."""
+    if not copies:
+        return False
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    elif text.lstrip().startswith("<think>"):
+        return False
+    squashed = _squash(text[-tail:] if tail else text)
+    return any(piece in squashed for piece in copies)
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)

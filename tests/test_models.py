@@ -225,3 +225,29 @@ def test_a_turn_larger_than_the_batched_cache_is_answered_by_generate_and_logged
         tiny_model.close()
     assert served[0] == expected[0] and served[0]
     assert "larger than the batched decoder holds" in caplog.text
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["generate", "batched decoder"])
+def test_an_answer_may_be_kept_from_opening_with_a_token_and_only_its_first_step_is_held(tiny_model, batched):
+    """What a turn asks when the answer copied the tool definitions back: the same prompt, the
+    model's next choice for the first token, the rest decoded as usual."""
+    params = GenerationParams(max_new_tokens=12, temperature=0.0)
+    prompt = tiny_model.render_prompt([{"role": "user", "content": "上季度华东区的销售额是多少？"}])
+    ids = tiny_model.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        first_two = torch.topk(tiny_model.model(input_ids=ids).logits[0, -1], 2).indices.tolist()
+    if batched:
+        tiny_model.enable_batched_decoding(max_batch=2, max_len=512)
+    try:
+        text, result = generate(tiny_model, prompt, params=params)
+        assert result.first_token == first_two[0]
+        again = GenerationResult()
+        other = "".join(tiny_model.stream(prompt, params, None, again, not_first=frozenset({first_two[0]})))
+    finally:
+        tiny_model.close()
+    assert again.first_token == first_two[1] and other != text
+    # from the second token on, the answer is the greedy continuation of its new opening
+    continued = tiny_model.tokenizer.decode([first_two[1]]) + generate(
+        tiny_model, prompt + tiny_model.tokenizer.decode([first_two[1]]),
+        params=GenerationParams(max_new_tokens=11, temperature=0.0))[0]
+    assert other == continued

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune import recipe
 from finetune.recipe import RecipeConfig, recipe_command, tokenize_sample
 from finetune.samples import tool_call_message
 
@@ -666,3 +667,30 @@ def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_c
     for nf4 in ("torch", "kernel"):
         compiled = losses(nf4)
         assert compiled[0] == compiled[1] == pytest.approx(eager[0], rel=0.01), (nf4, compiled, eager)
+
+
+def test_the_gate_and_the_replay_answers_read_an_answer_that_copies_its_tools_as_the_app_serves_it(tiny_base):
+    """An answer copying the offered tools back is decoded again without its first token, as a
+    turn does (webapp/turn.py): the gate scores, and replay learns, what users would be served."""
+    from serving.decoding import DecodeRequest
+
+    model, tokenizer = tiny_base
+    prompt = tokenizer("上季度华东区的销售额是多少？", add_special_tokens=False)["input_ids"]
+    engine = recipe.greedy_engine(model, [prompt], 24, 4)
+
+    def make(not_first):
+        return DecodeRequest(prompt, 24, not_first=not_first)
+
+    try:
+        [(plain, _)] = recipe.served_answers(engine, tokenizer, [make], [None])
+        # tools whose description the model's answer copies (a random model copies nothing else)
+        tools = [{"type": "function", "function": {"name": "echo", "description": tokenizer.decode(plain)}}]
+        done = []
+        [(served, _), (untouched, _)] = recipe.served_answers(engine, tokenizer, [make, make], [tools, None],
+                                                              done.append)
+        without_first = engine.submit(make(frozenset({plain[0]}))).collect(timeout=60)
+    finally:
+        engine.close()
+    assert served == without_first and served[0] != plain[0]
+    assert untouched == plain  # the same answer, with no tools to copy, stands
+    assert done == [1, 2]

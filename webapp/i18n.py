@@ -219,6 +219,11 @@ MESSAGES = {
     "attachment_unreadable": ("附件无法读取：{reason}", "The attachment cannot be read: {reason}"),
     "attachment_whole": ("📎 {name}（约 {tokens:,} 个词元）已完整提供给模型。",
                          "📎 {name} (about {tokens:,} tokens) was given to the model whole."),
+    "answer_copied_tools": (
+        "✂️ 回答已截断：模型把工具的定义抄了回来，而不是回答。可以换个问法再问，或点 👎 让审核员纠正。",
+        "✂️ The answer was cut: the model copied the tools' definitions back instead of answering. Ask again in "
+        "other words, or press 👎 so a reviewer corrects it.",
+    ),
     "answer_cut": (
         "✂️ 回答已截断：模型开始重复自己（重复的内容或层层嵌套的 JSON）。可以换个问法再问，或点 👎 让审核员纠正。",
         "✂️ The answer was cut: the model began repeating itself (repeated text or nested JSON). Ask again in "

@@ -184,6 +184,7 @@ class GenerationResult:
     completion_tokens: int = 0
     finish_reason: str = ""
     error: str | None = None
+    first_token: int | None = None  # the answer's first token id, where the backend tells it
 
 
 @dataclass(frozen=True)
@@ -336,9 +337,11 @@ class ModelService(PromptsAndRouting):
         adapter: str | None = None,
         result: GenerationResult | None = None,
         guide: Any = None,
+        not_first: frozenset[int] = frozenset(),
     ) -> Iterator[str]:
         """Yield text pieces as they are generated. Closing the iterator cancels generation.
-        `guide` (a serving.guided.ToolCallGuide) keeps tool calls valid while they are written."""
+        `guide` (a serving.guided.ToolCallGuide) keeps tool calls valid while they are written;
+        `not_first`: token ids the answer may not open with."""
         from transformers import (
             LogitsProcessorList,
             StoppingCriteriaList,
@@ -351,7 +354,8 @@ class ModelService(PromptsAndRouting):
         session = self._guided_session(guide)
         if self.engine is not None:
             if self.engine.fits(result.prompt_tokens, params.max_new_tokens):
-                yield from self._stream_batched(inputs["input_ids"][0].tolist(), params, adapter, result, session)
+                yield from self._stream_batched(inputs["input_ids"][0].tolist(), params, adapter, result, session,
+                                                not_first)
                 return
             # outside the shared batch: an operator raises --decode-kv-tokens / --decode-max-len if this is common
             log.warning("a turn of %d prompt + %d answer tokens is larger than the batched decoder holds (%d-token "
@@ -370,10 +374,17 @@ class ModelService(PromptsAndRouting):
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        processors = []
         if session is not None:
             from serving.guided import GuideLogitsProcessor
 
-            kwargs["logits_processor"] = LogitsProcessorList([GuideLogitsProcessor(session, result.prompt_tokens)])
+            processors.append(GuideLogitsProcessor(session, result.prompt_tokens))
+        if not_first:
+            from serving.decoding import FirstTokenBan
+
+            processors.append(FirstTokenBan(not_first, result.prompt_tokens))
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [adapter if adapter else BASE_ADAPTER]
         elif adapter:
@@ -385,6 +396,7 @@ class ModelService(PromptsAndRouting):
                     output = self.model.generate(**kwargs)
                 new_tokens = output[0, result.prompt_tokens:]
                 result.completion_tokens = int(new_tokens.shape[0])
+                result.first_token = int(new_tokens[0]) if result.completion_tokens else None
                 eos_ids = self._stop_ids()
                 if cancel.is_set():
                     result.finish_reason = "cancelled"
@@ -426,7 +438,8 @@ class ModelService(PromptsAndRouting):
             return None
 
     def _stream_batched(self, prompt_ids: list[int], params: GenerationParams, adapter: str | None,
-                        result: GenerationResult, guide: Any = None) -> Iterator[str]:
+                        result: GenerationResult, guide: Any = None,
+                        not_first: frozenset[int] = frozenset()) -> Iterator[str]:
         """The turn as one row of the batching engine; text is decoded as tokens arrive and
         held back while it ends inside a multi-byte character."""
         from serving.decoding import DecodeRequest
@@ -436,7 +449,7 @@ class ModelService(PromptsAndRouting):
             raise ValueError(f"adapter {adapter!r} is not loaded")
         request = self.engine.submit(DecodeRequest(
             prompt_ids, params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-            adapter=adapter or None, stop_ids=self._stop_ids(), guide=guide))
+            adapter=adapter or None, stop_ids=self._stop_ids(), guide=guide, not_first=not_first))
         text = IncrementalText(self.tokenizer)
         try:
             finished, last_piece = False, 0.0
@@ -461,6 +474,7 @@ class ModelService(PromptsAndRouting):
         finally:
             request.cancelled.set()  # no-op when finished; stops the row when the listener left
             result.completion_tokens = len(text.tokens) + (request.finish_reason == "stop")
+            result.first_token = text.tokens[0] if text.tokens else None
             result.finish_reason = "error" if result.error else (request.finish_reason or "cancelled")
 
 

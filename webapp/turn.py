@@ -5,12 +5,13 @@ round by round, log the whole turn to DuckDB and cache the answer when it may be
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from serving.chat_format import system_message, with_passages
-from serving.degeneration import DegenerationWatch
+from serving.degeneration import COPIED_TOOLS, COPY_RETRIES, DegenerationWatch
 from serving.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
@@ -29,6 +30,8 @@ from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.prompt import ContextWindow
 from webapp.tools.executor import ToolExecutor, ToolOutcome
 from webapp.tools.parser import parse_output, split_thinking, visible_text
+
+log = logging.getLogger(__name__)
 
 
 class GenerationFailed(RuntimeError):
@@ -207,13 +210,14 @@ class TurnRunner:
             history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
             prompt = window.render([system, *window.trim(system, history, tools)], tools)
             update.items.append({"type": "text", "content": ""})
-            raw, message_id, cut = yield from self._generate(user, update, prompt, guide)
+            raw, message_id, cut = yield from self._generate(user, update, prompt, guide, tools)
             parsed = parse_output(raw, known)
             update.items[-1].update(content=parsed.text, message_id=message_id)
             if not parsed.text:
                 update.items.pop()
             if cut:  # what a loop wrote is neither an answer to go on from nor calls to run
-                update.items.append({"type": "notice", "content": bilingual("answer_cut")})
+                update.items.append({"type": "notice", "content": bilingual(
+                    "answer_copied_tools" if cut == COPIED_TOOLS else "answer_cut")})
                 update.answer = parsed.text
                 update.message_id, update.done = message_id, True
                 yield update.snapshot()
@@ -246,31 +250,51 @@ class TurnRunner:
                 return
             yield update.snapshot()
 
-    def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None):
+    def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None,
+                  tools: list[dict] | None = None):
         """One generation, streamed into the last text item; stores the assistant message.
-        Returns (raw output, message id, whether it was cut for looping)."""
+        Returns (raw output, message id, why it was cut (serving.degeneration) or None).
+
+        An answer that copies the offered tools' definitions back is no answer: it is stopped
+        and decoded again without its first token (the model's next choice, a call or prose),
+        at most COPY_RETRIES times, where the backend tells the token."""
         result = GenerationResult()
         raw, ttft_ms = "", None
         started = time.perf_counter()
         completed = False
+        banned: frozenset[int] = frozenset()
         watch = DegenerationWatch()
-        pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result, guide=guide)
+        prompt_tokens = completion_tokens = 0
         try:
-            for piece in pieces:
-                if ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - started) * 1000
-                raw += piece
-                if watch.degenerate(raw):  # a loop: stop now, not at the token limit
+            for attempt in range(COPY_RETRIES + 1):
+                result, raw, completed = GenerationResult(), "", False
+                watch = DegenerationWatch(tools=tools or ())
+                pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result,
+                                           guide=guide, **({"not_first": banned} if banned else {}))
+                try:
+                    for piece in pieces:
+                        if ttft_ms is None:
+                            ttft_ms = (time.perf_counter() - started) * 1000
+                        raw += piece
+                        if watch.degenerate(raw):  # a loop: stop now, not at the token limit
+                            break
+                        shown = visible_text(raw)
+                        if shown != update.items[-1]["content"]:
+                            update.items[-1]["content"] = shown
+                            update.answer = shown
+                            yield update.snapshot()
+                    completed = True
+                finally:
+                    pieces.close()  # stops generation now if the listener left early
+                    update.completion_tokens += result.completion_tokens
+                    prompt_tokens, completion_tokens = result.prompt_tokens, completion_tokens + result.completion_tokens
+                if watch.why != COPIED_TOOLS or result.first_token is None or attempt == COPY_RETRIES:
                     break
-                shown = visible_text(raw)
-                if shown != update.items[-1]["content"]:
-                    update.items[-1]["content"] = shown
-                    update.answer = shown
-                    yield update.snapshot()
-            completed = True
+                log.info("the answer copied the tool definitions back; decoding it again without its first token")
+                banned |= {result.first_token}
+                update.items[-1]["content"] = update.answer = ""
+                yield update.snapshot()
         finally:
-            pieces.close()  # stops generation now if the listener left early
-            update.completion_tokens += result.completion_tokens
             thinking, _ = split_thinking(raw)
             parsed_text = parse_output(raw).text
             finish = "degenerate" if watch.why else result.finish_reason if completed or result.error else "cancelled"
@@ -282,20 +306,20 @@ class TurnRunner:
                 adapter_version=update.adapter_version,
                 latency_ms=(time.perf_counter() - started) * 1000,
                 ttft_ms=ttft_ms,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 finish_reason=finish,
                 error=result.error,
             )
             if self.metrics is not None:
                 self.metrics.observe_generation(
                     user.department_id, time.perf_counter() - started, ttft_ms / 1000 if ttft_ms else None,
-                    result.prompt_tokens, result.completion_tokens, bool(result.error))
+                    prompt_tokens, completion_tokens, bool(result.error))
         if result.error:
             raise GenerationFailed(
                 f"The model failed while answering ({result.error}). Try again; if it keeps failing, tell your admin."
             )
-        return raw, message_id, watch.why is not None
+        return raw, message_id, watch.why
 
     # -- the response cache -------------------------------------------------------------
 
