@@ -214,6 +214,16 @@ YEAR = dt.date.today().year  # the executor's today, as the services are opened
     # numbers beside other values are what is asked about
     ("华东年初至今一共卖了多少台啊", dict(region="华东", period="this_year", metric="revenue"),
      dict(region="华东", period="this_year", metric="units"), {"metric": "revenue"}),
+    ("华东年初到现在一共卖了多少台啊", dict(region="华东", period="2026-Q3", metric="revenue"),
+     dict(region="华东", period="this_year", metric="units"), {"metric": "revenue", "period": "2026-Q3"}),
+    ("Southwest China - how many did we sell last month?", dict(region="华南", period="last_month"),
+     dict(region="西南", period="last_month", metric="units"), {"region": "华南", "metric": None}),
+    ("Southwest region unit sales for the whole of 2025", dict(region="西南", period="2025-Q3", metric="revenue"),
+     dict(region="西南", period="2025", metric="units"), {"period": "2025-Q3", "metric": "revenue"}),
+    # 一 in 一下 qualifies nothing; 一号 does
+    ("帮我看一下上个月华东的销售额", dict(region="华东", period="2026-Q3"), dict(region="华东", period="last_month"),
+     {"period": "2026-Q3"}),
+    ("上个月一号华东的销售额", dict(region="华东", period="this_month"), dict(region="华东", period="this_month"), {}),
     # comparisons and negations: the spelled value may be what the question is measured against
     ("华东销售额比去年增长了多少？", dict(region="华东", period="this_year"), dict(region="华东", period="this_year"), {}),
     ("How did East China do versus last quarter?", dict(region="华东", period="this_quarter"),

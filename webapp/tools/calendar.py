@@ -109,7 +109,8 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
                            r"(?:全年|整年|一整年|度)")),
     ("en-year", re.compile(r"(?:(?<![a-z])(?:in|for|during|throughout)\s+|" + _NOT_CODE + r")"
                            r"(?P<ey>(?:19|20)\d\d)(?:['’]s|\s+as a whole|\s+full[- ]year)"
-                           r"|(?<![a-z])(?:in|for|during|throughout)\s+(?P<ey2>(?:19|20)\d\d)(?![0-9])"
+                           r"|(?<![a-z])(?:(?:in|for|during|throughout)\s+|(?:the\s+)?(?:whole|entire)\s+(?:of\s+)?"
+                           r"|all\s+of\s+|full[- ]year\s+)(?P<ey2>(?:19|20)\d\d)(?![0-9])"
                            r"(?=\s*$|\s*[?!,;:)\]，。？！；、]|\.(?!\d)|\s+(?:for|in|at|from)\b|\s*[\u4e00-\u9fff])",
                            re.I)),
 ]

@@ -35,7 +35,8 @@ from webapp.tools.registry import ToolSpec
 
 _CONTRAST = re.compile(r"比|较|相对|对比|不|没|非|除|别|vs\.?|versus|compared|than|against|relative|"
                        r"\bnot\b|n't\b|except|excluding|without|other than", re.I)
-_NUMBER = re.compile(r"[0-9０-９一二三四五六七八九十两]|\b[QH][1-4]\b", re.I)
+# 一 in 一共, 一下, 一起, 一直 counts nothing
+_NUMBER = re.compile(r"[0-9０-９二三四五六七八九十两]|一(?![共下起直些般样点])|\b[QH][1-4]\b", re.I)
 _NEAR = 4  # characters either side of a spelling read for a qualifying number
 
 
