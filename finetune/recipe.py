@@ -580,27 +580,41 @@ def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: in
 
 def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int]], Any]],
                    tools: Sequence[Sequence[dict] | None], done: Callable[[int], None] | None = None,
-                   ) -> list[tuple[list[int], str]]:
-    """The greedy answer to each request as the app serves it: one that copies its offered tools'
-    definitions back is decoded again without its first token (webapp/turn.py does the same),
-    at most COPY_RETRIES times; the decodings again join the batch still running.
-    `requests[i](not_first)` builds request i. Returns (tokens, finish reason) per request, in
-    order; `done(count)` as each answer is final."""
-    from serving.degeneration import COPY_RETRIES, copied, tool_copies
+                   ) -> list[tuple[list[int], str, bool]]:
+    """The greedy answer to each request as the app serves it (webapp/turn.py): one that copies
+    its offered tools' definitions back is stopped as soon as that is certain and decoded again
+    without its first token, at most COPY_RETRIES times (not after thinking); the decodings
+    again join the batch still running. `requests[i](not_first)` builds request i. Returns
+    (tokens, finish reason, whether it still copies) per request, in order; `done(count)` as
+    each answer is final."""
+    from serving.degeneration import COPY_RETRIES, copies_tools, tool_copies
 
     copies = [tool_copies(offered or ()) for offered in tools]
-    waiting = collections.deque((i, frozenset(), engine.submit(make(frozenset()))) for i, make in enumerate(requests))
-    out: list[tuple[list[int], str] | None] = [None] * len(requests)
+    waiting = collections.deque((i, 0, frozenset(), engine.submit(make(frozenset())))
+                                for i, make in enumerate(requests))
+    out: list[tuple[list[int], str, bool] | None] = [None] * len(requests)
     final = 0
     while waiting:
-        i, banned, request = waiting.popleft()
-        tokens = request.collect(timeout=3600)
-        if tokens and len(banned) < COPY_RETRIES and copied(tokenizer.decode(tokens, skip_special_tokens=True),
-                                                            copies[i]):
+        i, attempt, banned, request = waiting.popleft()
+        tokens, copying, ended = [], None, False
+        while not ended:
+            for item in request.drain(timeout=3600):
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    ended = True
+                else:
+                    tokens.append(item)
+            if copying is None:
+                copying = copies_tools(tokenizer.decode(tokens, skip_special_tokens=True), copies[i])
+                if copying:  # certain: the rest of it is not worth decoding
+                    request.cancelled.set()
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if copying and attempt < COPY_RETRIES and tokens[0] not in banned and not text.lstrip().startswith("<think>"):
             banned = banned | {tokens[0]}
-            waiting.append((i, banned, engine.submit(requests[i](banned))))
+            waiting.append((i, attempt + 1, banned, engine.submit(requests[i](banned))))
             continue
-        out[i] = (tokens, request.finish_reason)
+        out[i] = (tokens, request.finish_reason, bool(copying))
         final += 1
         if done is not None:
             done(final)
@@ -616,7 +630,8 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     An answer still going at replay_answer_tokens is kept as far as it went, marked
     "unfinished" (learned without an end): the file's answer in its place pulled the policy
     answers away from the passages' figures (general recall 0.58 -> 0.33 on one night).
-    An answer that calls a tool keeps the file's.
+    An answer that calls a tool, or copies the tools back as the app would still serve it
+    (served_answers), keeps the file's.
     Data parallel (`world` processes): each decodes every world-th prompt, and all of them get
     all the answers."""
     import torch
@@ -650,9 +665,9 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
                                                                 stop_ids=stop, not_first=not_first), prompts[i])
                         for i in mine], [offered[i] for i in mine],
                     lambda done: report(cfg, "replay_answers", prompt=done, prompts=len(mine)))
-                for index, (tokens, finish) in zip(mine, own):
+                for index, (tokens, finish, copies) in zip(mine, own):
                     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                    keep = answer and "<tool_call>" not in answer
+                    keep = answer and "<tool_call>" not in answer and not copies
                     answers[index] = (answer, finish != "stop") if keep else None
             finally:
                 engine.close()
@@ -699,6 +714,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     except Exception as exc:
         print(f"tool calls evaluated unguided: {exc}", file=sys.stderr)
         guides = [None] * len(cases)
+
     def request(number: int, who: str, not_first: frozenset[int]) -> DecodeRequest:
         guide = guides[number]
         return DecodeRequest(prompts[number], cfg.eval_max_new_tokens, adapter="default" if who == "candidate" else (
@@ -713,7 +729,7 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     finally:
         engine.close()
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}
-    for (_, who), (tokens, _) in zip(order, answers):
+    for (_, who), (tokens, _, _) in zip(order, answers):  # a copy still there is scored as the app cuts it
         outputs[who].append(tokenizer.decode(tokens, skip_special_tokens=True))
     report(cfg, "eval", **outputs)
 

@@ -7,9 +7,9 @@ from the text as it streams; real answers and real tool calls are neither (a too
 arguments nest two or three levels).
 
 A third failure is not a loop but is no answer either: the offered tools' definitions copied
-back from the prompt (```{"type": "function", "function": {"name": "query_sales", ...` or a
-tool's description written out as code), where the model reached for a tool in the wrong
-form. It is read the same way, and the turn decodes again without the copy's first token.
+back from the prompt as code (```{"type": "function", "function": {"name": "query_sales", ...),
+where the model reached for a tool in the wrong form. `copies_tools` reads it from the start
+of the answer, and the turn decodes again without the copy's first token.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ MIN_PERIOD, MAX_PERIOD = 8, 200  # characters of the repeated piece
 SAME_LINE = 5  # one line of 8+ characters this many times back to back
 COPIED_TOOLS = "tool definitions copied"
 COPY_RETRIES = 2  # decodings again of an answer that copied the tool definitions back
-COPY_PIECE = 24  # characters (whitespace aside) of a tool's or parameter's description that make a copy
+COPY_PIECE = 24  # characters (whitespace aside) of a tool's or parameter's description that make a copy ...
+MIN_COPY_PIECE = 12  # ... or the whole of a shorter one (Chinese descriptions are short), from this many
+COPY_WINDOW = 200  # characters at the start of an answer in code or JSON where a copy is looked for
 SAME_ITEM = 10  # one item of a numbered list, numbered on (1, 2, 3 ...), this many times in a row
 # a list item's number: "[12] ", "(12) ", "12. ", "12) ", "12、" (not 1.50, 09:00 or 2.0.1)
 ITEM_NUMBER = re.compile(r"^(?:\[(\d+)\]\s*|\((\d+)\)\s*|(\d+)[.)]\s+|(\d+)、\s*)")
@@ -34,18 +36,16 @@ class DegenerationWatch:
     reads only what arrived since the last one and a bounded tail, so a long answer costs
     the same per character as a short one."""
 
-    def __init__(self, check_every: int = 16, tools: Iterable[Mapping[str, Any]] = ()):
+    def __init__(self, check_every: int = 16):
         self.check_every, self._read = check_every, 0
         self._depth, self._in_string, self._escaped = 0, False, False
-        self._copies = tool_copies(tools)
         self.why: str | None = None
 
     def degenerate(self, text: str) -> bool:
         if self.why is None and len(text) - self._read >= self.check_every:
             self._nest(text[self._read:])
             self._read = len(text)
-            self.why = (("nested JSON" if self._depth > MAX_NESTING else None) or repetition(text)
-                        or (COPIED_TOOLS if copied(text, self._copies, tail=400) else None))
+            self.why = ("nested JSON" if self._depth > MAX_NESTING else None) or repetition(text)
         return self.why is not None
 
     def _nest(self, new: str) -> None:
@@ -108,21 +108,28 @@ def tool_copies(tools: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
         properties = (function.get("parameters") or {}).get("properties") or {}
         descriptions += [spec.get("description") or "" for spec in properties.values() if isinstance(spec, dict)]
     pieces = {_squash(d)[:COPY_PIECE] for d in descriptions}
-    return ('"type":"function"', *sorted(p for p in pieces if len(p) == COPY_PIECE)) if descriptions else ()
+    return ('"type":"function"', *sorted(p for p in pieces if len(p) >= MIN_COPY_PIECE)) if descriptions else ()
 
 
-def copied(text: str, copies: tuple[str, ...], tail: int | None = None) -> bool:
-    """The answer (not its thinking, where a model may well quote a tool) copies a tool
-    definition back; `copies` from tool_copies. `tail`: read only the answer's last characters
-    (a watch reads the text as it grows)."""
+def copies_tools(text: str, copies: tuple[str, ...]) -> bool | None:
+    """Whether the answer (after any thinking) is the offered tools copied back: code or JSON from
+    its first character that writes a tool definition or a tool's description within its first
+    COPY_WINDOW characters. None while it cannot yet tell (it opens with code and is short); a
+    caller holds such text back. An answer in prose, a tool call or thinking is not a copy:
+    an answer may well explain a tool, or quote its description, in words."""
     if not copies:
         return False
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
-    elif text.lstrip().startswith("<think>"):
+    text = text.lstrip()
+    if not text or text.startswith("<think>") or "<think>".startswith(text):  # nothing of the answer yet
+        return None
+    if not (text.startswith(("{", "```")) or "```".startswith(text)):
         return False
-    squashed = _squash(text[-tail:] if tail else text)
-    return any(piece in squashed for piece in copies)
+    window = _squash(text[:COPY_WINDOW])
+    if any(piece in window for piece in copies):
+        return True
+    return False if len(text) >= COPY_WINDOW else None
 
 
 def _squash(text: str) -> str:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from serving.degeneration import COPIED_TOOLS, DegenerationWatch
+from serving.degeneration import DegenerationWatch, copies_tools, tool_copies
 from storage import chats
 
 # what the embedded model wrote for 上季度华东区的销售额是多少？: the tool schemas copied back
@@ -77,43 +77,53 @@ def test_a_looping_turn_ends_early_says_so_and_runs_nothing(services, script):
 
 
 
+
 TOOLS = [{"type": "function", "function": {
     "name": "query_sales", "description": "Query the company sales system for one region and period.",
     "parameters": {"type": "object", "properties": {
         "region": {"type": "string", "description": "Sales region: 华东 East China, 华南 South China, 华北 North China."},
-        "period": {"type": "string", "description": "2026-Q3, 2026-07, or last_quarter."}}}}}]
-# what the embedded model wrote after a night for 帮我拉一下华东地区去年全年的销量 and for
-# "sorry to bother, could you pull North China revenue for last year"
+        "period": {"type": "string", "description": "2026-Q3, 2026-07, or last_quarter."},
+        "metric": {"type": "string", "description": "销售额（元）或销量（台、件）"}}}}}]
+# what the embedded model wrote after a night for 帮我拉一下华东地区去年全年的销量
 SCHEMA_ECHO = ('```\n{\n  "type": "function",\n  "function": {\n    "name": "query_sales",\n    "description": '
                '"Query the company sales system for one region and period. Returns the value')
-CODE_ECHO = ("Here's a possible way to do that:\n\n```\nfunction query_sales() {\n  return {\n    name: "
-             '"query_sales",\n    description: "Query the company sales system for one region and period.",')
 
 
-def copy_watched(text: str, tools=TOOLS, step: int = 7) -> str | None:
-    watch = DegenerationWatch(tools=tools)
+def copy_read(text: str, tools=TOOLS, step: int = 5) -> tuple[bool | None, int]:
+    """(what copies_tools said once it could tell, or at the end; characters streamed by then)."""
+    copies = tool_copies(tools)
     for end in range(step, len(text) + step, step):
-        if watch.degenerate(text[:end]):
-            return watch.why
-    return None
+        said = copies_tools(text[:end], copies)
+        if said is not None:
+            return said, end
+    return None, len(text)
 
 
-@pytest.mark.parametrize("echo", [SCHEMA_ECHO, CODE_ECHO, "Sales region: 华东 East China, 华南 South China, ..."],
-                         ids=["the schema", "a description as code", "a parameter's description"])
-def test_an_answer_copying_the_offered_tools_back_is_caught_as_it_streams(echo):
-    assert copy_watched(echo) == COPIED_TOOLS
-    assert copy_watched(echo, tools=()) is None  # a turn without tools has nothing to copy
+@pytest.mark.parametrize("echo", [
+    SCHEMA_ECHO,
+    '{"type": "function", "function": {"name": "query_sales"}}',
+    "```python\ndef query_sales(region):\n    description = 'Query the company sales system for one region and period.'",
+    "```\nmetric: 销售额（元）或销量（台、件）\n```",  # a short Chinese description, whole
+    "<think>销量问题</think>\n```\n" + SCHEMA_ECHO[4:],
+], ids=["the schema", "compact JSON", "a description in code", "a short description", "after thinking"])
+def test_an_answer_copying_the_offered_tools_back_as_code_is_told_within_its_first_characters(echo):
+    said, streamed = copy_read(echo)
+    assert said is True and streamed <= 200
+    assert copy_read(echo, tools=())[0] is False  # a turn without tools has nothing to copy
 
 
 @pytest.mark.parametrize("answer", [
-    "I can look that up with query_sales: it queries the company sales system for each region.",
-    '<tool_call>\n{"name": "query_sales", "arguments": {"region": "华东", "period": "last_quarter"}}\n</tool_call>',
+    "- query_sales: Query the company sales system for one region and period.",  # what can you do?
+    "Sales region: 华东 East China, 华南 South China, 华北 North China.",  # 有哪些区域？
+    "period 可以写 2026-Q3, 2026-07, or last_quarter 等。",
+    '<tool_call>\n{"type": "function", "function": {"name": "query_sales", "arguments": {"region": "华东"}}}\n</tool_call>',
     "<think>The tool: Query the company sales system for one region and period. I call it.</think>\n上季度华东区"
     "销售额为 1,200 万元。",
-    "华东区（East China）上季度销售额为 1,200 万元，华南区（South China）为 980 万元。",
+    "```sql\nSELECT region, SUM(amount) FROM sales WHERE quarter = '2026-Q3' GROUP BY region;\n```" + " " * 200,
+    "```",  # an answer that ends while it still may be anything: not a copy
 ])
-def test_answers_that_name_a_tool_or_think_about_it_are_left_alone(answer):
-    assert copy_watched(answer) is None
+def test_answers_that_explain_a_tool_call_it_or_write_other_code_are_not_copies(answer):
+    assert copy_read(answer)[0] in (False, None)
 
 
 def test_an_answer_copying_the_tools_is_decoded_again_without_its_first_token_and_its_call_runs(services, script):
@@ -125,6 +135,7 @@ def test_an_answer_copying_the_tools_is_decoded_again_without_its_first_token_an
     updates = list(services.engine.turns.stream_turn(user, "帮我拉一下华东地区去年全年的销量"))
     final = updates[-1]
     assert model.not_first[:2] == [frozenset(), frozenset({ord("`")})]  # the copy's first "token", kept out
+    assert not any('"type"' in i.get("content", "") for u in updates for i in u.items)  # the copy was never shown
     tools = [i for i in final.items if i["type"] == "tool"]
     assert [(t["tool"], t["status"], t["arguments"]["metric"]) for t in tools] == [("query_sales", "ok", "units")]
     assert final.answer == "华东地区去年全年销量见上面的数据。"
@@ -135,12 +146,23 @@ def test_an_answer_copying_the_tools_is_decoded_again_without_its_first_token_an
 
 
 def test_an_answer_that_keeps_copying_the_tools_is_cut_and_the_user_told_why(services, script):
-    model = script(SCHEMA_ECHO, "Here it is: " + SCHEMA_ECHO, "{" + SCHEMA_ECHO)
+    model = script(SCHEMA_ECHO, SCHEMA_ECHO[3:], " " + SCHEMA_ECHO)
     user = services.auth.current_user("finance-employee")
-    final = list(services.engine.turns.stream_turn(user, "帮我拉一下华东地区去年全年的销量"))[-1]
-    assert model.not_first == [frozenset(), frozenset({ord("`")}), frozenset({ord("`"), ord("H")})]
+    updates = list(services.engine.turns.stream_turn(user, "帮我拉一下华东地区去年全年的销量"))
+    final = updates[-1]
+    assert model.not_first == [frozenset(), frozenset({ord("`")}), frozenset({ord("`"), ord("\n")})]
+    assert not any('"type"' in i.get("content", "") for u in updates for i in u.items)  # never shown
     assert final.done and not [i for i in final.items if i["type"] == "tool"]
     notice = [i["content"] for i in final.items if i["type"] == "notice"]
     assert notice and "copied the tools' definitions back" in notice[0] and "工具的定义" in notice[0]
     stored = services.db.query_one("SELECT finish_reason FROM messages WHERE id = ?", [final.message_id])
     assert stored == {"finish_reason": "degenerate"}
+
+
+def test_a_copy_after_thinking_is_cut_without_decoding_again(services, script):
+    """Its first token is <think>: keeping that out would keep the model from thinking, not from copying."""
+    model = script("<think>销量</think>\n" + SCHEMA_ECHO)
+    user = services.auth.current_user("finance-employee")
+    final = list(services.engine.turns.stream_turn(user, "帮我拉一下华东地区去年全年的销量"))[-1]
+    assert model.not_first == [frozenset()]
+    assert [i["type"] for i in final.items if i["type"] != "sources"] == ["notice"]

@@ -672,25 +672,35 @@ def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_c
 def test_the_gate_and_the_replay_answers_read_an_answer_that_copies_its_tools_as_the_app_serves_it(tiny_base):
     """An answer copying the offered tools back is decoded again without its first token, as a
     turn does (webapp/turn.py): the gate scores, and replay learns, what users would be served."""
+    import copy
+
     from serving.decoding import DecodeRequest
 
-    model, tokenizer = tiny_base
+    base, tokenizer = tiny_base
+    model = copy.deepcopy(base)
     prompt = tokenizer("上季度华东区的销售额是多少？", add_special_tokens=False)["input_ids"]
+    # the random model made to open its answer with "{" (as the embedded one opens a copy with ```)
+    brace = tokenizer.convert_tokens_to_ids("{")
+    with torch.no_grad():
+        top = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+        head = model.get_output_embeddings().weight
+        head[brace] = head[top] * 4
+        assert int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax()) == brace
     engine = recipe.greedy_engine(model, [prompt], 24, 4)
 
     def make(not_first):
         return DecodeRequest(prompt, 24, not_first=not_first)
 
     try:
-        [(plain, _)] = recipe.served_answers(engine, tokenizer, [make], [None])
-        # tools whose description the model's answer copies (a random model copies nothing else)
+        [(plain, _, _)] = recipe.served_answers(engine, tokenizer, [make], [None])
+        # tools whose description the answer copies
         tools = [{"type": "function", "function": {"name": "echo", "description": tokenizer.decode(plain)}}]
         done = []
-        [(served, _), (untouched, _)] = recipe.served_answers(engine, tokenizer, [make, make], [tools, None],
-                                                              done.append)
-        without_first = engine.submit(make(frozenset({plain[0]}))).collect(timeout=60)
+        [(served, _, copies), (untouched, _, _)] = recipe.served_answers(engine, tokenizer, [make, make],
+                                                                         [tools, None], done.append)
+        without_first = engine.submit(make(frozenset({brace}))).collect(timeout=60)
     finally:
         engine.close()
-    assert served == without_first and served[0] != plain[0]
+    assert plain[0] == brace and served == without_first and served[0] != brace and not copies
     assert untouched == plain  # the same answer, with no tools to copy, stands
     assert done == [1, 2]

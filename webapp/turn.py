@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from serving.chat_format import system_message, with_passages
-from serving.degeneration import COPIED_TOOLS, COPY_RETRIES, DegenerationWatch
+from serving.degeneration import COPIED_TOOLS, COPY_RETRIES, DegenerationWatch, copies_tools, tool_copies
 from serving.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
@@ -212,13 +212,15 @@ class TurnRunner:
             update.items.append({"type": "text", "content": ""})
             raw, message_id, cut = yield from self._generate(user, update, prompt, guide, tools)
             parsed = parse_output(raw, known)
-            update.items[-1].update(content=parsed.text, message_id=message_id)
-            if not parsed.text:
+            # a copy of the tools is kept for reviewers, not shown
+            shown = "" if cut == COPIED_TOOLS else parsed.text
+            update.items[-1].update(content=shown, message_id=message_id)
+            if not shown:
                 update.items.pop()
             if cut:  # what a loop wrote is neither an answer to go on from nor calls to run
                 update.items.append({"type": "notice", "content": bilingual(
                     "answer_copied_tools" if cut == COPIED_TOOLS else "answer_cut")})
-                update.answer = parsed.text
+                update.answer = shown
                 update.message_id, update.done = message_id, True
                 yield update.snapshot()
                 return
@@ -255,20 +257,22 @@ class TurnRunner:
         """One generation, streamed into the last text item; stores the assistant message.
         Returns (raw output, message id, why it was cut (serving.degeneration) or None).
 
-        An answer that copies the offered tools' definitions back is no answer: it is stopped
-        and decoded again without its first token (the model's next choice, a call or prose),
-        at most COPY_RETRIES times, where the backend tells the token."""
-        result = GenerationResult()
-        raw, ttft_ms = "", None
+        An answer that copies the offered tools' definitions back as code is no answer: it is
+        held back until that is ruled out, stopped once it is certain, and decoded again without
+        its first token (the model's next choice: a call, or prose) at most COPY_RETRIES times,
+        where the backend tells the token and the answer did not think first (its first token
+        is then <think>)."""
+        copies = tool_copies(tools or ())
+        raw, ttft_ms, why = "", None, None
         started = time.perf_counter()
         completed = False
+        result = GenerationResult()
         banned: frozenset[int] = frozenset()
-        watch = DegenerationWatch()
         prompt_tokens = completion_tokens = 0
         try:
             for attempt in range(COPY_RETRIES + 1):
-                result, raw, completed = GenerationResult(), "", False
-                watch = DegenerationWatch(tools=tools or ())
+                result, raw, completed, why = GenerationResult(), "", False, None
+                watch, copying = DegenerationWatch(), None
                 pieces = self.model.stream(prompt, self.settings.generation, update.adapter_slot, result,
                                            guide=guide, **({"not_first": banned} if banned else {}))
                 try:
@@ -277,27 +281,35 @@ class TurnRunner:
                             ttft_ms = (time.perf_counter() - started) * 1000
                         raw += piece
                         if watch.degenerate(raw):  # a loop: stop now, not at the token limit
+                            why = watch.why
                             break
                         shown = visible_text(raw)
-                        if shown != update.items[-1]["content"]:
-                            update.items[-1]["content"] = shown
-                            update.answer = shown
+                        if copying is None:
+                            copying = copies_tools(shown, copies)
+                        if copying:
+                            why = COPIED_TOOLS
+                            break
+                        if copying is False and shown != update.items[-1]["content"]:
+                            update.items[-1]["content"] = update.answer = shown
                             yield update.snapshot()
                     completed = True
                 finally:
                     pieces.close()  # stops generation now if the listener left early
                     update.completion_tokens += result.completion_tokens
-                    prompt_tokens, completion_tokens = result.prompt_tokens, completion_tokens + result.completion_tokens
-                if watch.why != COPIED_TOOLS or result.first_token is None or attempt == COPY_RETRIES:
+                    prompt_tokens += result.prompt_tokens
+                    completion_tokens += result.completion_tokens
+                if why != COPIED_TOOLS or attempt == COPY_RETRIES or result.first_token in (None, *banned) \
+                        or raw.lstrip().startswith("<think>"):
                     break
                 log.info("the answer copied the tool definitions back; decoding it again without its first token")
                 banned |= {result.first_token}
-                update.items[-1]["content"] = update.answer = ""
+            if why is None and (shown := visible_text(raw)) != update.items[-1]["content"]:  # what was held back
+                update.items[-1]["content"] = update.answer = shown
                 yield update.snapshot()
         finally:
             thinking, _ = split_thinking(raw)
             parsed_text = parse_output(raw).text
-            finish = "degenerate" if watch.why else result.finish_reason if completed or result.error else "cancelled"
+            finish = "degenerate" if why else result.finish_reason if completed or result.error else "cancelled"
             message_id = chats.add_message(
                 self.db, update.conversation_id, "assistant", parsed_text,
                 thinking=thinking or None,
@@ -319,7 +331,7 @@ class TurnRunner:
             raise GenerationFailed(
                 f"The model failed while answering ({result.error}). Try again; if it keeps failing, tell your admin."
             )
-        return raw, message_id, watch.why
+        return raw, message_id, why
 
     # -- the response cache -------------------------------------------------------------
 

@@ -104,9 +104,10 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
     # a year alone: 2025年 / 2025年度 / 2025全年 in Chinese; in English where a preposition makes it
     # a year and nothing follows that makes it a quantity (in 2025; not "of 2000 orders")
     ("zh-year", re.compile(_NOT_CODE + r"(?P<year>(?:19|20)\d\d)\s*(?:年\s*(?:全年|整年|度)?|全年)")),
-    # two digits are a year alone only as one whole (24年全年, 25年度): 近24年 is 24 years
-    ("zh-year", re.compile(r"(?<![0-9A-Za-z\-_/.近去这了营干做作用第过多几来共每后前])(?P<yy>[23]\d)\s*年\s*"
-                           r"(?:全年|整年|一整年|度)")),
+    # two digits are a year alone only as one whole (24年全年, 25年度), where a question starts
+    # or after a region or a pause, and not past next year: 连续24年度盈利 and 营业24年全年 are counts
+    ("zh-yy-year", re.compile(r"(?:^|(?<=[\s,，。、；;:：(（「“\"'东南西北中区部]))(?P<yy>[23]\d)\s*年\s*"
+                              r"(?:全年|整年|一整年|度)")),
     ("en-year", re.compile(r"(?:(?<![a-z])(?:in|for|during|throughout)\s+|" + _NOT_CODE + r")"
                            r"(?P<ey>(?:19|20)\d\d)(?:['’]s|\s+as a whole|\s+full[- ]year)"
                            r"|(?<![a-z])(?:(?:in|for|during|throughout)\s+|(?:the\s+)?(?:whole|entire)\s+(?:of\s+)?"
@@ -150,7 +151,7 @@ def _form(kind: str, groups: dict, today: dt.date) -> str | None:
         return "?"
     raw_year = groups.get("year") or groups.get("yy") or (groups["rel"] + "年" if groups.get("rel") else None)
     year = _year(raw_year or groups.get("ey") or groups.get("ey2") or "", today)
-    if year is None or not 1990 <= year <= 2099:
+    if year is None or not 1990 <= year <= 2099 or (kind == "zh-yy-year" and year > today.year + 1):
         return None
     quarter = groups.get("q") or groups.get("qq") or groups.get("eq")
     if quarter:
