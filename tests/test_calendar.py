@@ -71,6 +71,9 @@ def test_several_periods_or_a_span_are_not_one_period(question):
     "工作25年的员工有多少",
     "华东24年销售额",  # two digits alone may be a count of years
     "近24年度的销量",
+    "连续24年度盈利的华东",  # counts of years, whole
+    "营业24年全年无休的门店销量",
+    "华东35年度目标",  # past next year: a plan's number, not a period with sales
     "FY2025 revenue",  # fiscal years: their months depend on the company
     "华东上半年销量",  # half of which year?
     "What's the market share in East China?",  # mar- is not March

@@ -243,3 +243,17 @@ def test_an_endless_body_is_refused_at_the_limit_not_read_into_memory(running_ap
         tracemalloc.stop()
     assert response.status_code == 413 and "over the limit" in response.json()["error"]["message"]
     assert peak < 2 * MAX_BODY_BYTES, f"{peak / 2**20:.0f} MiB held for a {4 * MAX_BODY_BYTES / 2**20:.0f} MiB body"
+
+
+def test_a_streamed_answer_that_copied_the_tools_streams_only_what_was_decoded_again(running_app, script):
+    """The copy is held back, so a client's stream (which cannot take text back) never sees it and
+    goes on with the call and the answer."""
+    from tests.test_degeneration import SCHEMA_ECHO
+
+    script(SCHEMA_ECHO, call("query_sales", region="East China", period="last_quarter"), "East China sold well.")
+    client, _ = client_for(running_app, "finance-employee")
+    chunks = list(client.chat.completions.create(model="hangjia-finance", stream=True,
+                                                 messages=[{"role": "user", "content": "Sales in East China?"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "East China sold well." and '"type"' not in text
+    assert [a["tool"] for a in chunks[-1].model_extra["hangjia"]["actions"]] == ["query_sales"]
