@@ -31,6 +31,7 @@ class Message:
     created_at: dt.datetime
     tool_call_id: str | None = None  # on role='tool': the call it answers
     rating: int | None = None  # the conversation owner's feedback on this message
+    finish_reason: str | None = None  # on role='assistant': why generation ended ("degenerate": it was cut)
 
 
 _CONVERSATION_COLUMNS = "id, user_id, department_id, title, created_at, updated_at"
@@ -100,7 +101,7 @@ def list_messages(db: Database, conversation_id: int) -> list[Message]:
     rows = db.query(
         """
         SELECT m.id, m.conversation_id, m.role, m.content, m.model, m.adapter, m.adapter_version,
-               m.created_at, m.tool_call_id, f.rating
+               m.created_at, m.tool_call_id, f.rating, m.finish_reason
         FROM messages m
         JOIN conversations c ON c.id = m.conversation_id
         LEFT JOIN feedback f ON f.message_id = m.id AND f.user_id = c.user_id

@@ -166,3 +166,14 @@ def test_a_copy_after_thinking_is_cut_without_decoding_again(services, script):
     final = list(services.engine.turns.stream_turn(user, "帮我拉一下华东地区去年全年的销量"))[-1]
     assert model.not_first == [frozenset()]
     assert [i["type"] for i in final.items if i["type"] != "sources"] == ["notice"]
+
+
+def test_a_cut_copy_is_not_shown_to_the_model_in_the_next_turn(services, script):
+    model = script(SCHEMA_ECHO, SCHEMA_ECHO[3:], " " + SCHEMA_ECHO, "好的，我来查。")
+    user = services.auth.current_user("finance-employee")
+    first = list(services.engine.turns.stream_turn(user, "帮我拉一下华东地区去年全年的销量"))[-1]
+    list(services.engine.turns.stream_turn(user, "再试一次", first.conversation_id))
+    assert "帮我拉一下华东地区去年全年的销量" in model.prompts[-1]
+    assert '```\n{\n  "type": "function"' not in model.prompts[-1]  # the tools block itself is compact JSON
+    stored = chats.list_messages(services.db, first.conversation_id)
+    assert SCHEMA_ECHO[:20] in stored[1].content and stored[1].finish_reason == "degenerate"  # kept for reviewers

@@ -128,7 +128,7 @@ class Conversations:
         """The conversation in chat-template form: assistant tool calls and tool results
         included, so a follow-up sees the numbers fetched before. Unparseable calls and
         the errors fed back for them are kept only in the turn in progress, where the
-        model can fix them; later they teach it nothing."""
+        model can fix them; later they teach it nothing. Answers that were cut are left out."""
         calls_by_message: dict[int, list] = {}
         skipped: set[str] = set()
         for row in tool_audit.latest_of_conversation(self.db, conversation_id):
@@ -147,6 +147,10 @@ class Conversations:
                 blocks = [a["prompt_text"] for a in attachments.get(m.id, ())]
                 messages.append({"role": "user", "content": "\n\n".join([m.content, *blocks])})
             elif m.role == "assistant":
+                # a cut answer (a loop, a copy of the tools) is not shown to the model again, where it
+                # would be copied on; only a sample of that very answer keeps it
+                if m.finish_reason == "degenerate" and m.id != up_to_message_id:
+                    continue
                 entry: dict[str, Any] = {"role": "assistant", "content": m.content}
                 calls = calls_by_message.get(m.id)
                 if calls:
