@@ -583,11 +583,11 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
                    ) -> list[tuple[list[int], str, bool]]:
     """The greedy answer to each request as the app serves it (webapp/turn.py): one that copies
     its offered tools' definitions back is stopped as soon as that is certain and decoded again
-    without its first token, at most COPY_RETRIES times (not after thinking); the decodings
+    without its first token while serving.degeneration.decode_again allows; the decodings
     again join the batch still running. `requests[i](not_first)` builds request i. Returns
     (tokens, finish reason, whether it still copies) per request, in order; `done(count)` as
     each answer is final."""
-    from serving.degeneration import COPY_RETRIES, copies_tools, tool_copies
+    from serving.degeneration import copies_tools, decode_again, tool_copies
 
     copies = [tool_copies(offered or ()) for offered in tools]
     waiting = collections.deque((i, 0, frozenset(), engine.submit(make(frozenset())))
@@ -609,8 +609,7 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
                 copying = copies_tools(tokenizer.decode(tokens, skip_special_tokens=True), copies[i])
                 if copying:  # certain: the rest of it is not worth decoding
                     request.cancelled.set()
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if copying and attempt < COPY_RETRIES and tokens[0] not in banned and not text.lstrip().startswith("<think>"):
+        if copying and decode_again(tokenizer.decode(tokens, skip_special_tokens=True), tokens[0], banned, attempt):
             banned = banned | {tokens[0]}
             waiting.append((i, attempt + 1, banned, engine.submit(requests[i](banned))))
             continue
@@ -640,15 +639,13 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
     from serving.decoding import DecodeRequest, stop_token_ids
 
     replay = {}  # distinct prompt -> the samples that ask it (the replay file is cycled)
-    tools = {}  # distinct prompt -> the tools it offers
     for number, sample in enumerate(samples):
         if sample.get("replay") and sample["messages"][-1].get("role") == "assistant":
             prompt = render_chat(tokenizer, sample["messages"][:-1], sample.get("tools"), add_generation_prompt=True,
                                  thinking=cfg.thinking)
             replay.setdefault(prompt, []).append(number)
-            tools[prompt] = sample.get("tools")
     prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in replay]
-    offered = list(tools.values())
+    offered = [samples[numbers[0]].get("tools") for numbers in replay.values()]  # the same prompt, the same tools
     mine = list(range(rank, len(prompts), world))
     # prompt index -> (the own answer, whether it was cut at the token budget), or None (the file's stays)
     answers: dict[int, tuple[str, bool] | None] = {}
@@ -658,13 +655,15 @@ def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[d
         if mine:
             engine = greedy_engine(model, [prompts[i] for i in mine], cfg.replay_answer_tokens, len(mine))
             stop = stop_token_ids(tokenizer, model)
+
+            def request(index: int, not_first: frozenset[int]) -> DecodeRequest:
+                return DecodeRequest(prompts[index], cfg.replay_answer_tokens, adapter="default", stop_ids=stop,
+                                     not_first=not_first)
+
             try:
-                own = served_answers(
-                    engine, tokenizer, [functools.partial(
-                        lambda prompt, not_first: DecodeRequest(prompt, cfg.replay_answer_tokens, adapter="default",
-                                                                stop_ids=stop, not_first=not_first), prompts[i])
-                        for i in mine], [offered[i] for i in mine],
-                    lambda done: report(cfg, "replay_answers", prompt=done, prompts=len(mine)))
+                own = served_answers(engine, tokenizer, [functools.partial(request, i) for i in mine],
+                                     [offered[i] for i in mine],
+                                     lambda done: report(cfg, "replay_answers", prompt=done, prompts=len(mine)))
                 for index, (tokens, finish, copies) in zip(mine, own):
                     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                     keep = answer and "<tool_call>" not in answer and not copies

@@ -132,5 +132,13 @@ def copies_tools(text: str, copies: tuple[str, ...]) -> bool | None:
     return False if len(text) >= COPY_WINDOW else None
 
 
+def decode_again(text: str, first_token: int | None, banned: frozenset[int], attempt: int) -> bool:
+    """Whether an answer found copying the tools (`text`, its first token, attempt number from
+    0) is decoded again without its first token: at most COPY_RETRIES times, where the token is
+    known and new, and not after thinking (the first token is then <think>)."""
+    return (attempt < COPY_RETRIES and first_token is not None and first_token not in banned
+            and not text.lstrip().startswith("<think>"))
+
+
 def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)

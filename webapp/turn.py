@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from serving.chat_format import system_message, with_passages
-from serving.degeneration import COPIED_TOOLS, COPY_RETRIES, DegenerationWatch, copies_tools, tool_copies
+from serving.degeneration import (
+    COPIED_TOOLS,
+    COPY_RETRIES,
+    DegenerationWatch,
+    copies_tools,
+    decode_again,
+    tool_copies,
+)
 from serving.guided import ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
@@ -259,9 +266,8 @@ class TurnRunner:
 
         An answer that copies the offered tools' definitions back as code is no answer: it is
         held back until that is ruled out, stopped once it is certain, and decoded again without
-        its first token (the model's next choice: a call, or prose) at most COPY_RETRIES times,
-        where the backend tells the token and the answer did not think first (its first token
-        is then <think>)."""
+        its first token (the model's next choice: a call, or prose) while
+        serving.degeneration.decode_again allows (the backend must tell the token)."""
         copies = tool_copies(tools or ())
         raw, ttft_ms, why = "", None, None
         started = time.perf_counter()
@@ -298,8 +304,7 @@ class TurnRunner:
                     update.completion_tokens += result.completion_tokens
                     prompt_tokens += result.prompt_tokens
                     completion_tokens += result.completion_tokens
-                if why != COPIED_TOOLS or attempt == COPY_RETRIES or result.first_token in (None, *banned) \
-                        or raw.lstrip().startswith("<think>"):
+                if why != COPIED_TOOLS or not decode_again(raw, result.first_token, banned, attempt):
                     break
                 log.info("the answer copied the tool definitions back; decoding it again without its first token")
                 banned |= {result.first_token}
