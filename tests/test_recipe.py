@@ -130,7 +130,7 @@ def test_data_parallel_training_gives_the_adapter_of_one_process(tiny_model_dir,
     LoRA gradients (gloo here on CPU; NCCL on GPUs). The losses and the adapter are those of
     one process training all samples (dropout off: its masks are random per process; the gradient
     through the prompt kept: which prompts a process shares depends on its samples)."""
-    same = dict(lora_dropout=0.0, cpu_bf16=False, gradient_accumulation=4, detach_shared_prefix=False)
+    same = dict(lora_dropout=0.0, cpu_bf16=False, gradient_accumulation=4, detach_prompts=False)
     one = run_recipe(tiny_model_dir, tmp_path / "one", **same)
     two = run_recipe(tiny_model_dir, tmp_path / "two", gpus=2, **same)
     assert "data parallel over 2" in two[1]["mode"] and "data parallel" not in one[1]["mode"]
@@ -205,17 +205,17 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
             torch.nn.init.normal_(param, std=0.02)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def run(detach_prefix=False):
+    def run(detach_prompts=False):
         for p in trainable.values():
             p.grad = None
-        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=detach_prefix)
+        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prompts=detach_prompts)
         return loss, {n: p.grad.clone() for n, p in trainable.items()}
 
     shared_loss, shared_grads = run()
     # Without gradient through the prefix: the same loss, and a gradient that keeps the
     # direction of the full one (the question and answer tokens' share of it) but misses the part
     # that flows back through the prefix's keys and values.
-    detached_loss, detached_grads = run(detach_prefix=True)
+    detached_loss, detached_grads = run(detach_prompts=True)
     assert abs(detached_loss - shared_loss) < 1e-5 * abs(shared_loss)
     flat = torch.cat([g.flatten() for g in shared_grads.values()])
     flat_detached = torch.cat([g.flatten() for g in detached_grads.values()])
