@@ -43,7 +43,7 @@ class Hyperparameters:
     # The shared prefix (system prompt + tool schemas) run without gradient: about 2x faster on
     # CPU; LoRA then learns from the question and answer tokens only (the prefix's keys and
     # values are computed with the current weights, but not trained through).
-    detach_prompts: bool = True
+    detach_shared_prefix: bool = True
     cpu_bf16: bool = True  # bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); weights stay fp32
     # QLoRA on CUDA: every decoder layer compiled (torch.compile), its 4-bit weights dequantized
     # by generated kernels, checkpointed around it; LoRA's products in bf16 (README, Performance).
@@ -234,17 +234,15 @@ def prefix_group(examples: list[dict[str, list[int]]]) -> list[int]:
 
 
 def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, max_tokens: int = 4096,
-                         detach_prompts: bool = False, rows: bool = False) -> float:
+                         detach_prefix: bool = False, rows: bool = False) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
     sample's mean loss on learned tokens) and returns that loss; not finite if a part was not.
     The samples that share a prefix: the prefix once, then their suffixes packed in one row
     (no padding), each attending to the prefix's keys and values and to itself; gradients flow
-    back through both, or, with `detach_prompts`, through the answers only: the prefix and then
-    the questions run without gradient (a step of the embedded model on 2 CPU cores: 8.1 s,
-    against 11.4 s with the questions' gradient). The others: packed side by side, up to
-    max_tokens per forward; with `detach_prompts`, one with a long prompt runs that prompt
-    without gradient too (a sample served with passages: ~1,100 prompt tokens before its ~60
-    learned ones). With `rows`, the others go one per row, padded
+    back through both, or only through the suffixes with `detach_prefix`. The others: packed
+    side by side, up to max_tokens per forward; with `detach_prefix`, one with a long prompt
+    runs that prompt without gradient too (a sample served with passages: ~1,100 prompt
+    tokens before its ~60 learned ones). With `rows`, the others go one per row, padded
     (training.rows_loss): SDPA's flash kernel instead of a block-diagonal mask, as on CUDA."""
     import torch
 
@@ -258,7 +256,7 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
         sharing = []
     others = [example for i, example in enumerate(examples) if i not in sharing]
     alone: list[dict[str, list[int]]] = []
-    if detach_prompts and not checkpointed:  # a long prompt of its own (with passages): without gradient too
+    if detach_prefix and not checkpointed:  # a long prompt of its own (with passages): without gradient too
         alone = [e for e in others if _first_learned(e) - 1 >= MIN_SHARED_PREFIX]
         others = [e for e in others if _first_learned(e) - 1 < MIN_SHARED_PREFIX]
 
@@ -272,7 +270,7 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
             for group in group_by_tokens(others, max_tokens):
                 yield packed_loss(model, pack(group), device) / len(examples)
         if sharing:
-            shared = _suffixes_loss(model, [examples[i] for i in sharing], prefix, device, detach_prompts)
+            shared = _suffixes_loss(model, [examples[i] for i in sharing], prefix, device, detach_prefix)
             yield shared * (len(sharing) / len(examples))
 
     # the loss is read once, at the end: reading it after each forward would make the host wait
@@ -284,11 +282,8 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
     return total.item()  # NaN or inf when a part was not finite: the caller stops the run
 
 
-def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, device, detach_prompts: bool):
-    """The mean over `examples` of each one's mean loss, their first `prefix` tokens run once.
-    With `detach_prompts`, the prefix runs without gradient, and so does the rest of each
-    prompt (the question: ~110 tokens against ~50 learned), packed in one forward after it;
-    only the tokens from the one that predicts the first learned token on carry gradient."""
+def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, device, detach_prefix: bool):
+    """The mean over `examples` of each one's mean loss, their first `prefix` tokens run once."""
     import torch
     import torch.nn.functional as F
 
@@ -298,59 +293,28 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     # the prefix's keys and values only: the decoder stack without the vocabulary projection,
     # whose logits for every prompt token nobody reads (~10% of the embedded model's prompt forward)
     decoder, _ = decoder_and_head(model)
-    with torch.set_grad_enabled(not detach_prompts):
+    with torch.set_grad_enabled(not detach_prefix):
         head = decoder(input_ids=token_ids(model, [examples[0]["input_ids"][:prefix]], device), use_cache=True)
-    starts = [_first_learned(example) - 1 if detach_prompts else prefix for example in examples]
-    questions = [example["input_ids"][prefix:start] for example, start in zip(examples, starts)]
-    asked = _segments(questions, device)
-    if asked.numel():  # each question sees the prefix and itself; its keys and values join the cache
-        with torch.no_grad():
-            decoder(input_ids=token_ids(model, [[token for question in questions for token in question]], device),
-                    attention_mask=_visible(model, head, prefix, asked[:0], asked), cache=head.cache, use_cache=True,
-                    position_ids=_positions([prefix] * len(questions), questions, device))
-    # The rest side by side in one row, without padding: each sees the prefix, its question and itself.
-    tails = [example["input_ids"][start:] for example, start in zip(examples, starts)]
-    segment = _segments(tails, device)
+    # The suffixes side by side in one row, without padding: each sees the prefix and itself.
+    tails = [example["input_ids"][prefix:] for example in examples]
     ids = token_ids(model, [[token for tail in tails for token in tail]], device)
-    # position start + j predicts token start + j + 1; a tail's last token predicts nothing
-    targets = queued_tensor([[label for example, start in zip(examples, starts)
-                              for label in example["labels"][start + 1:] + [-100]]], device)
-    logits = model(input_ids=ids, attention_mask=_visible(model, head, prefix, asked, segment),
-                   position_ids=_positions(starts, tails, device), cache=head.cache).logits
-    per_token = F.cross_entropy(logits[0].float(), targets[0], ignore_index=-100, reduction="none")
-    learned = torch.zeros(len(tails), device=device).index_add_(0, segment, (targets[0] != -100).float())
-    sums = torch.zeros(len(tails), device=device).index_add_(0, segment, per_token)
-    return (sums / learned).mean()
-
-
-def _segments(parts: list[list[int]], device):
-    """For each token of `parts` packed in one row, which part it belongs to."""
-    import torch
-
-    return torch.cat([torch.full((len(part),), number, device=device) for number, part in enumerate(parts)])
-
-
-def _positions(starts: list[int], parts: list[list[int]], device):
-    import torch
-
-    return torch.cat([torch.arange(start, start + len(part), device=device) for start, part in zip(starts, parts)])[None]
-
-
-def _visible(model, head, prefix: int, cached, segment):
-    """The attention mask of a packed row whose tokens belong to `segment`, after a cache that
-    holds the shared prefix and then packed tokens belonging to `cached`: each token sees the
-    prefix, its own part's cached tokens, and its own part up to itself."""
-    import torch
-
-    total, device = segment.shape[0], segment.device
+    total = ids.shape[1]
+    segment = torch.cat([torch.full((len(tail),), number, device=device) for number, tail in enumerate(tails)])
+    positions = torch.cat([torch.arange(prefix, prefix + len(tail), device=device) for tail in tails])[None]
+    # position prefix + j predicts token prefix + j + 1; a suffix's last token predicts nothing
+    targets = queued_tensor([[label for example in examples for label in example["labels"][prefix + 1:] + [-100]]],
+                            device)
     index = torch.arange(total, device=device)
     visible = torch.cat([torch.ones(total, prefix, dtype=torch.bool, device=device),
-                         segment[:, None] == cached[None, :],
                          (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])], dim=1)
     if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager attention adds its mask
         dtype = head.cache.layers[0].keys.dtype
         visible = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
-    return visible[None, None]
+    logits = model(input_ids=ids, attention_mask=visible[None, None], position_ids=positions, cache=head.cache).logits
+    per_token = F.cross_entropy(logits[0].float(), targets[0], ignore_index=-100, reduction="none")
+    learned = torch.zeros(len(tails), device=device).index_add_(0, segment, (targets[0] != -100).float())
+    sums = torch.zeros(len(tails), device=device).index_add_(0, segment, per_token)
+    return (sums / learned).mean()
 
 
 def average_across_processes(trainable: list, loss: float, weight: float, device) -> float:
@@ -551,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             if share:
                 with autocast:
                     loss = backward_micro_batch(model, share, device, max_tokens=tokens_per_forward,
-                                                detach_prompts=cfg.detach_prompts, rows=cuda)
+                                                detach_prefix=cfg.detach_shared_prefix, rows=cuda)
             if world > 1:
                 loss = average_across_processes(trainable, loss, len(share) / len(batch), device)
             if not math.isfinite(loss):

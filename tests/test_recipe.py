@@ -130,7 +130,7 @@ def test_data_parallel_training_gives_the_adapter_of_one_process(tiny_model_dir,
     LoRA gradients (gloo here on CPU; NCCL on GPUs). The losses and the adapter are those of
     one process training all samples (dropout off: its masks are random per process; the gradient
     through the prompt kept: which prompts a process shares depends on its samples)."""
-    same = dict(lora_dropout=0.0, cpu_bf16=False, gradient_accumulation=4, detach_prompts=False)
+    same = dict(lora_dropout=0.0, cpu_bf16=False, gradient_accumulation=4, detach_shared_prefix=False)
     one = run_recipe(tiny_model_dir, tmp_path / "one", **same)
     two = run_recipe(tiny_model_dir, tmp_path / "two", gpus=2, **same)
     assert "data parallel over 2" in two[1]["mode"] and "data parallel" not in one[1]["mode"]
@@ -205,29 +205,21 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
             torch.nn.init.normal_(param, std=0.02)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def run(detach_prompts=False):
+    def run(detach_prefix=False):
         for p in trainable.values():
             p.grad = None
-        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prompts=detach_prompts)
+        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=detach_prefix)
         return loss, {n: p.grad.clone() for n, p in trainable.items()}
 
     shared_loss, shared_grads = run()
-    # Without gradient through the prompts: the same loss, and a gradient that keeps the
-    # direction of the full one (the answer tokens' share of it) but misses the part that
-    # flows back through the prompts' keys and values.
-    detached_loss, detached_grads = run(detach_prompts=True)
+    # Without gradient through the prefix: the same loss, and a gradient that keeps the
+    # direction of the full one (the question and answer tokens' share of it) but misses the part
+    # that flows back through the prefix's keys and values.
+    detached_loss, detached_grads = run(detach_prefix=True)
     assert abs(detached_loss - shared_loss) < 1e-5 * abs(shared_loss)
     flat = torch.cat([g.flatten() for g in shared_grads.values()])
     flat_detached = torch.cat([g.flatten() for g in detached_grads.values()])
     assert 0.3 < torch.nn.functional.cosine_similarity(flat, flat_detached, dim=0) < 0.9999
-    # ... and exactly the gradient of one sample at a time, each with its whole prompt run
-    # without gradient: the questions packed after the shared prefix see only their own
-    for p in trainable.values():
-        p.grad = None
-    for example in batch:
-        recipe.backward_micro_batch(model, [example], "cpu", detach_prompts=True)
-    for name, p in trainable.items():
-        assert torch.allclose(detached_grads[name], p.grad / len(batch), rtol=1e-4, atol=1e-7), name
     monkeypatch.setattr(recipe, "MIN_SHARED_PREFIX", 10**9)  # one sample at a time
     single_loss, single_grads = run()
     assert abs(shared_loss - single_loss) < 1e-5 * abs(single_loss)

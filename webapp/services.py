@@ -214,7 +214,7 @@ def refresh_settings(settings: Settings) -> RefreshSettings:
         epochs=settings.epochs, learning_rate=settings.learning_rate,
         gradient_accumulation=settings.gradient_accumulation, max_seq_len=settings.max_seq_len,
         load_in_4bit=True, eval_max_new_tokens=settings.eval_max_new_tokens, system_prompt=settings.system_prompt,
-        guided_tool_calls=settings.guided_tool_calls, detach_prompts=settings.detach_prompts,
+        guided_tool_calls=settings.guided_tool_calls, detach_shared_prefix=settings.detach_shared_prefix,
         cpu_bf16=settings.cpu_bf16, compile_layers=settings.compile_layers,
         compile_min_tokens=settings.compile_min_tokens, fp8_backward=settings.fp8_backward,
         train_gpus=settings.train_gpus,
