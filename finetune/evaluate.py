@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from finetune.samples import last_question
 from serving.chat_format import passages_moved_to_the_question, system_message, with_passages
@@ -40,6 +40,9 @@ class EvalCase:
     expected_call: dict[str, Any] | None = None
     keywords: list[str] = field(default_factory=list)
     name: str = ""
+    # offered tools a call of which nothing the user said asks for: serving decodes an answer
+    # opening with one again (webapp.tools.grounding.asks_for), and so does the gate
+    unasked_tools: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__
@@ -111,6 +114,12 @@ def _calls(output: str) -> tuple[list[dict], int]:
     if "<tool_call>" in output and output.count("<tool_call>") > output.count("</tool_call>"):
         bad += 1
     return calls, bad
+
+
+def calls_unasked(output: str, unasked: Collection[str]) -> bool:
+    """Whether `output` is nothing but tool calls, one of them to a tool in `unasked`."""
+    calls, _ = _calls(output)
+    return bool(unasked) and not _TOOL_RE.sub("", output).strip() and any(c.get("name") in unasked for c in calls)
 
 
 def _defaults(tools: Sequence[dict] | None, name: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 log = logging.getLogger("hangjia.recipe")
 
@@ -580,13 +580,15 @@ def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: in
 
 def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int]], Any]],
                    tools: Sequence[Sequence[dict] | None], done: Callable[[int], None] | None = None,
-                   ) -> list[tuple[list[int], str, bool]]:
+                   unasked: Sequence[Collection[str]] | None = None) -> list[tuple[list[int], str, bool]]:
     """The greedy answer to each request as the app serves it (webapp/turn.py): one that copies
-    its offered tools' definitions back is stopped as soon as that is certain and decoded again
-    without its first token while serving.degeneration.decode_again allows; the decodings
-    again join the batch still running. `requests[i](not_first)` builds request i. Returns
-    (tokens, finish reason, whether it still copies) per request, in order; `done(count)` as
-    each answer is final."""
+    its offered tools' definitions back is stopped as soon as that is certain, and one that is
+    nothing but a call of a tool in `unasked[i]` (nothing the user said asks for it) is read
+    when it ends; both are decoded again without their first token while
+    serving.degeneration.decode_again allows, and the decodings again join the batch still
+    running. `requests[i](not_first)` builds request i. Returns (tokens, finish reason,
+    whether it still copies) per request, in order; `done(count)` as each answer is final."""
+    from finetune.evaluate import calls_unasked
     from serving.degeneration import copies_tools, decode_again, tool_copies
 
     copies = [tool_copies(offered or ()) for offered in tools]
@@ -609,7 +611,9 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
                 copying = copies_tools(tokenizer.decode(tokens, skip_special_tokens=True), copies[i])
                 if copying:  # certain: the rest of it is not worth decoding
                     request.cancelled.set()
-        if copying and decode_again(tokenizer.decode(tokens, skip_special_tokens=True), tokens[0], banned, attempt):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        made_up = not copying and unasked is not None and calls_unasked(text, unasked[i])
+        if (copying or made_up) and decode_again(text, tokens[0], banned, attempt):
             banned = banned | {tokens[0]}
             waiting.append((i, attempt + 1, banned, engine.submit(requests[i](banned))))
             continue
@@ -724,7 +728,8 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     try:
         answers = served_answers(engine, tokenizer, [functools.partial(request, n, who) for n, who in order],
                                  [cases[n].get("tools") for n, _ in order],
-                                 lambda done: report(cfg, "eval_progress", case=(done + 1) // 2, cases=len(cases)))
+                                 lambda done: report(cfg, "eval_progress", case=(done + 1) // 2, cases=len(cases)),
+                                 [cases[n].get("unasked_tools") or () for n, _ in order])
     finally:
         engine.close()
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}

@@ -86,7 +86,8 @@ class RefreshRunner:
                  runs_dir: Path, tools_for_department: Callable[[str], list[dict]],
                  promote: Callable[[str, str], None],
                  vocabulary_for_department: Callable[[str], Vocabulary] = lambda department: {},
-                 passages_for: Callable[[str, str], list[dict]] = lambda department, question: []):
+                 passages_for: Callable[[str, str], list[dict]] = lambda department, question: [],
+                 unasked_tools_for: Callable[[str, list[str]], list[str]] = lambda department, said: []):
         self.db = db
         self.settings = settings
         self.base_model = base_model  # the folder the app serves (the embedded model is converted lazily)
@@ -96,6 +97,8 @@ class RefreshRunner:
         self.promote = promote
         self.vocabulary_for_department = vocabulary_for_department
         self.passages_for = passages_for  # (department, question) -> the passages the app would give it
+        # (department, the user's last two messages) -> the offered tools they do not ask a call of
+        self.unasked_tools_for = unasked_tools_for
         self._running: dict[str, threading.Event] = {}  # department -> cancel event
         self._guard = threading.Lock()
 
@@ -174,6 +177,9 @@ class RefreshRunner:
                                                "tools": json.loads(r["tools"]) if r["tools"] else None})
                              for r in eval_rows) if c]
         cases += load_functional_set(tools, s.system_prompt)
+        for case in cases:  # as serving reads them: the question and the user's message before it
+            said = [m.get("content") or "" for m in case.messages if m["role"] == "user"][-2:]
+            case.unasked_tools = self.unasked_tools_for(department_id, said)
         (run_dir / "eval.jsonl").write_text("\n".join(json.dumps(c.to_json(), ensure_ascii=False) for c in cases),
                                             encoding="utf-8")
         version = registry.next_version(self.db, department_id)

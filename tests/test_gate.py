@@ -176,3 +176,18 @@ def test_one_stray_call_among_many_answers_does_not_decide_but_stray_calls_do():
     decision = gate(score(cases, three), score(cases, active), per_case=(per_case(active), per_case(three)))
     assert not decision["passed"]
     assert any(r.startswith("no_false_tool_calls fell by 0.214") for r in decision["reasons"])
+
+
+@pytest.mark.parametrize("output, unasked, made_up", [
+    ('<tool_call>\n{"name": "query_sales", "arguments": {"region": "华南"}}\n</tool_call>', ["query_sales"], True),
+    ('<tool_call>\n{"name": "query_sales", "arguments": {"region": "华南"}}\n</tool_call>', [], False),
+    ('<tool_call>\n{"name": "lookup_customer", "arguments": {"name_or_id": "C001"}}\n</tool_call>', ["query_sales"],
+     False),
+    ('早上好！<tool_call>\n{"name": "query_sales", "arguments": {"region": "华南"}}\n</tool_call>', ["query_sales"],
+     False),  # text first: its first token is no call, and the text is shown
+    ("早上好！", ["query_sales"], False),
+])
+def test_an_answer_that_is_only_a_call_nothing_asked_for_is_told(output, unasked, made_up):
+    from finetune.evaluate import calls_unasked
+
+    assert calls_unasked(output, unasked) is made_up

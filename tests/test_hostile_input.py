@@ -234,7 +234,8 @@ def test_a_prompt_injection_in_a_document_cannot_move_data_or_cross_permissions(
     script(call("query_sales", region="East China", period="last_quarter") + obeying,
            call("query_sales", region="East China", period="last_quarter"), "no access")
     finance = services.auth.current_user("finance-employee")
-    final = list(services.engine.turns.stream_turn(finance, "What does the quarterly notice say?"))[-1]
+    # (a question naming a period: a sales call nothing asks for would be decoded again)
+    final = list(services.engine.turns.stream_turn(finance, "What does the notice say about last quarter?"))[-1]
     assert any("IMPORTANT SYSTEM INSTRUCTION" in s["text"] for i in final.items if i["type"] == "sources"
                for s in i["sources"]), "the planted passage did reach the model"
     assert [p["tool"] for p in final.pending] == ["send_email"], "the email waits for the user"

@@ -704,3 +704,42 @@ def test_the_gate_and_the_replay_answers_read_an_answer_that_copies_its_tools_as
     assert plain[0] == brace and served == without_first and served[0] != brace and not copies
     assert untouched == plain  # the same answer, with no tools to copy, stands
     assert done == [1, 2]
+
+
+def test_the_gate_decodes_again_an_answer_that_calls_a_tool_nothing_asked_for(tiny_base, monkeypatch):
+    """As a turn does: an answer that is nothing but a call of a tool the case's user words do
+    not ask for is decoded again without its first token; for a case that asks, it stands.
+    (The random model cannot write a call: an answer opening with "{" stands in for one.)"""
+    import copy
+
+    from finetune import evaluate
+    from serving.decoding import DecodeRequest
+
+    base, tokenizer = tiny_base
+    model = copy.deepcopy(base)
+    prompt = tokenizer("早上好！", add_special_tokens=False)["input_ids"]
+    brace = tokenizer.convert_tokens_to_ids("{")
+    with torch.no_grad():
+        top = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+        head = model.get_output_embeddings().weight
+        head[brace] = head[top] * 4
+    seen = []
+
+    def calls_unasked(text, unasked):
+        seen.append((text[:1], tuple(unasked)))
+        return text.startswith("{") and "query_sales" in unasked
+
+    monkeypatch.setattr(evaluate, "calls_unasked", calls_unasked)
+    engine = recipe.greedy_engine(model, [prompt], 16, 4)
+
+    def make(not_first):
+        return DecodeRequest(prompt, 16, not_first=not_first)
+
+    try:
+        [(asked, _, _), (again, _, _)] = recipe.served_answers(engine, tokenizer, [make, make], [None, None],
+                                                               unasked=[(), ("query_sales",)])
+        without_first = engine.submit(make(frozenset({brace}))).collect(timeout=60)
+    finally:
+        engine.close()
+    assert asked[0] == brace and again == without_first and again[0] != brace
+    assert ("{", ("query_sales",)) in seen

@@ -67,6 +67,12 @@ def test_a_refresh_trains_evaluates_gates_and_promotes_and_the_next_message_uses
     run = registry.runs(services.db)[0]
     assert run["status"] == "succeeded" and run["samples"] == 6 and run["steps"] >= 1 and run["final_loss"] > 0
     assert "plain LoRA" in run["mode"]
+    # the gate decodes again a call nothing the case's user said asks for, as serving does
+    cases = [json.loads(line) for line in (services.settings.data_dir / "runs" / f"run-{outcome.run_id}" /
+                                           "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    unasked = {c["messages"][-1]["content"]: c["unasked_tools"] for c in cases}
+    assert any(tools == ["query_sales"] for tools in unasked.values())  # a greeting, a definition
+    assert all(c["expected_call"]["name"] not in c["unasked_tools"] for c in cases if c["kind"] == "tool")
     version = registry.get_version(services.db, "finance", "v1")
     assert version["status"] == "active" and json.loads(version["gate"])["passed"]
     assert json.loads(version["metrics"])["against"] == "base"

@@ -70,7 +70,7 @@ def test_malformed_calls_are_fed_back_and_the_model_can_recover(services, script
 
 def test_round_limit_stops_a_model_that_keeps_calling(services, script):
     script(*[call("query_sales", region="华东", period="2026-Q1")] * 5)
-    final = run(services.engine.turns, services.auth.current_user("finance-employee"), "loop")[-1]
+    final = run(services.engine.turns, services.auth.current_user("finance-employee"), "华东一季度，再查一遍")[-1]
     assert final.done and "Stopped after 3 rounds" in final.answer
     assert len([i for i in final.items if i["type"] == "tool"]) == 3
 
@@ -104,6 +104,45 @@ def test_follow_ups_see_earlier_tool_results(services, script):
     followup_prompt = model.prompts[2]
     assert "<tool_call>" in followup_prompt and '"period": "2026-Q3"' in followup_prompt
     assert followup_prompt.index("华东三季度？") < followup_prompt.index("那华南呢？")
+
+
+@pytest.mark.parametrize("question", ["早上好！今天也辛苦啦", "年假还剩几天怎么查？", "Ugh, another typhoon warning today.",
+                                      "公司的发票抬头在哪里能查到？"])
+def test_a_call_nothing_in_the_question_asks_for_is_decoded_again_and_nothing_runs(services, script, question):
+    """The small model after a night answered greetings and leave questions with 华南's sales
+    this month: every value made up. Such an answer is decoded again without its first token."""
+    model = script(call("query_sales", region="华南", period="this_month"), "早上好！有什么可以帮你？")
+    final = run(services.engine.turns, services.auth.current_user("finance-employee"), question)[-1]
+    assert model.not_first == [frozenset(), frozenset({ord("<")})]
+    assert final.done and final.answer == "早上好！有什么可以帮你？"
+    assert not [i for i in final.items if i["type"] == "tool"]
+    assert tool_audit.latest_of_conversation(services.db, final.conversation_id) == []
+    assert [m.role for m in chats.list_messages(services.db, final.conversation_id)] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("before, question", [
+    (None, "S. China rev last qtr?"), (None, "2025年3月的数据发我"), (None, "华南那边怎么样"),
+    ("华东上个月的销售额是多少？", "那华南呢？"), ("South China revenue in March 2026?", "and the month before?"),
+])
+def test_a_call_the_question_or_the_one_before_names_runs_at_once(services, script, before, question):
+    turns, user = services.engine.turns, services.auth.current_user("finance-employee")
+    conversation_id = None
+    if before is not None:
+        script(call("query_sales", region="华东", period="last_month"), "见上。")
+        conversation_id = run(turns, user, before)[-1].conversation_id
+    model = script(call("query_sales", region="华南", period="last_quarter"), "见上。")
+    final = run(turns, user, question, conversation_id)[-1]
+    assert model.not_first == [frozenset(), frozenset()]
+    assert [i["status"] for i in final.items if i["type"] == "tool"] == ["ok"]
+
+
+def test_a_made_up_call_the_model_keeps_choosing_runs_as_it_wrote_it(services, script):
+    made_up = call("query_sales", region="华南", period="this_month")
+    model = script(made_up, " " + made_up, "\n" + made_up, "本月华南的数据见上。")
+    final = run(services.engine.turns, services.auth.current_user("finance-employee"), "早上好")[-1]
+    assert model.not_first == [frozenset(), {ord("<")}, {ord("<"), ord(" ")}, frozenset()]
+    assert [i["status"] for i in final.items if i["type"] == "tool"] == ["ok"]
+    assert final.answer == "本月华南的数据见上。"
 
 
 def test_hermes_rendering_matches_qwen_layout():

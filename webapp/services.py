@@ -165,7 +165,7 @@ def open_services(settings: Settings, model: ModelService | None = None,
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),
             adapters.activate, lambda department: department_vocabulary(tools, department),
-            department_passages(knowledge))
+            department_passages(knowledge), lambda department, said: department_unasked_tools(tools, department, said))
         nightly = NightlyRefresh(db, runner, settings.refresh_cron,
                                  housekeeping=[cache.prune_lookups] if cache is not None else [])
     except BaseException:
@@ -231,6 +231,14 @@ def _employee_of(department_id: str):
 def department_tools(db, tools: ToolExecutor, department_id: str) -> list[dict]:
     """The tools an employee of the department is offered: what its samples are trained with."""
     return [spec.function_schema() for spec in tools.tools_for(_employee_of(department_id))]
+
+
+def department_unasked_tools(tools: ToolExecutor, department_id: str, said: list[str]) -> list[str]:
+    """The tools an employee of the department is offered that `said` asks no call of
+    (webapp.tools.grounding.asks_for): what the gate decodes again, as serving does."""
+    from webapp.tools.grounding import asks_for
+
+    return [spec.name for spec in tools.tools_for(_employee_of(department_id)) if not asks_for(spec, said)]
 
 
 def department_vocabulary(tools: ToolExecutor, department_id: str) -> dict:

@@ -36,6 +36,7 @@ from webapp.i18n import bilingual
 from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.prompt import ContextWindow
 from webapp.tools.executor import ToolExecutor, ToolOutcome
+from webapp.tools.grounding import asks_for
 from webapp.tools.parser import parse_output, split_thinking, visible_text
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ class TurnRunner:
             update.items.append(source_item(passages))
         yield update.snapshot()
         last = update
-        for last in self._rounds(user, update, tools, question=text):
+        before = next((m["content"] for m in reversed(history) if m["role"] == "user"), None)
+        for last in self._rounds(user, update, tools, question=text, before=before):
             yield last
         if scope is not None:
             self._remember(user, scope, text, passages, last, (time.perf_counter() - started) * 1000)
@@ -204,11 +206,13 @@ class TurnRunner:
                           adapter_slot=adapter.loaded_as if adapter else None)
 
     def _rounds(self, user: User, update: TurnUpdate, tools: list[dict],
-                question: str | None = None) -> Iterator[TurnUpdate]:
+                question: str | None = None, before: str | None = None) -> Iterator[TurnUpdate]:
         """Generate; run the tool calls; feed results back; until an answer without calls,
         a pending approval, or the round limit. question: what the user typed this turn (not
         its attachments; None in the rounds that go on after an approval): its closed values
-        hold the first call (webapp.tools.grounding)."""
+        hold the first call (webapp.tools.grounding), and with the user's message before it
+        (a follow-up's context) it must name something a first call opening the answer is
+        held to, or the answer is decoded again without it."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
         system, window = self.system(), self.window()
         passages = self.conversations.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
@@ -217,7 +221,9 @@ class TurnRunner:
             history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
             prompt = window.render([system, *window.trim(system, history, tools)], tools)
             update.items.append({"type": "text", "content": ""})
-            raw, message_id, cut = yield from self._generate(user, update, prompt, guide, tools)
+            unasked = self._unasked_call([t for t in (before, question) if t], tools) \
+                if round_index == 0 and question is not None else None
+            raw, message_id, cut = yield from self._generate(user, update, prompt, guide, tools, unasked)
             parsed = parse_output(raw, known)
             # a copy of the tools is kept for reviewers, not shown
             shown = "" if cut == COPIED_TOOLS else parsed.text
@@ -259,15 +265,33 @@ class TurnRunner:
                 return
             yield update.snapshot()
 
+    def _unasked_call(self, said: list[str], tools: list[dict]):
+        """raw output -> whether it opens with a call of an offered tool whose grounded
+        parameters nothing in `said` names (webapp.tools.grounding.asks_for): a greeting or a
+        question about leave answered with a sales figure the model made every value of. (A
+        tool the user is not offered is the executor's to deny, and the audit's to show.)"""
+        offered = {t["function"]["name"] for t in tools}
+        registry = self.executor.registry if self.executor else None
+
+        def unasked(raw: str) -> bool:
+            parsed = parse_output(raw, offered)
+            if registry is None or parsed.text.strip() or not parsed.calls:
+                return False
+            return any(not asks_for(spec, said) for call in parsed.calls
+                       if call.name in offered and (spec := registry.get(call.name)))
+        return unasked
+
     def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None,
-                  tools: list[dict] | None = None):
+                  tools: list[dict] | None = None, unasked=None):
         """One generation, streamed into the last text item; stores the assistant message.
         Returns (raw output, message id, why it was cut (serving.degeneration) or None).
 
         An answer that copies the offered tools' definitions back as code is no answer: it is
         held back until that is ruled out, stopped once it is certain, and decoded again without
         its first token (the model's next choice: a call, or prose) while
-        serving.degeneration.decode_again allows (the backend must tell the token)."""
+        serving.degeneration.decode_again allows (the backend must tell the token). So is an
+        answer that opens with a call nothing the user said asks for (`unasked(raw)`); where
+        it stays, it runs as the model wrote it."""
         copies = tool_copies(tools or ())
         raw, ttft_ms, why = "", None, None
         started = time.perf_counter()
@@ -304,9 +328,12 @@ class TurnRunner:
                     update.completion_tokens += result.completion_tokens
                     prompt_tokens += result.prompt_tokens
                     completion_tokens += result.completion_tokens
-                if why != COPIED_TOOLS or not decode_again(raw, result.first_token, banned, attempt):
+                made_up = why is None and completed and unasked is not None and unasked(raw)
+                if not (why == COPIED_TOOLS or made_up) or not decode_again(raw, result.first_token, banned, attempt):
                     break
-                log.info("the answer copied the tool definitions back; decoding it again without its first token")
+                log.info("the answer %s; decoding it again without its first token",
+                         "called a tool nothing in the question asks for" if made_up else
+                         "copied the tool definitions back")
                 banned |= {result.first_token}
             if why is None and (shown := visible_text(raw)) != update.items[-1]["content"]:  # what was held back
                 update.items[-1]["content"] = update.answer = shown

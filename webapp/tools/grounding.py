@@ -83,6 +83,28 @@ def closed_spellings(spec: ToolSpec, parameter: str) -> dict[str, str]:
     return table
 
 
+def asks_for(spec: ToolSpec, texts: list[str], today: dt.date | None = None) -> bool:
+    """Whether the user's words name anything a call of this tool is held to: a spelling,
+    enum value or alias of a grounded parameter's closed values, or a calendar period. A tool
+    without grounded parameters is asked for by any words. A call to a grounded tool that
+    nothing in them names made every value up (早上好 answered with 华南's sales this month)."""
+    if not spec.ground:
+        return True
+    today = today or dt.date.today()
+    for text in texts:
+        text = unicodedata.normalize("NFKC", text)
+        if calendar.read(text, today):
+            return True
+        for parameter in spec.ground:
+            prop = (spec.parameters.get("properties") or {}).get(parameter) or {}
+            names = {**{v: v for v in prop.get("enum", ()) if isinstance(v, str)},
+                     **{k: v for k, v in (spec.aliases.get(parameter) or {}).items() if isinstance(v, str)},
+                     **closed_spellings(spec, parameter)}
+            if spelled(text, names)[0]:
+                return True
+    return False
+
+
 _CALENDAR_FORMS = ("2026-07", "2026-Q3", "2026")
 
 
