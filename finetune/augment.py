@@ -165,3 +165,23 @@ def slot_variants(sample: Mapping[str, Any], vocabulary: Vocabulary, count: int,
         if len(variants) == count:
             break
     return variants
+
+
+def wrapped(question: str, wrappers: Mapping[str, Mapping[str, list[str]]], rng: random.Random) -> str:
+    """The question inside an employee's chat context: an opening, a closing, or both, in its
+    language (Chinese where it has a CJK character). Reviewed questions are short and clean;
+    employees write "在吗？麻烦帮我查下…，要放进周报里" or "Hi, quick question: … thx", and a
+    model that learned only the clean form answered those in prose. The wrappers name nothing
+    a call holds (no place, period, metric or number), so the call stays the same."""
+    language = "zh" if re.search(r"[\u4e00-\u9fff]", question) else "en"
+    table = wrappers.get(language) or {}
+    before, after = list(table.get("before") or ()), list(table.get("after") or ())
+    shapes = [shape for shape, possible in (("before", before), ("after", after), ("both", before and after))
+              if possible]
+    if not shapes:
+        return question
+    shape = rng.choice(shapes)
+    parts = [rng.choice(before) if shape in ("before", "both") else "", question,
+             rng.choice(after) if shape in ("after", "both") else ""]
+    joiner = "" if language == "zh" else " "
+    return joiner.join(part for part in parts if part)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.augment import Vocabulary, slot_variants
+from finetune.augment import Vocabulary, slot_variants, wrapped
 from finetune.evaluate import case_from_sample, gate, load_functional_set, per_case_scores, score, worse_cases
 from finetune.recipe import Hyperparameters, RecipeConfig, recipe_command
 from finetune.samples import last_question, normalize_question
@@ -41,6 +41,7 @@ class RefreshSettings(Hyperparameters):
     min_new_samples: int = 20  # below this many new approved samples, the nightly run is skipped
     general_replay: int = 90  # general samples mixed in against forgetting (the whole file)
     augment_variants: int = 4  # slot-swap copies per reviewed tool call (finetune/augment.py)
+    wrapped_share: float = 0.5  # of those copies, the share asked inside chat context (augment.wrapped)
     replay_share: float = 0.4  # general replay repeated until it is at least this share of the mix
     start_from_active: bool = True
     auto_promote: bool = True  # promote when the gate passes; else wait for the admin
@@ -51,6 +52,7 @@ class RefreshSettings(Hyperparameters):
 
 
 GENERAL_REPLAY = Path(__file__).with_name("data") / "general_replay.jsonl"
+CHAT_WRAPPERS = Path(__file__).with_name("data") / "chat_wrappers.json"
 
 
 class RefreshBusy(RuntimeError):
@@ -241,6 +243,11 @@ class RefreshRunner:
             made = slot_variants(sample, vocabulary, count, rng, avoid)
             avoid |= {normalize_question(last_question(v["messages"])) for v in made}
             variants += made
+        # a share of them asked the way employees write, inside chat context
+        wrappers = json.loads(CHAT_WRAPPERS.read_text(encoding="utf-8"))
+        for variant in rng.sample(variants, round(self.settings.wrapped_share * len(variants))):
+            user = max(i for i, m in enumerate(variant["messages"]) if m["role"] == "user")
+            variant["messages"][user]["content"] = wrapped(variant["messages"][user]["content"], wrappers, rng)
         # Each variant carries the passages the app would retrieve for its question today, as
         # a live question does: a correction reviewed without passages otherwise teaches the call
         # only for prompts without them, and a live sales question that draws a loosely related

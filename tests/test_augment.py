@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from finetune.augment import slot_variants, slot_vocabulary
+from finetune.augment import slot_variants, slot_vocabulary, wrapped
 from finetune.samples import normalize_question, tool_call_message
 
 DEMO_TOOLS = Path(__file__).resolve().parent.parent / "webapp" / "tools" / "demo_tools.toml"
@@ -95,3 +95,29 @@ def test_samples_that_are_not_one_tool_call_are_left_alone(vocabulary):
     broken["messages"][2]["tool_calls"][0]["function"]["arguments"] = "{not json"
     assert slot_variants(broken, vocabulary, 4, random.Random(0)) == []
     assert slot_variants(correction("华东区今年的销售额", {"region": "华东"}), vocabulary, 0, random.Random(0)) == []
+
+
+def test_a_question_asked_inside_chat_context_names_nothing_else_a_call_holds():
+    """The shipped openings and closings, around any question, in its language: the grounding
+    reads no region, period or metric in them, so the twin's call stays right."""
+    from finetune.refresh import CHAT_WRAPPERS
+    from webapp.tools.builtin import BUILTINS
+    from webapp.tools.grounding import asks_for
+    from webapp.tools.registry import DEMO_TOOLS_FILE, load_registry
+
+    wrappers = json.loads(CHAT_WRAPPERS.read_text(encoding="utf-8"))
+    spec = load_registry([DEMO_TOOLS_FILE], BUILTINS).get("query_sales")
+    pieces = [p for language in ("zh", "en") for side in ("before", "after") for p in wrappers[language][side]]
+    assert len(pieces) >= 120 and not [p for p in pieces if asks_for(spec, [p])]
+    rng = random.Random(0)
+    zh = [wrapped("上季度华东区销售额是多少？", wrappers, rng) for _ in range(40)]
+    en = [wrapped("How much revenue did North China make last month?", wrappers, rng) for _ in range(40)]
+    for asked, language, joiner in (("上季度华东区销售额是多少？", zh, ""),
+                                     ("How much revenue did North China make last month?", en, " ")):
+        table = wrappers["zh" if language is zh else "en"]
+        for q in language:  # the question itself, with its language's opening and closing around it
+            before, after = q.split(asked)
+            assert before.removesuffix(joiner) in {"", *table["before"]}, q
+            assert after.removeprefix(joiner) in {"", *table["after"]} and (before or after), q
+    assert len(set(zh)) > 30 and len(set(en)) > 30
+    assert {q.startswith("上季度") for q in zh} == {True, False} and {q.endswith("？") for q in zh} == {True, False}

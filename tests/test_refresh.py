@@ -104,14 +104,17 @@ def test_corrections_train_with_slot_swapped_twins_and_replay_keeps_its_share(re
                                            "train.jsonl").read_text(encoding="utf-8").splitlines()]
     tool_samples = [line for line in lines if any(m.get("tool_calls") for m in line["messages"])]
     assert len(tool_samples) == 9
-    questions = []
+    questions, wrapped = [], 0
     for sample in tool_samples:
         question = next(m["content"] for m in sample["messages"] if m["role"] == "user")
         arguments = json.loads(sample["messages"][-1]["tool_calls"][0]["function"]["arguments"])
-        assert question == f"{arguments['region']} {arguments['period']} 年销售额？"  # question and call agree
-        questions.append(question)
+        asked = f"{arguments['region']} {arguments['period']} 年销售额？"
+        assert asked in question  # question and call agree, inside chat context or not
+        wrapped += question != asked
+        questions.append(asked)
     assert "华南 2020 年销售额？" not in questions  # the evaluation question is never trained
     assert len(set(questions)) == 9
+    assert wrapped == 3  # half the twins are asked inside chat context; the reviewed samples as approved
     # the twins carry the passages a live question gets (the department's own only); the
     # reviewed samples stay as they were approved
     given = [" ".join(p["text"] for p in m["passages"]) for line in tool_samples for m in line["messages"]
