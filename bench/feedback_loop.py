@@ -12,8 +12,9 @@
    - held-out, held-out-2, held-out-3, held-out-4: bench/data/loop_heldout*.jsonl, sales
      questions and questions that need no tool in employees' own chat phrasing, each written
      from a brief without these templates and frozen before any tuning against it. The first
-     two were read while tuning (the tool file's period spellings were extended after them);
-     the third and fourth were never read, and no failures are printed for them.
+     three were read while tuning (the tool file's spellings were extended after them, and the
+     third's failures showed the made-up calls and the chatty questions answered in prose);
+     the fourth was never read, and no failures are printed for it.
    A call is exact when it asks the sales system for the same figure: the region, the metric,
    and the same months (last_year and 2025 are the same period in 2026). "exact (model)" scores
    the call as the model wrote it, before the question's own spellings overruled its values
@@ -75,7 +76,7 @@ NO_TOOL_QUESTIONS = [
 DATA = Path(__file__).resolve().parent / "data"
 HELD_OUT_FILES = {"held-out": DATA / "loop_heldout.jsonl", "held-out-2": DATA / "loop_heldout2.jsonl",
                   "held-out-3": DATA / "loop_heldout3.jsonl", "held-out-4": DATA / "loop_heldout4.jsonl"}
-READ_WHILE_TUNING = ("dev", "held-out", "held-out-2")  # failures are printed only for these
+READ_WHILE_TUNING = ("dev", "held-out", "held-out-2", "held-out-3")  # failures are printed only for these
 RESULTS = Path(__file__).resolve().parent / "results" / "feedback_loop.jsonl"
 
 
