@@ -669,23 +669,29 @@ def test_compiled_4bit_layers_on_cpu_decode_every_block_scale(tmp_path, dynamo_c
         assert compiled[0] == compiled[1] == pytest.approx(eager[0], rel=0.01), (nf4, compiled, eager)
 
 
-def test_the_gate_and_the_replay_answers_read_an_answer_that_copies_its_tools_as_the_app_serves_it(tiny_base):
-    """An answer copying the offered tools back is decoded again without its first token, as a
-    turn does (webapp/turn.py): the gate scores, and replay learns, what users would be served."""
+def opening_with_a_brace(tiny_base, question: str):
+    """(a copy of the random tiny model made to open its answer to `question` with "{", as the
+    embedded one opens a copy with ```; its tokenizer; the prompt's ids; the brace's id)."""
     import copy
-
-    from serving.decoding import DecodeRequest
 
     base, tokenizer = tiny_base
     model = copy.deepcopy(base)
-    prompt = tokenizer("上季度华东区的销售额是多少？", add_special_tokens=False)["input_ids"]
-    # the random model made to open its answer with "{" (as the embedded one opens a copy with ```)
+    prompt = tokenizer(question, add_special_tokens=False)["input_ids"]
     brace = tokenizer.convert_tokens_to_ids("{")
     with torch.no_grad():
         top = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
         head = model.get_output_embeddings().weight
         head[brace] = head[top] * 4
         assert int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax()) == brace
+    return model, tokenizer, prompt, brace
+
+
+def test_the_gate_and_the_replay_answers_read_an_answer_that_copies_its_tools_as_the_app_serves_it(tiny_base):
+    """An answer copying the offered tools back is decoded again without its first token, as a
+    turn does (webapp/turn.py): the gate scores, and replay learns, what users would be served."""
+    from serving.decoding import DecodeRequest
+
+    model, tokenizer, prompt, brace = opening_with_a_brace(tiny_base, "上季度华东区的销售额是多少？")
     engine = recipe.greedy_engine(model, [prompt], 24, 4)
 
     def make(not_first):
@@ -710,19 +716,10 @@ def test_the_gate_decodes_again_an_answer_that_calls_a_tool_nothing_asked_for(ti
     """As a turn does: an answer that is nothing but a call of a tool the case's user words do
     not ask for is decoded again without its first token; for a case that asks, it stands.
     (The random model cannot write a call: an answer opening with "{" stands in for one.)"""
-    import copy
-
     from finetune import evaluate
     from serving.decoding import DecodeRequest
 
-    base, tokenizer = tiny_base
-    model = copy.deepcopy(base)
-    prompt = tokenizer("早上好！", add_special_tokens=False)["input_ids"]
-    brace = tokenizer.convert_tokens_to_ids("{")
-    with torch.no_grad():
-        top = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
-        head = model.get_output_embeddings().weight
-        head[brace] = head[top] * 4
+    model, tokenizer, prompt, brace = opening_with_a_brace(tiny_base, "早上好！")
     seen = []
 
     def calls_unasked(text, unasked):
