@@ -77,6 +77,11 @@ def closed_spellings(spec: ToolSpec, parameter: str) -> dict[str, str]:
     for questions where it lists them, else the enum and its aliases."""
     if spec.spellings.get(parameter):  # the whole list: an enum value may be a common word ("units")
         return {word: value for word, value in spec.spellings[parameter].items() if isinstance(value, str)}
+    return _enum_and_aliases(spec, parameter)
+
+
+def _enum_and_aliases(spec: ToolSpec, parameter: str) -> dict[str, str]:
+    """The parameter's enum values (each its own spelling) and the tool file's aliases of them."""
     prop = (spec.parameters.get("properties") or {}).get(parameter) or {}
     table = {value: value for value in prop.get("enum", ()) if isinstance(value, str)}
     table.update({alias: value for alias, value in (spec.aliases.get(parameter) or {}).items() if isinstance(value, str)})
@@ -96,11 +101,7 @@ def asks_for(spec: ToolSpec, texts: list[str], today: dt.date | None = None) -> 
         if calendar.read(text, today):
             return True
         for parameter in spec.ground:
-            prop = (spec.parameters.get("properties") or {}).get(parameter) or {}
-            names = {**{v: v for v in prop.get("enum", ()) if isinstance(v, str)},
-                     **{k: v for k, v in (spec.aliases.get(parameter) or {}).items() if isinstance(v, str)},
-                     **closed_spellings(spec, parameter)}
-            if spelled(text, names)[0]:
+            if spelled(text, {**_enum_and_aliases(spec, parameter), **closed_spellings(spec, parameter)})[0]:
                 return True
     return False
 
