@@ -227,6 +227,79 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
         assert torch.allclose(shared_grads[name], grad, rtol=1e-4, atol=1e-7), name
 
 
+def test_suffixes_laid_out_in_rows_train_as_one_sample_at_a_time(tiny_model_dir, monkeypatch):
+    """However the suffixes over one shared prefix are laid out (one row, or several padded
+    rows each seeing the prefix), the loss and gradients are those of one sample at a time;
+    and the prefix run without gradient runs without dropout too (nothing learns from it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = [tokenize_sample(tokenizer, s, 2048)[0] for s in samples()[:3]]
+    prefix = recipe.shared_prefix_length(batch)
+    assert prefix >= recipe.MIN_SHARED_PREFIX
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def run(detach_prefix=True):
+        for p in trainable.values():
+            p.grad = None
+        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=detach_prefix)
+        return loss, {n: p.grad.clone() for n, p in trainable.items()}
+
+    layouts = {"one row": [[0, 1, 2]], "two rows": [[2], [0, 1]], "a row each": [[1], [0], [2]]}
+    results = {}
+    for name, rows in layouts.items():
+        monkeypatch.setattr(recipe, "suffix_rows", lambda lengths, prefix, cost, rows=rows: rows)
+        results[name] = run(), run(detach_prefix=False)
+    monkeypatch.setattr(recipe, "MIN_SHARED_PREFIX", 10**9)  # one sample at a time, gradient everywhere
+    single_loss, single_grads = run(detach_prefix=False)
+    for name, ((detached_loss, detached_grads), (loss, grads)) in results.items():
+        assert abs(loss - single_loss) < 1e-5 * abs(single_loss), name
+        assert abs(detached_loss - single_loss) < 1e-5 * abs(single_loss), name
+        for param, grad in single_grads.items():
+            assert torch.allclose(grads[param], grad, rtol=1e-4, atol=1e-7), (name, param)
+        for param, grad in results["one row"][0][1].items():
+            assert torch.allclose(detached_grads[param], grad, rtol=1e-4, atol=1e-7), (name, param)
+
+    # dropout: on for the suffixes that learn, off for the prefix that does not
+    monkeypatch.undo()
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.train()
+    seen = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[-2], m.training)))
+    recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=True)
+    assert seen and {training for length, training in seen if length == prefix} == {False}
+    assert {training for length, training in seen if length != prefix} == {True}
+    assert model.training
+
+
+def test_suffix_rows_balance_long_and_short_suffixes_and_keep_every_sample_once():
+    from finetune.recipe import suffix_rows
+
+    lengths = [400, 30, 40, 390, 35, 380, 25, 45]
+    rows = suffix_rows(lengths, prefix=1141, key_cost=5000)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    # three long answers and five short ones: not one row, where each query reads every other
+    # sample's keys, and not a row each, where the short rows are mostly padding
+    assert 1 < len(rows) < len(lengths)
+    widths = [sum(lengths[i] for i in row) for row in rows]
+    assert max(widths) - min(widths) <= max(lengths)
+    # where a token's other work dwarfs attention, padding costs more than it saves: one row
+    assert len(suffix_rows(lengths, prefix=1141, key_cost=10**9)) == 1
+    assert suffix_rows([7], prefix=50, key_cost=5000) == [[0]]
+
+
 def test_packed_samples_do_not_see_each_other_and_the_chunked_loss_is_the_plain_one(tiny_model_dir):
     """Packing several samples into one row must give each sample the loss it has alone
     (block-diagonal attention, positions restarting), and the chunked loss must equal
