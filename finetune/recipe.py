@@ -238,9 +238,10 @@ def backward_micro_batch(model, examples: list[dict[str, list[int]]], device, ma
                          detach_prefix: bool = False, rows: bool = False) -> float:
     """Accumulates the gradient of the micro-batch's loss (the mean over its samples of each
     sample's mean loss on learned tokens) and returns that loss; not finite if a part was not.
-    The samples that share a prefix: the prefix once, then their suffixes packed in one row
-    (no padding), each attending to the prefix's keys and values and to itself; gradients flow
-    back through both, or only through the suffixes with `detach_prefix`. The others: packed
+    The samples that share a prefix: the prefix once, then their suffixes in the rows
+    suffix_rows lays out (side by side, each row padded to the longest), each attending to the
+    prefix's keys and values and to itself; gradients flow back through both, or only through
+    the suffixes with `detach_prefix`. The others: packed
     side by side, up to max_tokens per forward; with `detach_prefix`, one with a long prompt
     runs that prompt without gradient too (a sample served with passages: ~1,100 prompt
     tokens before its ~60 learned ones). With `rows`, the others go one per row, padded
@@ -319,14 +320,15 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
     # the prefix's keys and values only: the decoder stack without the vocabulary projection,
     # whose logits for every prompt token nobody reads (~10% of the embedded model's prompt forward)
     decoder, _ = decoder_and_head(model)
-    training = model.training
-    if detach_prefix:
-        model.train(False)
+    quiet = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training] if detach_prefix else []
     try:
+        for module in quiet:
+            module.train(False)
         with torch.set_grad_enabled(not detach_prefix):
             head = decoder(input_ids=token_ids(model, [examples[0]["input_ids"][:prefix]], device), use_cache=True)
     finally:
-        model.train(training)
+        for module in quiet:
+            module.train(True)
     tails = [example["input_ids"][prefix:] for example in examples]
     rows = suffix_rows([len(tail) for tail in tails], prefix, key_cost(model.config))
     width = max(sum(len(tails[i]) for i in row) for row in rows)

@@ -515,14 +515,14 @@ def key_cost(config) -> int:
     share of the vocabulary projection, the elementwise work around them), as the attention
     of one query over how many keys. From the model's shape: the products' FLOPs (forward and
     the input gradient of frozen weights: 4 per weight) over attention's per key (forward 4,
-    backward 10 with the scores recomputed, per head dimension), times 2.25, which fits the
-    step times of one row to six on CPU (SmolLM2-135M with a 1,141-token prefix: about 5,000);
-    FLOPs undercount what a token costs there (dropout's random numbers, norms and casts, a
-    padded token's logits)."""
+    backward 10 with the scores recomputed, per head dimension), times 2.25, which fits step
+    times of one to six rows on CPU (measured on SmolLM2-135M, whose cost this gives as about
+    5,000 keys, over a 1,141-token prefix); FLOPs undercount what a token costs there
+    (dropout's random numbers, norms and casts, a padded token's logits)."""
     text = getattr(config, "text_config", None) or config
     hidden, heads = text.hidden_size, text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     per_layer = (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-                 + 3 * hidden * text.intermediate_size + text.vocab_size * hidden / text.num_hidden_layers)
+                 + 3 * hidden * getattr(text, "intermediate_size", 4 * hidden) + text.vocab_size * hidden / text.num_hidden_layers)
     return round(2.25 * 4 * per_layer / (14 * heads * head_dim))

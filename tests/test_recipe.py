@@ -173,12 +173,35 @@ def test_qlora_on_a_4bit_base_on_gpu(tiny_model_dir, tmp_path):
     assert eager[-1] == pytest.approx(steps[-1]["loss"], rel=0.05)
 
 
+def micro_batch_trainer(model_dir, batch, attention="sdpa"):
+    """run(detach_prefix) -> (loss, gradients) of `batch` on a tiny model with a LoRA on q/k/v
+    whose B is not zero (it starts at zero: A would get no gradient), without dropout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
+    model = get_peft_model(base, LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def run(detach_prefix=False):
+        for p in trainable.values():
+            p.grad = None
+        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=detach_prefix)
+        return loss, {n: p.grad.clone() for n, p in trainable.items()}
+
+    return run
+
+
 def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
     """Samples sharing the system prompt and tool schemas are trained with the prefix run
     once per micro-batch, and a sample that shares less (served without tools, or with
     document passages) beside them; that must be the same arithmetic as one sample at a time."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from finetune import recipe
 
@@ -197,19 +220,7 @@ def test_a_shared_prefix_runs_once_and_gives_the_same_loss_and_gradients(tiny_mo
     # the three with tools share the prefix; the other two run on their own
     assert recipe.prefix_group(batch) == [0, 1, 2]
 
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A gets gradients
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def run(detach_prefix=False):
-        for p in trainable.values():
-            p.grad = None
-        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=detach_prefix)
-        return loss, {n: p.grad.clone() for n, p in trainable.items()}
+    run = micro_batch_trainer(tiny_model_dir, batch)
 
     shared_loss, shared_grads = run()
     # Without gradient through the prefix: the same loss, and a gradient that keeps the
@@ -240,25 +251,17 @@ def test_suffixes_laid_out_in_rows_train_as_one_sample_at_a_time(tiny_model_dir,
     batch = [tokenize_sample(tokenizer, s, 2048)[0] for s in samples()[:3]]
     prefix = recipe.shared_prefix_length(batch)
     assert prefix >= recipe.MIN_SHARED_PREFIX
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def run(detach_prefix=True):
-        for p in trainable.values():
-            p.grad = None
-        loss = recipe.backward_micro_batch(model, batch, "cpu", detach_prefix=detach_prefix)
-        return loss, {n: p.grad.clone() for n, p in trainable.items()}
+    run = micro_batch_trainer(tiny_model_dir, batch)
 
     layouts = {"one row": [[0, 1, 2]], "two rows": [[2], [0, 1]], "a row each": [[1], [0], [2]]}
     results = {}
     for name, rows in layouts.items():
         monkeypatch.setattr(recipe, "suffix_rows", lambda lengths, prefix, cost, rows=rows: rows)
-        results[name] = run(), run(detach_prefix=False)
+        results[name] = run(detach_prefix=True), run(detach_prefix=False)
+    # eager attention takes the mask as additive floats
+    monkeypatch.setattr(recipe, "suffix_rows", lambda lengths, prefix, cost: layouts["two rows"])
+    results["two rows, eager attention"] = (micro_batch_trainer(tiny_model_dir, batch, "eager")(True),
+                                            micro_batch_trainer(tiny_model_dir, batch, "eager")(False))
     monkeypatch.setattr(recipe, "MIN_SHARED_PREFIX", 10**9)  # one sample at a time, gradient everywhere
     single_loss, single_grads = run(detach_prefix=False)
     for name, ((detached_loss, detached_grads), (loss, grads)) in results.items():
