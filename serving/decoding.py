@@ -176,11 +176,15 @@ class StaticDecoder:
         shape = (len(self.layers), self.total_pages + 1, self.kv_heads, page_size, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # Pages by slot: a live request's, or a finished one's kept as a prompt start to copy
-        # (parked) until their pages are needed. Page 0 is nobody's.
+        # Pages by slot: a live request's, or a finished one's kept as a prompt start to share
+        # (parked) until their pages are needed. Page 0 is nobody's. A prompt start computed
+        # with the same adapter is shared, not copied: its full pages are listed by every slot
+        # that uses it (_refs counts them) and written by none, so a step reads each once
+        # (paged_attention) and the pool holds it once.
         self._row_pages: list[list[int]] = [[] for _ in range(max_batch)]
         self._parked: list[int] = []  # slots with parked pages, least recently parked first
         self._free: list[int] = list(range(self.total_pages, 0, -1))
+        self._refs = [0] * (self.total_pages + 1)  # how many slots list each page
         self.use_graphs = self.device.type == "cuda"
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 32) if b < max_batch} | {max_batch})
         # Each slot's pages in order, on the device for the attention kernels: written when a
@@ -206,7 +210,11 @@ class StaticDecoder:
         self._prefill_runs: dict[int, tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]] = {}
         self._prefill_pages = torch.zeros(self.table_width, dtype=torch.long, device=self.device)
         self._prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
+        # (adapter, prompt) a slot's pages hold, complete: a source others may share from
         self._slot_prompts: list[tuple[str | None, tuple[int, ...]] | None] = [None] * max_batch
+        # what a slot given a new request still holds of its last prompt: a start for that slot
+        # alone, since it may write over it
+        self._own_start: list[tuple[str | None, tuple[int, ...]] | None] = [None] * max_batch
         self.reused_tokens = 0  # prompt tokens copied from another slot instead of computed
         cuda = self.device.type == "cuda"
         # Norms and rotary embeddings are a dozen tiny kernels each; compiled, a few fused ones.
@@ -241,25 +249,48 @@ class StaticDecoder:
         its next prompt. False (and nothing changed) when the pool cannot hold it yet."""
         need = self.pages_for(tokens)
         own = self._row_pages[slot]
-        parked_elsewhere = sum(len(self._row_pages[s]) for s in self._parked if s != slot)
-        if need > len(own) + len(self._free) + parked_elsewhere:
+        # Pages another slot lists too are never written: a slot that shares some keeps none
+        # of its old pages (its prompt start stays with the others, to be shared again).
+        keep = all(self._refs[page] == 1 for page in own)
+        holders = collections.Counter(page for other in self._parked if other != slot
+                                      for page in self._row_pages[other])
+        if not keep:
+            holders.update(own)
+        reclaimable = sum(1 for page, count in holders.items() if count == self._refs[page])
+        if need > (len(own) if keep else 0) + len(self._free) + reclaimable:
             return False
         if slot in self._parked:
             self._parked.remove(slot)
-        if len(own) > need:  # the pages given back held the rest of the old prompt: it is a source no longer
-            self._free.extend(reversed(own[need:]))
+        if not keep:
+            self._evict(slot)
+            own = self._row_pages[slot]
+        elif len(own) > need:  # the pages given back held the rest of the old prompt
+            for page in reversed(own[need:]):
+                self._drop(page)
             del own[need:]
             if self._slot_prompts[slot] is not None:
                 adapter, prompt = self._slot_prompts[slot]
                 self._slot_prompts[slot] = (adapter, prompt[:need * self.page_size])
+        self._own_start[slot], self._slot_prompts[slot] = self._slot_prompts[slot], None
         for other in list(self._parked):
             if len(own) + len(self._free) >= need:
                 break
             self._evict(other)
         while len(own) < need:
-            own.append(self._free.pop())
-        self._table[slot] = torch.tensor(own + [0] * (self.table_width - len(own)), dtype=torch.int32)
+            page = self._free.pop()
+            self._refs[page] = 1
+            own.append(page)
+        self._write_table(slot)
         return True
+
+    def _write_table(self, slot: int) -> None:
+        own = self._row_pages[slot]
+        self._table[slot] = torch.tensor(own + [0] * (self.table_width - len(own)), dtype=torch.int32)
+
+    def _drop(self, page: int) -> None:
+        self._refs[page] -= 1
+        if not self._refs[page]:
+            self._free.append(page)
 
     def release(self, slot: int) -> None:
         """The request in `slot` is done: its pages stay parked, as a prompt start another
@@ -272,8 +303,9 @@ class StaticDecoder:
     def _evict(self, slot: int) -> None:
         if slot in self._parked:
             self._parked.remove(slot)
-        self._slot_prompts[slot] = None
-        self._free.extend(reversed(self._row_pages[slot]))
+        self._slot_prompts[slot] = self._own_start[slot] = None
+        for page in reversed(self._row_pages[slot]):
+            self._drop(page)
         self._row_pages[slot] = []
         self._table[slot] = 0
 
@@ -303,7 +335,8 @@ class StaticDecoder:
             self._add_mask(signature, a.shape[0])
         self._stack_groups()
         self.adapter_index = {name: i for i, name in enumerate(sorted(names))}
-        self._slot_prompts = [None] * self.max_batch  # cached prompts were computed with the old weights
+        # cached prompts were computed with the old weights
+        self._slot_prompts, self._own_start = [None] * self.max_batch, [None] * self.max_batch
         for slot in list(self._parked):  # so their pages hold nothing worth keeping
             self._evict(slot)
         # rows in flight keep their adapter (its new weights, after a promotion)
@@ -459,12 +492,15 @@ class StaticDecoder:
     # A shared prompt start shorter than this is recomputed: the copy would not pay.
     MIN_REUSED_PREFIX = 16
 
-    def _reusable_prefix(self, prompt_ids: Sequence[int], adapter: str | None) -> tuple[int, int | None]:
+    def _reusable_prefix(self, prompt_ids: Sequence[int], adapter: str | None,
+                         asking: int | None = None) -> tuple[int, int | None]:
         """The longest start of this prompt already in some slot's cache with the same
         adapter (a department's system prompt and tool schemas; the gate's cases), and that
-        slot. At least one token is left to compute: its logits are the answer's first token."""
+        slot; for slot `asking`, its own last prompt too. At least one token is left to
+        compute: its logits are the answer's first token."""
         best, source = 0, None
-        for slot, cached in enumerate(self._slot_prompts):
+        mine = [] if asking is None else [(asking, self._own_start[asking])]
+        for slot, cached in [*enumerate(self._slot_prompts), *mine]:
             if cached is None or cached[0] != adapter:
                 continue
             previous = cached[1]
@@ -482,8 +518,8 @@ class StaticDecoder:
         """Run the prompt into the slot's pages (reserve() first) from token `done` on, at most
         `limit` tokens (all by default). Returns the prompt's tokens now in the cache and, once
         all of them are, the logits for the first new token (else None). On the first call a
-        start of the prompt that another slot computed with the same adapter is copied, not
-        recomputed."""
+        start of the prompt that another slot computed with the same adapter is not computed
+        again: its full pages are shared, a page it fills in part is copied."""
         total = len(prompt_ids)
         if total >= self.max_len:
             raise ValueError(f"the prompt has {total} tokens; the decoder holds {self.max_len - 1}")
@@ -493,13 +529,10 @@ class StaticDecoder:
         if not done:
             length = self._prefill_length(total) if limit is None or total <= limit else None
             # looked up before the slot's own entry is cleared: a slot may reuse its previous prompt
-            done, source = (0, None) if length else self._reusable_prefix(prompt_ids, adapter)
-            self._slot_prompts[slot] = None  # overwritten below; not a source until complete
+            done, source = (0, None) if length else self._reusable_prefix(prompt_ids, adapter, slot)
+            self._slot_prompts[slot] = self._own_start[slot] = None  # not a source until complete
             if source is not None and source != slot:
-                copied = self._table[source, :self.pages_for(done)].long()
-                into = self._table[slot, :self.pages_for(done)].long()
-                self.keys[:, into] = self.keys[:, copied]
-                self.values[:, into] = self.values[:, copied]
+                self._share(source, slot, done)
             self.reused_tokens += done
         stop = total if limit is None else min(total, done + limit)
         # the prefill is one row: row 0 of the masks carries this slot's adapter meanwhile
@@ -517,6 +550,21 @@ class StaticDecoder:
             return stop, None
         self._slot_prompts[slot] = (adapter, tuple(prompt_ids))
         return total, logits
+
+    def _share(self, source: int, slot: int, tokens: int) -> None:
+        """`slot` takes the first `tokens` positions of `source`'s pages: the full pages listed
+        (its own, which reserve() left it alone with, given back), the last one copied: the
+        slot writes the rest of it."""
+        full, own, theirs = tokens // self.page_size, self._row_pages[slot], self._row_pages[source]
+        for index in range(full):
+            if own[index] != theirs[index]:
+                self._drop(own[index])
+                own[index] = theirs[index]
+                self._refs[own[index]] += 1
+        if tokens % self.page_size:
+            self.keys[:, own[full]] = self.keys[:, theirs[full]]
+            self.values[:, own[full]] = self.values[:, theirs[full]]
+        self._write_table(slot)
 
     def _eager_prefill(self, slot: int, part: Sequence[int], start: int) -> torch.Tensor:
         """The tokens `part` at positions start.. (the slot's pages already hold those before)."""

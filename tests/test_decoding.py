@@ -2,6 +2,8 @@
 once, each with their own adapter, joining and leaving between steps."""
 
 
+import collections
+
 import pytest
 import torch
 
@@ -168,6 +170,58 @@ def test_a_shared_prompt_start_is_reused_per_adapter_and_gives_the_same_tokens(t
     assert decoder.reused_tokens == 40 + 30
     decoder.refresh_adapters()  # new weights: nothing cached may be reused
     assert decoder._reusable_prefix(prompts[0], "finance") == (0, None)
+
+
+def assert_pages_accounted(decoder):
+    """Every page is free or listed by slots, as many as _refs says; none is both or lost."""
+    listed = collections.Counter(page for pages in decoder._row_pages for page in pages)
+    assert all(decoder._refs[page] == count for page, count in listed.items())
+    assert not set(decoder._free) & set(listed) and len(set(decoder._free)) == len(decoder._free)
+    assert set(decoder._free) | set(listed) == set(range(1, decoder.total_pages + 1))
+
+
+def test_requests_sharing_a_prompt_start_list_its_pages_and_give_the_tokens_of_generate(two_adapter_model):
+    """Four finance requests and one hr request start with the same 40 tokens (5 pages of 8),
+    all at once: the finance ones after the first list its 5 pages instead of computing or
+    copying them (the hr one computes its own: other weights), decode side by side reading
+    them once, and give generate()'s tokens; the pool's count of pages holds throughout."""
+    model = two_adapter_model
+    shared = [(7 * i + 3) % 150 + 2 for i in range(40)]
+    prompts = [shared + [5, 17, 42], shared + [9, 100, 11, 23], shared + [64], shared[:20] + [1, 2, 3],
+               shared + [5, 17, 42]]
+    adapters = ["finance", "finance", "finance", "finance", "hr"]
+    decoder = StaticDecoder(model, max_batch=5, max_len=96, page_size=8)
+    engine = BatchingEngine(decoder)
+    tables = []
+    engine.on_step = lambda rows: tables.append([list(pages) for pages in decoder._row_pages])
+    try:
+        outputs = run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=12, adapter=a))
+                                   for p, a in zip(prompts, adapters)])
+    finally:
+        engine.close()
+    assert outputs == [reference(model, p, a, 12) for p, a in zip(prompts, adapters)]
+    assert decoder.reused_tokens == 40 + 40 + 20
+    # while all five decoded: three slots listed the same first five pages, the hr slot others
+    together = [t for t in tables if all(t)]
+    assert together
+    starts = collections.Counter(tuple(pages[:5]) for pages in together[-1])
+    assert sorted(starts.values()) == [1, 1, 3]
+    assert_pages_accounted(decoder)
+
+
+def test_a_pool_too_small_for_every_copy_serves_shared_starts_and_takes_pages_back(two_adapter_model):
+    """A cache of 12 pages of 8 for requests of 7 pages each that share 5: pages are given
+    by need, shared, parked and taken back (one slot's are freed only when no other lists
+    them) while requests wait; every answer is generate()'s and no page is lost."""
+    model = two_adapter_model
+    shared = [(5 * i + 1) % 150 + 2 for i in range(40)]
+    prompts = [shared + [3 + i, 40 + i] for i in range(6)] + [[9, 100, 7] * 14]
+    adapters = ["finance", "finance", "hr", "finance", "hr", "finance", None]
+    decoder = StaticDecoder(model, max_batch=3, max_len=96, kv_tokens=96, page_size=8)
+    outputs = serve(decoder, prompts, adapters, 10)
+    assert outputs == [reference(model, p, a, 10) for p, a in zip(prompts, adapters)]
+    assert decoder.reused_tokens > 0
+    assert_pages_accounted(decoder)
 
 
 def test_a_prefill_padded_to_a_graph_length_gives_the_same_tokens(two_adapter_model):
@@ -355,8 +409,9 @@ def test_idle_rows_of_a_batch_bucket_never_embed_garbage(two_adapter_model):
 def test_a_parked_prompt_cut_down_by_its_slots_next_request_is_reused_only_as_far_as_its_pages_go(two_adapter_model):
     """A finished 60-token prompt stays parked in slot 1; slot 1 is then given to a short
     request (2 pages kept, the rest given back) before a request sharing 50 tokens of that
-    prompt is prefilled in slot 0. Only the 16 tokens slot 1 still holds may be copied: its
-    first token must be what a clean prefill gives (copying 50 took garbage pages)."""
+    prompt is prefilled in slot 0. Slot 1 will write over what it kept, so none of it may be
+    taken: slot 0's first token must be what a clean prefill gives (taking 50 tokens once
+    read garbage pages, and sharing the 16 kept would be overwritten)."""
     model = two_adapter_model
     prompt = [(7 * i + 3) % 150 + 2 for i in range(60)]
     asking = prompt[:50] + [5, 17]
@@ -372,7 +427,8 @@ def test_a_parked_prompt_cut_down_by_its_slots_next_request_is_reused_only_as_fa
     decoder.release(1)  # parked: a prompt start to copy
     assert decoder.reserve(1, 10)  # a short request takes slot 1: two of its pages stay
     torch.testing.assert_close(first_logits(decoder, 0), clean)
-    assert decoder.reused_tokens == 16
+    assert decoder.reused_tokens == 0
+    assert_pages_accounted(decoder)
 
 
 def test_an_engine_that_fails_ends_every_request_once_and_the_next_one_is_served(two_adapter_model):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from serving.paged_attention import reference_paged_attention, triton_paged_attention
+from serving.paged_attention import cpu_paged_attention, reference_paged_attention, triton_paged_attention
 
 
 def case(dtype=torch.float32, device="cpu", size=16, dim=16, heads=8, kv_heads=2, lengths=(1, 17, 100, 48)):
@@ -46,6 +46,25 @@ def test_each_row_attends_over_its_own_pages_up_to_its_length():
     keys[table[0, 1:].long()] = 1e4
     values[table[0, 1:].long()] = 1e4
     torch.testing.assert_close(reference_paged_attention(q, keys, values, table, lengths)[0], expected[0])
+
+
+def test_rows_sharing_a_prompt_starts_pages_read_them_once_and_attend_as_each_row_alone():
+    """Rows 0, 1, 3 list the same first three pages (a shared system prompt), row 2 the same
+    first page only, row 4 is idle (page 0, one position), row 5 its own pages: on CPU the
+    sharing rows read the start once and join it with their own pages; every row's result is
+    its own attention."""
+    q, keys, values, table, lengths = case(lengths=(70, 49, 60, 90, 1, 40), heads=6, kv_heads=2)
+    table[[1, 3], :3] = table[0, :3]
+    table[2, 0] = table[0, 0]
+    table[4] = 0
+    expected = one_by_one(q, keys, values, table, lengths)
+    torch.testing.assert_close(cpu_paged_attention(q, keys, values, table, lengths), expected)
+    # a row whose shared pages end where its own token is (49 = 3 pages + 1) still sees its own
+    torch.testing.assert_close(cpu_paged_attention(q[:2], keys, values, table[:2], lengths[:2]), expected[:2])
+    # bf16 pages: computed in fp32, given back in bf16
+    half = cpu_paged_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), table, lengths)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, rtol=0, atol=3e-2)
 
 
 triton_runs = importlib.util.find_spec("triton") is not None and (
