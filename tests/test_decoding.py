@@ -180,17 +180,16 @@ def assert_pages_accounted(decoder):
     assert set(decoder._free) | set(listed) == set(range(1, decoder.total_pages + 1))
 
 
-def test_requests_sharing_a_prompt_start_list_its_pages_and_give_the_tokens_of_generate(two_adapter_model):
-    """Four finance requests and one hr request start with the same 40 tokens (5 pages of 8),
+def assert_shared_starts_listed_and_answered(model, device="cpu", **decoder_options):
+    """Four finance requests and one hr request start with the same 80 tokens (5 pages of 16),
     all at once: the finance ones after the first list its 5 pages instead of computing or
     copying them (the hr one computes its own: other weights), decode side by side reading
     them once, and give generate()'s tokens; the pool's count of pages holds throughout."""
-    model = two_adapter_model
-    shared = [(7 * i + 3) % 150 + 2 for i in range(40)]
-    prompts = [shared + [5, 17, 42], shared + [9, 100, 11, 23], shared + [64], shared[:20] + [1, 2, 3],
+    shared = [(7 * i + 3) % 150 + 2 for i in range(80)]
+    prompts = [shared + [5, 17, 42], shared + [9, 100, 11, 23], shared + [64], shared[:40] + [1, 2, 3],
                shared + [5, 17, 42]]
     adapters = ["finance", "finance", "finance", "finance", "hr"]
-    decoder = StaticDecoder(model, max_batch=5, max_len=96, page_size=8)
+    decoder = StaticDecoder(model, max_batch=5, max_len=128, page_size=16, **decoder_options)
     engine = BatchingEngine(decoder)
     tables = []
     engine.on_step = lambda rows: tables.append([list(pages) for pages in decoder._row_pages])
@@ -199,14 +198,28 @@ def test_requests_sharing_a_prompt_start_list_its_pages_and_give_the_tokens_of_g
                                    for p, a in zip(prompts, adapters)])
     finally:
         engine.close()
-    assert outputs == [reference(model, p, a, 12) for p, a in zip(prompts, adapters)]
-    assert decoder.reused_tokens == 40 + 40 + 20
-    # while all five decoded: three slots listed the same first five pages, the hr slot others
+    assert outputs == [reference(model, p, a, 12, device) for p, a in zip(prompts, adapters)]
+    assert decoder.reused_tokens == 80 + 80 + 40
+    # once all five were in: three slots listed the same first five pages, the hr slot others
     together = [t for t in tables if all(t)]
     assert together
     starts = collections.Counter(tuple(pages[:5]) for pages in together[-1])
     assert sorted(starts.values()) == [1, 1, 3]
     assert_pages_accounted(decoder)
+
+
+def test_requests_sharing_a_prompt_start_list_its_pages_and_give_the_tokens_of_generate(two_adapter_model):
+    assert_shared_starts_listed_and_answered(two_adapter_model)
+
+
+@pytest.mark.gpu
+def test_shared_prompt_starts_on_gpu_are_read_through_the_table_and_give_the_tokens_of_generate(tiny_model_dir):
+    """The same on a GPU: decode steps replayed as CUDA graphs, the Triton kernels reading the
+    shared pages through each row's table (prefills eager: a graphed prefill computes its
+    whole prompt, so only prompts longer than every graph length share a start there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert_shared_starts_listed_and_answered(with_two_adapters(tiny_model_dir, "cuda"), "cuda", graph_prefill=False)
 
 
 def test_a_pool_too_small_for_every_copy_serves_shared_starts_and_takes_pages_back(two_adapter_model):
