@@ -283,6 +283,14 @@ class StaticDecoder:
         self._write_table(slot)
         return True
 
+    def slot_for(self, free: Sequence[int]) -> int:
+        """Of the free slots, the one to give a new request: one that holds no pages, so the
+        parked prompts stay to be shared (the same user's next turn takes its last one from
+        there); else one whose pages nobody else lists (reserve() would give up a shared one
+        whole); the lowest first."""
+        return min(free, key=lambda slot: (bool(self._row_pages[slot]),
+                                           any(self._refs[page] > 1 for page in self._row_pages[slot]), slot))
+
     def _write_table(self, slot: int) -> None:
         own = self._row_pages[slot]
         self._table[slot] = torch.tensor(own + [0] * (self.table_width - len(own)), dtype=torch.int32)
@@ -858,8 +866,8 @@ class BatchingEngine:
                 continue
             if None not in self._slots:
                 break
-            slot = self._slots.index(None)
             with self.guard:  # refresh_adapters() evicts parked pages from another thread, under the guard
+                slot = self.decoder.slot_for([i for i, held in enumerate(self._slots) if held is None])
                 reserved = self.decoder.reserve(slot, len(request.prompt_ids) + request.max_new_tokens)
             if not reserved:
                 break

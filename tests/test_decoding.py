@@ -223,17 +223,26 @@ def test_shared_prompt_starts_on_gpu_are_read_through_the_table_and_give_the_tok
 
 
 def test_a_pool_too_small_for_every_copy_serves_shared_starts_and_takes_pages_back(two_adapter_model):
-    """A cache of 12 pages of 8 for requests of 7 pages each that share 5: pages are given
-    by need, shared, parked and taken back (one slot's are freed only when no other lists
-    them) while requests wait; every answer is generate()'s and no page is lost."""
+    """A cache of 16 pages of 8 for requests of 7 pages that share 5: a request is given its
+    7 pages, lists the 5 shared ones of a slot that has them and gives its own back, so three
+    run at once where copies would fit two; pages are parked and taken back (a page only when
+    no slot lists it) while requests wait. Every answer is generate()'s and no page is lost."""
     model = two_adapter_model
     shared = [(5 * i + 1) % 150 + 2 for i in range(40)]
     prompts = [shared + [3 + i, 40 + i] for i in range(6)] + [[9, 100, 7] * 14]
-    adapters = ["finance", "finance", "hr", "finance", "hr", "finance", None]
-    decoder = StaticDecoder(model, max_batch=3, max_len=96, kv_tokens=96, page_size=8)
-    outputs = serve(decoder, prompts, adapters, 10)
+    adapters = ["finance", "finance", "hr", "finance", "finance", "hr", None]
+    decoder = StaticDecoder(model, max_batch=3, max_len=96, kv_tokens=128, page_size=8)
+    engine = BatchingEngine(decoder)
+    seen = []
+    engine.on_step = lambda rows: seen.append((rows, max(decoder._refs)))
+    try:
+        outputs = run_all(engine, [engine.submit(DecodeRequest(p, max_new_tokens=10, adapter=a))
+                                   for p, a in zip(prompts, adapters)])
+    finally:
+        engine.close()
     assert outputs == [reference(model, p, a, 10) for p, a in zip(prompts, adapters)]
-    assert decoder.reused_tokens > 0
+    assert max(refs for _, refs in seen) >= 2 and max(rows for rows, _ in seen) == 3
+    assert decoder.reused_tokens >= 2 * 40
     assert_pages_accounted(decoder)
 
 

@@ -48,22 +48,27 @@ def test_each_row_attends_over_its_own_pages_up_to_its_length():
     torch.testing.assert_close(reference_paged_attention(q, keys, values, table, lengths)[0], expected[0])
 
 
-def test_rows_sharing_a_prompt_starts_pages_read_them_once_and_attend_as_each_row_alone():
-    """Rows 0, 1, 3 list the same first three pages (a shared system prompt), row 2 the same
-    first page only, row 4 is idle (page 0, one position), row 5 its own pages: on CPU the
-    sharing rows read the start once and join it with their own pages; every row's result is
-    its own attention."""
+def test_rows_sharing_a_prompt_starts_pages_read_them_once_and_attend_as_each_row_alone(monkeypatch):
+    """Rows 0, 1, 3 list the same first three pages (a shared system prompt; row 1's own token
+    right after them), row 2 the same first page only, row 4 is idle (page 0, one position),
+    row 5 its own pages: on CPU the three read the start once and join it with their own pages,
+    the others are read alone; every row's result is its own attention."""
+    from serving import paged_attention
+
+    joined = []
+    join = paged_attention._shared_start_attention
+    monkeypatch.setattr(paged_attention, "_shared_start_attention",
+                        lambda q, *rest: joined.append(q.shape[0]) or join(q, *rest))
     q, keys, values, table, lengths = case(lengths=(70, 49, 60, 90, 1, 40), heads=6, kv_heads=2)
     table[[1, 3], :3] = table[0, :3]
     table[2, 0] = table[0, 0]
     table[4] = 0
     expected = one_by_one(q, keys, values, table, lengths)
     torch.testing.assert_close(cpu_paged_attention(q, keys, values, table, lengths), expected)
-    # a row whose shared pages end where its own token is (49 = 3 pages + 1) still sees its own
-    torch.testing.assert_close(cpu_paged_attention(q[:2], keys, values, table[:2], lengths[:2]), expected[:2])
-    # bf16 pages: computed in fp32, given back in bf16
+    assert joined == [3]
+    # bf16 pages: joined in fp32, given back in bf16
     half = cpu_paged_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), table, lengths)
-    assert half.dtype == torch.bfloat16
+    assert half.dtype == torch.bfloat16 and joined == [3, 3]
     torch.testing.assert_close(half.float(), expected, rtol=0, atol=3e-2)
 
 
