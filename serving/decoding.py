@@ -215,7 +215,7 @@ class StaticDecoder:
         # what a slot given a new request still holds of its last prompt: a start for that slot
         # alone, since it may write over it
         self._own_start: list[tuple[str | None, tuple[int, ...]] | None] = [None] * max_batch
-        self.reused_tokens = 0  # prompt tokens copied from another slot instead of computed
+        self.reused_tokens = 0  # prompt tokens taken from another slot (shared or copied) instead of computed
         cuda = self.device.type == "cuda"
         # Norms and rotary embeddings are a dozen tiny kernels each; compiled, a few fused ones.
         elementwise = (_rms_norm, _rope, _add_norm, _gated, _norm_rope)
@@ -302,7 +302,7 @@ class StaticDecoder:
 
     def release(self, slot: int) -> None:
         """The request in `slot` is done: its pages stay parked, as a prompt start another
-        request may copy, until the pool needs them."""
+        request may share, until the pool needs them."""
         if self._row_pages[slot] and self._slot_prompts[slot] is not None:
             self._parked.append(slot)
         else:
@@ -497,7 +497,7 @@ class StaticDecoder:
         final = hidden[:, -1] if last is None else hidden.index_select(1, last)[:, 0]
         return self.head(self.decoder.norm(final)).float()
 
-    # A shared prompt start shorter than this is recomputed: the copy would not pay.
+    # A shared prompt start shorter than this is recomputed: taking it would not pay.
     MIN_REUSED_PREFIX = 16
 
     def _reusable_prefix(self, prompt_ids: Sequence[int], adapter: str | None,
