@@ -331,12 +331,13 @@ def _suffixes_loss(model, examples: list[dict[str, list[int]]], prefix: int, dev
             module.train(True)
     tails = [example["input_ids"][prefix:] for example in examples]
     rows = suffix_rows([len(tail) for tail in tails], prefix, key_cost(model.config))
-    width = max(sum(len(tails[i]) for i in row) for row in rows)
+    filled = [sum(len(tails[i]) for i in row) for row in rows]
+    width = max(filled)
     # Each row: its suffixes side by side, then padding; each token sees the prefix and its own
     # suffix. Padding sees the prefix only (a query that sees nothing gives NaN) and predicts nothing.
     ids, positions, segments, targets = [], [], [], []
-    for row in rows:
-        pad = width - sum(len(tails[i]) for i in row)
+    for row, used in zip(rows, filled):
+        pad = width - used
         ids.append([token for i in row for token in tails[i]] + [0] * pad)
         positions.append([prefix + j for i in row for j in range(len(tails[i]))] + [prefix] * pad)
         segments.append([i for i in row for _ in tails[i]] + [-1] * pad)

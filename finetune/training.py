@@ -524,5 +524,6 @@ def key_cost(config) -> int:
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     per_layer = (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-                 + 3 * hidden * getattr(text, "intermediate_size", 4 * hidden) + text.vocab_size * hidden / text.num_hidden_layers)
+                 + 3 * hidden * getattr(text, "intermediate_size", 4 * hidden)
+                 + text.vocab_size * hidden / text.num_hidden_layers)
     return round(2.25 * 4 * per_layer / (14 * heads * head_dim))
