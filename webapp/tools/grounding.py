@@ -118,42 +118,64 @@ def _takes_calendar(spec: ToolSpec, parameter: str) -> str | None:
         return None
 
 
-def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
-                     today: dt.date | None = None) -> tuple[dict[str, Any], dict]:
-    """(arguments, {parameter: the model's value}) for every argument the question overruled."""
+def held_values(spec: ToolSpec, question: str, today: dt.date | None = None) -> dict[str, tuple[str, bool]]:
+    """Each grounded parameter's value the question alone holds -> (the value, whether the
+    calendar read it): the one period it names where the parameter takes calendar periods,
+    else the one closed value it spells, unqualified. Nothing under a contrast or negation."""
     question = unicodedata.normalize("NFKC", question)  # ｅｘｃｅｐｔ is except
     if not spec.ground or _CONTRAST.search(question):
-        return dict(arguments), {}
+        return {}
     today = today or dt.date.today()
     mentions = calendar.read(question, today)
     period, named = calendar.one_period(question, mentions)
     # the calendar's words are its own: 今年 in 今年3月 spells no closed value
     rest = calendar.blank(question, ((m.start, m.end) for m in mentions))
-    result, overruled = dict(arguments), {}
+    held: dict[str, tuple[str, bool]] = {}
     for parameter in sorted(spec.ground):
         table = closed_spellings(spec, parameter)
         values, qualified = spelled(rest, table)
-        current = result.get(parameter)
         pattern = _takes_calendar(spec, parameter)
         if named and pattern:  # the question names the calendar: it holds the value, or nothing does
-            if period is not None and not values and re.fullmatch(pattern, period.form) and current != period.form:
-                overruled[parameter] = current
-                result[parameter] = period.form
+            if period is not None and not values and re.fullmatch(pattern, period.form):
+                held[parameter] = (period.form, True)
             continue
         # a number beside a spelled period makes it a finer one (上个月3号); beside other values
         # it is what is asked about (一共卖了多少台, 前3名)
         if len(set(table.values())) < 2 or len(values) != 1 or (qualified and pattern):
             continue
-        (value,) = values
-        default = ((spec.parameters.get("properties") or {}).get(parameter) or {}).get("default")
         # a period spelling beside other words of time (去年同期, 上个季度之前那个季度, the last
         # quarter of 2025) is part of a longer reading: the model's may be the better one
         if pattern and _says_more(rest, table):
             continue
+        held[parameter] = (values.pop(), False)
+    return held
+
+
+def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
+                     today: dt.date | None = None) -> tuple[dict[str, Any], dict]:
+    """(arguments, {parameter: the model's value}) for every argument the question overruled."""
+    result, overruled = dict(arguments), {}
+    for parameter, (value, by_calendar) in held_values(spec, question, today).items():
+        current = result.get(parameter)
+        if by_calendar:
+            if current != value:
+                overruled[parameter] = current
+                result[parameter] = value
+            continue
+        default = ((spec.parameters.get("properties") or {}).get(parameter) or {}).get("default")
         # a calendar value the model wrote where the spelled value is all the question says of
         # when (上月 -> 2026-Q3) is its own guess; other values outside the set: validation's
         if (current if current is not None else default) != value and (
-                current is None or current in table.values() or pattern):
+                current is None or current in closed_spellings(spec, parameter).values()
+                or _takes_calendar(spec, parameter)):
             overruled[parameter] = current
             result[parameter] = value
     return result, overruled
+
+
+def spelled_call(spec: ToolSpec, question: str, today: dt.date | None = None) -> dict[str, str] | None:
+    """The arguments of a call of this tool that the question spells whole: a value held for
+    every grounded parameter (a region, a period and a metric), or None. An answer in prose
+    to such a question cannot hold the figure it asks for."""
+    held = held_values(spec, question, today)
+    return {parameter: value for parameter, (value, _) in held.items()} if spec.ground and set(held) == set(spec.ground) else None
