@@ -34,7 +34,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from serving.guided import mask_rows
-from serving.paged_attention import paged_attention
+from serving.paged_attention import gathered_pages, paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +483,8 @@ class StaticDecoder:
                 values[write_page, :, write_offset] = v[0]
                 v = v.transpose(1, 2)
                 if context is not None:  # the new tokens also see the positions before them
-                    k = keys[context].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[None, :, :start + length]
-                    v = values[context].transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[None, :, :start + length]
+                    k = gathered_pages(keys, context)[None, :, :start + length]
+                    v = gathered_pages(values, context)[None, :, :start + length]
                 out = torch.nn.functional.scaled_dot_product_attention(
                     q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=not start,
                     attn_mask=causal_lower_right(length, start + length) if start else None)
