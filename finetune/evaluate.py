@@ -43,6 +43,9 @@ class EvalCase:
     # offered tools a call of which nothing the user said asks for: serving decodes an answer
     # opening with one again (webapp.tools.grounding.asks_for), and so does the gate
     unasked_tools: list[str] = field(default_factory=list)
+    # the offered tool whose every grounded parameter the question spells a value of: an
+    # answer without a call is decoded again as its call (webapp.tools.grounding.spelled_call)
+    spelled_tool: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__

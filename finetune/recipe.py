@@ -626,24 +626,31 @@ def greedy_engine(model, prompts: list[list[int]], new_tokens: int, requests: in
 
 def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int]], Any]],
                    tools: Sequence[Sequence[dict] | None], done: Callable[[int], None] | None = None,
-                   unasked: Sequence[Collection[str]] | None = None) -> list[tuple[list[int], str, bool]]:
+                   unasked: Sequence[Collection[str]] | None = None,
+                   spelled: Sequence[Callable[[], Any] | None] | None = None) -> list[tuple[list[int], str, bool]]:
     """The greedy answer to each request as the app serves it (webapp/turn.py): one that copies
     its offered tools' definitions back is stopped as soon as that is certain, and one that is
     nothing but a call of a tool in `unasked[i]` (nothing the user said asks for it) is read
     when it ends; both are decoded again without their first token while
     serving.degeneration.decode_again allows, and the decodings again join the batch still
-    running. `requests[i](not_first)` builds request i. Returns (tokens, finish reason,
-    whether it still copies) per request, in order; `done(count)` as each answer is final."""
+    running. An answer with no call where `spelled[i]` builds one (the question spells a whole
+    call of one tool) is decoded again from that request, whose prompt opens the call; its
+    tokens are returned after the opening's. `requests[i](not_first)` builds request i.
+    Returns (tokens, finish reason, whether it still copies) per request, in order;
+    `done(count)` as each answer is final."""
     from finetune.evaluate import calls_unasked
     from serving.degeneration import copies_tools, decode_again, tool_copies
+    from serving.guided import CALL_OPENING
 
     copies = [tool_copies(offered or ()) for offered in tools]
-    waiting = collections.deque((i, 0, frozenset(), engine.submit(make(frozenset())))
+    opening = tokenizer(CALL_OPENING, add_special_tokens=False)["input_ids"]
+    # (request index, attempt, banned first tokens, whether its prompt opened a call, the request)
+    waiting = collections.deque((i, 0, frozenset(), False, engine.submit(make(frozenset())))
                                 for i, make in enumerate(requests))
     out: list[tuple[list[int], str, bool] | None] = [None] * len(requests)
     final = 0
     while waiting:
-        i, attempt, banned, request = waiting.popleft()
+        i, attempt, banned, opened, request = waiting.popleft()
         tokens, copying, ended = [], None, False
         while not ended:
             for item in request.drain(timeout=3600):
@@ -653,17 +660,20 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
                     ended = True
                 else:
                     tokens.append(item)
-            if copying is None:
+            if copying is None and not opened:
                 copying = copies_tools(tokenizer.decode(tokens, skip_special_tokens=True), copies[i])
                 if copying:  # certain: the rest of it is not worth decoding
                     request.cancelled.set()
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        made_up = not copying and unasked is not None and calls_unasked(text, unasked[i])
+        made_up = not copying and not opened and unasked is not None and calls_unasked(text, unasked[i])
         if (copying or made_up) and decode_again(text, tokens[0], banned, attempt):
             banned = banned | {tokens[0]}
-            waiting.append((i, attempt + 1, banned, engine.submit(requests[i](banned))))
+            waiting.append((i, attempt + 1, banned, False, engine.submit(requests[i](banned))))
             continue
-        out[i] = (tokens, request.finish_reason, bool(copying))
+        if not copying and not opened and spelled is not None and spelled[i] is not None and "<tool_call>" not in text:
+            waiting.append((i, attempt + 1, banned, True, engine.submit(spelled[i]())))
+            continue
+        out[i] = ([*opening, *tokens] if opened else tokens, request.finish_reason, bool(copying))
         final += 1
         if done is not None:
             done(final)
@@ -746,36 +756,45 @@ def evaluate(cfg: RecipeConfig, model, tokenizer) -> None:
     paged-cache decoder (each row with its own adapter): the cases share their decode steps."""
     from serving.chat_format import render_chat
     from serving.decoding import DecodeRequest, stop_token_ids
-    from serving.guided import GuideVocabulary, ToolCallGuide
+    from serving.guided import CALL_OPENING, GuideVocabulary, ToolCallGuide
 
     cases = [json.loads(line) for line in Path(cfg.eval_cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     model.eval()
     if cfg.active_adapter:
         model.load_adapter(cfg.active_adapter, adapter_name="active")
-    prompts = [tokenizer(render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True,
-                                     thinking=cfg.thinking), add_special_tokens=False)["input_ids"] for case in cases]
+    texts = [render_chat(tokenizer, case["messages"], case.get("tools"), add_generation_prompt=True,
+                         thinking=cfg.thinking) for case in cases]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    # a case whose question spells a whole call of one tool: its prompt with that call opened
+    spelled = [next((tool for tool in case.get("tools") or () if tool["function"]["name"] == case.get("spelled_tool")),
+                    None) for case in cases]
+    opened = [tokenizer(text + CALL_OPENING, add_special_tokens=False)["input_ids"] if tool else None
+              for text, tool in zip(texts, spelled)]
     stop = stop_token_ids(tokenizer, model)
-    engine = greedy_engine(model, prompts, cfg.eval_max_new_tokens, 2 * len(cases))
+    engine = greedy_engine(model, prompts + [p for p in opened if p], cfg.eval_max_new_tokens, 2 * len(cases))
     guides = [ToolCallGuide.from_tools(case["tools"]) if cfg.guided_tool_calls and case.get("tools") else None
               for case in cases]
+    one_tool = [ToolCallGuide.from_tools([tool]) if cfg.guided_tool_calls and tool else None for tool in spelled]
     try:  # as serving does: where the grammar cannot be built, calls are decoded unguided
         vocabulary = GuideVocabulary.for_model(tokenizer, model) if any(guides) else None
     except Exception as exc:
         print(f"tool calls evaluated unguided: {exc}", file=sys.stderr)
-        guides = [None] * len(cases)
+        guides = one_tool = [None] * len(cases)
 
-    def request(number: int, who: str, not_first: frozenset[int]) -> DecodeRequest:
-        guide = guides[number]
-        return DecodeRequest(prompts[number], cfg.eval_max_new_tokens, adapter="default" if who == "candidate" else (
-            "active" if cfg.active_adapter else None), stop_ids=stop, not_first=not_first,
-            guide=guide.session(vocabulary) if guide else None)
+    def request(number: int, who: str, not_first: frozenset[int] = frozenset(), call: bool = False) -> DecodeRequest:
+        guide = one_tool[number].opened() if call and one_tool[number] else None if call else guides[number]
+        return DecodeRequest(opened[number] if call else prompts[number], cfg.eval_max_new_tokens,
+                             adapter="default" if who == "candidate" else ("active" if cfg.active_adapter else None),
+                             stop_ids=stop, not_first=not_first, guide=guide.session(vocabulary) if guide else None)
 
     order = [(number, who) for number in range(len(cases)) for who in ("candidate", "active")]
     try:
         answers = served_answers(engine, tokenizer, [functools.partial(request, n, who) for n, who in order],
                                  [cases[n].get("tools") for n, _ in order],
                                  lambda done: report(cfg, "eval_progress", case=(done + 1) // 2, cases=len(cases)),
-                                 [cases[n].get("unasked_tools") or () for n, _ in order])
+                                 [cases[n].get("unasked_tools") or () for n, _ in order],
+                                 [functools.partial(request, n, who, call=True) if spelled[n] else None
+                                  for n, who in order])
     finally:
         engine.close()
     outputs: dict[str, list[str]] = {"candidate": [], "active": []}

@@ -89,7 +89,8 @@ class RefreshRunner:
                  promote: Callable[[str, str], None],
                  vocabulary_for_department: Callable[[str], Vocabulary] = lambda department: {},
                  passages_for: Callable[[str, str], list[dict]] = lambda department, question: [],
-                 unasked_tools_for: Callable[[str, list[str]], list[str]] = lambda department, said: []):
+                 unasked_tools_for: Callable[[str, list[str]], list[str]] = lambda department, said: [],
+                 spelled_tool_for: Callable[[str, str], str | None] = lambda department, question: None):
         self.db = db
         self.settings = settings
         self.base_model = base_model  # the folder the app serves (the embedded model is converted lazily)
@@ -101,6 +102,7 @@ class RefreshRunner:
         self.passages_for = passages_for  # (department, question) -> the passages the app would give it
         # (department, the user's last two messages) -> the offered tools they do not ask a call of
         self.unasked_tools_for = unasked_tools_for
+        self.spelled_tool_for = spelled_tool_for
         self._running: dict[str, threading.Event] = {}  # department -> cancel event
         self._guard = threading.Lock()
 
@@ -182,6 +184,7 @@ class RefreshRunner:
         for case in cases:  # as serving reads them: the question and the user's message before it
             said = [m.get("content") or "" for m in case.messages if m["role"] == "user"][-2:]
             case.unasked_tools = self.unasked_tools_for(department_id, said)
+            case.spelled_tool = self.spelled_tool_for(department_id, said[-1]) if said else None
         (run_dir / "eval.jsonl").write_text("\n".join(json.dumps(c.to_json(), ensure_ascii=False) for c in cases),
                                             encoding="utf-8")
         version = registry.next_version(self.db, department_id)

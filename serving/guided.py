@@ -22,6 +22,7 @@ Used by both decoding paths: `GuideLogitsProcessor` for transformers' generate()
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -32,6 +33,8 @@ from typing import Any, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 CALL_OPEN, CALL_CLOSE = b"<tool_call>", b"</tool_call>"
+# How the chat templates open a call: an answer required to call begins with it in its prompt.
+CALL_OPENING = "<tool_call>\n"
 THINK_OPEN, THINK_CLOSE = b"<think>", b"</think>"
 # Whitespace the model may put around the call's JSON and inside it: Qwen3 writes one newline
 # on each side; a bound keeps a weak model from filling its budget with blank lines.
@@ -105,6 +108,7 @@ class ToolCallGuide:
     """What a valid call may contain; built once per set of offered tools."""
 
     schema_json: str  # the calls' schema, serialized (key order kept): the cache key of the compiled grammar
+    inside: bool = False  # the answer's prompt ends with CALL_OPENING: it starts inside the call
 
     @classmethod
     def from_tools(cls, tools: Sequence[Mapping[str, Any]],
@@ -116,8 +120,15 @@ class ToolCallGuide:
         schema = choices[0] if len(choices) == 1 else {"anyOf": choices}
         return cls(json.dumps(schema, ensure_ascii=False, sort_keys=False))
 
+    def opened(self) -> "ToolCallGuide":
+        """This guide for an answer whose prompt already opened the call (ends with CALL_OPENING)."""
+        return dataclasses.replace(self, inside=True)
+
     def session(self, vocabulary: "GuideVocabulary") -> "GuidedSession":
-        return GuidedSession(vocabulary.compile(self), vocabulary)
+        session = GuidedSession(vocabulary.compile(self), vocabulary)
+        if self.inside:
+            session.begin_inside(CALL_OPENING.encode())
+        return session
 
 
 class GuideVocabulary:
@@ -212,6 +223,13 @@ class GuidedSession:
             # the opening token carried what no valid call begins with: unguided to its end
             log.debug("tool call began off the grammar: %r", rest[:40])
             self.matcher = None
+
+    def begin_inside(self, opening: bytes) -> None:
+        """The answer's prompt ends with `opening` (a call's tag and what follows it): the first
+        token is already the call's."""
+        self.text += opening
+        self.call_start = len(self.text) - len(opening) + len(CALL_OPEN)
+        self._open_matcher(bytes(self.text[self.call_start:]))
 
     def _thinking_at(self, position: int) -> bool:
         return self.text.rfind(THINK_OPEN, 0, position) > self.text.rfind(THINK_CLOSE, 0, position)

@@ -251,10 +251,12 @@ class ScriptedModel:
         self.outputs = list(outputs)
         self.prompts: list[str] = []
         self.not_first: list[frozenset[int]] = []  # the tokens each generation might not open with
+        self.guides: list = []  # each generation's guide (a script follows none)
 
-    def __call__(self, prompt, params, adapter, result, guide=None, not_first=frozenset()):  # a script needs no guide
+    def __call__(self, prompt, params, adapter, result, guide=None, not_first=frozenset()):
         self.prompts.append(prompt)
         self.not_first.append(not_first)
+        self.guides.append(guide)
         text = self.outputs.pop(0)
         result.prompt_tokens, result.completion_tokens, result.finish_reason = len(prompt) // 4, len(text) // 4, "stop"
         result.first_token = ord(text[0]) if text else None  # a script's "token" is its first character

@@ -136,6 +136,21 @@ def test_valid_calls_aliases_and_text_are_left_alone(tokenizer, vocabulary, guid
         assert follows(tokenizer, guide.session(vocabulary), text) == [], text
 
 
+def test_an_answer_whose_prompt_opened_the_call_is_held_from_its_first_token(tokenizer, vocabulary):
+    """A question spelling a whole call, answered in prose, is decoded again with the call's tag
+    at the end of its prompt (webapp/turn.py): the guide starts inside the call, for that tool."""
+    from serving.guided import CALL_OPENING
+
+    opened = ToolCallGuide.from_tools([SALES], ALIASES).opened()
+    body = GOOD[GOOD.index(CALL_OPENING) + len(CALL_OPENING):]
+    wanted = ["The company's sales were strong.", body]
+    assert decode(tokenizer, wanted, None) == wanted[0]  # what the model writes unguided
+    assert decode(tokenizer, wanted, opened.session(vocabulary)) == body
+    assert follows(tokenizer, opened.session(vocabulary), body) == []  # the call itself is left alone
+    lookup = body.replace('"query_sales"', '"lookup_customer"')
+    assert follows(tokenizer, opened.session(vocabulary), lookup)  # another tool's name is refused
+
+
 @pytest.mark.parametrize("top, refused", [("12", False), ("50", True), ("0", True), ("-3", True), ("2.5", True)])
 def test_numbers_are_held_to_their_type_and_bounds(tokenizer, vocabulary, guide, top, refused):
     call = GOOD.replace('"units"}', f'"units", "top": {top}}}')

@@ -816,3 +816,30 @@ def test_the_gate_decodes_again_an_answer_that_calls_a_tool_nothing_asked_for(ti
         engine.close()
     assert asked[0] == brace and again == without_first and again[0] != brace
     assert ("{", ("query_sales",)) in seen
+
+
+def test_the_gate_decodes_as_its_call_an_answer_without_one_to_a_question_spelling_a_whole_call(tiny_base):
+    """As a turn does: a case whose question spells a whole call of one tool, answered without a
+    call, is decoded again from its prompt with the call opened; the tokens scored begin with
+    the opening. A case that spells none keeps its answer. (The random model writes no call.)"""
+    from serving.decoding import DecodeRequest
+    from serving.guided import CALL_OPENING
+
+    model, tokenizer = tiny_base
+    text = "在吗？老板要华东上个月的销售额，急"
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    opened = tokenizer(text + CALL_OPENING, add_special_tokens=False)["input_ids"]
+    engine = recipe.greedy_engine(model, [opened], 12, 4)
+
+    def make(not_first):
+        return DecodeRequest(prompt, 12, not_first=not_first)
+
+    try:
+        [(prose, _, _), (served, _, _)] = recipe.served_answers(
+            engine, tokenizer, [make, make], [None, None], spelled=[None, lambda: DecodeRequest(opened, 12)])
+        direct = engine.submit(DecodeRequest(opened, 12)).collect(timeout=60)
+    finally:
+        engine.close()
+    assert "<tool_call>" not in tokenizer.decode(prose)
+    assert served == tokenizer(CALL_OPENING, add_special_tokens=False)["input_ids"] + direct
+    assert tokenizer.decode(served).startswith("<tool_call>")

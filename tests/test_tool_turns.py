@@ -145,6 +145,43 @@ def test_a_made_up_call_the_model_keeps_choosing_runs_as_it_wrote_it(services, s
     assert final.answer == "本月华南的数据见上。"
 
 
+@pytest.mark.parametrize("question, arguments", [
+    ("在吗？老板要华东上个月的销售额，急", {"region": "华东", "period": "last_month"}),  # revenue: the default
+    ("Boss needs Central China unit sales for March 2026 asap, thx!",
+     {"region": "华中", "period": "2026-03", "metric": "units"}),
+])
+def test_prose_to_a_question_spelling_a_whole_call_is_decoded_again_as_that_call(services, script, question,
+                                                                                   arguments):
+    """A chatty question naming a region, a period and a metric drew prose from the small
+    model after a night: no figure can be right without the sales system. The prose is never
+    shown; the answer is decoded again with the call opened, guided to that one tool."""
+    from serving.guided import CALL_OPENING
+
+    written = json.dumps({"name": "query_sales", "arguments": {"region": "华东", "period": "this_month"}},
+                         ensure_ascii=False)
+    model = script("The company's sales were strong last month.", written + "\n</tool_call>", "见上。")
+    updates = run(services.engine.turns, services.auth.current_user("finance-employee"), question)
+    assert model.prompts[1] == model.prompts[0] + CALL_OPENING
+    assert model.guides[1].inside and '"query_sales"' in model.guides[1].schema_json
+    assert "search_knowledge_base" not in model.guides[1].schema_json and not model.guides[0].inside
+    assert not any("strong" in (i.get("content") or "") for u in updates for i in u.items)
+    (ran,) = [i for i in updates[-1].items if i["type"] == "tool"]
+    assert ran["status"] == "ok" and ran["arguments"] == arguments
+    assert updates[-1].answer == "见上。"
+
+
+@pytest.mark.parametrize("question", [
+    "帮我写一封邮件，祝贺华东团队上个季度超额完成目标",  # no metric: nothing to look up
+    "华东上个月的销售额比去年同期高吗？",  # a comparison: the model's plan, not one spelled call
+    "华东和华南上个月的销售额",  # two regions
+    "What's the weather in Shanghai?",
+])
+def test_prose_to_a_question_not_spelling_a_whole_call_stands(services, script, question):
+    model = script("这个我来帮你写。")
+    final = run(services.engine.turns, services.auth.current_user("finance-employee"), question)[-1]
+    assert len(model.prompts) == 1 and final.answer == "这个我来帮你写。"
+
+
 def test_hermes_rendering_matches_qwen_layout():
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]
     messages = hermes_messages([

@@ -165,7 +165,8 @@ def open_services(settings: Settings, model: ModelService | None = None,
             db, refresh_settings(settings), lambda: model.path, settings.resolved_adapters_dir,
             settings.data_dir / "runs", lambda department: department_tools(db, tools, department),
             adapters.activate, lambda department: department_vocabulary(tools, department),
-            department_passages(knowledge), lambda department, said: department_unasked_tools(tools, department, said))
+            department_passages(knowledge), lambda department, said: department_unasked_tools(tools, department, said),
+            lambda department, question: department_spelled_tool(tools, department, question))
         nightly = NightlyRefresh(db, runner, settings.refresh_cron,
                                  housekeeping=[cache.prune_lookups] if cache is not None else [])
     except BaseException:
@@ -239,6 +240,17 @@ def department_unasked_tools(tools: ToolExecutor, department_id: str, said: list
     from webapp.tools.grounding import asks_for
 
     return [spec.name for spec in tools.tools_for(_employee_of(department_id)) if not asks_for(spec, said)]
+
+
+def department_spelled_tool(tools: ToolExecutor, department_id: str, question: str) -> str | None:
+    """The one tool an employee of the department is offered whose whole call `question` spells
+    (webapp.tools.grounding.spelled_call): an answer without a call is decoded again as its
+    call, in serving and in the gate."""
+    from webapp.tools.grounding import spelled_call
+
+    spelled = [spec.name for spec in tools.tools_for(_employee_of(department_id))
+               if spelled_call(spec, question, tools.today()) is not None]
+    return spelled[0] if len(spelled) == 1 else None
 
 
 def department_vocabulary(tools: ToolExecutor, department_id: str) -> dict:

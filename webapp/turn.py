@@ -19,7 +19,7 @@ from serving.degeneration import (
     decode_again,
     tool_copies,
 )
-from serving.guided import ToolCallGuide
+from serving.guided import CALL_OPENING, ToolCallGuide
 from storage import chats, tool_audit
 from storage import knowledge as knowledge_store
 from storage.accounts import User
@@ -36,7 +36,7 @@ from webapp.i18n import bilingual
 from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.prompt import ContextWindow
 from webapp.tools.executor import ToolExecutor, ToolOutcome
-from webapp.tools.grounding import asks_for
+from webapp.tools.grounding import asks_for, spelled_call
 from webapp.tools.parser import parse_output, split_thinking, visible_text
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ class TurnRunner:
         its attachments; None in the rounds that go on after an approval): its closed values
         hold the first call (webapp.tools.grounding), and with the user's message before it
         (a follow-up's context) it must name something a first call opening the answer is
-        held to, or the answer is decoded again without it."""
+        held to, or the answer is decoded again without it; where it spells a whole call of one
+        offered tool, an answer without a call is decoded again as that call."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
         system, window = self.system(), self.window()
         passages = self.conversations.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
@@ -221,9 +222,10 @@ class TurnRunner:
             history = with_passages(self.conversations.history_messages(update.conversation_id), passages)
             prompt = window.render([system, *window.trim(system, history, tools)], tools)
             update.items.append({"type": "text", "content": ""})
-            unasked = self._unasked_call([t for t in (before, question) if t], tools) \
-                if round_index == 0 and question is not None else None
-            raw, message_id, cut = yield from self._generate(user, update, prompt, guide, tools, unasked)
+            first = round_index == 0 and question is not None
+            unasked = self._unasked_call([t for t in (before, question) if t], tools) if first else None
+            spelled = self._spelled_tool(question, tools) if first else None
+            raw, message_id, cut = yield from self._generate(user, update, prompt, guide, tools, unasked, spelled)
             parsed = parse_output(raw, known)
             # a copy of the tools is kept for reviewers, not shown
             shown = "" if cut == COPIED_TOOLS else parsed.text
@@ -281,8 +283,19 @@ class TurnRunner:
                        if call.name in offered and (spec := registry.get(call.name)))
         return unasked
 
+    def _spelled_tool(self, question: str, tools: list[dict]) -> dict | None:
+        """The one offered tool whose every grounded parameter the question spells a value of
+        (webapp.tools.grounding.spelled_call: 华东上个月的销售额), or None. Nothing but its call
+        can answer the question: the model does not know the figure."""
+        registry = self.executor.registry if self.executor else None
+        if registry is None:
+            return None
+        spelled = [tool for tool in tools if (spec := registry.get(tool["function"]["name"]))
+                   and spelled_call(spec, question, self.executor.today()) is not None]
+        return spelled[0] if len(spelled) == 1 else None
+
     def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None,
-                  tools: list[dict] | None = None, unasked=None):
+                  tools: list[dict] | None = None, unasked=None, spelled: dict | None = None):
         """One generation, streamed into the last text item; stores the assistant message.
         Returns (raw output, message id, why it was cut (serving.degeneration) or None).
 
@@ -291,7 +304,10 @@ class TurnRunner:
         its first token (the model's next choice: a call, or prose) while
         serving.degeneration.decode_again allows (the backend must tell the token). So is an
         answer that opens with a call nothing the user said asks for (`unasked(raw)`); where
-        it stays, it runs as the model wrote it."""
+        it stays, it runs as the model wrote it. An answer with no call to a question that
+        spells a whole call of the tool `spelled` is held back and decoded again with the call
+        opened (its prompt ends with the call's tag, guided to that tool): chatty questions
+        (在吗？老板要华东上个月的销售额，急) drew prose from a model taught on short ones."""
         copies = tool_copies(tools or ())
         raw, ttft_ms, why = "", None, None
         started = time.perf_counter()
@@ -319,7 +335,7 @@ class TurnRunner:
                         if copying:
                             why = COPIED_TOOLS
                             break
-                        if copying is False and shown != update.items[-1]["content"]:
+                        if copying is False and spelled is None and shown != update.items[-1]["content"]:
                             update.items[-1]["content"] = update.answer = shown
                             yield update.snapshot()
                     completed = True
@@ -335,6 +351,21 @@ class TurnRunner:
                          "called a tool nothing in the question asks for" if made_up else
                          "copied the tool definitions back")
                 banned |= {result.first_token}
+            if spelled is not None and why is None and completed and not parse_output(raw).calls:
+                log.info("the answer to a question spelling a whole %s call had none; decoding it as that call",
+                         spelled["function"]["name"])
+                result, completed = GenerationResult(), False
+                opened = self.guide([spelled])
+                pieces = self.model.stream(prompt + CALL_OPENING, self.settings.generation, update.adapter_slot,
+                                           result, guide=opened.opened() if opened else None)
+                try:
+                    raw = CALL_OPENING + "".join(pieces)
+                    completed = True
+                finally:
+                    pieces.close()
+                    update.completion_tokens += result.completion_tokens
+                    prompt_tokens += result.prompt_tokens
+                    completion_tokens += result.completion_tokens
             if why is None and (shown := visible_text(raw)) != update.items[-1]["content"]:  # what was held back
                 update.items[-1]["content"] = update.answer = shown
                 yield update.snapshot()
