@@ -175,6 +175,8 @@ def test_prose_to_a_question_spelling_a_whole_call_is_decoded_again_as_that_call
     "华东上个月的销售额比去年同期高吗？",  # a comparison: the model's plan, not one spelled call
     "华东和华南上个月的销售额",  # two regions
     "What's the weather in Shanghai?",
+    "请把这句话翻译成英文：华南区本月销量创新高。",  # work on the text it hands over
+    "Draft a note to the East China team: their revenue last month beat the plan.",
 ])
 def test_prose_to_a_question_not_spelling_a_whole_call_stands(services, script, question):
     model = script("这个我来帮你写。")
