@@ -351,7 +351,8 @@ class TurnRunner:
                          "called a tool nothing in the question asks for" if made_up else
                          "copied the tool definitions back")
                 banned |= {result.first_token}
-            if spelled is not None and why is None and completed and not parse_output(raw).calls:
+            if spelled is not None and why is None and completed and not result.error and not (
+                    (parsed := parse_output(raw)).calls or parsed.errors):
                 log.info("the answer to a question spelling a whole %s call had none; decoding it as that call",
                          spelled["function"]["name"])
                 result, completed = GenerationResult(), False
