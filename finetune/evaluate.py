@@ -103,7 +103,7 @@ def load_functional_set(tools: Sequence[dict] | None, system_prompt: str, path: 
     return cases
 
 
-def _calls(output: str) -> tuple[list[dict], int]:
+def calls_in(output: str) -> tuple[list[dict], int]:
     """(parsed calls, malformed blocks) in an output."""
     calls, bad = [], 0
     for body in _TOOL_RE.findall(output):
@@ -121,7 +121,7 @@ def _calls(output: str) -> tuple[list[dict], int]:
 
 def calls_unasked(output: str, unasked: Collection[str]) -> bool:
     """Whether `output` is nothing but tool calls, one of them to a tool in `unasked`."""
-    calls, _ = _calls(output)
+    calls, _ = calls_in(output)
     return bool(unasked) and not _TOOL_RE.sub("", output).strip() and any(c.get("name") in unasked for c in calls)
 
 
@@ -161,7 +161,7 @@ def score(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[str, float]
     no_tool_total, false_calls = 0, 0
     recall: dict[str, list[float]] = {"text": [], "general": []}
     for case, output in zip(cases, outputs):
-        calls, bad = _calls(output)
+        calls, bad = calls_in(output)
         if calls or bad:
             with_markup += 1
             valid_markup += bad == 0
@@ -194,7 +194,7 @@ def per_case_scores(cases: Sequence[EvalCase], outputs: Sequence[str]) -> dict[s
     for case, output in zip(cases, outputs):
         if case.kind == "tool":
             continue
-        calls, bad = _calls(output)
+        calls, bad = calls_in(output)
         scores["no_false_tool_calls"].append(float(not (calls or bad)))
         if case.keywords:
             metric = "keyword_recall" if case.kind == "text" else "general_recall"
@@ -221,7 +221,7 @@ def worse_cases(cases: Sequence[EvalCase], active: Sequence[str], candidate: Seq
     worse: dict[str, list[str]] = {}
     for case, before, after in zip(cases, active, candidate):
         name = case.name or last_question(case.messages)[:60]
-        (calls_before, bad_before), (calls_after, bad_after) = _calls(before), _calls(after)
+        (calls_before, bad_before), (calls_after, bad_after) = calls_in(before), calls_in(after)
         if bad_after and not bad_before:
             worse.setdefault("tool_format_valid", []).append(f"{name}: a malformed call")
         if case.kind == "tool":

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -633,24 +634,26 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
     nothing but a call of a tool in `unasked[i]` (nothing the user said asks for it) is read
     when it ends; both are decoded again without their first token while
     serving.degeneration.decode_again allows, and the decodings again join the batch still
-    running. An answer with no call where `spelled[i]` builds one (the question spells a whole
-    call of one tool) is decoded again from that request, whose prompt opens the call; its
-    tokens are returned after the opening's. `requests[i](not_first)` builds request i.
+    running. An answer with no call (after its thinking) and no loop, where `spelled[i]` builds
+    one (the question spells a whole call of one tool), is decoded again from that request, whose
+    prompt opens the call; its tokens are returned after the opening's, or the prose where that
+    gave no valid call. `requests[i](not_first)` builds request i.
     Returns (tokens, finish reason, whether it still copies) per request, in order;
     `done(count)` as each answer is final."""
-    from finetune.evaluate import calls_unasked
-    from serving.degeneration import copies_tools, decode_again, tool_copies
+    from finetune.evaluate import calls_in, calls_unasked
+    from serving.degeneration import DegenerationWatch, copies_tools, decode_again, tool_copies
     from serving.guided import CALL_OPENING
 
     copies = [tool_copies(offered or ()) for offered in tools]
     opening = tokenizer(CALL_OPENING, add_special_tokens=False)["input_ids"]
-    # (request index, attempt, banned first tokens, whether its prompt opened a call, the request)
-    waiting = collections.deque((i, 0, frozenset(), False, engine.submit(make(frozenset())))
+    # (request index, attempt, banned first tokens, whether its prompt opened a call, the answer in
+    # prose it replaces (tokens, finish reason), the request)
+    waiting = collections.deque((i, 0, frozenset(), False, None, engine.submit(make(frozenset())))
                                 for i, make in enumerate(requests))
     out: list[tuple[list[int], str, bool] | None] = [None] * len(requests)
     final = 0
     while waiting:
-        i, attempt, banned, opened, request = waiting.popleft()
+        i, attempt, banned, opened, prose, request = waiting.popleft()
         tokens, copying, ended = [], None, False
         while not ended:
             for item in request.drain(timeout=3600):
@@ -668,16 +671,27 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
         made_up = not copying and not opened and unasked is not None and calls_unasked(text, unasked[i])
         if (copying or made_up) and decode_again(text, tokens[0], banned, attempt):
             banned = banned | {tokens[0]}
-            waiting.append((i, attempt + 1, banned, False, engine.submit(requests[i](banned))))
+            waiting.append((i, attempt + 1, banned, False, None, engine.submit(requests[i](banned))))
             continue
-        if not copying and not opened and spelled is not None and spelled[i] is not None and "<tool_call>" not in text:
-            waiting.append((i, attempt + 1, banned, True, engine.submit(spelled[i]())))
+        if not copying and not opened and spelled is not None and spelled[i] is not None and not any(
+                calls_in(answer_after_thinking(text))) and not DegenerationWatch().degenerate(text):
+            waiting.append((i, attempt + 1, banned, True, (tokens, request.finish_reason),
+                            engine.submit(spelled[i]())))
             continue
-        out[i] = ([*opening, *tokens] if opened else tokens, request.finish_reason, bool(copying))
+        if opened and (not (called := calls_in(text))[0] or called[1]):  # no valid call: the prose stands
+            tokens, finish = prose
+        else:
+            tokens, finish = ([*opening, *tokens] if opened else tokens), request.finish_reason
+        out[i] = (tokens, finish, bool(copying))
         final += 1
         if done is not None:
             done(final)
     return out
+
+
+def answer_after_thinking(text: str) -> str:
+    """The answer without a leading <think> block (what serving parses for calls)."""
+    return re.sub(r"^\s*<think>.*?(?:</think>|$)", "", text, count=1, flags=re.S)
 
 
 def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[dict], rank: int = 0,

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from serving.decoding import BatchingEngine, DecodeRequest
-from serving.guided import GuideLogitsProcessor, GuideVocabulary, ToolCallGuide, mask_rows
+from serving.guided import CALL_OPENING, GuideLogitsProcessor, GuideVocabulary, ToolCallGuide, mask_rows
 from webapp.models import GenerationParams
 
 PERIOD = "^(\\d{4}(-Q[1-4]|-(0[1-9]|1[0-2]))?|this_month|last_month|this_quarter|last_quarter|this_year|last_year)$"
@@ -139,8 +139,6 @@ def test_valid_calls_aliases_and_text_are_left_alone(tokenizer, vocabulary, guid
 def test_an_answer_whose_prompt_opened_the_call_is_held_from_its_first_token(tokenizer, vocabulary):
     """A question spelling a whole call, answered in prose, is decoded again with the call's tag
     at the end of its prompt (webapp/turn.py): the guide starts inside the call, for that tool."""
-    from serving.guided import CALL_OPENING
-
     opened = ToolCallGuide.from_tools([SALES], ALIASES).opened()
     body = GOOD[GOOD.index(CALL_OPENING) + len(CALL_OPENING):]
     wanted = ["The company's sales were strong.", body]

@@ -73,9 +73,8 @@ def test_a_refresh_trains_evaluates_gates_and_promotes_and_the_next_message_uses
     unasked = {c["messages"][-1]["content"]: c["unasked_tools"] for c in cases}
     assert any(tools == ["query_sales"] for tools in unasked.values())  # a greeting, a definition
     assert all(c["expected_call"]["name"] not in c["unasked_tools"] for c in cases if c["kind"] == "tool")
-    # and as its call an answer without one to a question spelling a whole call (华东 2020 年销售额？)
+    # and as its call an answer without one to a question spelling a whole call (华北区上个月的销售收入是多少)
     spelled = {c["messages"][-1]["content"]: c["spelled_tool"] for c in cases}
-    assert spelled.get("华东 2020 年销售额？", "query_sales") == "query_sales"
     assert any(tool == "query_sales" for tool in spelled.values())
     assert all(tool is None for question, tool in spelled.items() if unasked[question])
     version = registry.get_version(services.db, "finance", "v1")

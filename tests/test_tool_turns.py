@@ -1,6 +1,7 @@
 """A chat turn that calls tools: the turn's orchestration with a scripted model, and the
 same through the launched app's API."""
 
+import dataclasses
 import datetime as dt
 import json
 
@@ -171,7 +172,10 @@ def test_prose_to_a_question_spelling_a_whole_call_is_decoded_again_as_that_call
 
 
 @pytest.mark.parametrize("question", [
-    "帮我写一封邮件，祝贺华东团队上个季度超额完成目标",  # no metric: nothing to look up
+    "华东团队上个季度辛苦了，帮我转达一下",  # no metric: nothing to look up
+    "帮我写一封邮件，告诉华东团队上个月销售额创新高",  # work on text, not a figure
+    "华东上个月的销售额是怎么算的？",  # how it is computed
+    "好的，华东上个月的销售额我看过了，谢谢",  # a figure already seen
     "华东上个月的销售额比去年同期高吗？",  # a comparison: the model's plan, not one spelled call
     "华东和华南上个月的销售额",  # two regions
     "What's the weather in Shanghai?",
@@ -182,6 +186,31 @@ def test_prose_to_a_question_not_spelling_a_whole_call_stands(services, script, 
     model = script("这个我来帮你写。")
     final = run(services.engine.turns, services.auth.current_user("finance-employee"), question)[-1]
     assert len(model.prompts) == 1 and final.answer == "这个我来帮你写。"
+
+
+def test_a_spelled_question_keeps_a_malformed_call_and_prose_where_no_call_comes_or_can_run(services, script,
+                                                                                             monkeypatch):
+    """Decoded again as the call only where that can help: a malformed call is fed back to the
+    model as before; a decoding that gives no valid call (an engine that does not apply the
+    guide) leaves the prose; files with the question may hold the figure; with no round of
+    tool calls left, the call could not run."""
+    from serving.guided import CALL_OPENING
+
+    turns, user = services.engine.turns, services.auth.current_user("finance-employee")
+    question = "华东上个月的销售额多少？"
+    model = script('<tool_call>\n{"name": "query_sales", "arguments": {"region": ', "见上。")
+    run(turns, user, question)
+    assert not model.prompts[1].endswith(CALL_OPENING) and "</tool_response>" in model.prompts[1]  # fed back
+    model = script("上个月华东卖得不错。", "I am not sure what you mean.")
+    final = run(turns, user, question)[-1]
+    assert model.prompts[1].endswith(CALL_OPENING) and final.answer == "上个月华东卖得不错。"
+    model = script("附件里写着：上个月华东销售额 1,200 万。")
+    final = list(turns.stream_turn(user, question, attachments=[("q.txt", "华东上个月销售额 1,200 万".encode())]))[-1]
+    assert len(model.prompts) == 1 and final.answer.startswith("附件里")
+    monkeypatch.setattr(turns, "settings", dataclasses.replace(turns.settings, max_tool_rounds=0))
+    model = script("上个月华南卖得不错。")
+    final = run(turns, user, "华南上个月的销售额多少？")[-1]  # another question: the first prose is cached
+    assert len(model.prompts) == 1 and final.answer == "上个月华南卖得不错。"
 
 
 def test_hermes_rendering_matches_qwen_layout():

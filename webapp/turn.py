@@ -178,7 +178,7 @@ class TurnRunner:
         yield update.snapshot()
         last = update
         before = next((m["content"] for m in reversed(history) if m["role"] == "user"), None)
-        for last in self._rounds(user, update, tools, question=text, before=before):
+        for last in self._rounds(user, update, tools, question=text, before=before, attached=bool(prepared)):
             yield last
         if scope is not None:
             self._remember(user, scope, text, passages, last, (time.perf_counter() - started) * 1000)
@@ -206,14 +206,15 @@ class TurnRunner:
                           adapter_slot=adapter.loaded_as if adapter else None)
 
     def _rounds(self, user: User, update: TurnUpdate, tools: list[dict],
-                question: str | None = None, before: str | None = None) -> Iterator[TurnUpdate]:
+                question: str | None = None, before: str | None = None, attached: bool = False) -> Iterator[TurnUpdate]:
         """Generate; run the tool calls; feed results back; until an answer without calls,
         a pending approval, or the round limit. question: what the user typed this turn (not
         its attachments; None in the rounds that go on after an approval): its closed values
         hold the first call (webapp.tools.grounding), and with the user's message before it
         (a follow-up's context) it must name something a first call opening the answer is
         held to, or the answer is decoded again without it; where it spells a whole call of one
-        offered tool, an answer without a call is decoded again as that call."""
+        offered tool, an answer without a call is decoded again as that call (not when files came
+        with it, which may hold the figure, nor when no round is left to run the call)."""
         known = {t["function"]["name"] for t in tools} | (set(self.executor.registry.names()) if self.executor else set())
         system, window = self.system(), self.window()
         passages = self.conversations.passages_for(chats.last_user_message_id(self.db, update.conversation_id))
@@ -224,7 +225,8 @@ class TurnRunner:
             update.items.append({"type": "text", "content": ""})
             first = round_index == 0 and question is not None
             unasked = self._unasked_call([t for t in (before, question) if t], tools) if first else None
-            spelled = self._spelled_tool(question, tools) if first else None
+            spelled = self._spelled_tool(question, tools) \
+                if first and not attached and round_index < self.settings.max_tool_rounds else None
             raw, message_id, cut = yield from self._generate(user, update, prompt, guide, tools, unasked, spelled)
             parsed = parse_output(raw, known)
             # a copy of the tools is kept for reviewers, not shown
@@ -338,6 +340,8 @@ class TurnRunner:
                         if copying is False and spelled is None and shown != update.items[-1]["content"]:
                             update.items[-1]["content"] = update.answer = shown
                             yield update.snapshot()
+                        elif spelled is not None:  # held back: the listener may still leave
+                            yield update.snapshot()
                     completed = True
                 finally:
                     pieces.close()  # stops generation now if the listener left early
@@ -355,18 +359,25 @@ class TurnRunner:
                     (parsed := parse_output(raw)).calls or parsed.errors):
                 log.info("the answer to a question spelling a whole %s call had none; decoding it as that call",
                          spelled["function"]["name"])
-                result, completed = GenerationResult(), False
+                prose, prose_result, completed = raw, result, False
+                result, raw = GenerationResult(), CALL_OPENING
                 opened = self.guide([spelled])
                 pieces = self.model.stream(prompt + CALL_OPENING, self.settings.generation, update.adapter_slot,
                                            result, guide=opened.opened() if opened else None)
                 try:
-                    raw = CALL_OPENING + "".join(pieces)
+                    for piece in pieces:
+                        raw += piece
+                        yield update.snapshot()  # held back: the listener may still leave
                     completed = True
                 finally:
                     pieces.close()
                     update.completion_tokens += result.completion_tokens
                     prompt_tokens += result.prompt_tokens
                     completion_tokens += result.completion_tokens
+                forced = parse_output(raw)
+                if result.error or not forced.calls or forced.errors:  # unguided (a remote engine), no valid call
+                    log.info("the decoding as a call gave none; the answer stands as written")
+                    raw, result = prose, prose_result
             if why is None and (shown := visible_text(raw)) != update.items[-1]["content"]:  # what was held back
                 update.items[-1]["content"] = update.answer = shown
                 yield update.snapshot()

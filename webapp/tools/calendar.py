@@ -120,10 +120,11 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
 # meaning is not read (a day, another year), a fiscal year. With one of these the question
 # does not name one period this module can hand over.
 _OTHER_TIME = re.compile(
-    r"[0-9]|[一二三四五六七八九十两几]\s*个?\s*(?:年|月|季|周|天|日)|年|月|季|周|星期|礼拜|日|号|天|底|末|初|旬|头|最后|近|过去|"
+    r"[0-9]|年|月|季|周|星期|礼拜|日|号|天|底|末|初|旬|头|最后|近|过去|"
     r"期|节|国庆|元旦|双十一|每|同|时|以来|至今|截|起|开始|往后|之后|以后|之前|以前|后|前|到|至|财年|财政年度|"
-    # a dash or tilde joins a range only before a number (3月—6月, Q1~Q3); between clauses it says nothing
-    r"[~～—–](?=\s*[0-9一二三四五六七八九十两QqHh])|"
+    # a dash or tilde joins a range only before a number (3月—6月, Q1~Q3); between clauses (Finance
+    # is reconciling — what's ...) or as a chat's tone (谢谢~) it says nothing
+    r"[~～—–](?=\s*(?:[0-9一二三四五六七八九十两]|[QqHh][1-4]))|"
     r"(?<![a-z])(?:fy|fiscal|since|until|till|through|thru|up to|onwards?|to date|so far|ytd|qtd|mtd|cumulative|"
     r"before|after|between|starting|beginning|end|start|first|last|past|next|early|mid|late|week|weekly|month|"
     r"monthly|daily|quarter|quarterly|half|season|holiday|same|q[1-4]|h[12]|year|years|annual|jan|feb|mar|apr|"

@@ -173,19 +173,22 @@ def ground_arguments(spec: ToolSpec, arguments: dict[str, Any], question: str,
     return result, overruled
 
 
-# A message asking for work on text it hands over (translate, summarise, rewrite, draft) is
-# about that text: the values it spells are the text's, not a request for figures.
-_TEXT_TASK = re.compile(r"翻译|译成|概括|总结|摘要|改写|润色|校对|起草|拟[一个封份]|写[一个封份段条句篇]|"
-                        r"\b(?:translate|summari[sz]e|rewrite|rephrase|paraphrase|proofread|draft|write|compose|"
-                        r"polish)\b", re.I)
+# Messages that spell a whole call and still ask for no figure: work on text they hand over
+# (translate, summarise, rewrite, draft), how a figure is defined or computed, a figure already
+# seen. The values they spell are the text's or the topic's.
+_NO_FIGURE_ASKED = re.compile(
+    r"翻译|译成|概括|总结|摘要|改写|润色|校对|起草|拟[一个封份]|写[一个封份段条句篇]|"
+    r"怎么算|如何算|怎么计算|如何计算|计算方法|口径|定义|什么意思|含义|指的是|看过|看到了|收到|知道了|"
+    r"\b(?:translate|summari[sz]e|rewrite|rephrase|paraphrase|proofread|draft|write|compose|polish|"
+    r"calculated|computed|defined|definition|define|meaning|got it|already)\b", re.I)
 
 
 def spelled_call(spec: ToolSpec, question: str, today: dt.date | None = None) -> dict[str, str] | None:
     """The arguments of a call of this tool that the question spells whole: a value held for
     every grounded parameter (a region, a period and a metric), or None. An answer in prose
-    to such a question cannot hold the figure it asks for. A message asking to translate,
-    summarise, rewrite or draft spells none (请把这句话翻译成英文：华南区本月销量创新高)."""
-    if _TEXT_TASK.search(unicodedata.normalize("NFKC", question)):
+    to such a question cannot hold the figure it asks for. A message asking for none spells
+    none (请把这句话翻译成英文：华南区本月销量创新高; 华东上个月的销售额是怎么算的？)."""
+    if not spec.ground or _NO_FIGURE_ASKED.search(unicodedata.normalize("NFKC", question)):
         return None
     held = held_values(spec, question, today)
-    return {parameter: value for parameter, (value, _) in held.items()} if spec.ground and set(held) == set(spec.ground) else None
+    return {parameter: value for parameter, (value, _) in held.items()} if set(held) == set(spec.ground) else None
