@@ -244,20 +244,30 @@ def running_app(services):
 
 class ScriptedModel:
     """Stands in for ModelService.stream in orchestration tests: plays back scripted raw
-    outputs in order and keeps the prompts it was given. (The tiny random model cannot
-    decide to call a tool; the model path itself is tested with real models.)"""
+    outputs in order and keeps the prompts it was given. A prompt that opens a call (a turn
+    decoding an answer again as the call its question spells) is played `calls` instead,
+    none by default: no call comes, as from an engine that does not apply the guide, and the
+    answer stands. (The tiny random model cannot decide to call a tool; the model path itself
+    is tested with real models.)"""
 
-    def __init__(self, *outputs: str):
-        self.outputs = list(outputs)
+    def __init__(self, *outputs: str, calls: tuple[str, ...] = ()):
+        self.outputs, self.calls = list(outputs), list(calls)
         self.prompts: list[str] = []
+        self.call_prompts: list[str] = []  # the prompts that opened a call
         self.not_first: list[frozenset[int]] = []  # the tokens each generation might not open with
-        self.guides: list = []  # each generation's guide (a script follows none)
+        self.guides: list = []  # each generation's guide, in order (a script follows none)
 
     def __call__(self, prompt, params, adapter, result, guide=None, not_first=frozenset()):
-        self.prompts.append(prompt)
-        self.not_first.append(not_first)
+        from serving.guided import CALL_OPENING
+
         self.guides.append(guide)
-        text = self.outputs.pop(0)
+        if prompt.endswith(CALL_OPENING):
+            self.call_prompts.append(prompt)
+            text = self.calls.pop(0) if self.calls else ""
+        else:
+            self.prompts.append(prompt)
+            self.not_first.append(not_first)
+            text = self.outputs.pop(0)
         result.prompt_tokens, result.completion_tokens, result.finish_reason = len(prompt) // 4, len(text) // 4, "stop"
         result.first_token = ord(text[0]) if text else None  # a script's "token" is its first character
         for start in range(0, len(text), 7):
@@ -266,8 +276,8 @@ class ScriptedModel:
 
 @pytest.fixture
 def script(services, monkeypatch):
-    def install(*outputs):
-        scripted = ScriptedModel(*outputs)
+    def install(*outputs, calls=()):
+        scripted = ScriptedModel(*outputs, calls=calls)
         monkeypatch.setattr(services.model, "stream", scripted)
         return scripted
     return install

@@ -13,6 +13,9 @@ from serving.chat_format import hermes_messages
 from storage import chats, company, tool_audit
 from webapp.conversations import UserInputError
 
+# what a model writes after a prompt that opened a call for it
+GOOD_CALL = '{"name": "query_sales", "arguments": {"region": "华东", "period": "last_month"}}\n</tool_call>'
+
 
 def call(name, **arguments):
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
@@ -160,9 +163,9 @@ def test_prose_to_a_question_spelling_a_whole_call_is_decoded_again_as_that_call
 
     written = json.dumps({"name": "query_sales", "arguments": {"region": "华东", "period": "this_month"}},
                          ensure_ascii=False)
-    model = script("The company's sales were strong last month.", written + "\n</tool_call>", "见上。")
+    model = script("The company's sales were strong last month.", "见上。", calls=(written + "\n</tool_call>",))
     updates = run(services.engine.turns, services.auth.current_user("finance-employee"), question)
-    assert model.prompts[1] == model.prompts[0] + CALL_OPENING
+    assert model.call_prompts == [model.prompts[0] + CALL_OPENING]
     assert model.guides[1].inside and '"query_sales"' in model.guides[1].schema_json
     assert "search_knowledge_base" not in model.guides[1].schema_json and not model.guides[0].inside
     assert not any("strong" in (i.get("content") or "") for u in updates for i in u.items)
@@ -183,9 +186,9 @@ def test_prose_to_a_question_spelling_a_whole_call_is_decoded_again_as_that_call
     "Draft a note to the East China team: their revenue last month beat the plan.",
 ])
 def test_prose_to_a_question_not_spelling_a_whole_call_stands(services, script, question):
-    model = script("这个我来帮你写。")
+    model = script("这个我来帮你写。", calls=(GOOD_CALL,))
     final = run(services.engine.turns, services.auth.current_user("finance-employee"), question)[-1]
-    assert len(model.prompts) == 1 and final.answer == "这个我来帮你写。"
+    assert not model.call_prompts and final.answer == "这个我来帮你写。"
 
 
 def test_a_spelled_question_keeps_a_malformed_call_and_prose_where_no_call_comes_or_can_run(services, script,
@@ -194,23 +197,22 @@ def test_a_spelled_question_keeps_a_malformed_call_and_prose_where_no_call_comes
     model as before; a decoding that gives no valid call (an engine that does not apply the
     guide) leaves the prose; files with the question may hold the figure; with no round of
     tool calls left, the call could not run."""
-    from serving.guided import CALL_OPENING
 
     turns, user = services.engine.turns, services.auth.current_user("finance-employee")
     question = "华东上个月的销售额多少？"
     model = script('<tool_call>\n{"name": "query_sales", "arguments": {"region": ', "见上。")
     run(turns, user, question)
-    assert not model.prompts[1].endswith(CALL_OPENING) and "</tool_response>" in model.prompts[1]  # fed back
-    model = script("上个月华东卖得不错。", "I am not sure what you mean.")
+    assert not model.call_prompts and "</tool_response>" in model.prompts[1]  # fed back
+    model = script("上个月华东卖得不错。", calls=("I am not sure what you mean.",))
     final = run(turns, user, question)[-1]
-    assert model.prompts[1].endswith(CALL_OPENING) and final.answer == "上个月华东卖得不错。"
-    model = script("附件里写着：上个月华东销售额 1,200 万。")
+    assert len(model.call_prompts) == 1 and final.answer == "上个月华东卖得不错。"
+    model = script("附件里写着：上个月华东销售额 1,200 万。", calls=(GOOD_CALL,))
     final = list(turns.stream_turn(user, question, attachments=[("q.txt", "华东上个月销售额 1,200 万".encode())]))[-1]
-    assert len(model.prompts) == 1 and final.answer.startswith("附件里")
+    assert not model.call_prompts and final.answer.startswith("附件里")
     monkeypatch.setattr(turns, "settings", dataclasses.replace(turns.settings, max_tool_rounds=0))
-    model = script("上个月华南卖得不错。")
+    model = script("上个月华南卖得不错。", calls=(GOOD_CALL,))
     final = run(turns, user, "华南上个月的销售额多少？")[-1]  # another question: the first prose is cached
-    assert len(model.prompts) == 1 and final.answer == "上个月华南卖得不错。"
+    assert not model.call_prompts and final.answer == "上个月华南卖得不错。"
 
 
 def test_hermes_rendering_matches_qwen_layout():
