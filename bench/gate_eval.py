@@ -58,16 +58,16 @@ def with_spelled_tool(cases: list[dict], today) -> list[dict]:
     if all("spelled_tool" in case for case in cases):
         return cases
     from webapp.tools.builtin import BUILTINS
-    from webapp.tools.grounding import spelled_call
+    from webapp.tools.grounding import spelled_tool
     from webapp.tools.registry import DEMO_TOOLS_FILE, load_registry
 
     registry = load_registry([DEMO_TOOLS_FILE], BUILTINS)  # the knowledge search grounds nothing
     out = []
     for case in cases:
         question = [m.get("content") or "" for m in case["messages"] if m["role"] == "user"][-1]
-        spelled = [spec.name for tool in case.get("tools") or () if (spec := registry.get(tool["function"]["name"]))
-                   and spelled_call(spec, question, today) is not None]
-        out.append({**case, "spelled_tool": spelled[0] if len(spelled) == 1 else None})
+        spec = spelled_tool([spec for tool in case.get("tools") or () if (spec := registry.get(tool["function"]["name"]))],
+                            question, today)
+        out.append({**case, "spelled_tool": spec.name if spec else None})
     return out
 
 

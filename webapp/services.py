@@ -246,11 +246,10 @@ def department_spelled_tool(tools: ToolExecutor, department_id: str, question: s
     """The one tool an employee of the department is offered whose whole call `question` spells
     (webapp.tools.grounding.spelled_call): an answer without a call is decoded again as its
     call, in serving and in the gate."""
-    from webapp.tools.grounding import spelled_call
+    from webapp.tools.grounding import spelled_tool
 
-    spelled = [spec.name for spec in tools.tools_for(_employee_of(department_id))
-               if spelled_call(spec, question, tools.today()) is not None]
-    return spelled[0] if len(spelled) == 1 else None
+    spec = spelled_tool(tools.tools_for(_employee_of(department_id)), question, tools.today())
+    return spec.name if spec else None
 
 
 def department_vocabulary(tools: ToolExecutor, department_id: str) -> dict:

@@ -36,7 +36,7 @@ from webapp.i18n import bilingual
 from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.prompt import ContextWindow
 from webapp.tools.executor import ToolExecutor, ToolOutcome
-from webapp.tools.grounding import asks_for, spelled_call
+from webapp.tools.grounding import asks_for, spelled_tool
 from webapp.tools.parser import parse_output, split_thinking, visible_text
 
 log = logging.getLogger(__name__)
@@ -289,12 +289,12 @@ class TurnRunner:
         """The one offered tool whose every grounded parameter the question spells a value of
         (webapp.tools.grounding.spelled_call: 华东上个月的销售额), or None. Nothing but its call
         can answer the question: the model does not know the figure."""
-        registry = self.executor.registry if self.executor else None
-        if registry is None:
+        if self.executor is None:
             return None
-        spelled = [tool for tool in tools if (spec := registry.get(tool["function"]["name"]))
-                   and spelled_call(spec, question, self.executor.today()) is not None]
-        return spelled[0] if len(spelled) == 1 else None
+        registry = self.executor.registry
+        spec = spelled_tool([spec for tool in tools if (spec := registry.get(tool["function"]["name"]))], question,
+                            self.executor.today())
+        return next(tool for tool in tools if tool["function"]["name"] == spec.name) if spec else None
 
     def _generate(self, user: User, update: TurnUpdate, prompt: str, guide: ToolCallGuide | None = None,
                   tools: list[dict] | None = None, unasked=None, spelled: dict | None = None):

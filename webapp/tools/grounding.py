@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import unicodedata
-from typing import Any
+from typing import Any, Iterable
 
 from webapp.tools import calendar
 from webapp.tools.registry import ToolSpec
@@ -192,3 +192,10 @@ def spelled_call(spec: ToolSpec, question: str, today: dt.date | None = None) ->
         return None
     held = held_values(spec, question, today)
     return {parameter: value for parameter, (value, _) in held.items()} if set(held) == set(spec.ground) else None
+
+
+def spelled_tool(specs: Iterable[ToolSpec], question: str, today: dt.date | None = None) -> ToolSpec | None:
+    """The one tool of `specs` whose whole call the question spells (spelled_call), or None
+    where none or several do: what serving and the gate decode an answer without a call as."""
+    spelled = [spec for spec in specs if spelled_call(spec, question, today) is not None]
+    return spelled[0] if len(spelled) == 1 else None
