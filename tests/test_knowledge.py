@@ -391,3 +391,23 @@ def test_the_lexical_index_holds_postings_compactly_and_drops_removed_ones():
     assert 7 not in index._postings(first_term)[0].tolist(), "the removed chunk's posting is gone"
     index.add(7, texts[7])  # added again: found again
     assert index.search(query, allowed, 3)[0][0] == 7
+
+
+def test_a_search_runs_faiss_on_its_own_thread_and_leaves_the_thread_count_for_index_builds():
+    """One query wakes no faiss thread pool (its spinning slowed the next query embedding), and
+    the caller's OpenMP thread count, which an HNSW build uses, is as it was afterwards."""
+    import faiss
+
+    from webapp.knowledge.dense import DenseIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = DenseIndex(16, approximate=True)
+    index.add(np.arange(300) * 7, vectors)
+    allowed = np.zeros(300 * 7, dtype=bool)
+    allowed[::14] = True  # every other chunk
+    threads = faiss.omp_get_max_threads()
+    hits = index.search(vectors[2], allowed, 5)
+    assert faiss.omp_get_max_threads() == threads
+    assert hits[0][0] == 14 and all(chunk_id % 14 == 0 for chunk_id, _ in hits)

@@ -8,6 +8,7 @@ chunk ids and applied inside the search (faiss IDSelector), so the top k are the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,21 @@ import numpy as np
 HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run faiss on the calling thread alone. One query needs no threads, and the pool faiss
+    wakes anyway (its id map's label loop) then spins for milliseconds on the core the query
+    embedding needs next: 10.8 ms p50 a query embedding became 7.0 with it idle, at 100k
+    chunks (bench/knowledge.py). OpenMP keeps the thread count per calling thread, so index
+    builds on other threads keep every core."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 class DenseIndex:
@@ -61,7 +77,8 @@ class DenseIndex:
             params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(HNSW_EF_SEARCH, k))
         else:
             params = faiss.SearchParameters(sel=selector)
-        scores, ids = self.index.search(query.reshape(1, -1).astype(np.float32), k, params=params)
+        with _one_thread():
+            scores, ids = self.index.search(query.reshape(1, -1).astype(np.float32), k, params=params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
     # -- persistence --------------------------------------------------------------------
