@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -641,6 +640,7 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
     Returns (tokens, finish reason, whether it still copies) per request, in order;
     `done(count)` as each answer is final."""
     from finetune.evaluate import calls_in, calls_unasked
+    from serving.chat_format import split_thinking
     from serving.degeneration import DegenerationWatch, copies_tools, decode_again, tool_copies
     from serving.guided import CALL_OPENING
 
@@ -674,7 +674,7 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
             waiting.append((i, attempt + 1, banned, False, None, engine.submit(requests[i](banned))))
             continue
         if not copying and not opened and spelled is not None and spelled[i] is not None and not any(
-                calls_in(answer_after_thinking(text))) and not DegenerationWatch().degenerate(text):
+                calls_in(split_thinking(text)[1])) and not DegenerationWatch().degenerate(text):
             waiting.append((i, attempt + 1, banned, True, (tokens, request.finish_reason),
                             engine.submit(spelled[i]())))
             continue
@@ -687,11 +687,6 @@ def served_answers(engine, tokenizer, requests: Sequence[Callable[[frozenset[int
         if done is not None:
             done(final)
     return out
-
-
-def answer_after_thinking(text: str) -> str:
-    """The answer without a leading <think> block (what serving parses for calls)."""
-    return re.sub(r"^\s*<think>.*?(?:</think>|$)", "", text, count=1, flags=re.S)
 
 
 def with_own_replay_answers(cfg: RecipeConfig, model, tokenizer, samples: list[dict], rank: int = 0,

@@ -1,10 +1,26 @@
-"""How a conversation becomes model text: one function shared by serving and training, so
-the adapter learns exactly the prompt layout it is served with."""
+"""How a conversation becomes model text, and model text its thinking and answer: shared by
+serving and training, so the adapter learns exactly the prompt layout it is served with and
+the gate reads an answer as the app does."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Sequence
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_thinking(raw: str) -> tuple[str, str]:
+    """(thinking, rest) of model output; an unclosed <think> is all thinking so far. The app
+    shows the rest and parses it for calls; the gate reads calls from the same rest."""
+    stripped = raw.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return "", raw.strip()
+    body = stripped[len(THINK_OPEN):]
+    if THINK_CLOSE not in body:
+        return body.strip(), ""
+    thinking, rest = body.split(THINK_CLOSE, 1)
+    return thinking.strip(), rest.strip()
 
 
 def template_knows_tools(tokenizer) -> bool:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from serving.chat_format import split_thinking
 from tests.conftest import make_lora_adapter
 from webapp.models import (
     GenerationParams,
@@ -11,7 +12,6 @@ from webapp.models import (
     load_base_model,
     quantization_config,
 )
-from webapp.tools.parser import split_thinking
 
 GREEDY = GenerationParams(max_new_tokens=8, temperature=0.0)
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from serving.chat_format import system_message, with_passages
+from serving.chat_format import split_thinking, system_message, with_passages
 from serving.degeneration import (
     COPIED_TOOLS,
     COPY_RETRIES,
@@ -37,7 +37,7 @@ from webapp.models import GenerationParams, GenerationResult, ModelService
 from webapp.prompt import ContextWindow
 from webapp.tools.executor import ToolExecutor, ToolOutcome
 from webapp.tools.grounding import asks_for, spelled_tool
-from webapp.tools.parser import parse_output, split_thinking, visible_text
+from webapp.tools.parser import parse_output, visible_text
 
 log = logging.getLogger(__name__)
 

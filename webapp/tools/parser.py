@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from serving.chat_format import split_thinking
+
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
 _FENCE_RE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
@@ -31,18 +32,6 @@ class ParsedOutput:
     text: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-
-
-def split_thinking(raw: str) -> tuple[str, str]:
-    """(thinking, rest) from raw output; an unclosed <think> is all thinking so far."""
-    stripped = raw.lstrip()
-    if not stripped.startswith(THINK_OPEN):
-        return "", raw.strip()
-    body = stripped[len(THINK_OPEN):]
-    if THINK_CLOSE not in body:
-        return body.strip(), ""
-    thinking, rest = body.split(THINK_CLOSE, 1)
-    return thinking.strip(), rest.strip()
 
 
 def visible_text(raw: str) -> str:
