@@ -4,9 +4,9 @@ For each labelled pair (Chinese and English; true paraphrases, and near-misses t
 region, product, period, number, negation, comparison order, person/name or content), question
 a is answered and cached, then b is asked. Two sets, side by side: the development set
 bench/data/cache_pairs.jsonl (written with the cache) and the held-out set
-bench/data/cache_heldout.jsonl, cache_heldout2.jsonl and cache_heldout3.jsonl (each written
-independently, frozen before any tuning against it; the first has since been read while tuning,
-the second has been measured and its misses read, the third is new). A paraphrase should hit; a near-miss must not. Baseline, in the same run: the same
+bench/data/cache_heldout.jsonl, cache_heldout2.jsonl, cache_heldout3.jsonl and cache_heldout4.jsonl
+(each written independently, frozen before any tuning against it; the first three have since been
+measured and their misses read while tuning, the fourth is new). A paraphrase should hit; a near-miss must not. Baseline, in the same run: the same
 similarity with no slot guards (what a plain semantic cache does), at each threshold.
 Then the hit latency through TurnRunner.stream_turn against a generation on the embedded
 model. Targets: 0 wrong hits, >= 70% paraphrase hits, hit latency <= 1% of a generation.
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SETS = {"development": Path(__file__).parent / "data" / "cache_pairs.jsonl",
         "held-out": Path(__file__).parent / "data" / "cache_heldout.jsonl",
         "held-out-2": Path(__file__).parent / "data" / "cache_heldout2.jsonl",
-        "held-out-3": Path(__file__).parent / "data" / "cache_heldout3.jsonl"}
+        "held-out-3": Path(__file__).parent / "data" / "cache_heldout3.jsonl",
+        "held-out-4": Path(__file__).parent / "data" / "cache_heldout4.jsonl"}
 
 
 def load_pairs(path: Path) -> list[dict]:
@@ -38,7 +39,7 @@ def load_pairs(path: Path) -> list[dict]:
     return [r for r in rows if "_header" not in r]
 
 
-def evaluate(cache, pairs, threshold: float, guarded: bool, semantic: bool = True) -> dict:
+def evaluate(cache, name: str, pairs, threshold: float, guarded: bool, semantic: bool = True) -> dict:
     from webapp.cache import guards
 
     original = guards.disagreement
@@ -49,7 +50,8 @@ def evaluate(cache, pairs, threshold: float, guarded: bool, semantic: bool = Tru
         cache.configure(True, semantic, threshold)
         right, wrong = 0, Counter()
         for number, pair in enumerate(pairs):
-            scope = f"pair-{number}-{threshold}-{guarded}-{semantic}"
+            # one scope per pair of this set: b may match only its own a
+            scope = f"{name}-pair-{number}-{threshold}-{guarded}-{semantic}"
             cache.store(department_id="finance", scope=scope, question=pair["a"], answer="answer", sources=[],
                         source_message_id=number, tools_used=[], generation_ms=1000.0, completion_tokens=10)
             hit = cache.lookup("finance", scope, pair["b"])
@@ -90,14 +92,14 @@ def main() -> int:
         pairs = load_pairs(path)
         paraphrases = sum(p["same"] for p in pairs)
         near_misses = len(pairs) - paraphrases
-        result = evaluate(cache, pairs, 1.0, True, semantic=False)
+        result = evaluate(cache, name, pairs, 1.0, True, semantic=False)
         wrong = sum(result["wrong"].values())
         print(f"| {name} | - | exact repeats only (--no-cache-semantic) | {result['right']}/{paraphrases} = "
               f"{result['right'] / paraphrases:.0%} | {wrong}/{near_misses} = {wrong / near_misses:.1%} | "
               f"{dict(result['wrong']) or '-'} |", flush=True)
         for threshold in [float(t) for t in args.thresholds.split(",")]:
             for guarded in (False, True):
-                result = evaluate(cache, pairs, threshold, guarded)
+                result = evaluate(cache, name, pairs, threshold, guarded)
                 wrong = sum(result["wrong"].values())
                 label = "hangjia (similarity + slot guards)" if guarded else "similarity only (baseline)"
                 print(f"| {name} | {threshold:.2f} | {label} | {result['right']}/{paraphrases} = "
