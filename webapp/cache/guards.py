@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -41,7 +42,8 @@ _UNITS = [
     (r"个?星期|周|weeks?", "week"), (r"个月|months?", "month"), (r"年|years?", "year"),
     (r"个?小时|hours?|hrs?", "hour"), (r"分钟|minutes?|mins?", "minute"),
     (r"元|块钱?|rmb|yuan|cny|¥", "yuan"), (r"美元|美金|usd|dollars?|\$", "usd"),
-    (r"%|percent|个百分点|百分点", "percent"), (r"倍|times", "times"), (r"人|people|persons?|employees?", "person"),
+    # a change of 5 points is not a change of 5% (of the figure): each its own unit
+    (r"个百分点|百分点|percentage points?|pts?\b|pp\b", "point"), (r"%|percent", "percent"), (r"倍|times", "times"), (r"人|people|persons?|employees?", "person"),
     (r"次|times?", "times"), (r"台|units?|pcs|件|个", "unit"), (r"岁|years? old", "age"),
 ]
 _UNIT_RE = re.compile(r"\s*(" + "|".join(p for p, _ in _UNITS) + r")", re.I)
@@ -177,6 +179,8 @@ _CONTRASTS: list[tuple[str, bool, dict[str, str]]] = [
         "headcount": _W + r"headcount|head count|number of (?:staff|employees)|人数|员工数",
         "attrition": _W + r"attrition|turnover rate|leavers|离职率|流失率|离职人数",
         "receivable": _W + r"receivables?|应收",
+        "collected": _W + r"collections?|collected|payments? received|回款|到账",
+        "orders": _W + r"(?:orders?|order count)" + _END + r"|订单|下单|单量|下了[^，。？?,]{0,4}单",
         "payable": _W + r"payables?|应付",
         "inventory": _W + r"inventory|stock level|库存|存货",
     }),
@@ -405,13 +409,12 @@ def _reordered(a: Slots, b: Slots) -> bool:
 
 
 def _swapped(first: tuple, second: tuple) -> bool:
-    """The same sentence with a content piece replaced, added or dropped (产假/陪产假,
-    maternity/paternity): most of the content matches in order, and a piece of one is
-    found nowhere in the other. Rewordings share less and are left to the similarity."""
-    if not first and not second:
+    """The same sentence with one content piece replaced, added, dropped or repeated (产假/陪产假,
+    maternity/paternity, manager/manager's manager): the rest matches in order and the two
+    differ in one place. A rewording differs in several places (请问 … 现在 … 还剩, "quick q …
+    turning in") and is left to the similarity."""
+    if not first and not second or Counter(first) == Counter(second):
         return False
-    only = (set(first) - set(second)) | (set(second) - set(first))
-    if not only:
-        return False
-    ratio = difflib.SequenceMatcher(None, first, second, autojunk=False).ratio()
-    return ratio >= TEMPLATE_RATIO
+    matcher = difflib.SequenceMatcher(None, first, second, autojunk=False)
+    edits = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    return len(edits) == 1 and matcher.ratio() >= TEMPLATE_RATIO
