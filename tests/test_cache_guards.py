@@ -65,6 +65,7 @@ def test_a_near_miss_is_refused_for_its_slot(a, b, reason):
     ("超过1万元的报销需要谁审批？", "超过10000元的报销要谁审批"),
     ("Who approves expenses over 10k yuan?", "Who approves expenses over 10,000 yuan?"),
     ("年假有几天？", "年假一共有几天"),
+    ("Did gross margin fall 3pp in Q2?", "Did gross margin fall 3 percentage points in Q2?"),
     # reworded in several places, not one piece swapped: left to the similarity
     ("差旅补贴标准是多少？", "请问出差的差旅补贴现在按什么标准发呀"),
     ("How do I book a meeting room?", "hey, how can I book one of the meeting rooms quickly?"),

@@ -43,7 +43,7 @@ _UNITS = [
     (r"个?小时|hours?|hrs?", "hour"), (r"分钟|minutes?|mins?", "minute"),
     (r"元|块钱?|rmb|yuan|cny|¥", "yuan"), (r"美元|美金|usd|dollars?|\$", "usd"),
     # a change of 5 points is not a change of 5% (of the figure): each its own unit
-    (r"个百分点|百分点|percentage points?|pts?\b|pp\b", "point"), (r"%|percent", "percent"), (r"倍|times", "times"), (r"人|people|persons?|employees?", "person"),
+    (r"个百分点|百分点|percentage points?|points?|pts?(?![a-z])|pp(?![a-z])", "point"), (r"%|percent", "percent"), (r"倍|times", "times"), (r"人|people|persons?|employees?", "person"),
     (r"次|times?", "times"), (r"台|units?|pcs|件|个", "unit"), (r"岁|years? old", "age"),
 ]
 _UNIT_RE = re.compile(r"\s*(" + "|".join(p for p, _ in _UNITS) + r")", re.I)
@@ -179,8 +179,8 @@ _CONTRASTS: list[tuple[str, bool, dict[str, str]]] = [
         "headcount": _W + r"headcount|head count|number of (?:staff|employees)|人数|员工数",
         "attrition": _W + r"attrition|turnover rate|leavers|离职率|流失率|离职人数",
         "receivable": _W + r"receivables?|应收",
-        "collected": _W + r"collections?|collected|payments? received|回款|到账",
-        "orders": _W + r"(?:orders?|order count)" + _END + r"|订单|下单|单量|下了[^，。？?,]{0,4}单",
+        "collected": _W + r"collections?|collected|payments? received|回款",
+        "orders": _W + r"(?:orders|order count)" + _END + r"|订单|下单|单量|下了[^，。？?,]{0,4}单",
         "payable": _W + r"payables?|应付",
         "inventory": _W + r"inventory|stock level|库存|存货",
     }),
@@ -301,7 +301,7 @@ def slots(text: str, vocabulary: Mapping[str, str]) -> Slots:
 
 def _is_period_or_unit(word: str) -> bool:
     lower = word.lower()
-    return bool(re.fullmatch(r"q[1-4]|h[12]|ytd|yoy|qoq|mom|k|m|w|rmb|cny|usd|\d+(k|m|w|st|nd|rd|th|s)", lower))
+    return bool(re.fullmatch(r"q[1-4]|h[12]|ytd|yoy|qoq|mom|k|m|w|rmb|cny|usd|pp|pts?|\d+(k|m|w|st|nd|rd|th|s|pp|pts?)", lower))
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
