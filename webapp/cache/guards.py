@@ -43,7 +43,8 @@ _UNITS = [
     (r"个?小时|hours?|hrs?", "hour"), (r"分钟|minutes?|mins?", "minute"),
     (r"元|块钱?|rmb|yuan|cny|¥", "yuan"), (r"美元|美金|usd|dollars?|\$", "usd"),
     # a change of 5 points is not a change of 5% (of the figure): each its own unit
-    (r"个百分点|百分点|percentage points?|points?|pts?(?![a-z])|pp(?![a-z])", "point"), (r"%|percent", "percent"), (r"倍|times", "times"), (r"人|people|persons?|employees?", "person"),
+    (r"个百分点|百分点|percentage points?|points?|pts?(?![a-z])|pp(?![a-z])", "point"), (r"%|percent", "percent"),
+    (r"倍|times", "times"), (r"人|people|persons?|employees?", "person"),
     (r"次|times?", "times"), (r"台|units?|pcs|件|个", "unit"), (r"岁|years? old", "age"),
 ]
 _UNIT_RE = re.compile(r"\s*(" + "|".join(p for p, _ in _UNITS) + r")", re.I)

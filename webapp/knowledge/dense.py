@@ -25,9 +25,9 @@ HNSW_EF_SEARCH = 128
 def _one_thread():
     """Run faiss on the calling thread alone. One query needs no threads, and the pool faiss
     wakes anyway (its id map's label loop) then spins for milliseconds on the core the query
-    embedding needs next: 10.8 ms p50 a query embedding became 7.0 with it idle, at 100k
-    chunks (bench/knowledge.py). OpenMP keeps the thread count per calling thread, so index
-    builds on other threads keep every core."""
+    embedding needs next, where faiss has an OpenMP runtime of its own (imported before torch):
+    a query embedding took 10.8 ms p50 instead of 8.1 at 100k chunks. OpenMP keeps the thread
+    count per calling thread, so index builds on other threads keep every core."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
